@@ -1,0 +1,84 @@
+"""The PyTorch panel: torch.nn models, torch.optim, safetensors checkpoints, Triton kernels.
+
+``TorchBackend`` is a thin facade: each group of methods lives in the module named after its
+concern (``model``, ``sampler``, ``train``, ``checkpoint``, ``recurrent``), mirrored file
+for file by ``diptych.backends.jax``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from diptych.core.backend import Array, Model
+
+
+class TorchBackend:
+    name = "torch"
+
+    # -- boundary -------------------------------------------------------------------------
+    def to_numpy(self, x: Array) -> np.ndarray:
+        import torch
+
+        if not isinstance(x, torch.Tensor):
+            return np.asarray(x)
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.cpu().numpy()
+
+    def from_numpy(self, a: np.ndarray, dtype: str | None = None) -> Array:
+        import torch
+
+        t = torch.as_tensor(np.asarray(a))
+        return t if dtype is None else t.to(getattr(torch, dtype))
+
+    # -- foundation -----------------------------------------------------------------------
+    def build(self, spec: Any, weights: dict[str, np.ndarray], dtype: str = "float32", **options: Any) -> Model:
+        from diptych.backends.torch import model
+
+        return model.build(spec, weights, dtype=dtype, **options)
+
+    def export(self, model: Model) -> dict[str, np.ndarray]:
+        from diptych.backends.torch import model as m
+
+        return m.export(model)
+
+    def forward(self, model: Model, tokens: Array, attention_mask: Array | None = None, **kw: Any) -> Array:
+        from diptych.backends.torch import model as m
+
+        return m.forward(model, tokens, attention_mask, **kw)
+
+    def logprobs(self, model: Model, tokens: Array, attention_mask: Array | None, targets: Array,
+                 temperature: float = 1.0, **kw: Any) -> Array:
+        from diptych.backends.torch import model as m
+
+        return m.logprobs(model, tokens, attention_mask, targets, temperature, **kw)
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(self, model: Model, prompts: Any, sampling: Any, **kw: Any) -> Any:
+        from diptych.backends.torch import sampler
+
+        return sampler.generate(model, prompts, sampling, **kw)
+
+    # -- trainers -------------------------------------------------------------------------
+    def init_train_state(self, model: Model, optim: Any, **kw: Any) -> Any:
+        from diptych.backends.torch import train
+
+        return train.init_train_state(model, optim, **kw)
+
+    def train_step(self, state: Any, microbatches: Any, loss: Any, loss_config: Any, **kw: Any) -> Any:
+        from diptych.backends.torch import train
+
+        return train.train_step(state, microbatches, loss, loss_config, **kw)
+
+    def save(self, state: Any, path: Any, **kw: Any) -> Any:
+        from diptych.backends.torch import checkpoint
+
+        return checkpoint.save(state, path, **kw)
+
+    def restore(self, path: Any, **kw: Any) -> Any:
+        from diptych.backends.torch import checkpoint
+
+        return checkpoint.restore(path, **kw)

@@ -1,0 +1,71 @@
+"""The `diptych` command line: one subcommand per module, imported only when used.
+
+Each subcommand module exposes ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``. Importing lazily keeps ``diptych --help`` instant and lets a command
+whose framework is missing fail with its own clear message instead of breaking the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("diptych.commands.quickstart", "SFT warm start then GRPO on the built-in arithmetic task"),
+    "train": ("diptych.commands.train", "train with sft | dpo | grpo | ppo from a YAML config and flags"),
+    "sample": ("diptych.commands.sample", "generate completions from a checkpoint or the embedded tiny model"),
+    "parity": ("diptych.parity.cli", "compare backends (and transformers) on the same weights and inputs"),
+    "convert": ("diptych.commands.convert", "convert a checkpoint between backends and Hugging Face folders"),
+    "depth-sweep": ("diptych.commands.depth_sweep", "accuracy vs recurrence depth for a recurrent model"),
+    "bench": ("diptych.commands.bench", "run a benchmark from benchmarks/"),
+}
+
+
+def _load(name: str):
+    module, _ = COMMANDS[name]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None
+        raise
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diptych", description="One post-training algorithm on JAX or PyTorch.")
+    parser.add_argument("--version", action="version", version="diptych 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == only:
+            mod = _load(name)
+            if mod is not None:
+                mod.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(only=command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    mod = _load(args.command)
+    if mod is None:
+        print(f"diptych {args.command}: not available in this build.", file=sys.stderr)
+        return 2
+    try:
+        return int(mod.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

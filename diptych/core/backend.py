@@ -1,0 +1,145 @@
+"""The Backend protocol and the registry that picks one by name.
+
+Trainers, samplers and the parity harness see a framework only through this contract, so
+that one algorithm runs on JAX or on PyTorch unchanged. Models and train states are opaque
+handles owned by the backend; arrays cross the boundary only through ``to_numpy`` and
+``from_numpy``. Backends are imported lazily: both may live in one process (parity tests
+need that), and a missing framework is an error only when somebody asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from diptych.core.spec import DecoderSpec
+
+ENV_VAR = "DIPTYCH_BACKEND"
+
+Model = Any
+"""A backend-owned model handle (an ``nnx.Module`` on JAX, a ``torch.nn.Module`` on torch)."""
+
+Array = Any
+"""A backend-native array (``jax.Array`` or ``torch.Tensor``)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend implements. Grouped by the issue that brings each method.
+
+    All ``tokens`` / ``attention_mask`` inputs are ``[batch, time]`` integer arrays with
+    LEFT padding (mask 0 on the pad side); positions are derived from the mask, so a padded
+    row gives the same numbers as the same row unpadded.
+    """
+
+    name: str
+
+    # -- boundary -----------------------------------------------------------------------------
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """Copy a backend array to host numpy (bf16 is returned as float32)."""
+        ...
+
+    def from_numpy(self, a: np.ndarray, dtype: str | None = None) -> Array:
+        """Make a backend array from numpy, optionally casting (``"float32"``, ``"bfloat16"``)."""
+        ...
+
+    # -- foundation ---------------------------------------------------------------------------
+    def build(self, spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float32") -> Model:
+        """Instantiate ``spec`` with canonical (Hugging Face-named) numpy weights."""
+        ...
+
+    def export(self, model: Model) -> dict[str, np.ndarray]:
+        """Return the canonical ``{hf_name: float32 numpy array}`` dict of ``model``."""
+        ...
+
+    def forward(self, model: Model, tokens: Array, attention_mask: Array | None = None) -> Array:
+        """Logits ``[batch, time, vocab]`` (float32) for a left-padded batch."""
+        ...
+
+    def logprobs(
+        self,
+        model: Model,
+        tokens: Array,
+        attention_mask: Array | None,
+        targets: Array,
+        temperature: float = 1.0,
+    ) -> Array:
+        """Per-token ``log_softmax(logits / temperature)[targets]``, ``[batch, time]`` float32."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Entry:
+    module: str
+    attr: str
+    requires: tuple[str, ...]
+    extra: str
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "jax": _Entry("diptych.backends.jax", "JaxBackend", ("jax", "flax", "optax"), "jax"),
+    "torch": _Entry("diptych.backends.torch", "TorchBackend", ("torch",), "torch"),
+}
+_INSTANCES: dict[str, Backend] = {}
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that does not exist or cannot be imported."""
+
+
+def register_backend(name: str, module: str, attr: str, requires: tuple[str, ...], extra: str) -> None:
+    """Register a third-party backend class ``module:attr`` under ``name``."""
+    _REGISTRY[name] = _Entry(module, attr, requires, extra)
+
+
+def backend_names() -> list[str]:
+    """Every registered backend name, installed or not."""
+    return sorted(_REGISTRY)
+
+
+def is_installed(name: str) -> bool:
+    """Whether the framework modules behind backend ``name`` can be imported."""
+    entry = _REGISTRY.get(name)
+    return entry is not None and all(importlib.util.find_spec(m) is not None for m in entry.requires)
+
+
+def available_backends() -> list[str]:
+    """Registered backends whose frameworks are installed."""
+    return [n for n in backend_names() if is_installed(n)]
+
+
+def resolve_backend_name(name: str | None = None) -> str:
+    """Apply the precedence rule: explicit argument, then ``$DIPTYCH_BACKEND``, else an error."""
+    chosen = name or os.environ.get(ENV_VAR) or None
+    if chosen is None:
+        raise BackendError(
+            f"No backend chosen. Pass backend=... (or --backend on the CLI) or set {ENV_VAR}; "
+            f"choices: {', '.join(backend_names())} (installed: {', '.join(available_backends()) or 'none'})."
+        )
+    chosen = chosen.strip().lower()
+    if chosen not in _REGISTRY:
+        raise BackendError(f"Unknown backend {chosen!r}; choices: {', '.join(backend_names())}.")
+    return chosen
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """Return the (cached) backend instance for ``name`` (see :func:`resolve_backend_name`)."""
+    chosen = resolve_backend_name(name)
+    if chosen in _INSTANCES:
+        return _INSTANCES[chosen]
+    entry = _REGISTRY[chosen]
+    missing = [m for m in entry.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendError(
+            f"Backend {chosen!r} needs {', '.join(missing)}, which is not installed. "
+            f"Install it with: pip install 'diptych[{entry.extra}]'"
+        )
+    cls = getattr(importlib.import_module(entry.module), entry.attr)
+    _INSTANCES[chosen] = cls()
+    return _INSTANCES[chosen]

@@ -1,0 +1,175 @@
+"""Local Hugging Face checkpoint folders, read and written in numpy (no framework needed).
+
+A folder holds ``config.json`` and ``model.safetensors`` or a sharded
+``model.safetensors.index.json``. Loading validates every name and shape against the spec
+so a bad checkpoint fails here, naming the parameter, instead of deep inside a backend.
+Saving writes to a temporary sibling folder and renames it, so an interrupted save never
+leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from diptych.core.spec import DecoderSpec, SpecError
+
+# model_type -> (config dict -> spec). Recurrent-depth specs register themselves here.
+SPEC_FROM_CONFIG: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "llama": DecoderSpec.from_hf_config,
+    "qwen2": DecoderSpec.from_hf_config,
+    "qwen3": DecoderSpec.from_hf_config,
+}
+
+
+def spec_from_config(config: dict[str, Any]) -> Any:
+    """Dispatch a ``config.json`` dict to the spec class that understands its ``model_type``."""
+    model_type = config.get("model_type")
+    if model_type == "huginn_raven" and model_type not in SPEC_FROM_CONFIG:
+        import diptych.core.recurrent_spec  # noqa: F401  (registers itself)
+    if model_type not in SPEC_FROM_CONFIG:
+        raise SpecError(
+            f"Unknown model_type {model_type!r} in config.json; supported: {', '.join(sorted(SPEC_FROM_CONFIG))}."
+        )
+    return SPEC_FROM_CONFIG[model_type](config)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Checkpoint folder {folder} does not exist.")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json; a Hugging Face checkpoint folder needs config.json "
+            "and model.safetensors (or model.safetensors.index.json)."
+        )
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{cfg_path} is not valid JSON: {e}") from e
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a folder, single-file or sharded, as numpy (bf16 upcast to float32)."""
+    folder = Path(path)
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{index} names shard {f.name}, which is missing from {folder}.")
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json.")
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        for name, arr in _load_any_dtype(f).items():
+            out[name] = arr
+    return out
+
+
+def _load_any_dtype(path: Path) -> dict[str, np.ndarray]:
+    try:
+        tensors = load_file(str(path))
+    except (TypeError, ValueError):
+        tensors = _load_bf16_safetensors(path)
+    return {k: np.asarray(v, dtype=np.float32) if v.dtype != np.float32 else v for k, v in tensors.items()}
+
+
+def _load_bf16_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """numpy has no bfloat16: read the raw bytes and widen them to float32 by hand."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    body = memoryview(raw)[8 + n :]
+    widths = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        chunk = body[start:end]
+        if meta["dtype"] == "BF16":
+            u16 = np.frombuffer(chunk, dtype=np.uint16).astype(np.uint32) << 16
+            out[name] = u16.view(np.float32).reshape(meta["shape"])
+        elif meta["dtype"] in widths:
+            out[name] = np.frombuffer(chunk, dtype=widths[meta["dtype"]]).reshape(meta["shape"])
+        else:
+            raise SpecError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}.")
+    return out
+
+
+def load_hf_folder(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray]]:
+    """Read a local checkpoint folder into ``(spec, canonical weights)``, validated."""
+    config = read_config(path)
+    spec = spec_from_config(config)
+    weights = read_safetensors(path)
+    if getattr(spec, "tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)
+    spec.validate_weights(weights)
+    return spec, weights
+
+
+def save_hf_folder(
+    path: str | os.PathLike,
+    spec: Any,
+    weights: dict[str, np.ndarray],
+    max_shard_bytes: int | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``config.json`` + safetensors atomically; shard when ``max_shard_bytes`` is given."""
+    spec.validate_weights(weights)
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(spec.to_hf_config(), indent=2) + "\n")
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+        if max_shard_bytes is None:
+            save_file(arrays, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            _save_sharded(tmp, arrays, max_shard_bytes)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _save_sharded(folder: Path, arrays: dict[str, np.ndarray], max_bytes: int) -> None:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in arrays.items():
+        if shards[-1] and size + arr.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(a.nbytes for a in arrays.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

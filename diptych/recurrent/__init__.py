@@ -1,0 +1,1 @@
+"""Backend-neutral recurrent-depth toolkit: schedules, truncation plans, exit criteria, sweeps."""
