@@ -33,25 +33,17 @@ class JaxBackend:
 
     # -- foundation -----------------------------------------------------------------------
     def build(self, spec: Any, weights: dict[str, np.ndarray], dtype: str = "float32", **options: Any) -> Model:
-        from diptych.backends.jax import model
-
-        return model.build(spec, weights, dtype=dtype, **options)
+        return _impl(spec).build(spec, weights, dtype=dtype, **options)
 
     def export(self, model: Model) -> dict[str, np.ndarray]:
-        from diptych.backends.jax import model as m
-
-        return m.export(model)
+        return _impl(model).export(model)
 
     def forward(self, model: Model, tokens: Array, attention_mask: Array | None = None, **kw: Any) -> Array:
-        from diptych.backends.jax import model as m
-
-        return m.forward(model, tokens, attention_mask, **kw)
+        return _impl(model).forward(model, tokens, attention_mask, **kw)
 
     def logprobs(self, model: Model, tokens: Array, attention_mask: Array | None, targets: Array,
                  temperature: float = 1.0, **kw: Any) -> Array:
-        from diptych.backends.jax import model as m
-
-        return m.logprobs(model, tokens, attention_mask, targets, temperature, **kw)
+        return _impl(model).logprobs(model, tokens, attention_mask, targets, temperature, **kw)
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, model: Model, prompts: Any, sampling: Any, **kw: Any) -> Any:
@@ -79,3 +71,15 @@ class JaxBackend:
         from diptych.backends.jax import checkpoint
 
         return checkpoint.restore(path, **kw)
+
+
+def _impl(spec_or_model: Any) -> Any:
+    """The module that implements a spec or model: ``recurrent`` for recurrent-depth ones, else ``model``."""
+    spec = getattr(spec_or_model, "spec", spec_or_model)
+    if getattr(spec, "model_type", None) == "huginn_raven":
+        from diptych.backends.jax import recurrent
+
+        return recurrent
+    from diptych.backends.jax import model
+
+    return model
