@@ -47,6 +47,8 @@ class JaxBackend:
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, model: Model, prompts: Any, sampling: Any, **kw: Any) -> Any:
+        if _impl(model).__name__.endswith("recurrent"):
+            return _impl(model).generate(model, prompts, sampling, **kw)
         from diptych.backends.jax import sampler
 
         return sampler.generate(model, prompts, sampling, **kw)
