@@ -1,0 +1,79 @@
+"""`diptych parity`: one table per run, PASS/FAIL per quantity, non-zero exit on any FAIL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "compare backends (and transformers) on the same weights and inputs"
+
+# Suites that live in other modules register themselves on import.
+SUITE_MODULES = ("diptych.parity.train_suite", "diptych.parity.recurrent_suite")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, help="a local Hugging Face folder (default: embedded tiny model)")
+    p.add_argument("--model-type", default="llama", choices=["llama", "qwen2", "qwen3"],
+                   help="architecture of the embedded tiny model (ignored with --checkpoint)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--backend", action="append", choices=["jax", "torch"],
+                   help="limit to these backends (repeatable; default: every installed one)")
+    p.add_argument("--suite", action="append", help="run only these suites (repeatable; default: all)")
+    p.add_argument("--num-steps", type=int, help="recurrence depth for recurrent-depth models")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers oracle")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import importlib
+
+    from diptych.core.hf import load_hf_folder
+    from diptych.core.spec import tiny_spec
+    from diptych.parity.harness import run_parity
+
+    for mod in SUITE_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    if args.checkpoint:
+        try:
+            spec, weights = load_hf_folder(args.checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"diptych parity: {e}", file=sys.stderr)
+            return 2
+    else:
+        spec, weights = tiny_spec(args.model_type), None
+    try:
+        report = run_parity(spec, weights, dtype=args.dtype, backends=args.backend, suites=args.suite,
+                            seed=args.seed, num_steps=args.num_steps, with_transformers=not args.no_transformers)
+    except (ValueError, RuntimeError) as e:
+        print(f"diptych parity: {e}", file=sys.stderr)
+        return 2
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    return 0 if report.passed else 1
+
+
+def print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="diptych parity")
+    for col in ("quantity", "a", "b", "dtype", "max abs", "max rel", "tol", "result"):
+        table.add_column(col, justify="right" if col.startswith("max") or col == "tol" else "left")
+    for c in report.cases:
+        verdict = "[green]PASS[/green]" if c.passed else f"[red]FAIL[/red] {c.note}".rstrip()
+        table.add_row(c.quantity, c.a, c.b, c.dtype, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.tol:.0e}", verdict)
+    console.print(table)
+    for s in report.skipped:
+        console.print(f"[yellow]skipped[/yellow] {s}")
+    n_fail = sum(not c.passed for c in report.cases)
+    console.print(f"{len(report.cases) - n_fail} passed, {n_fail} failed")
