@@ -1,0 +1,353 @@
+"""The Llama / Qwen2 / Qwen3 decoder in torch.nn, with a preallocated KV cache for generation.
+
+The math follows transformers' own implementation line for line (RMSNorm in float32 then
+cast back before the weight, rotate-half RoPE, softmax in float32), so logits match
+``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` to 1e-5 in fp32. Module
+attribute names are the Hugging Face parameter names, so the canonical weight dict *is*
+the state dict. ``diptych.backends.jax.model`` is the same text translated to Flax NNX.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diptych.core.spec import DecoderSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+KERNELS = ("auto", "reference", "fused")
+LOGPROB_CHUNK_TOKENS = 1024
+"""Tokens per chunk in :func:`logprobs`: bounds live logits to ``chunk x vocab`` floats."""
+
+_MASK_VALUE = float(torch.finfo(torch.float32).min)
+"""Finite, so a fully padded query row softmaxes to a uniform row instead of NaN."""
+
+
+# -- the pieces, in data-flow order -------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF order: normalise in float32, cast back to the input dtype, then scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos / sin ``[B, T, head_dim]`` computed in float32 (as HF does), cast to the compute dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                                / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved rotary embedding of ``x [B, heads, T, head_dim]``."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Grouped-query softmax attention.
+
+    ``q [B, H, Tq, D]``, ``k``/``v [B, KVH, S, D]``, ``allowed [B, Tq, S]`` bool. Query head
+    ``h`` reads kv head ``h // (H // KVH)`` (HF's ``repeat_kv``), done by a broadcast view
+    instead of materialising repeated keys.
+    """
+    b, h, tq, d = q.shape
+    kvh = k.shape[1]
+    q = q.reshape(b, kvh, h // kvh, tq, d)
+    scores = torch.matmul(q, k[:, :, None].transpose(-1, -2)) * (1.0 / math.sqrt(d))
+    scores = scores.float().masked_fill(~allowed[:, None, None], _MASK_VALUE)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v[:, :, None]).reshape(b, h, tq, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        h, bias = spec.hidden_size, spec.attention_bias
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        self.rope_theta = spec.rope_theta
+        self.q_proj = nn.Linear(h, spec.q_dim, bias=bias)
+        self.k_proj = nn.Linear(h, spec.kv_dim, bias=bias)
+        self.v_proj = nn.Linear(h, spec.kv_dim, bias=bias)
+        self.o_proj = nn.Linear(spec.q_dim, h, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """``cache = (k_slots, v_slots, write_index)``: write the new k/v there and attend over all slots."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_slots, v_slots, write_index = cache
+            k_slots[:, :, write_index : write_index + t] = k
+            v_slots[:, :, write_index : write_index + t] = v
+            k, v = k_slots, v_slots
+        out = attention(q, k, v, allowed)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """HF's ``LlamaModel``: embedding, layers, final norm (named ``model`` in the checkpoint)."""
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(spec) for _ in range(spec.num_hidden_layers)])
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    """HF's ``*ForCausalLM``; ``lm_head`` is absent when tied to ``model.embed_tokens``."""
+
+    def __init__(self, spec: DecoderSpec, dtype: str = "float32", kernels: str = "auto") -> None:
+        super().__init__()
+        self.spec, self.dtype, self.kernels = spec, dtype, kernels
+        self.model = DecoderStack(spec)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+            cache: KVCache | None = None, write_index: int = 0) -> torch.Tensor:
+        """Hidden states after the final norm; with ``cache``, new k/v go to slots from ``write_index``."""
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], write_index)
+            x = layer(x, cos, sin, allowed, layer_cache)
+        return self.model.norm(x)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values, ``[layers, B, kv_heads, max_len, head_dim]`` in the model dtype."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+# -- the module-level API (the facade calls these) ----------------------------------------------
+def build(spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float32", kernels: str = "auto",
+          device: str | torch.device | None = None) -> Decoder:
+    """A ``Decoder`` holding ``weights`` (validated by name and shape) in ``dtype`` on ``device``.
+
+    ``device`` defaults to CUDA when available. Modules are created on the meta device and
+    the weights assigned, so building a large model never pays for a throwaway random init.
+    """
+    if not isinstance(spec, DecoderSpec):
+        raise TypeError(f"build needs a DecoderSpec, got {type(spec).__name__}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}.")
+    spec.validate_weights(weights)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device("meta"):
+        model = Decoder(spec, dtype, kernels)
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(device=device, dtype=DTYPES[dtype])
+             for k, v in weights.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def export(model: Decoder) -> dict[str, np.ndarray]:
+    """Canonical float32 weights with HF names (no ``lm_head.weight`` when tied)."""
+    return {name: p.detach().float().cpu().numpy().copy() for name, p in model.state_dict().items()}
+
+
+def forward(model: Decoder, tokens: Any, attention_mask: Any = None, *, positions: Any = None) -> torch.Tensor:
+    """Logits ``[B, T, V]`` float32 for a left-padded batch."""
+    return _project(hidden_states(model, tokens, attention_mask, positions=positions), lm_head_weight(model)).float()
+
+
+def hidden_states(model: Decoder, tokens: Any, attention_mask: Any = None, *, positions: Any = None) -> torch.Tensor:
+    """``[B, T, H]`` after the final norm, in the model dtype: the seam fused log-prob kernels plug into."""
+    tokens, mask, positions = _inputs(model, tokens, attention_mask, positions)
+    t = tokens.shape[1]
+    slots = torch.arange(t, device=tokens.device)
+    allowed = (slots[None, :] <= slots[:, None])[None] & mask[:, None, :]
+    return model.run(tokens, positions, allowed)
+
+
+def lm_head_weight(model: Decoder) -> torch.Tensor:
+    """``[V, H]``: the output projection, which is the embedding when tied."""
+    return model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+
+
+def logprobs(model: Decoder, tokens: Any, attention_mask: Any, targets: Any, temperature: float = 1.0, *,
+             kernels: str | None = None) -> torch.Tensor:
+    """``log_softmax(logits / temperature)[targets]`` over the full vocabulary, ``[B, T]`` float32.
+
+    Computed from hidden states in chunks of tokens so the ``[B, T, V]`` logits never exist
+    at once; under autograd each chunk is recomputed in backward instead of being kept.
+    """
+    kernels = model.kernels if kernels is None else kernels
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}.")
+    if kernels == "fused":
+        raise NotImplementedError("Fused log-prob kernels are not wired into the torch model yet; "
+                                  "use kernels='auto' or 'reference'.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    hidden = hidden_states(model, tokens, attention_mask)
+    targets = _as_long(targets, hidden.device)
+    if targets.shape != hidden.shape[:2]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(hidden.shape[:2])}.")
+    return selective_logprobs(hidden, lm_head_weight(model), targets, temperature)
+
+
+def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> torch.Tensor:
+    """Target log-probs from ``hidden [..., H]`` and ``weight [V, H]`` without full logits (plain torch)."""
+    lead = hidden.shape[:-1]
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    out = []
+    for start in range(0, flat_h.shape[0], chunk_tokens):
+        args = (flat_h[start : start + chunk_tokens], weight, flat_t[start : start + chunk_tokens], temperature)
+        out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+    if not out:
+        return hidden.new_zeros(lead, dtype=torch.float32)
+    return torch.cat(out).view(lead)
+
+
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = _project(h, weight).float() / temperature
+    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def _project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The lm_head matmul in the model dtype, as HF computes it before any upcast."""
+    return F.linear(h, weight)
+
+
+# -- KV cache -----------------------------------------------------------------------------------
+def init_cache(model: Decoder, batch_size: int, max_len: int) -> KVCache:
+    """Zeroed k/v slots for ``batch_size`` rows of up to ``max_len`` tokens."""
+    s = model.spec
+    p = lm_head_weight(model)
+    shape = (s.num_hidden_layers, batch_size, s.num_key_value_heads, max_len, s.head_dim)
+    return KVCache(torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device))
+
+
+@torch.no_grad()
+def forward_cached(model: Decoder, tokens: Any, positions: Any, cache: KVCache, write_index: int,
+                   key_mask: Any) -> tuple[torch.Tensor, KVCache]:
+    """Write the T new tokens' k/v at slots ``write_index..write_index+T-1`` (in place) and return their logits.
+
+    Query ``t`` sits at slot ``write_index + t`` and attends to slots at or before it where
+    ``key_mask`` is 1. Prefill: ``write_index = 0``, ``key_mask`` = attention mask padded
+    with zeros to ``max_len``; then decode steps with T = 1.
+    """
+    device = lm_head_weight(model).device
+    tokens, positions = _as_long(tokens, device), _as_long(positions, device)
+    key_mask = _as_mask(key_mask, device)
+    b, t = tokens.shape
+    write_index = int(write_index)
+    if positions.shape != (b, t):
+        raise ValueError(f"positions shape {tuple(positions.shape)} must equal tokens shape {(b, t)}.")
+    if key_mask.shape != (b, cache.max_len) or cache.k.shape[1] != b:
+        raise ValueError(f"key_mask must be [batch, max_len] = {(cache.k.shape[1], cache.max_len)} to match the "
+                         f"cache, got {tuple(key_mask.shape)} (tokens batch {b}).")
+    if write_index < 0 or write_index + t > cache.max_len:
+        raise ValueError(f"Writing {t} tokens at slot {write_index} overflows the cache of max_len {cache.max_len}; "
+                         "allocate a longer cache with init_cache.")
+    query_slots = write_index + torch.arange(t, device=device)
+    key_slots = torch.arange(cache.max_len, device=device)
+    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
+    hidden = model.run(tokens, positions, allowed, cache, write_index)
+    return _project(hidden, lm_head_weight(model)).float(), cache
+
+
+# -- input handling -----------------------------------------------------------------------------
+def _as_long(x: Any, device: torch.device) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if t.is_floating_point():
+        raise TypeError(f"Expected an integer array, got dtype {t.dtype}.")
+    return t.to(device=device, dtype=torch.long)
+
+
+def _as_mask(x: Any, device: torch.device) -> torch.Tensor:
+    """Any 0/1 array (int, bool or float, as tokenizers return) as a boolean tensor."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t.to(device) != 0
+
+
+def _inputs(model: Decoder, tokens: Any, attention_mask: Any, positions: Any) -> tuple[torch.Tensor, ...]:
+    """Tokens, boolean mask and positions on the model's device; positions default to cumsum(mask) - 1."""
+    device = lm_head_weight(model).device
+    tokens = _as_long(tokens, device)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}.")
+    mask = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else _as_mask(attention_mask, device)
+    if mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} must equal tokens shape {tuple(tokens.shape)}.")
+    if positions is None:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    else:
+        positions = _as_long(positions, device)
+        if positions.shape != tokens.shape:
+            raise ValueError(f"positions shape {tuple(positions.shape)} must equal tokens shape {tuple(tokens.shape)}.")
+    return tokens, mask, positions
