@@ -1,0 +1,314 @@
+"""One optimizer update on torch: micro-batch accumulation, divide once, clip, AdamW.
+
+``diptych.backends.jax.train`` is the same text in JAX. A train step computes, per
+micro-batch, the model quantities a loss needs (per-token log-probs through the model's
+``logprobs`` seam, entropy, values from an optional value head), calls the backend-neutral
+loss from ``diptych.core.losses``, and accumulates the gradient of each loss term's
+*unreduced sum* together with its denominator. Only after the last micro-batch is each
+term divided by its total denominator, so the update equals the full-batch update whatever
+the split (DESIGN.md rule 3). The optimizer is ``torch.optim.AdamW`` with the learning
+rate of :func:`diptych.core.optim.lr_at`, after clipping the global gradient norm.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diptych.backends.torch import model as model_lib
+from diptych.core.optim import OptimConfig, lr_at
+from diptych.core.train_batch import INT_KEYS, loss_terms, reduce_metrics, validate_microbatch
+
+VALUE_HEAD = ("value_head.weight", "value_head.bias")
+
+
+@dataclass
+class TrainState:
+    """Everything one training run changes: weights, AdamW state, step.
+
+    ``model`` is the module to generate and score with (its weights always equal the
+    trained ones, in the compute dtype). With ``mixed_precision="bf16"`` the model holds
+    bfloat16 weights and ``master`` the float32 weights AdamW updates; otherwise
+    ``master`` is the model's own parameters. ``step`` counts applied updates (skipped
+    steps do not count) and indexes the learning-rate schedule. torch mutates the state in
+    place, but callers should use the state ``train_step`` returns, as on JAX.
+    """
+
+    model: nn.Module
+    optim: OptimConfig
+    optimizer: torch.optim.Optimizer
+    names: list[str]
+    master: list[torch.Tensor]
+    value_head: nn.Linear | None = None
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> Any:
+        return self.model.spec
+
+
+def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool = False, seed: int = 0) -> TrainState:
+    """Wrap a built model for training.
+
+    With ``optim.mixed_precision="bf16"`` a float32 model is rebuilt in bfloat16 and its
+    float32 weights become the master copy. The value head (``[H] -> 1``, float32, for PPO)
+    is initialised in numpy from ``seed`` exactly as on JAX.
+    """
+    if not isinstance(optim, OptimConfig):
+        raise TypeError(f"optim must be an OptimConfig, got {type(optim).__name__}.")
+    named = list(model.named_parameters())
+    if optim.mixed_precision == "bf16":
+        master = [p.detach().float().clone().requires_grad_(True) for _, p in named]
+        if model.dtype != "bfloat16":
+            device = model_lib.lm_head_weight(model).device
+            model = model_lib.build(model.spec, model_lib.export(model), dtype="bfloat16", kernels=model.kernels,
+                                    device=device)
+            named = list(model.named_parameters())
+    else:
+        if model.dtype != "float32":
+            raise ValueError(f"Training a {model.dtype} model needs optim.mixed_precision='bf16' (float32 master "
+                             "weights); or build the model in float32.")
+        master = [p for _, p in named]
+    names = [n for n, _ in named]
+    head = None
+    if value_head:
+        w, b = value_head_init(model.spec, seed)
+        device = master[0].device
+        head = nn.Linear(w.shape[1], 1).to(device)
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(w))
+            head.bias.copy_(torch.from_numpy(b))
+        names += list(VALUE_HEAD)
+        master += [head.weight, head.bias]
+    return TrainState(model=model, optim=optim, optimizer=_adamw(master, optim), names=names, master=master,
+                      value_head=head)
+
+
+def value_head_init(spec: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The value head's float32 ``(weight [1, H], bias [1])``, shared by both backends."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((1, spec.hidden_size), dtype=np.float32) * np.float32(spec.initializer_range)
+    return w.astype(np.float32), np.zeros((1,), np.float32)
+
+
+def _adamw(params: list[torch.Tensor], optim: OptimConfig) -> torch.optim.AdamW:
+    decay = [p for p in params if optim.decay_1d or p.ndim >= 2]
+    no_decay = [p for p in params if not (optim.decay_1d or p.ndim >= 2)]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr_at(0, optim), betas=optim.betas, eps=optim.eps, foreach=False)
+
+
+# -- the step -----------------------------------------------------------------------------------
+def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
+               loss_config: Any, *, temperature: float = 1.0) -> tuple[TrainState, dict[str, float]]:
+    """Apply one AdamW update from the accumulated gradient of ``loss`` over ``microbatches``.
+
+    ``loss`` is a loss name from ``diptych.core.losses`` (``"sft"``, ``"policy"``,
+    ``"value"``, ``"preference"``) with ``loss_config`` its config, or a weighted mapping
+    such as ``{"policy": 1.0, "value": 0.1}`` with ``loss_config`` a mapping of configs by
+    name (PPO with a value head). Micro-batch layouts: :mod:`diptych.core.train_batch`.
+
+    Returns ``(state, metrics)``: ``loss`` (the weighted sum of the terms' means),
+    ``grad_norm`` (before clipping), ``lr``, ``denominator`` (of the first term),
+    ``skipped`` (1 when a non-finite loss or gradient left weights and optimizer untouched),
+    ``tokens`` (non-pad input tokens), and each loss's metrics (prefixed ``term/`` when
+    there are several terms).
+    """
+    from diptych.core.losses import get_loss
+
+    terms = loss_terms(loss)
+    configs = _configs(terms, loss_config)
+    if not microbatches:
+        raise ValueError("train_step needs at least one micro-batch.")
+    if "value" in terms and state.value_head is None:
+        raise ValueError("The 'value' loss needs a value head: init_train_state(model, optim, value_head=True).")
+    for mb in microbatches:
+        validate_microbatch(mb, terms)
+    params = [p for p in (*state.model.parameters(), *(state.value_head.parameters() if state.value_head else ()))]
+    acc = {t: [torch.zeros_like(m, dtype=torch.float32) for m in state.master] for t in terms}
+    sums = dict.fromkeys(terms, 0.0)
+    dens = dict.fromkeys(terms, 0.0)
+    metric_rows: list[dict[str, float]] = []
+    tokens = 0
+    for mb in microbatches:
+        quantities = _model_quantities(state, mb, terms, configs, temperature)
+        constants = _constants(mb, quantities)
+        out = {t: get_loss(t)({**constants, **quantities}, configs[t]) for t in terms}
+        for i, t in enumerate(terms):
+            s, d, m = out[t]
+            grads = torch.autograd.grad(s, params, retain_graph=i + 1 < len(terms), allow_unused=True)
+            for a, g in zip(acc[t], grads):
+                if g is not None:
+                    a.add_(g.float())
+            sums[t] += float(s.detach())
+            dens[t] += float(d.detach() if isinstance(d, torch.Tensor) else d)
+            metric_rows.append({(f"{t}/" if len(terms) > 1 else "") + k: _f(v) for k, v in m.items()})
+        tokens += int(np.sum(np.asarray(mb.get("attention_mask", 0)))) + _pref_tokens(mb)
+    for t in terms:
+        if dens[t] <= 0:
+            raise ValueError(f"Loss {t!r} has total denominator {dens[t]} over the micro-batches (no tokens or "
+                             "sequences to average over); check the masks.")
+    total = sum(terms[t] * sums[t] / dens[t] for t in terms)
+    with torch.no_grad():
+        grads = [sum(terms[t] / dens[t] * acc[t][i] for t in terms) for i in range(len(state.master))]
+        norm = math.sqrt(sum(float(torch.sum(g * g)) for g in grads))
+        metrics = {"loss": total, "grad_norm": norm, "lr": lr_at(state.step, state.optim),
+                   "denominator": dens[next(iter(terms))], "tokens": float(tokens), **reduce_metrics(metric_rows)}
+        if not (math.isfinite(total) and math.isfinite(norm)):
+            warnings.warn(f"Skipping optimizer step {state.step}: non-finite loss ({total}) or gradient norm "
+                          f"({norm}); weights and optimizer state are unchanged.", RuntimeWarning, stacklevel=2)
+            return state, {**metrics, "skipped": 1.0}
+        if state.optim.max_grad_norm > 0 and norm >= state.optim.max_grad_norm:
+            scale = state.optim.max_grad_norm / norm
+            grads = [g * scale for g in grads]
+        for p, g in zip(state.master, grads):
+            p.grad = g.to(p.dtype)
+        for group in state.optimizer.param_groups:
+            group["lr"] = metrics["lr"]
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.optim.mixed_precision == "bf16":
+            for p, m in zip(state.model.parameters(), state.master):
+                p.copy_(m)
+        for p in params:
+            p.grad = None
+    state.step += 1
+    return state, {**metrics, "skipped": 0.0}
+
+
+def _configs(terms: Mapping[str, float], loss_config: Any) -> dict[str, Any]:
+    if len(terms) == 1:
+        (t,) = terms
+        if isinstance(loss_config, Mapping) and t in loss_config:
+            return {t: loss_config[t]}
+        return {t: loss_config}
+    if not isinstance(loss_config, Mapping) or set(loss_config) < set(terms):
+        raise ValueError(f"A composite loss {dict(terms)} needs loss_config as a mapping with a config for each of "
+                         f"{', '.join(terms)}.")
+    return {t: loss_config[t] for t in terms}
+
+
+def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], terms: Mapping[str, float],
+                      configs: Mapping[str, Any], temperature: float) -> dict[str, torch.Tensor]:
+    """The differentiable inputs of the losses: log-probs, entropy, values."""
+    model = state.model
+    out: dict[str, torch.Tensor] = {}
+    if "preference" in terms:
+        for side in ("chosen", "rejected"):
+            tok, am = mb[f"{side}_tokens"], mb[f"{side}_attention_mask"]
+            out[f"{side}_logprobs"] = model_lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
+    need_lp = bool({"sft", "policy"} & set(terms))
+    need_entropy = "policy" in terms and float(getattr(configs["policy"], "entropy_coef", 0.0) or 0.0) != 0.0
+    need_values = "value" in terms
+    if not (need_lp or need_values):
+        return out
+    tok, am = mb["tokens"], mb["attention_mask"]
+    if need_lp and not (need_entropy or need_values):
+        out["logprobs"] = model_lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
+        return out
+    hidden = model_lib.hidden_states(model, tok[:, :-1], am[:, :-1])
+    if need_lp:
+        targets = torch.as_tensor(np.asarray(tok[:, 1:]), device=hidden.device, dtype=torch.long)
+        out["logprobs"], entropy = logprobs_and_entropy(hidden, model_lib.lm_head_weight(model), targets, temperature)
+        if need_entropy:
+            out["entropy"] = entropy
+    if need_values:
+        out["values"] = state.value_head(hidden.float())[..., 0]
+    return out
+
+
+def logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                         chunk_tokens: int = model_lib.LOGPROB_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-probs and the full-vocabulary entropy of ``softmax(logits / temperature)``, chunked."""
+    lead = hidden.shape[:-1]
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    lps, ents = [], []
+    for start in range(0, flat_h.shape[0], chunk_tokens):
+        h, t = flat_h[start:start + chunk_tokens], flat_t[start:start + chunk_tokens]
+        logits = torch.nn.functional.linear(h, weight).float() / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        lps.append(logp.gather(-1, t[:, None])[:, 0])
+        ents.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(lps).view(lead), torch.cat(ents).view(lead)
+
+
+def _constants(mb: Mapping[str, np.ndarray], quantities: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss's non-differentiable inputs as float32 tensors on the model's device."""
+    device = next(iter(quantities.values())).device
+    return {k: torch.as_tensor(np.asarray(v, dtype=np.float32), device=device)
+            for k, v in mb.items() if k not in INT_KEYS}
+
+
+def _pref_tokens(mb: Mapping[str, np.ndarray]) -> int:
+    return sum(int(np.sum(np.asarray(mb[k]))) for k in ("chosen_attention_mask", "rejected_attention_mask") if k in mb)
+
+
+def _f(x: Any) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
+# -- weights in and out -------------------------------------------------------------------------
+def export_weights(state: TrainState) -> dict[str, np.ndarray]:
+    """Canonical float32 HF-named weights of the policy (the master copy under bf16; no value head)."""
+    return {n: m.detach().float().cpu().numpy().copy() for n, m in zip(state.names, state.master)
+            if n not in VALUE_HEAD}
+
+
+def export_value_head(state: TrainState) -> dict[str, np.ndarray] | None:
+    if state.value_head is None:
+        return None
+    return {"value_head.weight": state.value_head.weight.detach().float().cpu().numpy().copy(),
+            "value_head.bias": state.value_head.bias.detach().float().cpu().numpy().copy()}
+
+
+def export_optimizer(state: TrainState) -> dict[str, Any]:
+    """AdamW moments by canonical name, backend-neutral: ``{"count", "mu": {...}, "nu": {...}}``."""
+    mu, nu, count = {}, {}, 0
+    for name, p in zip(state.names, state.master):
+        st = state.optimizer.state.get(p, {})
+        if "exp_avg" in st:
+            mu[name] = st["exp_avg"].detach().float().cpu().numpy().copy()
+            nu[name] = st["exp_avg_sq"].detach().float().cpu().numpy().copy()
+            count = int(float(st["step"]))
+        else:
+            mu[name] = np.zeros(tuple(p.shape), np.float32)
+            nu[name] = np.zeros(tuple(p.shape), np.float32)
+    return {"count": count, "mu": mu, "nu": nu}
+
+
+def load_optimizer(state: TrainState, exported: Mapping[str, Any]) -> TrainState:
+    """Install moments from :func:`export_optimizer` (of either backend) into ``state``."""
+    count = int(exported["count"])
+    if count == 0:
+        return state
+    for name, p in zip(state.names, state.master):
+        if name not in exported["mu"]:
+            raise KeyError(f"Optimizer state has no moments for parameter {name}.")
+        state.optimizer.state[p] = {
+            "step": torch.tensor(float(count)),
+            "exp_avg": torch.as_tensor(np.asarray(exported["mu"][name]), device=p.device).to(p.dtype).clone(),
+            "exp_avg_sq": torch.as_tensor(np.asarray(exported["nu"][name]), device=p.device).to(p.dtype).clone(),
+        }
+    return state
+
+
+def load_weights(state: TrainState, weights: Mapping[str, np.ndarray]) -> TrainState:
+    """Overwrite the trained weights (and value head, when given) from canonical numpy arrays."""
+    with torch.no_grad():
+        for name, m in zip(state.names, state.master):
+            if name in weights:
+                m.copy_(torch.as_tensor(np.asarray(weights[name], dtype=np.float32)))
+        if state.optim.mixed_precision == "bf16":
+            for p, m in zip(state.model.parameters(), state.master):
+                p.copy_(m)
+    return state

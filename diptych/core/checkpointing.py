@@ -1,0 +1,161 @@
+"""Framework-free checkpoint plumbing: atomic directory writes, keep-last-K, metadata.
+
+A diptych checkpoint is a directory. Both backends write ``diptych.json`` (this module's
+metadata: backend, step, model config, optimizer config, and the caller's own metadata,
+typically the run config, data position and RNG state) next to their native files. The
+directory is written under a temporary name and renamed into place, so a run killed
+mid-save leaves the previous checkpoint intact and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METADATA_FILE = "diptych.json"
+FORMAT = "diptych-checkpoint"
+VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or of an unknown format."""
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    """The conventional name of the checkpoint of ``step`` under a run's checkpoint ``root``."""
+    return Path(root) / f"step_{int(step):08d}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete ``step_*`` checkpoints under ``root``, oldest first (temporary dirs are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / METADATA_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root`` (what ``--resume`` should load), or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success rename it to ``path`` (replacing it)."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` ``step_*`` checkpoints under ``root``; return the deleted."""
+    if keep_last < 1:
+        raise CheckpointError(f"keep_last must be >= 1, got {keep_last}.")
+    doomed = list_checkpoints(root)[:-keep_last]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Make dataclasses, numpy scalars/arrays and tuples JSON-friendly (RNG states included)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_metadata(folder: str | os.PathLike, *, backend: str, step: int, spec: Any, optim: Any,
+                   extra: dict[str, Any], user: dict[str, Any] | None) -> None:
+    """Write ``diptych.json``: format/version, backend, step, model config, optimizer config, user metadata."""
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "backend": backend,
+        "step": int(step),
+        "model_config": spec.to_hf_config(),
+        "optim": to_jsonable(optim),
+        **to_jsonable(extra),
+        "metadata": to_jsonable(user or {}),
+    }
+    (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read ``diptych.json`` of a checkpoint, with a clear error when it is not one."""
+    folder = Path(folder)
+    f = folder / METADATA_FILE
+    if not f.is_file():
+        hint = " It looks like a Hugging Face folder; load it with diptych.core.hf.load_hf_folder." if (
+            folder / "config.json").is_file() else ""
+        raise CheckpointError(f"{folder} is not a diptych checkpoint (no {METADATA_FILE}).{hint}")
+    meta = json.loads(f.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{f} has format {meta.get('format')!r}, expected {FORMAT!r}.")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{f} is version {meta['version']}; this diptych reads up to {VERSION}. Upgrade diptych.")
+    return meta
+
+
+def optim_from_metadata(meta: dict[str, Any]) -> Any:
+    from diptych.core.config import from_dict
+    from diptych.core.optim import OptimConfig
+
+    return from_dict(OptimConfig, meta["optim"])
+
+
+def spec_from_metadata(meta: dict[str, Any]) -> Any:
+    from diptych.core.hf import spec_from_config
+
+    return spec_from_config(meta["model_config"])
+
+
+def rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """A JSON-serialisable snapshot of a numpy Generator (store it in checkpoint metadata)."""
+    return to_jsonable(rng.bit_generator.state)
+
+
+def rng_from_state(state: dict[str, Any]) -> np.random.Generator:
+    """Rebuild the numpy Generator saved by :func:`rng_state`, continuing the same stream."""
+    bitgen = getattr(np.random, state["bit_generator"])()
+    bitgen.state = state
+    return np.random.Generator(bitgen)
