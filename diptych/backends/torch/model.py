@@ -88,8 +88,8 @@ class Attention(nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
         h, bias = spec.hidden_size, spec.attention_bias
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-        self.rope_theta = spec.rope_theta
+        self.num_heads, self.num_kv_heads = spec.num_attention_heads, spec.num_key_value_heads
+        self.head_dim = spec.head_dim
         self.q_proj = nn.Linear(h, spec.q_dim, bias=bias)
         self.k_proj = nn.Linear(h, spec.kv_dim, bias=bias)
         self.v_proj = nn.Linear(h, spec.kv_dim, bias=bias)
@@ -287,9 +287,9 @@ def _project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def init_cache(model: Decoder, batch_size: int, max_len: int) -> KVCache:
     """Zeroed k/v slots for ``batch_size`` rows of up to ``max_len`` tokens."""
     s = model.spec
-    p = lm_head_weight(model)
+    like = lm_head_weight(model)
     shape = (s.num_hidden_layers, batch_size, s.num_key_value_heads, max_len, s.head_dim)
-    return KVCache(torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device))
+    return KVCache(like.new_zeros(shape), like.new_zeros(shape))
 
 
 @torch.no_grad()
