@@ -1,0 +1,237 @@
+"""Run model-written code in a throwaway process that cannot hurt the trainer.
+
+Code rewards execute whatever the policy wrote, and an RL policy will find every way to loop,
+fork, allocate or write that its environment allows. Each run therefore gets, in layers:
+
+- kernel limits (``resource`` rlimits set in ``preexec_fn``): CPU seconds, address space,
+  process count, file size (which also caps captured output), no core dumps;
+- a new session, killed as a group on the wall-clock timeout, so the caller always gets control back;
+- a clean environment (no inherited variables, so no secrets) and a fresh temporary working directory;
+- where ``unshare`` allows (Linux): new network, PID and mount namespaces (no network, a private
+  ``/proc`` that hides the parent, every descendant dies with the sandbox), and when we run as root
+  a drop to user ``nobody`` (root ignores the process-count limit and can write anywhere);
+- inside Python, an audit hook that refuses writes outside the working directory, spawning
+  programs, and ``ctypes`` (the usual way around an audit hook).
+
+Best effort: without ``unshare`` (macOS, locked-down containers) there is no network isolation
+and no PID namespace; :func:`isolation` says what this machine enforces. Treat it as a fence for
+buggy and reward-hacking code, not a security boundary against a determined attacker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+NOBODY = 65534
+
+# Installed before the user's program; runs inside the sandboxed interpreter (stdlib only).
+_GUARD = r'''
+import os, sys
+_root = os.path.realpath(os.getcwd())
+_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+_PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
+                "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
+_SPAWN = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "pty.spawn")
+def _inside(p):
+    if isinstance(p, int):
+        return True
+    p = os.fsdecode(p)
+    if p == "/dev/null":
+        return True
+    r = os.path.realpath(os.path.join(_root, p))
+    return r == _root or r.startswith(_root + os.sep)
+def _guard(event, args):
+    if event == "open":
+        path, mode, flags = args
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & _WRITE
+        if writing and not _inside(path):
+            raise PermissionError(f"sandbox: writing outside the working directory is not allowed: {path!r}")
+    elif event in _PATH_EVENTS:
+        for a in args[:2]:
+            if isinstance(a, (str, bytes, os.PathLike)) and not _inside(a):
+                raise PermissionError(f"sandbox: {event} outside the working directory is not allowed: {a!r}")
+    elif event.startswith(_SPAWN) and not ALLOW_SPAWN:
+        raise PermissionError(f"sandbox: starting programs is not allowed ({event})")
+    elif event.startswith("ctypes."):
+        raise PermissionError("sandbox: ctypes is not allowed")
+sys.addaudithook(_guard)
+del _guard
+sys.argv = ["main.py"]
+_src = open("main.py", encoding="utf-8").read()
+_g = {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins__}
+exec(compile(_src, "main.py", "exec"), _g)
+'''
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxLimits:
+    """Per-run limits; defaults suit unit-test-sized programs (a reward call runs many of them)."""
+
+    timeout_s: float = 5.0  # wall clock, the hard stop
+    cpu_s: int | None = None  # CPU seconds; default: timeout rounded up, plus one
+    memory_mb: int = 512  # address space (RLIMIT_AS)
+    max_processes: int = 32  # RLIMIT_NPROC, enforced for non-root users only (hence the drop to nobody)
+    max_file_mb: int = 16  # largest file the program may write, stdout and stderr included
+    max_output_bytes: int = 64_000  # stdout / stderr kept for the caller
+    allow_spawn: bool = False  # let Python code start other programs (subprocess, os.system)
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.memory_mb <= 0 or self.max_processes <= 0 or self.max_output_bytes <= 0:
+            raise ValueError(f"SandboxLimits must be positive, got {self}.")
+
+
+@dataclasses.dataclass
+class SandboxResult:
+    """What happened; ``ok`` means exited 0 within every limit."""
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    truncated: bool
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    @property
+    def signal(self) -> str | None:
+        """Name of the signal that ended the program (SIGKILL on timeout, SIGXCPU on the CPU limit...)."""
+        if self.returncode is not None and self.returncode < 0:
+            return signal.Signals(-self.returncode).name
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Isolation:
+    """What the kernel enforces here, found once by probing (see :func:`isolation`)."""
+
+    prefix: tuple[str, ...]  # the unshare command line put in front of the program
+    python: str  # an interpreter the sandbox user can execute
+    network: bool
+    pid_namespace: bool
+    drops_root: bool
+
+
+def _can_run(prefix: Sequence[str], exe: str) -> bool:
+    try:
+        out = subprocess.run([*prefix, exe, "-I", "-S", "-c", "pass"], capture_output=True, timeout=10, env={},
+                             cwd="/")
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0
+
+
+@functools.lru_cache(maxsize=1)
+def isolation() -> Isolation:
+    """Probe, most isolated first: namespaces + drop to nobody (root), user namespaces, plain process."""
+    unshare = shutil.which("unshare")
+    exes = list(dict.fromkeys(p for p in (sys.executable, shutil.which("python3"), "/usr/bin/python3")
+                              if p and os.path.exists(p)))
+    full = ["--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    candidates: list[tuple[list[str], bool, bool, bool]] = []
+    if unshare and sys.platform.startswith("linux"):
+        if os.geteuid() == 0:
+            candidates.append(([unshare, *full, "--setgid", str(NOBODY), "--setuid", str(NOBODY)], True, True, True))
+        candidates.append(([unshare, "--map-root-user", *full], True, True, False))
+        candidates.append(([unshare, "--map-root-user", "--net"], True, False, False))
+    candidates.append(([], False, False, False))
+    for prefix, net, pid, drop in candidates:
+        for exe in exes:
+            if _can_run(prefix, exe):
+                return Isolation(tuple(prefix), exe, net, pid, drop)
+    raise RuntimeError(f"sandbox: no Python interpreter can be started (tried {exes}).")
+
+
+def _limit_process(limits: SandboxLimits) -> None:
+    cpu = limits.cpu_s if limits.cpu_s is not None else int(limits.timeout_s) + 1
+    mem = limits.memory_mb * 1024 * 1024
+    fsize = max(limits.max_file_mb * 1024 * 1024, limits.max_output_bytes + 1)
+    for res, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
+                       (resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes)),
+                       (resource.RLIMIT_FSIZE, (fsize, fsize)), (resource.RLIMIT_CORE, (0, 0))):
+        resource.setrlimit(res, value)
+
+
+def _read_capped(path: Path, cap: int) -> tuple[str, bool]:
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    return data[:cap].decode("utf-8", errors="replace"), len(data) > cap
+
+
+def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | None = None,
+                files: Mapping[str, str] | None = None) -> SandboxResult:
+    """Run ``argv`` (its first element is looked up on a minimal PATH) inside the sandbox.
+
+    ``files`` are written into the fresh working directory first (name -> text). The directory
+    is deleted afterwards. Never raises for anything the program does; only bad arguments raise.
+    """
+    limits = limits or SandboxLimits()
+    if not argv:
+        raise ValueError("run_command needs a non-empty argv.")
+    iso = isolation()
+    work = Path(tempfile.mkdtemp(prefix="diptych-sandbox-"))
+    io_dir = Path(tempfile.mkdtemp(prefix="diptych-sandbox-io-"))  # outside the sandbox's reach
+    try:
+        for name, text in (files or {}).items():
+            target = (work / name).resolve()
+            if work.resolve() not in target.parents:
+                raise ValueError(f"sandbox file name {name!r} escapes the working directory; use a relative name.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+        if iso.drops_root:
+            for p in [work, *work.rglob("*")]:
+                os.chown(p, NOBODY, NOBODY)
+        (io_dir / "stdin").write_text(stdin, encoding="utf-8")
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work),
+               "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        start = time.monotonic()
+        timed_out = False
+        with open(io_dir / "stdin", "rb") as fin, open(io_dir / "stdout", "wb") as fout, \
+                open(io_dir / "stderr", "wb") as ferr:
+            proc = subprocess.Popen([*iso.prefix, *argv], stdin=fin, stdout=fout, stderr=ferr, cwd=work, env=env,
+                                    start_new_session=True, preexec_fn=functools.partial(_limit_process, limits),
+                                    close_fds=True)
+            try:
+                proc.wait(timeout=limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # Kill the whole group even after a normal exit: a daemonised grandchild must not outlive the run.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        duration = time.monotonic() - start
+        stdout, t1 = _read_capped(io_dir / "stdout", limits.max_output_bytes)
+        stderr, t2 = _read_capped(io_dir / "stderr", limits.max_output_bytes)
+        # util-linux 2.38 cannot re-raise some signals (SIGXCPU) after --fork and says so; that is our noise.
+        stderr = "".join(line for line in stderr.splitlines(keepends=True)
+                         if not line.startswith("unshare: sigprocmask"))
+        return SandboxResult(proc.returncode, stdout, stderr, timed_out, t1 or t2, duration)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(io_dir, ignore_errors=True)
+
+
+def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
+               files: Mapping[str, str] | None = None) -> SandboxResult:
+    """Run Python source as ``main.py`` in the sandbox (isolated mode, no site-packages, write guard on)."""
+    limits = limits or SandboxLimits()
+    if not isinstance(code, str):
+        raise TypeError(f"run_python needs the program as a str, got {type(code).__name__}.")
+    guard = f"ALLOW_SPAWN = {limits.allow_spawn!r}\n" + _GUARD
+    all_files = {**(files or {}), "main.py": code, ".guard.py": guard}
+    return run_command([isolation().python, "-I", "-S", "-B", ".guard.py"], stdin, limits, all_files)

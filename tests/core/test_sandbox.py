@@ -1,0 +1,124 @@
+"""The sandbox contains what a reward-hacking policy writes: each case ends within its limit and we keep running."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from diptych.core.sandbox import SandboxLimits, isolation, run_command, run_python
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the sandbox needs a POSIX system")
+
+
+def _survivors(workdir: str) -> list[int]:
+    """Processes still sitting in the sandbox's (now deleted) working directory."""
+    pids = []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(p / "cwd").startswith(workdir):
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_runs_code_and_returns_output():
+    r = run_python("import sys\nprint(sum(map(int, sys.stdin.read().split())))", stdin="1 2 3")
+    assert r.ok and r.stdout == "6\n" and not r.truncated
+
+
+def test_infinite_loop_is_killed_at_the_wall_clock_timeout():
+    start = time.monotonic()
+    r = run_python("while True:\n    pass", limits=SandboxLimits(timeout_s=1.0))
+    elapsed = time.monotonic() - start
+    assert r.timed_out and not r.ok and r.signal == "SIGKILL"
+    assert elapsed < 2.5
+
+
+def test_cpu_limit_stops_a_busy_program_before_the_wall_clock():
+    # The wall-clock limit is generous so that only the CPU limit can stop it, even on a loaded machine.
+    r = run_python("while True:\n    pass", limits=SandboxLimits(timeout_s=20.0, cpu_s=1))
+    assert not r.ok and not r.timed_out
+    assert r.duration_s < 20.0
+
+
+def test_fork_bomb_is_contained_and_leaves_no_process_behind():
+    code = (
+        "import os\nprint(os.getcwd(), flush=True)\n"
+        "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
+    start = time.monotonic()
+    r = run_python(code, limits=SandboxLimits(timeout_s=1.5, max_processes=16))
+    assert r.timed_out and time.monotonic() - start < 4.0
+    workdir = r.stdout.split("\n")[0]
+    assert workdir.startswith("/") and "diptych-sandbox" in workdir
+    time.sleep(0.2)
+    assert _survivors(workdir) == []
+
+
+def test_memory_bomb_fails_inside_the_sandbox():
+    r = run_python("x = bytearray(4 * 1024**3)\nprint('allocated')", limits=SandboxLimits(memory_mb=256))
+    assert not r.ok and "allocated" not in r.stdout and "MemoryError" in r.stderr
+
+
+def test_writes_outside_the_working_directory_are_refused(tmp_path):
+    outside = [tmp_path / "escaped.txt", Path("/tmp") / f"diptych-escape-{os.getpid()}.txt"]
+    code = "\n".join(
+        f"try:\n    open({str(p)!r}, 'w').write('x')\nexcept OSError as e:\n    print('refused', type(e).__name__)"
+        for p in outside
+    ) + "\nimport os\ntry:\n    os.open('../up.txt', os.O_CREAT | os.O_WRONLY)\nexcept OSError:\n    print('refused')"
+    code += "\nopen('inside.txt', 'w').write('fine')\nprint(open('inside.txt').read())"
+    r = run_python(code)
+    assert r.ok, r.stderr
+    assert r.stdout.count("refused") == 3 and r.stdout.strip().endswith("fine")
+    assert not any(p.exists() for p in outside)
+
+
+def test_parent_environment_secrets_are_invisible(monkeypatch):
+    monkeypatch.setenv("DIPTYCH_TEST_SECRET", "hunter2-secret")
+    code = (
+        "import os\nprint(dict(os.environ))\n"
+        "for p in ('/proc/1/environ', f'/proc/{os.getppid()}/environ', '/proc/self/environ'):\n"
+        "    try:\n        print(open(p, 'rb').read())\n    except OSError as e:\n        print('no', p)\n"
+    )
+    r = run_python(code)
+    assert r.ok, r.stderr
+    assert "hunter2-secret" not in r.stdout and "DIPTYCH_TEST_SECRET" not in r.stdout
+
+
+def test_output_is_capped():
+    r = run_python("print('x' * 10_000_000)", limits=SandboxLimits(max_output_bytes=1000))
+    assert r.truncated and len(r.stdout) == 1000
+
+
+def test_spawning_programs_is_refused_by_default():
+    r = run_python("import subprocess\nsubprocess.run(['true'])")
+    assert not r.ok and "not allowed" in r.stderr
+
+
+def test_network_is_unreachable_where_namespaces_exist():
+    if not isolation().network:
+        pytest.skip("no network namespace on this machine (documented best effort)")
+    code = "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    print('connected')\n" \
+           "except OSError as e:\n    print('blocked', e.errno)"
+    r = run_python(code)
+    assert r.ok and "blocked" in r.stdout
+
+
+def test_working_directory_is_fresh_and_removed():
+    r1 = run_python("import os\nopen('state', 'w').write('1')\nprint(os.getcwd())")
+    r2 = run_python("import os\nprint(os.path.exists('state'))")
+    assert r2.stdout.strip() == "False"
+    assert not Path(r1.stdout.strip()).exists()
+
+
+def test_bad_arguments_raise_clearly():
+    with pytest.raises(ValueError, match="escapes"):
+        run_command(["true"], files={"../evil": "x"})
+    with pytest.raises(ValueError, match="positive"):
+        SandboxLimits(timeout_s=0)
+    with pytest.raises(TypeError, match="str"):
+        run_python(b"print(1)")  # type: ignore[arg-type]
