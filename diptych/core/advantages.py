@@ -149,7 +149,13 @@ def whiten(x: Any, mask: Any = None, *, eps: float = 1e-8, shift_mean: bool = Tr
 
 
 def gae(
-    rewards: Any, values: Any, mask: Any = None, gamma: float = 1.0, lam: float = 0.95, *, whiten_advantages: bool = False
+    rewards: Any,
+    values: Any,
+    mask: Any = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    *,
+    whiten_advantages: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generalised advantage estimation (Schulman et al. 2016) over per-token rewards and values.
 
