@@ -1,1 +1,1 @@
-"""Backend-neutral recurrent-depth toolkit: schedules, truncation plans, exit criteria, sweeps."""
+"""Backend-neutral recurrent-depth toolkit: depth schedules, exit criteria, generation, sweeps."""

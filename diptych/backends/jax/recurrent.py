@@ -276,6 +276,10 @@ class _Ops:
     def latent_last(self, x: jax.Array) -> np.ndarray:
         return np.asarray(x[:, -1].astype(jnp.float32))
 
+    def warm(self, x: jax.Array, prev_final: jax.Array) -> jax.Array:
+        """Continuous CoT: every position restarts from its last final state, the new one from its left neighbour."""
+        return jnp.concatenate([prev_final, prev_final[:, -1:]], axis=1)[:, -x.shape[1]:]
+
     def select(self, keep: np.ndarray, new: jax.Array, old: jax.Array) -> jax.Array:
         return jnp.where(jnp.asarray(keep)[:, None, None], old, new)
 

@@ -308,6 +308,10 @@ class _Ops:
     def latent_last(self, x: torch.Tensor) -> np.ndarray:
         return x[:, -1].float().numpy()
 
+    def warm(self, x: torch.Tensor, prev_final: torch.Tensor) -> torch.Tensor:
+        """Continuous CoT: every position restarts from its last final state, the new one from its left neighbour."""
+        return torch.cat([prev_final, prev_final[:, -1:]], dim=1)[:, -x.shape[1]:]
+
     def select(self, keep: np.ndarray, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         k = torch.as_tensor(keep)[:, None, None]
         return torch.where(k, old, new)
