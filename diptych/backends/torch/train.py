@@ -124,40 +124,8 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
     ``tokens`` (non-pad input tokens), and each loss's metrics (prefixed ``term/`` when
     there are several terms).
     """
-    from diptych.core.losses import get_loss
-
     terms = loss_terms(loss)
-    configs = _configs(terms, loss_config)
-    if not microbatches:
-        raise ValueError("train_step needs at least one micro-batch.")
-    if "value" in terms and state.value_head is None:
-        raise ValueError("The 'value' loss needs a value head: init_train_state(model, optim, value_head=True).")
-    for mb in microbatches:
-        validate_microbatch(mb, terms)
-    params = [p for p in (*state.model.parameters(), *(state.value_head.parameters() if state.value_head else ()))]
-    acc = {t: [torch.zeros_like(m, dtype=torch.float32) for m in state.master] for t in terms}
-    sums = dict.fromkeys(terms, 0.0)
-    dens = dict.fromkeys(terms, 0.0)
-    metric_rows: list[dict[str, float]] = []
-    tokens = 0
-    for mb in microbatches:
-        quantities = _model_quantities(state, mb, terms, configs, temperature)
-        constants = _constants(mb, quantities)
-        out = {t: get_loss(t)({**constants, **quantities}, configs[t]) for t in terms}
-        for i, t in enumerate(terms):
-            s, d, m = out[t]
-            grads = torch.autograd.grad(s, params, retain_graph=i + 1 < len(terms), allow_unused=True)
-            for a, g in zip(acc[t], grads):
-                if g is not None:
-                    a.add_(g.float())
-            sums[t] += float(s.detach())
-            dens[t] += float(d.detach() if isinstance(d, torch.Tensor) else d)
-            metric_rows.append({(f"{t}/" if len(terms) > 1 else "") + k: _f(v) for k, v in m.items()})
-        tokens += int(np.sum(np.asarray(mb.get("attention_mask", 0)))) + _pref_tokens(mb)
-    for t in terms:
-        if dens[t] <= 0:
-            raise ValueError(f"Loss {t!r} has total denominator {dens[t]} over the micro-batches (no tokens or "
-                             "sequences to average over); check the masks.")
+    params, acc, sums, dens, metric_rows, tokens = _accumulate(state, microbatches, terms, loss_config, temperature)
     total = sum(terms[t] * sums[t] / dens[t] for t in terms)
     with torch.no_grad():
         grads = [sum(terms[t] / dens[t] * acc[t][i] for t in terms) for i in range(len(state.master))]
@@ -184,6 +152,58 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
             p.grad = None
     state.step += 1
     return state, {**metrics, "skipped": 0.0}
+
+
+def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
+              loss_config: Any, *, temperature: float = 1.0) -> tuple[dict[str, np.ndarray], float]:
+    """The full-batch gradient (divided once, before clipping) by canonical name, and the loss; no update.
+
+    The parity harness compares these across backends; trainers call :func:`train_step`.
+    """
+    terms = loss_terms(loss)
+    _, acc, sums, dens, _, _ = _accumulate(state, microbatches, terms, loss_config, temperature)
+    grads = {name: sum(terms[t] / dens[t] * acc[t][i] for t in terms).cpu().numpy()
+             for i, name in enumerate(state.names)}
+    return grads, float(sum(terms[t] * sums[t] / dens[t] for t in terms))
+
+
+def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], terms: Mapping[str, float],
+                loss_config: Any, temperature: float) -> tuple[Any, ...]:
+    """Per-term float32 gradient sums of the unreduced losses, their sums and denominators, metrics."""
+    from diptych.core.losses import get_loss
+
+    configs = _configs(terms, loss_config)
+    if not microbatches:
+        raise ValueError("train_step needs at least one micro-batch.")
+    if "value" in terms and state.value_head is None:
+        raise ValueError("The 'value' loss needs a value head: init_train_state(model, optim, value_head=True).")
+    for mb in microbatches:
+        validate_microbatch(mb, terms)
+    params = [p for p in (*state.model.parameters(), *(state.value_head.parameters() if state.value_head else ()))]
+    acc = {t: [torch.zeros_like(m, dtype=torch.float32) for m in state.master] for t in terms}
+    sums = dict.fromkeys(terms, 0.0)
+    dens = dict.fromkeys(terms, 0.0)
+    metric_rows: list[dict[str, float]] = []
+    tokens = 0
+    for mb in microbatches:
+        quantities = _model_quantities(state, mb, terms, configs, temperature)
+        constants = _constants(mb, quantities)
+        out = {t: get_loss(t)({**constants, **quantities}, configs[t]) for t in terms}
+        for i, t in enumerate(terms):
+            s, d, m = out[t]
+            grads = torch.autograd.grad(s, params, retain_graph=i + 1 < len(terms), allow_unused=True)
+            for a, g in zip(acc[t], grads):
+                if g is not None:
+                    a.add_(g.float())
+            sums[t] += float(s.detach())
+            dens[t] += float(d.detach() if isinstance(d, torch.Tensor) else d)
+            metric_rows.append({(f"{t}/" if len(terms) > 1 else "") + k: _f(v) for k, v in m.items()})
+        tokens += _tokens(mb)
+    for t in terms:
+        if dens[t] <= 0:
+            raise ValueError(f"Loss {t!r} has total denominator {dens[t]} over the micro-batches (no tokens or "
+                             "sequences to average over); check the masks.")
+    return params, acc, sums, dens, metric_rows, tokens
 
 
 def _configs(terms: Mapping[str, float], loss_config: Any) -> dict[str, Any]:
@@ -249,8 +269,9 @@ def _constants(mb: Mapping[str, np.ndarray], quantities: Mapping[str, torch.Tens
             for k, v in mb.items() if k not in INT_KEYS}
 
 
-def _pref_tokens(mb: Mapping[str, np.ndarray]) -> int:
-    return sum(int(np.sum(np.asarray(mb[k]))) for k in ("chosen_attention_mask", "rejected_attention_mask") if k in mb)
+def _tokens(mb: Mapping[str, np.ndarray]) -> int:
+    keys = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
+    return sum(int(np.sum(np.asarray(mb[k]))) for k in keys if k in mb)
 
 
 def _f(x: Any) -> float:

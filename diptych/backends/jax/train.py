@@ -1,0 +1,378 @@
+"""One optimizer update on JAX: micro-batch accumulation, divide once, clip, AdamW.
+
+``diptych.backends.torch.train`` is the same text in torch. A train step computes, per
+micro-batch, the model quantities a loss needs (per-token log-probs through the model's
+``logprobs`` seam, entropy, values from an optional value head), calls the backend-neutral
+loss from ``diptych.core.losses``, and accumulates the gradient of each loss term's
+*unreduced sum* together with its denominator. Only after the last micro-batch is each
+term divided by its total denominator, so the update equals the full-batch update whatever
+the split (DESIGN.md rule 3). The optimizer is ``optax.adamw`` (chained after
+``clip_by_global_norm``) with the learning rate of :func:`diptych.core.optim.lr_at`
+injected as a number each step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from diptych.backends.jax import model as model_lib
+from diptych.core.optim import OptimConfig, lr_at
+from diptych.core.train_batch import INT_KEYS, loss_terms, reduce_metrics, validate_microbatch
+
+VALUE_HEAD = ("value_head.weight", "value_head.bias")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclass
+class TrainState:
+    """Everything one training run changes: weights, AdamW state, step (an immutable value).
+
+    ``params`` is ``{"model": nnx.State of the decoder's Params, "value_head": {"weight",
+    "bias"} or None}`` in float32 (the master weights); the forward and backward run in
+    ``compute_dtype`` (bfloat16 under ``mixed_precision="bf16"``). ``step`` counts applied
+    updates (skipped steps do not count) and indexes the learning-rate schedule.
+    ``model`` rebuilds the decoder with the current weights for generation and scoring.
+    """
+
+    graphdef: Any
+    rest: Any
+    params: dict[str, Any]
+    opt_state: Any
+    optim: OptimConfig
+    compute_dtype: str = "float32"
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, _cast(self.params["model"], self.compute_dtype), self.rest)
+
+    @property
+    def spec(self) -> Any:
+        return self.model.spec
+
+    @property
+    def value_head(self) -> dict[str, jax.Array] | None:
+        return self.params["value_head"]
+
+    @property
+    def tx(self) -> optax.GradientTransformation:
+        return make_optimizer(self.optim)
+
+
+def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool = False, seed: int = 0) -> TrainState:
+    """Wrap a built model for training.
+
+    With ``optim.mixed_precision="bf16"`` the model runs in bfloat16 and its float32
+    weights become the master copy. The value head (``[H] -> 1``, float32, for PPO) is
+    initialised in numpy from ``seed`` exactly as on torch.
+    """
+    if not isinstance(optim, OptimConfig):
+        raise TypeError(f"optim must be an OptimConfig, got {type(optim).__name__}.")
+    compute = "bfloat16" if optim.mixed_precision == "bf16" else "float32"
+    if compute == "float32" and model.dtype != "float32":
+        raise ValueError(f"Training a {model.dtype} model needs optim.mixed_precision='bf16' (float32 master "
+                         "weights); or build the model in float32.")
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    master = _cast(params, "float32")
+    if compute != model.dtype:
+        model = model_lib.build(model.spec, model_lib.export(model), dtype=compute, kernels=model.kernels)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    head = None
+    if value_head:
+        w, b = value_head_init(model.spec, seed)
+        head = {"weight": jnp.asarray(w), "bias": jnp.asarray(b)}
+    tree = {"model": master, "value_head": head}
+    opt_state = make_optimizer(optim).init(tree)
+    return TrainState(graphdef=graphdef, rest=rest, params=tree, opt_state=opt_state, optim=optim,
+                      compute_dtype=compute)
+
+
+def value_head_init(spec: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The value head's float32 ``(weight [1, H], bias [1])``, shared by both backends."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((1, spec.hidden_size), dtype=np.float32) * np.float32(spec.initializer_range)
+    return w.astype(np.float32), np.zeros((1,), np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
+    """``clip_by_global_norm -> adamw`` with an injectable learning rate (set from ``lr_at`` every step)."""
+    mask = None
+    if not optim.decay_1d and optim.weight_decay:
+        mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=lr_at(0, optim), b1=optim.betas[0], b2=optim.betas[1], eps=optim.eps,
+        weight_decay=optim.weight_decay, mask=mask)
+    clip = optax.clip_by_global_norm(optim.max_grad_norm) if optim.max_grad_norm > 0 else optax.identity()
+    return optax.chain(clip, adamw)
+
+
+# -- the step -----------------------------------------------------------------------------------
+def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
+               loss_config: Any, *, temperature: float = 1.0) -> tuple[TrainState, dict[str, float]]:
+    """Apply one AdamW update from the accumulated gradient of ``loss`` over ``microbatches``.
+
+    ``loss`` is a loss name from ``diptych.core.losses`` (``"sft"``, ``"policy"``,
+    ``"value"``, ``"preference"``) with ``loss_config`` its config, or a weighted mapping
+    such as ``{"policy": 1.0, "value": 0.1}`` with ``loss_config`` a mapping of configs by
+    name (PPO with a value head). Micro-batch layouts: :mod:`diptych.core.train_batch`.
+
+    Returns ``(new_state, metrics)``: ``loss`` (the weighted sum of the terms' means),
+    ``grad_norm`` (before clipping), ``lr``, ``denominator`` (of the first term),
+    ``skipped`` (1 when a non-finite loss or gradient left weights and optimizer untouched),
+    ``tokens`` (non-pad input tokens), and each loss's metrics (prefixed ``term/`` when
+    there are several terms).
+    """
+    terms = loss_terms(loss)
+    names = tuple(terms)
+    acc, sums, dens, metric_rows, tokens = _accumulate(state, microbatches, terms, loss_config, temperature)
+    weights = tuple(float(terms[t]) for t in names)
+    total = float(sum(w * s / d for w, s, d in zip(weights, sums, dens)))
+    lr = lr_at(state.step, state.optim)
+    params, opt_state, norm = _apply(state.optim, weights, state.params, state.opt_state, acc,
+                                     jnp.asarray(dens, jnp.float32), jnp.float32(lr))
+    norm = float(norm)
+    metrics = {"loss": total, "grad_norm": norm, "lr": lr, "denominator": float(dens[0]), "tokens": float(tokens),
+               **reduce_metrics(metric_rows)}
+    if not (math.isfinite(total) and math.isfinite(norm)):
+        warnings.warn(f"Skipping optimizer step {state.step}: non-finite loss ({total}) or gradient norm "
+                      f"({norm}); weights and optimizer state are unchanged.", RuntimeWarning, stacklevel=2)
+        return state, {**metrics, "skipped": 1.0}
+    new = TrainState(graphdef=state.graphdef, rest=state.rest, params=params, opt_state=opt_state, optim=state.optim,
+                     compute_dtype=state.compute_dtype, step=state.step + 1, extra=dict(state.extra))
+    return new, {**metrics, "skipped": 0.0}
+
+
+def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
+              loss_config: Any, *, temperature: float = 1.0) -> tuple[dict[str, np.ndarray], float]:
+    """The full-batch gradient (divided once, before clipping) by canonical name, and the loss; no update.
+
+    The parity harness compares these across backends; trainers call :func:`train_step`.
+    """
+    terms = loss_terms(loss)
+    acc, sums, dens, _, _ = _accumulate(state, microbatches, terms, loss_config, temperature)
+    w = [float(terms[t]) for t in terms]
+    grads = jax.tree.map(lambda *gs: sum(wi / di * g for wi, di, g in zip(w, dens, gs)), *acc)
+    return ({n: np.array(v, dtype=np.float32) for n, v in named_leaves(grads).items()},
+            float(sum(wi * s / d for wi, s, d in zip(w, sums, dens))))
+
+
+def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], terms: Mapping[str, float],
+                loss_config: Any, temperature: float) -> tuple[Any, ...]:
+    """Per-term float32 gradient sums of the unreduced losses, their sums and denominators, metrics."""
+    configs = _configs(terms, loss_config)
+    if not microbatches:
+        raise ValueError("train_step needs at least one micro-batch.")
+    if "value" in terms and state.params["value_head"] is None:
+        raise ValueError("The 'value' loss needs a value head: init_train_state(model, optim, value_head=True).")
+    for mb in microbatches:
+        validate_microbatch(mb, terms)
+    names = tuple(terms)
+    micro = _micro_fn(state.graphdef, names, tuple(configs[t] for t in names), float(temperature), state.compute_dtype)
+    acc = None
+    sums = np.zeros(len(names))
+    dens = np.zeros(len(names))
+    metric_rows: list[dict[str, float]] = []
+    tokens = 0
+    for mb in microbatches:
+        batch = {k: jnp.asarray(np.asarray(v, dtype=np.int32 if k in INT_KEYS else np.float32)) for k, v in mb.items()}
+        if acc is None:
+            acc = tuple(jax.tree.map(jnp.zeros_like, state.params) for _ in names)
+        s, d, m, acc = micro(state.params, state.rest, acc, batch)
+        sums += np.asarray(s, dtype=np.float64)
+        dens += np.asarray(d, dtype=np.float64)
+        for t, mt in zip(names, m):
+            metric_rows.append({(f"{t}/" if len(names) > 1 else "") + k: float(v) for k, v in mt.items()})
+        tokens += sum(int(np.sum(np.asarray(mb[k]))) for k in
+                      ("attention_mask", "chosen_attention_mask", "rejected_attention_mask") if k in mb)
+    for t, d in zip(names, dens):
+        if d <= 0:
+            raise ValueError(f"Loss {t!r} has total denominator {d} over the micro-batches (no tokens or "
+                             "sequences to average over); check the masks.")
+    return acc, sums, dens, metric_rows, tokens
+
+
+def _configs(terms: Mapping[str, float], loss_config: Any) -> dict[str, Any]:
+    if len(terms) == 1:
+        (t,) = terms
+        if isinstance(loss_config, Mapping) and t in loss_config:
+            return {t: loss_config[t]}
+        return {t: loss_config}
+    if not isinstance(loss_config, Mapping) or set(loss_config) < set(terms):
+        raise ValueError(f"A composite loss {dict(terms)} needs loss_config as a mapping with a config for each of "
+                         f"{', '.join(terms)}.")
+    return {t: loss_config[t] for t in terms}
+
+
+@functools.lru_cache(maxsize=64)
+def _micro_fn(graphdef: Any, names: tuple[str, ...], configs: tuple[Any, ...], temperature: float,
+              compute_dtype: str) -> Any:
+    """Compiled ``(params, rest, acc, batch) -> (sums, dens, metrics, acc + grads)`` for one micro-batch."""
+    from diptych.core.losses import get_loss
+
+    cfg = dict(zip(names, configs))
+
+    def losses(params: Any, rest: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+        model = nnx.merge(graphdef, _cast(params["model"], compute_dtype), rest)
+        quantities = _model_quantities(model, params["value_head"], batch, cfg, temperature)
+        inputs = {**{k: v for k, v in batch.items() if k not in INT_KEYS}, **quantities}
+        outs = [get_loss(t)(inputs, cfg[t]) for t in names]
+        sums = jnp.stack([jnp.asarray(o[0], jnp.float32) for o in outs])
+        dens = jnp.stack([jnp.asarray(o[1], jnp.float32) for o in outs])
+        return sums, (dens, [o[2] for o in outs])
+
+    def step(params: Any, rest: Any, acc: tuple[Any, ...], batch: Mapping[str, jax.Array]) -> Any:
+        sums, vjp, (dens, metrics) = jax.vjp(lambda p: losses(p, rest, batch), params, has_aux=True)
+        new_acc = []
+        for i, a in enumerate(acc):
+            (g,) = vjp(jnp.zeros_like(sums).at[i].set(1.0))
+            new_acc.append(jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, g))
+        return sums, dens, metrics, tuple(new_acc)
+
+    return jax.jit(step, donate_argnums=2)
+
+
+def _model_quantities(model: nnx.Module, head: Any, batch: Mapping[str, jax.Array], cfg: Mapping[str, Any],
+                      temperature: float) -> dict[str, jax.Array]:
+    """The differentiable inputs of the losses: log-probs, entropy, values."""
+    out: dict[str, jax.Array] = {}
+    if "preference" in cfg:
+        for side in ("chosen", "rejected"):
+            tok, am = batch[f"{side}_tokens"], batch[f"{side}_attention_mask"]
+            out[f"{side}_logprobs"] = model_lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
+    need_lp = bool({"sft", "policy"} & set(cfg))
+    need_entropy = "policy" in cfg and float(getattr(cfg["policy"], "entropy_coef", 0.0) or 0.0) != 0.0
+    need_values = "value" in cfg
+    if not (need_lp or need_values):
+        return out
+    tok, am = batch["tokens"], batch["attention_mask"]
+    if need_lp and not (need_entropy or need_values):
+        out["logprobs"] = model_lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
+        return out
+    hidden = model_lib.hidden_states(model, tok[:, :-1], am[:, :-1])
+    if need_lp:
+        lp, entropy = logprobs_and_entropy(hidden, model_lib.lm_head_weight(model), tok[:, 1:], temperature)
+        out["logprobs"] = lp
+        if need_entropy:
+            out["entropy"] = entropy
+    if need_values:
+        out["values"] = (hidden.astype(jnp.float32) @ head["weight"].T + head["bias"])[..., 0]
+    return out
+
+
+def logprobs_and_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array, temperature: float,
+                         chunk_tokens: int = model_lib.LOGPROB_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
+    """Target log-probs and the full-vocabulary entropy of ``softmax(logits / temperature)``, chunked."""
+    lead = hidden.shape[:-1]
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    n = flat_h.shape[0]
+    chunk = max(1, min(int(chunk_tokens), n))
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    flat_h = jnp.pad(flat_h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, -1)
+    flat_t = jnp.pad(flat_t, (0, pad)).reshape(n_chunks, chunk)
+
+    @jax.checkpoint
+    def one(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        h, t = args
+        logp = jax.nn.log_softmax((h @ weight.T).astype(jnp.float32) / temperature, axis=-1)
+        return jnp.take_along_axis(logp, t[:, None], axis=-1)[:, 0], -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+    lp, ent = jax.lax.map(one, (flat_h, flat_t))
+    return lp.reshape(-1)[:n].reshape(lead), ent.reshape(-1)[:n].reshape(lead)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(optim: OptimConfig, weights: tuple[float, ...], params: Any, opt_state: Any, acc: tuple[Any, ...],
+           dens: jax.Array, lr: jax.Array) -> tuple[Any, Any, jax.Array]:
+    """Divide each term's gradient once by its total denominator, then clip + AdamW."""
+    grads = jax.tree.map(lambda *gs: sum(w / dens[i] * g for i, (w, g) in enumerate(zip(weights, gs))), *acc)
+    norm = optax.global_norm(grads)
+    clip_state, inner = opt_state
+    inner = inner._replace(hyperparams={**inner.hyperparams, "learning_rate": lr})
+    updates, new_opt = make_optimizer(optim).update(grads, (clip_state, inner), params)
+    return optax.apply_updates(params, updates), new_opt, norm
+
+
+def _cast(tree: Any, dtype: str) -> Any:
+    target = _DTYPES[dtype]
+    return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+# -- weights in and out -------------------------------------------------------------------------
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """``{canonical name: leaf}`` for a params-shaped tree (model params by HF name, then the value head)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path
+                if not isinstance(k, jax.tree_util.GetAttrKey)]
+        if keys[0] == "model":
+            out[".".join(keys[1:])] = leaf
+        else:
+            out[".".join(keys)] = leaf
+    return out
+
+
+def from_named(template: Any, named: Mapping[str, np.ndarray]) -> Any:
+    """The inverse of :func:`named_leaves`: a tree shaped like ``template`` filled from canonical names."""
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = list(named_leaves(template))
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise KeyError(f"No values for parameters {', '.join(missing[:5])}.")
+    leaves = [jnp.asarray(np.asarray(named[n], dtype=np.float32)).astype(leaf.dtype)
+              for n, (_, leaf) in zip(names, leaves_with_path)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def export_weights(state: TrainState) -> dict[str, np.ndarray]:
+    """Canonical float32 HF-named weights of the policy (the master copy; no value head)."""
+    return {n: np.array(v, dtype=np.float32) for n, v in named_leaves(state.params).items() if n not in VALUE_HEAD}
+
+
+def export_value_head(state: TrainState) -> dict[str, np.ndarray] | None:
+    if state.params["value_head"] is None:
+        return None
+    return {n: np.array(v, dtype=np.float32) for n, v in named_leaves(state.params).items() if n in VALUE_HEAD}
+
+
+def _adam_state(opt_state: Any) -> Any:
+    return opt_state[1].inner_state[0]
+
+
+def export_optimizer(state: TrainState) -> dict[str, Any]:
+    """AdamW moments by canonical name, backend-neutral: ``{"count", "mu": {...}, "nu": {...}}``."""
+    adam = _adam_state(state.opt_state)
+    as_np = lambda tree: {n: np.array(v, dtype=np.float32) for n, v in named_leaves(tree).items()}
+    return {"count": int(adam.count), "mu": as_np(adam.mu), "nu": as_np(adam.nu)}
+
+
+def load_optimizer(state: TrainState, exported: Mapping[str, Any]) -> TrainState:
+    """A state with the moments of :func:`export_optimizer` (of either backend) installed."""
+    count = jnp.asarray(int(exported["count"]), jnp.int32)
+    clip_state, inner = state.opt_state
+    adam = inner.inner_state[0]
+    adam = adam._replace(count=count, mu=from_named(adam.mu, exported["mu"]), nu=from_named(adam.nu, exported["nu"]))
+    inner = inner._replace(count=count, inner_state=(adam, *inner.inner_state[1:]))
+    state.opt_state = (clip_state, inner)
+    return state
+
+
+def load_weights(state: TrainState, weights: Mapping[str, np.ndarray]) -> TrainState:
+    """A state whose weights (and value head, when given) come from canonical numpy arrays."""
+    current = {n: np.asarray(v) for n, v in named_leaves(state.params).items()}
+    current.update({k: v for k, v in weights.items() if k in current})
+    state.params = from_named(state.params, current)
+    return state
