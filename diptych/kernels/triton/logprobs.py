@@ -138,7 +138,7 @@ def _interpreting() -> bool:
 def _config(h: torch.Tensor, blocks: tuple[int, int, int] | None) -> dict:
     upcast = _interpreting() or h.dtype == torch.float32
     if blocks is None:
-        blocks = (16, 64, 16) if _interpreting() else (64, 128, 64)
+        blocks = (16, 64, 32) if _interpreting() else (64, 128, 64)
     bn, bv, bh = blocks
     if min(blocks) < 16 or any(b & (b - 1) for b in blocks):
         raise ValueError(f"Triton block sizes must be powers of two >= 16 (tl.dot's minimum); got {blocks}.")
