@@ -1,0 +1,68 @@
+"""JAX checkpoints: Orbax for weights and optimizer state, written atomically.
+
+A checkpoint directory holds ``state/`` (an Orbax ``StandardCheckpointer`` tree of the
+float32 master params, value head included, and the optax state) and ``diptych.json``
+(step, configs, the caller's metadata: run config, data position, RNG state).
+``diptych.backends.torch.checkpoint`` is the same contract with safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from diptych.backends.jax import model as model_lib
+from diptych.backends.jax import train
+from diptych.core import checkpointing as ckpt
+
+
+def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
+         keep_last: int | None = None) -> Path:
+    """Write ``state`` to the directory ``path`` atomically; with ``keep_last``, prune older ``step_*`` siblings.
+
+    ``metadata`` is the caller's JSON-able dict (run config, data position, RNG state via
+    :func:`diptych.core.checkpointing.rng_state`); :func:`restore` returns it unchanged.
+    """
+    path = Path(path)
+    spec = state.spec
+    with ckpt.atomic_dir(path) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((tmp / "state").absolute(), {"params": state.params, "opt_state": state.opt_state})
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        ckpt.write_metadata(tmp, backend="jax", step=state.step, spec=spec, optim=state.optim,
+                            extra={"value_head": state.params["value_head"] is not None,
+                                   "kernels": state.model.kernels},
+                            user=metadata)
+    if keep_last is not None:
+        ckpt.prune(path.parent, keep_last)
+    return path
+
+
+def restore(path: str | os.PathLike) -> tuple[train.TrainState, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save`: ``(state, metadata)``; training continues exactly."""
+    path = Path(path)
+    meta = ckpt.read_metadata(path)
+    if meta["backend"] != "jax":
+        raise ckpt.CheckpointError(
+            f"{path} is a {meta['backend']} checkpoint; restore it with that backend, or convert it first: "
+            f"diptych convert {path} OUT --to jax")
+    if not (path / "state").is_dir():
+        raise ckpt.CheckpointError(f"{path} lacks state/ (the Orbax tree); the checkpoint is incomplete.")
+    spec = ckpt.spec_from_metadata(meta)
+    optim = ckpt.optim_from_metadata(meta)
+    zeros = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
+    model = model_lib.build(spec, zeros, kernels=meta.get("kernels", "auto"))
+    state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": state.params, "opt_state": state.opt_state})
+    checkpointer = ocp.StandardCheckpointer()
+    restored = checkpointer.restore((path / "state").absolute(), target)
+    checkpointer.close()
+    state.params, state.opt_state = restored["params"], restored["opt_state"]
+    state.step = int(meta["step"])
+    return state, meta["metadata"]

@@ -1,0 +1,74 @@
+"""Torch checkpoints: safetensors weights + ``torch.save``-d optimizer state, written atomically.
+
+A checkpoint directory holds ``model.safetensors`` and ``config.json`` (so it is also a
+Hugging Face folder that transformers loads directly), ``value_head.safetensors`` when the
+state has one, ``optimizer.pt`` (the AdamW state dict, read back with
+``torch.load(weights_only=True)``) and ``diptych.json`` (step, configs, the caller's
+metadata: run config, data position, RNG state). ``diptych.backends.jax.checkpoint`` is the
+same contract with Orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from diptych.backends.torch import model as model_lib
+from diptych.backends.torch import train
+from diptych.core import checkpointing as ckpt
+
+
+def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
+         keep_last: int | None = None) -> Path:
+    """Write ``state`` to the directory ``path`` atomically; with ``keep_last``, prune older ``step_*`` siblings.
+
+    ``metadata`` is the caller's JSON-able dict (run config, data position, RNG state via
+    :func:`diptych.core.checkpointing.rng_state`); :func:`restore` returns it unchanged.
+    """
+    path = Path(path)
+    spec = state.model.spec
+    with ckpt.atomic_dir(path) as tmp:
+        weights = train.export_weights(state)
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(spec.to_hf_config(), indent=2) + "\n")
+        head = train.export_value_head(state)
+        if head is not None:
+            save_file(head, str(tmp / "value_head.safetensors"))
+        torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
+        ckpt.write_metadata(tmp, backend="torch", step=state.step, spec=spec, optim=state.optim,
+                            extra={"value_head": head is not None, "kernels": state.model.kernels},
+                            user=metadata)
+    if keep_last is not None:
+        ckpt.prune(path.parent, keep_last)
+    return path
+
+
+def restore(path: str | os.PathLike, *, device: str | None = None) -> tuple[train.TrainState, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save`: ``(state, metadata)``; training continues exactly."""
+    path = Path(path)
+    meta = ckpt.read_metadata(path)
+    if meta["backend"] != "torch":
+        raise ckpt.CheckpointError(
+            f"{path} is a {meta['backend']} checkpoint; restore it with that backend, or convert it first: "
+            f"diptych convert {path} OUT --to torch")
+    from diptych.core.hf import read_safetensors
+
+    spec = ckpt.spec_from_metadata(meta)
+    optim = ckpt.optim_from_metadata(meta)
+    model = model_lib.build(spec, read_safetensors(path), kernels=meta.get("kernels", "auto"), device=device)
+    state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
+    if meta.get("value_head"):
+        train.load_weights(state, load_file(str(path / "value_head.safetensors")))
+    opt_file = path / "optimizer.pt"
+    if not opt_file.is_file():
+        raise ckpt.CheckpointError(f"{path} lacks optimizer.pt; the checkpoint is incomplete.")
+    state.optimizer.load_state_dict(torch.load(opt_file, weights_only=True, map_location=state.master[0].device))
+    state.step = int(meta["step"])
+    return state, meta["metadata"]
