@@ -107,7 +107,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> j
 class Attention(nnx.Module):
     def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32) -> None:
         h, bias = spec.hidden_size, spec.attention_bias
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        self.num_heads, self.num_kv_heads = spec.num_attention_heads, spec.num_key_value_heads
+        self.head_dim = spec.head_dim
         self.q_proj = Linear(h, spec.q_dim, bias, dtype)
         self.k_proj = Linear(h, spec.kv_dim, bias, dtype)
         self.v_proj = Linear(h, spec.kv_dim, bias, dtype)
