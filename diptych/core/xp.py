@@ -56,6 +56,18 @@ def as_like(x: Array, like: Array, *, dtype: Any = None) -> Array:
     return xp.asarray(np.asarray(x), dtype=dtype, device=array_api_compat.device(like))
 
 
+def upcast(x: Array) -> Array:
+    """``x`` in float32 when it is a narrower float (bf16 / fp16), else unchanged.
+
+    Loss math on log-probs (ratios, log-ratio means, KL) loses too much in bf16: exp(1e-3) is 1 in
+    bf16. Casting is differentiable, so gradients still reach the bf16 model.
+    """
+    xp = namespace(x)
+    if xp.isdtype(x.dtype, "real floating") and xp.finfo(x.dtype).bits < 32:
+        return xp.astype(x, xp.float32)
+    return x
+
+
 def to_float(x: Array) -> float:
     """A 0-d concrete array as a Python float (for error messages and checks)."""
     if hasattr(x, "detach"):

@@ -98,3 +98,18 @@ def test_is_concrete_is_false_only_under_jax_tracing():
     jax.jit(lambda x: seen.append(X.is_concrete(x)) or x)(jax.numpy.ones(2))
     assert seen == [False]
     assert X.is_concrete(np.ones(2)) and X.is_concrete(jax.numpy.ones(2))
+
+
+def test_upcast_lifts_bf16_to_float32_so_small_log_ratios_survive():
+    torch = pytest.importorskip("torch")
+    from diptych.core.losses import PolicyLossConfig, finalize_metrics, policy_loss
+
+    assert X.upcast(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert X.upcast(np.ones(2, np.float64)).dtype == np.float64
+    lp = torch.full((1, 2), -1.0, dtype=torch.bfloat16, requires_grad=True)
+    batch = {"logprobs": lp, "old_logprobs": np.full((1, 2), -1.001), "advantages": np.ones(1), "mask": np.ones((1, 2))}
+    s, d, m = policy_loss(batch, PolicyLossConfig())
+    # In bf16, exp(0.001) rounds to 1; in float32 the ratio keeps its 1e-3.
+    assert finalize_metrics(m)["ratio"] == pytest.approx(np.exp(0.001), rel=1e-6)
+    (s / d).backward()
+    assert lp.grad.dtype == torch.bfloat16

@@ -126,7 +126,7 @@ def policy_loss(batch: Mapping[str, Array], cfg: PolicyLossConfig) -> tuple[Arra
     ``clipfrac_high``, ``approx_kl`` (k3 of the old policy against the current one), and when used
     ``dual_clipfrac``, ``kl``, ``entropy``, ``tis_weight``, ``tis_clipfrac``.
     """
-    lp = require(batch, "logprobs")
+    lp = X.upcast(require(batch, "logprobs"))
     if lp.ndim != 2:
         raise LossInputError(f"batch['logprobs'] must be [batch, time], got shape {tuple(lp.shape)}.")
     xp = X.namespace(lp)

@@ -70,7 +70,7 @@ class PreferenceLossConfig:
 
 def _side(batch: Mapping[str, Array], side: str, allow_empty: bool, with_ref: bool):
     """(policy sum, reference sum or None, length) of one side of the pair."""
-    lp = require(batch, f"{side}_logprobs")
+    lp = X.upcast(require(batch, f"{side}_logprobs"))
     if lp.ndim != 2:
         raise LossInputError(f"batch['{side}_logprobs'] must be [batch, time], got shape {tuple(lp.shape)}.")
     xp = X.namespace(lp)

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from diptych.core import xp as X
 from diptych.core.config import ConfigError
 from diptych.core.losses.common import (
     AGGREGATIONS,
@@ -42,7 +43,7 @@ class SFTLossConfig:
 
 def sft_loss(batch: Mapping[str, Array], cfg: SFTLossConfig) -> tuple[Array, Array, dict[str, Array]]:
     """NLL of ``logprobs`` [B, T] on ``mask``; metric ``nll`` (sum with ``nll_count`` tokens)."""
-    lp = require(batch, "logprobs")
+    lp = X.upcast(require(batch, "logprobs"))
     if lp.ndim != 2:
         raise LossInputError(f"batch['logprobs'] must be [batch, time], got shape {tuple(lp.shape)}.")
     mask = token_mask(batch, "mask", lp, "logprobs", cfg.allow_empty_sequences)

@@ -50,7 +50,7 @@ class ValueLossConfig:
 def value_loss(batch: Mapping[str, Array], cfg: ValueLossConfig) -> tuple[Array, Array, dict[str, Array]]:
     """Clipped squared error of per-token values against returns; metrics ``vf_loss``, ``vf_clipfrac``,
     ``value``, ``returns`` (sums with ``_count``)."""
-    v = require(batch, "values")
+    v = X.upcast(require(batch, "values"))
     if v.ndim != 2:
         raise LossInputError(f"batch['values'] must be [batch, time], got shape {tuple(v.shape)}.")
     xp = X.namespace(v)
