@@ -1,0 +1,382 @@
+"""Datasets for RL prompts, preference pairs and SFT, plus padding, packing and a resumable loader.
+
+Everything is offline and framework-free: rows are plain dicts read from JSONL, JSON, Parquet,
+in-memory lists or a ``datasets.Dataset``; batches are numpy int32 arrays. The loader's order
+is a pure function of (seed, epoch), so ``state_dict()`` is three integers and a resumed run
+sees exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+Row = dict[str, Any]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given, with where and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str | Path) -> list[Row]:
+    """One JSON object per line; blank lines are skipped; a bad line names the file and line number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                                "each line must be one JSON object.") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+            rows.append(row)
+    return rows
+
+
+def read_rows(source: str | Path | Sequence[Mapping[str, Any]] | Any) -> tuple[list[Row], str]:
+    """Rows and a description of where they came from (used in error messages)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {path} does not exist.")
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            return read_jsonl(path), str(path)
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise DataError(f"{path}: a .json dataset must be a list of objects; use .jsonl for one per line.")
+            return data, str(path)
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise ImportError("reading Parquet needs pyarrow: pip install 'diptych[data]'.") from e
+            return pq.read_table(path).to_pylist(), str(path)
+        raise DataError(f"{path}: unsupported dataset format {suffix!r}; use .jsonl, .json or .parquet.")
+    if hasattr(source, "column_names") and hasattr(source, "to_list"):  # a datasets.Dataset, duck-typed
+        return list(source.to_list()), f"{type(source).__name__}({len(source)} rows)"
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        rows = list(source)
+        for i, r in enumerate(rows):
+            if not isinstance(r, Mapping):
+                raise DataError(f"row {i} of the in-memory dataset is a {type(r).__name__}, not a dict.")
+        return [dict(r) for r in rows], "in-memory list"
+    raise DataError(f"cannot read a dataset from {type(source).__name__}; give a path, a list of dicts "
+                    "or a datasets.Dataset.")
+
+
+def _require(rows: list[Row], columns: Sequence[str], where: str) -> None:
+    if not rows:
+        raise DataError(f"{where} is empty: a dataset needs at least one row.")
+    for i, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise DataError(f"{where}: row {i} has no column(s) {missing} (it has {sorted(row)}); "
+                            "rename the columns or pass the *_column arguments.")
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, Mapping) and "role" in m for m in value)
+
+
+class _Rows(Sequence[Row]):
+    rows: list[Row]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Row:  # type: ignore[override]
+        return self.rows[i]
+
+    def columns(self) -> dict[str, list[Any]]:
+        return to_columns(self.rows)
+
+
+def to_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Rows to ``{column: values}``: the ``**columns`` a reward receives."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class PromptDataset(_Rows):
+    """Prompts for RL; other columns ride along (answers, tests) for the rewards.
+
+    A prompt may be a string or a list of chat messages; with a ``tokenizer`` message prompts are
+    rendered with its chat template (generation prompt added) and the messages are kept in ``messages``.
+    """
+
+    def __init__(self, source: Any, prompt_column: str = "prompt", tokenizer: Any = None) -> None:
+        rows, where = read_rows(source)
+        _require(rows, [prompt_column], where)
+        self.rows = []
+        for i, r in enumerate(rows):
+            p = r[prompt_column]
+            if _is_messages(p):
+                if tokenizer is None:
+                    raise DataError(f"{where}: row {i} has a chat-message prompt; pass tokenizer= to render it.")
+                r = {**r, "messages": p, "prompt": tokenizer.apply_chat_template(p, add_generation_prompt=True)}
+            elif not isinstance(p, str):
+                raise DataError(f"{where}: row {i} column {prompt_column!r} must be a string or chat messages, "
+                                f"got {type(p).__name__}.")
+            else:
+                r = {**r, "prompt": p}
+            self.rows.append(r)
+
+
+class PreferenceDataset(_Rows):
+    """(prompt, chosen, rejected) rows for DPO-family training.
+
+    A row whose chosen equals its rejected teaches nothing and usually means a broken pipeline:
+    it is warned about, counted in ``num_identical`` and dropped (``drop_identical=False`` keeps it).
+    """
+
+    def __init__(self, source: Any, prompt_column: str = "prompt", chosen_column: str = "chosen",
+                 rejected_column: str = "rejected", drop_identical: bool = True) -> None:
+        rows, where = read_rows(source)
+        _require(rows, [prompt_column, chosen_column, rejected_column], where)
+        identical = [i for i, r in enumerate(rows) if r[chosen_column] == r[rejected_column]]
+        self.num_identical = len(identical)
+        if identical:
+            warnings.warn(f"{where}: {len(identical)} preference row(s) have identical chosen and rejected "
+                          f"(first: row {identical[0]}); {'dropped' if drop_identical else 'kept'}.", stacklevel=2)
+        skip = set(identical) if drop_identical else set()
+        self.rows = [{**r, "prompt": r[prompt_column], "chosen": r[chosen_column], "rejected": r[rejected_column]}
+                     for i, r in enumerate(rows) if i not in skip]
+        if not self.rows:
+            raise DataError(f"{where}: no usable preference rows left after dropping identical pairs.")
+
+    def tokenize(self, tokenizer: Any, max_length: int | None = None) -> list[dict[str, list[int]]]:
+        """Prompt ids and chosen / rejected completion ids (each ended by EOS), truncated to ``max_length``."""
+        out = []
+        for r in self.rows:
+            prompt = _encode_prompt(tokenizer, r["prompt"])
+            item = {"prompt_ids": prompt}
+            for key in ("chosen", "rejected"):
+                ids = [*tokenizer.encode(_text(r[key])), tokenizer.eos_id]
+                item[f"{key}_ids"] = ids if max_length is None else ids[: max(0, max_length - len(prompt))]
+            out.append(item)
+        return out
+
+
+def _text(value: Any) -> str:
+    if _is_messages(value):  # conversational chosen/rejected: the assistant reply is the last message
+        return str(value[-1].get("content", ""))
+    return str(value)
+
+
+def _encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
+    if _is_messages(prompt):
+        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    return tokenizer.encode(prompt)
+
+
+class SFTDataset(_Rows):
+    """Supervised rows: ``messages`` (chat) or ``prompt`` + ``completion``; the loss covers responses only."""
+
+    def __init__(self, source: Any, messages_column: str = "messages", prompt_column: str = "prompt",
+                 completion_column: str = "completion") -> None:
+        rows, where = read_rows(source)
+        if not rows:
+            raise DataError(f"{where} is empty: a dataset needs at least one row.")
+        self.kind: Literal["messages", "prompt_completion"]
+        if messages_column in rows[0]:
+            self.kind = "messages"
+            _require(rows, [messages_column], where)
+            for i, r in enumerate(rows):
+                if not _is_messages(r[messages_column]) or not any(m["role"] == "assistant"
+                                                                   for m in r[messages_column]):
+                    raise DataError(f"{where}: row {i} {messages_column!r} must be chat messages with at least "
+                                    "one assistant turn.")
+            self.rows = [{**r, "messages": r[messages_column]} for r in rows]
+        else:
+            self.kind = "prompt_completion"
+            _require(rows, [prompt_column, completion_column], where)
+            self.rows = [{**r, "prompt": r[prompt_column], "completion": r[completion_column]} for r in rows]
+
+    def tokenize(self, tokenizer: Any, max_length: int | None = None, add_bos: bool = False
+                 ) -> list[dict[str, list[int]]]:
+        """``input_ids`` and ``loss_mask`` (1 on response tokens and their EOS), truncated to ``max_length``.
+
+        Chat rows are rendered turn by turn and each segment encoded separately, so the mask
+        boundaries are exact; tokenizers that merge across a boundary may differ slightly from
+        encoding the whole text at once.
+        """
+        out = []
+        for r in self.rows:
+            ids: list[int] = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+            mask: list[int] = [0] * len(ids)
+            if self.kind == "prompt_completion":
+                p = _encode_prompt(tokenizer, r["prompt"])
+                c = [*tokenizer.encode(_text(r["completion"])), tokenizer.eos_id]
+                ids += p + c
+                mask += [0] * len(p) + [1] * len(c)
+            else:
+                msgs = r["messages"]
+                done = ""
+                for i, m in enumerate(msgs):
+                    if m["role"] == "assistant":
+                        before = tokenizer.apply_chat_template(msgs[:i], add_generation_prompt=True) if i else ""
+                        through = tokenizer.apply_chat_template(msgs[: i + 1], add_generation_prompt=False)
+                        if not before.startswith(done) or not through.startswith(before):
+                            raise DataError("the chat template does not render conversations as growing prefixes; "
+                                            "SFT masking needs that (use prompt/completion rows instead).")
+                        seg_p = tokenizer.encode(before[len(done):])
+                        seg_a = tokenizer.encode(through[len(before):])
+                        if i == len(msgs) - 1 and (not seg_a or seg_a[-1] != tokenizer.eos_id):
+                            seg_a = [*seg_a, tokenizer.eos_id]
+                        ids += seg_p + seg_a
+                        mask += [0] * len(seg_p) + [1] * len(seg_a)
+                        done = through
+            if max_length is not None:
+                ids, mask = ids[:max_length], mask[:max_length]
+            out.append({"input_ids": ids, "loss_mask": mask})
+        return out
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"] = "left",
+              max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pad to one length: ``(tokens int32 [B, T], mask int32 [B, T])``; prompts go left, training rows right."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
+    if len(seqs) == 0:
+        raise ValueError("pad_batch needs at least one sequence.")
+    longest = max(len(s) for s in seqs)
+    width = longest if max_len is None else max_len
+    if longest > width:
+        raise ValueError(f"a sequence has {longest} tokens but max_len is {width}; truncate it first.")
+    tokens = np.full((len(seqs), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(seqs), width), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        n = len(s)
+        if n == 0:
+            continue
+        sl = slice(width - n, width) if side == "left" else slice(0, n)
+        tokens[i, sl] = np.asarray(s, dtype=np.int32)
+        mask[i, sl] = 1
+    return tokens, mask
+
+
+def pack(seqs: Sequence[Sequence[int]], max_len: int, pad_id: int = 0,
+         aligned: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, ...]:
+    """Pack sequences into rows of ``max_len`` (first fit, longest first, ties in input order).
+
+    Returns ``(tokens, segment_ids, positions)`` int32 ``[rows, max_len]``: segment ids count 1, 2, ...
+    within a row (0 marks padding) so attention can be masked block-diagonally, and positions
+    restart at 0 for each segment. ``aligned`` (e.g. loss masks, same lengths as ``seqs``) is
+    packed the same way and returned fourth.
+    """
+    if max_len <= 0:
+        raise ValueError(f"max_len must be positive, got {max_len}.")
+    too_long = [i for i, s in enumerate(seqs) if len(s) > max_len]
+    if too_long:
+        raise ValueError(f"sequence {too_long[0]} has {len(seqs[too_long[0]])} tokens > max_len {max_len}; "
+                         "truncate before packing.")
+    if aligned is not None and [len(a) for a in aligned] != [len(s) for s in seqs]:
+        raise ValueError("pack: every aligned sequence must have the same length as its token sequence.")
+    order = sorted((i for i in range(len(seqs)) if len(seqs[i])), key=lambda i: -len(seqs[i]))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if len(seqs[i]) <= free:
+                bins[b].append(i)
+                room[b] -= len(seqs[i])
+                break
+        else:
+            bins.append([i])
+            room.append(max_len - len(seqs[i]))
+    n = len(bins)
+    tokens = np.full((n, max_len), pad_id, dtype=np.int32)
+    segments = np.zeros((n, max_len), dtype=np.int32)
+    positions = np.zeros((n, max_len), dtype=np.int32)
+    extra = np.zeros((n, max_len), dtype=np.int32)
+    for row, members in enumerate(bins):
+        start = 0
+        for seg, i in enumerate(sorted(members), 1):
+            L = len(seqs[i])
+            tokens[row, start: start + L] = seqs[i]
+            segments[row, start: start + L] = seg
+            positions[row, start: start + L] = np.arange(L)
+            if aligned is not None:
+                extra[row, start: start + L] = aligned[i]
+            start += L
+    return (tokens, segments, positions, extra) if aligned is not None else (tokens, segments, positions)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class DataLoader:
+    """Batches of rows in a seeded order, forever (``num_epochs=None``) or for ``num_epochs``.
+
+    Epoch ``e`` visits rows in ``default_rng([seed, e]).permutation(n)`` order, so the position
+    ``(epoch, index)`` fully describes the loader: ``state_dict()`` / ``load_state_dict()`` resume
+    exactly. Batches never straddle epochs; ``drop_last`` drops each epoch's short tail.
+    """
+
+    def __init__(self, dataset: Sequence[Any], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, num_epochs: int | None = None,
+                 collate: Callable[[list[Any]], Any] | None = None) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if len(dataset) == 0:
+            raise DataError("DataLoader got an empty dataset.")
+        if drop_last and len(dataset) < batch_size:
+            raise DataError(f"drop_last with batch_size {batch_size} > {len(dataset)} rows would yield nothing.")
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.drop_last, self.num_epochs, self.collate = drop_last, num_epochs, collate
+        self.epoch, self.index = 0, 0
+        self._order: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            n = len(self.dataset)
+            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
+                           else np.arange(n))
+        return self._order
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        n = len(self.dataset)
+        left = n - self.index
+        if left == 0 or (self.drop_last and left < self.batch_size):
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        idx = self._epoch_order()[self.index: self.index + self.batch_size]
+        self.index += len(idx)
+        batch = [self.dataset[int(i)] for i in idx]
+        return self.collate(batch) if self.collate else batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "size": len(self.dataset)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if state.get("size") != len(self.dataset) or state.get("seed") != self.seed:
+            raise DataError(f"loader state is for {state.get('size')} rows with seed {state.get('seed')}, but this "
+                            f"loader has {len(self.dataset)} rows with seed {self.seed}; resume with the same data.")
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
