@@ -173,3 +173,18 @@ def test_policy_loss_jits_under_jax_with_numpy_constants():
     v_eager, g_eager = jax.value_and_grad(f)(lp)
     np.testing.assert_allclose(float(v_jit), float(v_eager), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(g_jit), np.asarray(g_eager), rtol=1e-5, atol=1e-7)
+
+
+def test_traced_masks_next_to_concrete_constants_do_not_break_under_jit():
+    batch = policy_batch(8)
+    cfg = PolicyLossConfig()
+    consts = {k: v.astype(np.float32) for k, v in batch.items() if k not in ("logprobs", "mask")}
+
+    @jax.jit
+    def f(lp, mask):
+        s, d, _ = get_loss("policy")({**consts, "logprobs": lp, "mask": mask}, cfg)
+        return s / d
+
+    lp, mask = batch["logprobs"].astype(np.float32), batch["mask"].astype(np.float32)
+    expected, _ = _np_eval("policy", cfg, {**batch})
+    np.testing.assert_allclose(float(f(jnp.asarray(lp), jnp.asarray(mask))), expected, rtol=1e-6)

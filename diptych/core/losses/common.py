@@ -74,7 +74,7 @@ def masked_input(x: Array, mask: Array, key: str) -> Array:
     """``x`` with padding positions replaced by 0: -inf or NaN log-probs there then cannot leak NaN
     into values or gradients (``x * 0`` would be NaN for ``x = -inf``)."""
     xp = X.namespace(x)
-    if X.is_concrete(x):
+    if X.is_concrete(x) and X.is_concrete(mask):
         bad = ~np.isfinite(_to_numpy(x)) & (_to_numpy(mask) > 0)
         if bad.any():
             where = np.argwhere(bad)[0].tolist()
