@@ -30,11 +30,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 NOBODY = 65534
+# When we run as root each concurrent sandbox gets its own unprivileged uid from this range, because
+# RLIMIT_NPROC counts per user: a fork bomb in one sandbox must not starve its neighbours.
+_UID_POOL = range(64000, 64512)
+_uid_lock = threading.Lock()
+_uids_in_use: set[int] = set()
 
 # Installed before the user's program; runs inside the sandboxed interpreter (stdlib only).
 _GUARD = r'''
@@ -119,7 +125,7 @@ class SandboxResult:
 class Isolation:
     """What the kernel enforces here, found once by probing (see :func:`isolation`)."""
 
-    prefix: tuple[str, ...]  # the unshare command line put in front of the program
+    prefix: tuple[str, ...]  # the unshare command line put in front of the program (plus --setuid when dropping)
     python: str  # an interpreter the sandbox user can execute
     network: bool
     pid_namespace: bool
@@ -145,23 +151,57 @@ def isolation() -> Isolation:
     candidates: list[tuple[list[str], bool, bool, bool]] = []
     if unshare and sys.platform.startswith("linux"):
         if os.geteuid() == 0:
-            candidates.append(([unshare, *full, "--setgid", str(NOBODY), "--setuid", str(NOBODY)], True, True, True))
+            candidates.append(([unshare, *full], True, True, True))
         candidates.append(([unshare, "--map-root-user", *full], True, True, False))
         candidates.append(([unshare, "--map-root-user", "--net"], True, False, False))
     candidates.append(([], False, False, False))
     for prefix, net, pid, drop in candidates:
         for exe in exes:
-            if _can_run(prefix, exe):
+            if _can_run(prefix + (_as_user(NOBODY) if drop else []), exe):
                 return Isolation(tuple(prefix), exe, net, pid, drop)
     raise RuntimeError(f"sandbox: no Python interpreter can be started (tried {exes}).")
 
 
-def _limit_process(limits: SandboxLimits) -> None:
+def _as_user(uid: int) -> list[str]:
+    return ["--setgid", str(uid), "--setuid", str(uid)]
+
+
+def _take_uid() -> int:
+    with _uid_lock:
+        start = os.getpid() % len(_UID_POOL)  # spread concurrent processes over the pool too
+        for k in range(len(_UID_POOL)):
+            uid = _UID_POOL[(start + k) % len(_UID_POOL)]
+            if uid not in _uids_in_use:
+                _uids_in_use.add(uid)
+                return uid
+    return NOBODY
+
+
+def _release_uid(uid: int) -> None:
+    with _uid_lock:
+        _uids_in_use.discard(uid)
+
+
+def _tasks_of(uid: int) -> int:
+    """Processes and threads owned by ``uid``: what RLIMIT_NPROC counts against."""
+    count = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if int(fields.get("Uid", "-1 0").split()[0]) == uid:
+            count += int(fields.get("Threads", "1").strip() or 1)
+    return count
+
+
+def _limit_process(limits: SandboxLimits, nproc: int) -> None:
     cpu = limits.cpu_s if limits.cpu_s is not None else int(limits.timeout_s) + 1
     mem = limits.memory_mb * 1024 * 1024
     fsize = max(limits.max_file_mb * 1024 * 1024, limits.max_output_bytes + 1)
     for res, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
-                       (resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes)),
+                       (resource.RLIMIT_NPROC, (nproc, nproc)),
                        (resource.RLIMIT_FSIZE, (fsize, fsize)), (resource.RLIMIT_CORE, (0, 0))):
         resource.setrlimit(res, value)
 
@@ -183,6 +223,7 @@ def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | No
     if not argv:
         raise ValueError("run_command needs a non-empty argv.")
     iso = isolation()
+    uid = -1
     work = Path(tempfile.mkdtemp(prefix="diptych-sandbox-"))
     io_dir = Path(tempfile.mkdtemp(prefix="diptych-sandbox-io-"))  # outside the sandbox's reach
     try:
@@ -192,9 +233,18 @@ def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | No
                 raise ValueError(f"sandbox file name {name!r} escapes the working directory; use a relative name.")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
+        prefix = list(iso.prefix)
         if iso.drops_root:
+            uid = _take_uid()
+            prefix += _as_user(uid)
             for p in [work, *work.rglob("*")]:
-                os.chown(p, NOBODY, NOBODY)
+                os.chown(p, uid, uid)
+            nproc = limits.max_processes
+        else:
+            # Without a uid of its own the sandbox shares our user's count (threads included), so the
+            # limit is what we already run plus the sandbox's allowance.
+            uid = -1
+            nproc = limits.max_processes + (_tasks_of(os.geteuid()) if os.geteuid() != 0 else 0)
         (io_dir / "stdin").write_text(stdin, encoding="utf-8")
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work),
                "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -202,8 +252,9 @@ def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | No
         timed_out = False
         with open(io_dir / "stdin", "rb") as fin, open(io_dir / "stdout", "wb") as fout, \
                 open(io_dir / "stderr", "wb") as ferr:
-            proc = subprocess.Popen([*iso.prefix, *argv], stdin=fin, stdout=fout, stderr=ferr, cwd=work, env=env,
-                                    start_new_session=True, preexec_fn=functools.partial(_limit_process, limits),
+            proc = subprocess.Popen([*prefix, *argv], stdin=fin, stdout=fout, stderr=ferr, cwd=work, env=env,
+                                    start_new_session=True,
+                                    preexec_fn=functools.partial(_limit_process, limits, nproc),
                                     close_fds=True)
             try:
                 proc.wait(timeout=limits.timeout_s)
@@ -222,6 +273,8 @@ def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | No
                          if not line.startswith("unshare: sigprocmask"))
         return SandboxResult(proc.returncode, stdout, stderr, timed_out, t1 or t2, duration)
     finally:
+        if uid >= 0:
+            _release_uid(uid)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(io_dir, ignore_errors=True)
 

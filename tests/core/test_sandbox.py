@@ -122,3 +122,16 @@ def test_bad_arguments_raise_clearly():
         SandboxLimits(timeout_s=0)
     with pytest.raises(TypeError, match="str"):
         run_python(b"print(1)")  # type: ignore[arg-type]
+
+
+def test_a_fork_bomb_does_not_starve_a_concurrent_sandbox():
+    import threading
+
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    t = threading.Thread(target=run_python, args=(bomb,), kwargs={"limits": SandboxLimits(timeout_s=1.5,
+                                                                                          max_processes=16)})
+    t.start()
+    time.sleep(0.4)
+    r = run_python("print('neighbour fine')")
+    t.join()
+    assert r.ok and r.stdout == "neighbour fine\n", r.stderr
