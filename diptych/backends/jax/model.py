@@ -341,6 +341,8 @@ def forward_cached(model: Decoder, tokens: Any, positions: Any, cache: KVCache, 
     ``key_mask`` is 1. Prefill: ``write_index = 0``, ``key_mask`` = attention mask padded
     with zeros to ``max_len``; then decode steps with T = 1. ``write_index`` may be a traced
     scalar (one compiled program serves every decode step); only a concrete one is range-checked.
+    Called outside a jit, the input cache is donated (updated in place, no full copy per
+    step) and must not be used again: keep the returned one.
     """
     tokens, positions, key_mask = _as_int(tokens), _as_int(positions), _as_mask(key_mask)
     b, t = tokens.shape
@@ -386,7 +388,7 @@ def _logprobs_jit(graphdef: Any, state: Any, tokens: jax.Array, mask: jax.Array,
     return selective_logprobs(hidden, lm_head_weight(model), targets, temperature)
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jax.jit, static_argnums=0, donate_argnums=4)
 def _forward_cached_jit(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                         write_index: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, KVCache]:
     model = nnx.merge(graphdef, state)
