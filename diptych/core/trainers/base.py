@@ -1,0 +1,153 @@
+"""Pieces every training loop shares: turning text and rollouts into fixed-shape batches,
+evaluating a policy on a task, and timing the phases of a step.
+
+Batches have a FIXED width per run (``max_prompt_len + max_new_tokens``) so the JAX
+backend compiles each step once; prompts are left-padded into that width, completions
+follow them, and the per-token ``mask`` marks completion targets only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from diptych.core.sampling import Rollout, SamplingConfig
+
+
+class TrainerError(ValueError):
+    """A trainer setting or dataset that cannot work, with what to change."""
+
+
+@dataclass
+class StepTimer:
+    """Wall-clock seconds per phase (generate / score / train) of the current step."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_len: int) -> list[list[int]]:
+    """Token ids of each prompt; a prompt longer than ``max_prompt_len`` is an error, not a silent cut."""
+    out = []
+    for p in prompts:
+        ids = list(tokenizer.encode(p))
+        if not ids:
+            raise TrainerError(f"Prompt {p!r} encodes to no tokens.")
+        if len(ids) > max_prompt_len:
+            raise TrainerError(
+                f"Prompt of {len(ids)} tokens exceeds max_prompt_len={max_prompt_len}: {p[:60]!r}...; "
+                "raise max_prompt_len or shorten the prompts."
+            )
+        out.append(ids)
+    return out
+
+
+def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], width: int,
+                   pad_id: int) -> dict[str, np.ndarray]:
+    """Left-pad ``prompt + completion`` rows to ``width``: tokens, attention_mask and the target mask.
+
+    ``mask[:, t]`` scores target ``tokens[:, t + 1]`` and is 1 exactly on completion tokens.
+    """
+    n = len(prompts)
+    tokens = np.full((n, width), pad_id, np.int32)
+    attn = np.zeros((n, width), np.int32)
+    mask = np.zeros((n, width - 1), np.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        row = list(p) + list(c)
+        if len(row) > width:
+            raise TrainerError(f"Sequence of {len(row)} tokens does not fit the batch width {width}.")
+        start = width - len(row)
+        tokens[i, start:] = row
+        attn[i, start:] = 1
+        mask[i, start + len(p) - 1: width - 1] = 1.0
+    return {"tokens": tokens, "attention_mask": attn, "mask": mask}
+
+
+def rollout_batch(rollout: Rollout, max_prompt_len: int) -> dict[str, np.ndarray]:
+    """Rollout -> fixed-width policy-loss arrays: tokens, attention_mask, mask, sampler log-probs.
+
+    The sampler may return a narrower (bucketed) prompt block; it is widened on the left
+    with padding to ``max_prompt_len`` so every step has the same shape.
+    """
+    pt, pm = rollout.prompt_tokens, rollout.prompt_mask
+    p = pt.shape[1]
+    if p > max_prompt_len:
+        # Bucketing may add left padding beyond max_prompt_len; it must be padding only.
+        extra = p - max_prompt_len
+        if pm[:, :extra].any():
+            raise TrainerError(f"Rollout prompts are longer than max_prompt_len={max_prompt_len}.")
+        pt, pm = pt[:, extra:], pm[:, extra:]
+    elif p < max_prompt_len:
+        pad = max_prompt_len - p
+        pad_id = int(pt[pm == 0][0]) if (pm == 0).any() else 0
+        pt = np.concatenate([np.full((pt.shape[0], pad), pad_id, pt.dtype), pt], axis=1)
+        pm = np.concatenate([np.zeros((pm.shape[0], pad), pm.dtype), pm], axis=1)
+    cm = rollout.completion_mask.astype(np.int32)
+    tokens = np.concatenate([pt, rollout.completion_tokens], axis=1).astype(np.int32)
+    attn = np.concatenate([pm, cm], axis=1).astype(np.int32)
+    n, width = tokens.shape
+    mask = np.zeros((n, width - 1), np.float32)
+    mask[:, max_prompt_len - 1:] = cm
+    sampler_lp = np.zeros((n, width - 1), np.float32)
+    sampler_lp[:, max_prompt_len - 1:] = np.where(cm > 0, rollout.logprobs, 0.0)
+    return {"tokens": tokens, "attention_mask": attn, "mask": mask, "sampler_logprobs": sampler_lp}
+
+
+def decode_completions(tokenizer: Any, rollout: Rollout) -> list[str]:
+    return [tokenizer.decode(ids) for ids in rollout.completions()]
+
+
+def evaluate(backend: Any, model: Any, tokenizer: Any, task: Any, rows: Sequence[dict[str, Any]],
+             max_prompt_len: int, max_new_tokens: int, batch_size: int = 64) -> dict[str, float]:
+    """Greedy accuracy of ``model`` on ``rows`` under the task's own verifier."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, n=1,
+                              eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    scores: list[float] = []
+    lengths: list[int] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = list(rows[i:i + batch_size])
+        prompts = [r["prompt"] for r in chunk]
+        ids = encode_prompts(tokenizer, prompts, max_prompt_len)
+        roll = backend.generate(model, ids, sampling)
+        completions = decode_completions(tokenizer, roll)
+        columns = columns_of(chunk, exclude=("prompt",))
+        scores += [float(s or 0.0) for s in task.reward(prompts, completions, **columns)]
+        lengths += [int(x) for x in roll.lengths]
+    return {"accuracy": float(np.mean(scores)) if scores else 0.0,
+            "completion_length": float(np.mean(lengths)) if lengths else 0.0}
+
+
+def columns_of(rows: Sequence[dict[str, Any]], exclude: Sequence[str] = (), repeat: int = 1) -> dict[str, list[Any]]:
+    """Row dicts -> column lists (each value repeated ``repeat`` times, for G samples per prompt)."""
+    keys = [k for k in rows[0] if k not in exclude] if rows else []
+    return {k: [r[k] for r in rows for _ in range(repeat)] for k in keys}
+
+
+def batch_iterator(rows: Sequence[dict[str, Any]], batch_size: int, seed: int, start: int = 0
+                   ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """Endless shuffled batches; position ``k`` is reproducible from (seed, k) so resume is exact."""
+    if not rows:
+        raise TrainerError("The training dataset is empty.")
+    n = len(rows)
+    k = start
+    while True:
+        epoch, offset = divmod(k * batch_size, n)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        idx = [order[(offset + j) % n] for j in range(batch_size)]
+        yield k, [rows[i] for i in idx]
+        k += 1

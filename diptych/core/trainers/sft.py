@@ -1,0 +1,59 @@
+"""Supervised fine-tuning: maximise the log-likelihood of completions given prompts.
+
+Backend-neutral: the loop sees the backend only through ``init_train_state`` /
+``train_step``; the loss is ``diptych.core.losses`` ``"sft"`` (token-mean NLL over
+completion tokens, divided once over the whole batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from diptych.core.losses import SFTLossConfig
+from diptych.core.metrics import MetricsLogger
+from diptych.core.optim import OptimConfig
+from diptych.core.train_batch import split_microbatches
+from diptych.core.trainers.base import TrainerError, batch_iterator, encode_prompts, pack_sequences
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 100
+    batch_size: int = 32
+    micro_batches: int = 1
+    max_prompt_len: int = 32
+    max_completion_len: int = 32
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=0))
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.micro_batches:
+            raise TrainerError(f"batch_size ({self.batch_size}) must be divisible by micro_batches "
+                               f"({self.micro_batches}).")
+
+
+def sft_rows_to_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: SFTConfig) -> dict:
+    """``{"prompt", "completion"}`` rows -> a fixed-width SFT batch; EOS closes each completion."""
+    for r in rows:
+        if "prompt" not in r or "completion" not in r:
+            raise TrainerError(f"SFT rows need 'prompt' and 'completion' columns; got {sorted(r)}.")
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_len)
+    completions = [[*list(tokenizer.encode(r["completion"]))[:cfg.max_completion_len - 1], tokenizer.eos_id]
+                   for r in rows]
+    return pack_sequences(prompts, completions, cfg.max_prompt_len + cfg.max_completion_len, tokenizer.pad_id)
+
+
+def train_sft(backend: Any, state: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: SFTConfig,
+              logger: MetricsLogger | None = None, start_step: int = 0) -> Any:
+    """Run ``cfg.steps`` SFT updates on ``state`` and return it."""
+    batches = batch_iterator(rows, cfg.batch_size, cfg.seed, start=start_step)
+    for step in range(start_step, cfg.steps):
+        _, chunk = next(batches)
+        batch = sft_rows_to_batch(tokenizer, chunk, cfg)
+        state, metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches), "sft",
+                                            SFTLossConfig())
+        if logger is not None:
+            logger.log(step + 1, metrics)
+    return state
