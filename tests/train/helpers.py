@@ -6,6 +6,7 @@ import importlib
 from types import ModuleType
 
 import numpy as np
+import pytest
 
 
 def mods(backend: str) -> tuple[ModuleType, ModuleType, ModuleType]:
@@ -23,3 +24,14 @@ def rel_err(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     num = sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in b)
     den = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in b)
     return (num / den) ** 0.5
+
+
+def _has(*mods: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in mods)
+
+
+needs_jax = pytest.mark.skipif(not _has("jax", "flax", "optax", "orbax"), reason="jax extra not installed")
+needs_torch = pytest.mark.skipif(not _has("torch"), reason="torch extra not installed")
+BACKENDS = [pytest.param("jax", marks=needs_jax), pytest.param("torch", marks=needs_torch)]

@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import needs_jax, needs_torch
-from tests.train import batches
-from tests.train.helpers import mods, rel_err, state
+from . import batches
+from .helpers import mods, needs_jax, needs_torch, rel_err, state
 
 pytestmark = [needs_jax, needs_torch]
 
