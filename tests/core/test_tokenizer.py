@@ -99,6 +99,9 @@ def test_hf_special_ids_and_template_errors(tmp_path):
     ours = load_tokenizer(tmp_path)
     assert (ours.eos_id, ours.pad_id, ours.bos_id) == (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id)
     assert ours.vocab_size == len(hf)
+    for text in ("What is 2+2?", "<s>Hi</s> there"):
+        assert ours.encode(text, add_special_tokens=True) == hf.encode(text)
+        assert ours.decode(hf.encode(text), skip_special_tokens=False) == hf.decode(hf.encode(text))
     bad = [{"role": "assistant", "content": "no user first"}]
     import jinja2
 
