@@ -233,6 +233,12 @@ def test_logprobs_reject_bad_inputs():
         M.logprobs(model, tokens, mask, tokens[:, :-1])
     with pytest.raises(ValueError, match="kernels"):
         M.logprobs(model, tokens, mask, tokens, kernels="magic")
+    with pytest.raises(ValueError, match=r"Token ids must lie in \[0, 128\)"):
+        M.forward(model, tokens + 128, mask)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        M.forward(model, tokens, mask[:, :-1])
+    with pytest.raises(TypeError, match="integer"):
+        M.forward(model, tokens.astype(np.float32), mask)
 
 
 # -- KV cache -----------------------------------------------------------------------------------

@@ -250,14 +250,14 @@ def export(model: Decoder) -> dict[str, np.ndarray]:
 
 def forward(model: Decoder, tokens: Any, attention_mask: Any = None, *, positions: Any = None) -> jax.Array:
     """Logits ``[B, T, V]`` float32 for a left-padded batch."""
-    tokens, mask, positions = _inputs(tokens, attention_mask, positions)
+    tokens, mask, positions = _inputs(model, tokens, attention_mask, positions)
     graphdef, state = nnx.split(model)
     return _forward_jit(graphdef, state, tokens, mask, positions)
 
 
 def hidden_states(model: Decoder, tokens: Any, attention_mask: Any = None, *, positions: Any = None) -> jax.Array:
     """``[B, T, H]`` after the final norm, in the model dtype: the seam fused log-prob kernels plug into."""
-    tokens, mask, positions = _inputs(tokens, attention_mask, positions)
+    tokens, mask, positions = _inputs(model, tokens, attention_mask, positions)
     graphdef, state = nnx.split(model)
     return _hidden_jit(graphdef, state, tokens, mask, positions)
 
@@ -282,7 +282,7 @@ def logprobs(model: Decoder, tokens: Any, attention_mask: Any, targets: Any, tem
                                   "use kernels='auto' or 'reference'.")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    tokens, mask, positions = _inputs(tokens, attention_mask, None)
+    tokens, mask, positions = _inputs(model, tokens, attention_mask, None)
     targets = _as_int(targets)
     if targets.shape != tokens.shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}.")
@@ -344,7 +344,7 @@ def forward_cached(model: Decoder, tokens: Any, positions: Any, cache: KVCache, 
     Called outside a jit, the input cache is donated (updated in place, no full copy per
     step) and must not be used again: keep the returned one.
     """
-    tokens, positions, key_mask = _as_int(tokens), _as_int(positions), _as_mask(key_mask)
+    tokens, positions, key_mask = _as_tokens(model, tokens), _as_int(positions), _as_mask(key_mask)
     b, t = tokens.shape
     if positions.shape != (b, t):
         raise ValueError(f"positions shape {tuple(positions.shape)} must equal tokens shape {(b, t)}.")
@@ -418,9 +418,20 @@ def _as_mask(x: Any) -> jax.Array:
     return a != 0
 
 
-def _inputs(tokens: Any, attention_mask: Any, positions: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _as_tokens(model: Decoder, tokens: Any) -> jax.Array:
+    """Token ids; host (numpy / list) input is range-checked, since an embedding gather would not fail."""
+    if not isinstance(tokens, jax.Array):
+        host = np.asarray(tokens)
+        vocab = model.spec.vocab_size
+        if host.size and np.issubdtype(host.dtype, np.integer) and (host.min() < 0 or host.max() >= vocab):
+            raise ValueError(f"Token ids must lie in [0, {vocab}) for this model's vocabulary; got ids from "
+                             f"{host.min()} to {host.max()}. Check the tokenizer matches the model.")
+    return _as_int(tokens)
+
+
+def _inputs(model: Decoder, tokens: Any, attention_mask: Any, positions: Any) -> tuple[jax.Array, ...]:
     """Tokens, boolean mask and positions; positions default to cumsum(mask) - 1."""
-    tokens = _as_int(tokens)
+    tokens = _as_tokens(model, tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}.")
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else _as_mask(attention_mask)
