@@ -60,7 +60,7 @@ def get_reward(name: str, **kw: Any) -> RewardFn:
 
 @dataclasses.dataclass
 class RewardResult:
-    """Per-sample totals, each weighted component (NaN where not applicable), and failure counts."""
+    """Weighted per-sample totals, each component unweighted (NaN where not applicable), and failure counts."""
 
     total: np.ndarray
     components: dict[str, np.ndarray]
