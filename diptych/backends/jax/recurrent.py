@@ -175,12 +175,14 @@ def _split_steps(spec: RecurrentSpec, num_steps: Any, num_grad_steps: int | None
 
 
 def _inputs(spec: RecurrentSpec, tokens: Any, attention_mask: Any) -> tuple[jax.Array, jax.Array]:
+    if not isinstance(tokens, jax.core.Tracer):  # check ids on the host; traced ids are the caller's promise
+        host = np.asarray(tokens)
+        if host.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tuple(host.shape)}.")
+        if host.size and (host.min() < 0 or host.max() >= spec.padded_vocab_size):
+            raise ValueError(f"token ids must lie in [0, {spec.padded_vocab_size}), got range "
+                             f"[{int(host.min())}, {int(host.max())}].")
     tokens = jnp.asarray(tokens).astype(jnp.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}.")
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= spec.padded_vocab_size):
-        raise ValueError(f"token ids must lie in [0, {spec.padded_vocab_size}), got range "
-                         f"[{int(tokens.min())}, {int(tokens.max())}].")
     mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.int32)
     return tokens, mask
 
@@ -203,12 +205,16 @@ def latent_forward_params(P: Params, spec: RecurrentSpec, tokens: jax.Array, mas
     return _readout(P, spec, ctx, x), x
 
 
+_latent_forward_jit = jax.jit(latent_forward_params, static_argnames=("spec", "n_grad", "remat"))
+
+
 def latent_forward(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
                    num_grad_steps: int | None = None, init_state: Any = None, remat: bool = True):
     tokens, mask = _inputs(model.spec, tokens, attention_mask)
     n_no_grad, n_grad = _split_steps(model.spec, num_steps, num_grad_steps)
-    return latent_forward_params(model.param_dict(), model.spec, tokens, mask, init_state, n_no_grad, n_grad,
-                                 remat and num_grad_steps is not None)
+    init = None if init_state is None else jnp.asarray(init_state)
+    return _latent_forward_jit(model.param_dict(), model.spec, tokens, mask, init, jnp.asarray(n_no_grad, jnp.int32),
+                               n_grad=n_grad, remat=remat and num_grad_steps is not None)
 
 
 def forward(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
