@@ -143,13 +143,17 @@ class _ChunkedLogprobs(torch.autograd.Function):
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         for s in range(0, h.shape[0], c):
             h_c, y_c = h[s:s + c], y[s:s + c]
-            logp_all, p, _, _ = _chunk_stats(h_c, w32, y_c, t)
-            dz = -g_ent[s:s + c, None] * p * (logp_all + ent[s:s + c, None])
-            dz -= g_lp[s:s + c, None] * p
+            # In place on two [chunk, V] buffers: this loop is where the memory goes.
+            logp_all = torch.log_softmax((h_c.float() @ w32.T).div_(t), dim=-1)
+            p = logp_all.exp()
+            dz = logp_all.add_(ent[s:s + c, None]).mul_(p).mul_(-g_ent[s:s + c, None])
+            dz.addcmul_(p, g_lp[s:s + c, None], value=-1.0)
+            del p
             dz.scatter_add_(-1, y_c[:, None], g_lp[s:s + c, None])
-            dz /= t
+            dz.div_(t)
             dh[s:s + c] = dz @ w32
             dw.addmm_(dz.T, h_c.float())
+            del dz, logp_all
         return dh.to(h.dtype), dw.to(w.dtype), None, None, None
 
 
