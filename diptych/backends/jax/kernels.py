@@ -9,7 +9,8 @@
   ``[chunk_size, V]`` block of logits is alive at a time. Runs anywhere.
 - ``"fused"``: the Pallas kernels in ``diptych.kernels.pallas`` (interpret mode when the default
   device is a CPU, Triton lowering on GPU).
-- ``"auto"``: fused on GPU / TPU, chunked on CPU (interpret mode is for proofs, not speed).
+- ``"auto"``: fused on GPU, chunked on CPU (interpret mode is for proofs, not speed) and on TPU
+  (no TPU variant of the kernels yet; asking for ``fused`` there raises).
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ def resolve_kernels(kernels: str | None) -> str:
     if kernels not in KERNEL_MODES:
         raise ValueError(f"kernels={kernels!r} is not one of {KERNEL_MODES}.")
     if kernels == "auto":
-        return "fused" if jax.default_backend() in ("gpu", "tpu") else "chunked"
+        return "fused" if jax.default_backend() == "gpu" else "chunked"
+    if kernels == "fused" and jax.default_backend() == "tpu":
+        raise RuntimeError(
+            "kernels='fused' has no TPU variant yet: the Pallas kernels read the whole LM head through a "
+            "full-array block (GPU pointer semantics), which does not fit TPU VMEM; use kernels='chunked' on TPU."
+        )
     if kernels == "fused":
         try:
             from jax.experimental import pallas  # noqa: F401

@@ -10,9 +10,10 @@ gradient, since autodiff does not pass through ``pallas_call``.
 Inputs are zero-padded to whole blocks in the wrapper (padded vocabulary columns are masked to
 -inf inside), which keeps every in-kernel slice static-sized. Kernels run with ``interpret=True``
 when the default device is a CPU; on GPU they lower through Triton (explicit
-``plgpu.CompilerParams``, since jax 0.10 defaults to Mosaic GPU). Default block sizes are
-multiples of (8, 128) as TPU tiling asks, but the TPU path is untested: the kernel reads the
-whole weight through a full-array block, which fits GPU (pointer) semantics, not VMEM.
+``plgpu.CompilerParams``, since jax 0.10 defaults to Mosaic GPU). Block sizes are powers of two
+>= 16 as the Triton lowering needs. There is no TPU variant: the kernel reads the whole weight
+through a full-array block, which fits GPU (pointer) semantics, not VMEM; a TPU version would grid
+over vocabulary blocks with (8, 128)-aligned tiles and accumulate in scratch.
 """
 
 from __future__ import annotations
