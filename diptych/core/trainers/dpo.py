@@ -1,0 +1,226 @@
+"""Direct preference optimisation (DPO and its family) as one backend-neutral loop.
+
+The reference model is used exactly once: before training, its per-token log-probs of
+every (prompt, chosen) and (prompt, rejected) row are computed and cached in a
+:class:`ReferenceCache` (Tulu 3's trick), so the reference never shares memory with the
+policy and a resumed run reloads the cache from disk instead of keeping a second model.
+Reference-free kinds (``simpo``, ``orpo``) skip the cache altogether.
+
+Rows are packed at a FIXED width (``max_prompt_len + max_completion_len``) independent of
+the batch they land in, so a row's cached log-probs are valid in any later batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diptych.core.losses import PreferenceLossConfig
+from diptych.core.losses.preference import PREFERENCE_KINDS, REFERENCE_FREE
+from diptych.core.metrics import MetricsLogger
+from diptych.core.optim import OptimConfig
+from diptych.core.train_batch import split_microbatches
+from diptych.core.trainers.base import TrainerError, batch_iterator, encode_prompts, pack_sequences
+
+INDEX = "_row"
+"""Column the loop adds to each row: its index into the reference cache."""
+
+
+@dataclass
+class DPOConfig:
+    """Defaults follow TRL's DPOTrainer (sigmoid loss, beta 0.1) where sensible for a small model."""
+
+    steps: int = 100
+    batch_size: int = 16
+    micro_batches: int = 1
+    max_prompt_len: int = 32
+    max_completion_len: int = 32
+    kind: str = "sigmoid"
+    """Preference loss: sigmoid | ipo | hinge | robust | sigmoid_norm | simpo | apo_zero | apo_down | orpo."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+    orpo_lambda: float = 0.1
+    ref_batch_size: int = 64
+    """Rows per forward pass while precomputing the reference cache."""
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+
+    def __post_init__(self) -> None:
+        if self.kind not in PREFERENCE_KINDS:
+            raise TrainerError(f"kind must be one of {', '.join(PREFERENCE_KINDS)}, got {self.kind!r}.")
+        if self.batch_size < 1 or self.batch_size % self.micro_batches:
+            raise TrainerError(f"batch_size ({self.batch_size}) must be a positive multiple of micro_batches "
+                               f"({self.micro_batches}).")
+        if self.max_completion_len < 2:
+            raise TrainerError(f"max_completion_len must be >= 2 (one token plus EOS), got {self.max_completion_len}.")
+
+    @property
+    def width(self) -> int:
+        return self.max_prompt_len + self.max_completion_len
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kind not in REFERENCE_FREE
+
+    def loss_config(self) -> PreferenceLossConfig:
+        return PreferenceLossConfig(kind=self.kind, beta=self.beta, label_smoothing=self.label_smoothing,
+                                    gamma=self.gamma, orpo_lambda=self.orpo_lambda)
+
+
+def check_rows(rows: Sequence[dict[str, Any]]) -> None:
+    """Fail before training when the rows are not preference pairs."""
+    if not rows:
+        raise TrainerError("The preference dataset is empty.")
+    for i, r in enumerate(rows):
+        missing = [c for c in ("prompt", "chosen", "rejected") if c not in r]
+        if missing:
+            raise TrainerError(f"Preference row {i} lacks column(s) {', '.join(missing)}; DPO needs prompt, chosen "
+                               f"and rejected (it has {', '.join(sorted(r))}).")
+
+
+def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: DPOConfig) -> dict[str, np.ndarray]:
+    """Rows -> the ``preference`` micro-batch layout (``diptych.core.train_batch``); EOS closes each completion."""
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_len)
+    out: dict[str, np.ndarray] = {}
+    for side in ("chosen", "rejected"):
+        completions = [[*tokenizer.encode(str(r[side]))[: cfg.max_completion_len - 1], tokenizer.eos_id]
+                       for r in rows]
+        packed = pack_sequences(prompts, completions, cfg.width, tokenizer.pad_id)
+        out[f"{side}_tokens"] = packed["tokens"]
+        out[f"{side}_attention_mask"] = packed["attention_mask"]
+        out[f"{side}_mask"] = packed["mask"]
+    return out
+
+
+def sequence_logprobs(backend: Any, model: Any, tokens: np.ndarray, attention_mask: np.ndarray, mask: np.ndarray
+                      ) -> np.ndarray:
+    """Per-token log-probs ``[B, T-1]`` of ``model`` on a packed side, zero off the mask."""
+    out = backend.logprobs(model, backend.from_numpy(tokens[:, :-1]), backend.from_numpy(attention_mask[:, :-1]),
+                           backend.from_numpy(tokens[:, 1:]), 1.0)
+    return np.asarray(backend.to_numpy(out), np.float32) * mask
+
+
+@dataclass
+class ReferenceCache:
+    """Per-token reference log-probs of every row, ``[N, width - 1]`` per side (float32)."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+
+    @classmethod
+    def compute(cls, backend: Any, ref_model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: DPOConfig
+                ) -> ReferenceCache:
+        """One pass of the reference over the dataset; afterwards ``ref_model`` may be dropped."""
+        check_rows(rows)
+        sides: dict[str, list[np.ndarray]] = {"chosen": [], "rejected": []}
+        for i in range(0, len(rows), cfg.ref_batch_size):
+            batch = preference_batch(tokenizer, rows[i:i + cfg.ref_batch_size], cfg)
+            for side in sides:
+                sides[side].append(sequence_logprobs(backend, ref_model, batch[f"{side}_tokens"],
+                                                     batch[f"{side}_attention_mask"], batch[f"{side}_mask"]))
+        return cls(np.concatenate(sides["chosen"]), np.concatenate(sides["rejected"]))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temporary name, then rename), so a killed run never leaves half a cache."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, chosen=self.chosen, rejected=self.rejected)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, n_rows: int | None = None) -> ReferenceCache:
+        with np.load(path) as f:
+            cache = cls(f["chosen"], f["rejected"])
+        if n_rows is not None and len(cache.chosen) != n_rows:
+            raise TrainerError(f"Reference cache {path} holds {len(cache.chosen)} rows but the dataset has {n_rows}; "
+                               "delete the cache to recompute it for this dataset.")
+        return cache
+
+    def take(self, index: Sequence[int]) -> dict[str, np.ndarray]:
+        idx = np.asarray(index, np.int64)
+        return {"ref_chosen_logprobs": self.chosen[idx], "ref_rejected_logprobs": self.rejected[idx]}
+
+
+def dpo_step(backend: Any, state: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: DPOConfig,
+             ref_cache: ReferenceCache | None) -> tuple[Any, dict[str, float]]:
+    """One optimizer update on a batch of preference rows (each carrying its cache index in ``_row``)."""
+    t0 = time.perf_counter()
+    batch = preference_batch(tokenizer, rows, cfg)
+    if cfg.needs_reference:
+        if ref_cache is None:
+            raise TrainerError(f"kind={cfg.kind!r} needs reference log-probs; pass ref_cache "
+                               "(ReferenceCache.compute) or use a reference-free kind (simpo, orpo).")
+        batch.update(ref_cache.take([r[INDEX] for r in rows]))
+    state, metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches), "preference",
+                                        cfg.loss_config())
+    seconds = time.perf_counter() - t0
+    metrics = dict(metrics)
+    metrics["time/train"] = seconds
+    metrics["tokens_per_s"] = float(metrics.get("tokens", 0.0)) / max(seconds, 1e-9)
+    metrics["completion_length"] = float((batch["chosen_mask"].sum() + batch["rejected_mask"].sum()) / (2 * len(rows)))
+    return state, metrics
+
+
+def evaluate_preferences(backend: Any, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: DPOConfig,
+                         ref_cache: ReferenceCache | None = None) -> dict[str, float]:
+    """Implicit-reward accuracy and margin of ``model`` on ``rows`` (held-out pairs), as DPO defines them.
+
+    The implicit reward is ``beta * (log pi(y|x) - log ref(y|x))`` summed over the completion;
+    without a cache (or for reference-free kinds) it is ``beta * log pi(y|x)``. Ties count as wrong.
+    """
+    check_rows(rows)
+    margins = []
+    for i in range(0, len(rows), cfg.ref_batch_size):
+        chunk = list(rows[i:i + cfg.ref_batch_size])
+        batch = preference_batch(tokenizer, chunk, cfg)
+        side_sum = {}
+        for side in ("chosen", "rejected"):
+            lp = sequence_logprobs(backend, model, batch[f"{side}_tokens"], batch[f"{side}_attention_mask"],
+                                   batch[f"{side}_mask"]).sum(-1)
+            if ref_cache is not None and cfg.needs_reference:
+                ref = getattr(ref_cache, side)[np.arange(i, i + len(chunk))].sum(-1)
+                lp = lp - ref
+            side_sum[side] = cfg.beta * lp
+        margins.append(side_sum["chosen"] - side_sum["rejected"])
+    m = np.concatenate(margins)
+    return {"eval/rewards_accuracy": float((m > 0).mean()), "eval/rewards_margin": float(m.mean())}
+
+
+def index_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``rows`` carrying their position (the reference-cache index) in ``_row``."""
+    return [{**r, INDEX: i} for i, r in enumerate(rows)]
+
+
+def train_dpo(backend: Any, state: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: DPOConfig,
+              logger: MetricsLogger | None = None, ref_cache: ReferenceCache | None = None, start_step: int = 0,
+              on_step: Callable[[int, Any, dict[str, float]], None] | None = None) -> Any:
+    """Run DPO from ``start_step`` to ``cfg.steps`` and return the state.
+
+    Without ``ref_cache`` the reference is the policy as it is now (standard DPO: the SFT
+    model), computed once here; a resumed run must pass the cache saved at the start.
+    """
+    check_rows(rows)
+    if cfg.needs_reference and ref_cache is None:
+        if start_step > 0:
+            raise TrainerError("Resuming DPO needs the reference cache computed at step 0 (ref_cache=...); "
+                               "the current policy is no longer the reference.")
+        ref_cache = ReferenceCache.compute(backend, state.model, tokenizer, rows, cfg)
+    indexed = index_rows(rows)
+    batches = batch_iterator(indexed, cfg.batch_size, cfg.seed, start=start_step)
+    for step in range(start_step, cfg.steps):
+        _, chunk = next(batches)
+        state, metrics = dpo_step(backend, state, tokenizer, chunk, cfg, ref_cache)
+        if logger is not None:
+            logger.log(step + 1, metrics)
+        if on_step is not None:
+            on_step(step + 1, state, metrics)
+    return state

@@ -1,0 +1,154 @@
+"""Training-step parity: a GRPO step on fixed rollouts and a DPO step give the same loss,
+gradients and updated weights on every installed backend, after 1 and after 10 updates.
+
+Each backend runs the trainer's own path (old log-probs recomputed from its current
+weights, DPO reference log-probs cached once from its initial weights) through
+``backend.train_step``; only the rollouts, preference pairs and initial weights are shared.
+Importing this module registers the ``train`` suite with :mod:`diptych.parity.harness`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+
+from diptych.core.backend import get_backend
+from diptych.core.optim import OptimConfig
+from diptych.parity.harness import Case, Context, compare, register_suite
+
+STEPS = 10
+GROUP = 4
+PROMPTS = 2
+PROMPT_LEN = 6
+COMPLETION_LEN = 8
+CHECKPOINTS = (1, STEPS)
+DECODERS = ("llama", "qwen2", "qwen3")
+
+
+def optim_for(dtype: str) -> OptimConfig:
+    """Small lr (Adam moves every weight by about lr per step) with warmup + cosine, clipping and decay."""
+    return OptimConfig(lr=1e-4, warmup_steps=2, total_steps=STEPS, schedule="cosine", weight_decay=0.01,
+                       max_grad_norm=1.0, mixed_precision="bf16" if dtype == "bfloat16" else "none")
+
+
+def grpo_rollouts(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fixed GRPO rollouts: ``PROMPTS`` left-padded prompts x ``GROUP`` completions of uneven length,
+    group z-scored advantages from fixed rewards, and the per-token completion mask."""
+    from diptych.core.advantages import compute_advantages
+    from diptych.core.trainers.base import pack_sequences
+
+    rng = np.random.default_rng(seed)
+    prompts, completions = [], []
+    for p in range(PROMPTS):
+        prompt = rng.integers(3, vocab, size=PROMPT_LEN - p).tolist()
+        for _ in range(GROUP):
+            n = int(rng.integers(2, COMPLETION_LEN + 1))
+            prompts.append(prompt)
+            completions.append(rng.integers(3, vocab, size=n).tolist())
+    batch = pack_sequences(prompts, completions, PROMPT_LEN + COMPLETION_LEN, pad_id=0)
+    rewards = rng.integers(0, 2, size=PROMPTS * GROUP).astype(np.float32)
+    rewards[::GROUP], rewards[1::GROUP] = 1.0, 0.0  # every group has reward variance
+    batch["advantages"] = compute_advantages("grpo", rewards, GROUP)
+    return batch
+
+
+def dpo_rows(vocab: int, seed: int = 1, n: int = 8) -> dict[str, np.ndarray]:
+    """Fixed preference pairs in the ``preference`` layout (prompt shared by chosen and rejected)."""
+    from diptych.core.trainers.base import pack_sequences
+
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, size=int(rng.integers(2, PROMPT_LEN + 1))).tolist() for _ in range(n)]
+    out: dict[str, np.ndarray] = {}
+    for side in ("chosen", "rejected"):
+        comps = [rng.integers(3, vocab, size=int(rng.integers(2, COMPLETION_LEN + 1))).tolist() for _ in range(n)]
+        packed = pack_sequences(prompts, comps, PROMPT_LEN + COMPLETION_LEN, pad_id=0)
+        for k, v in packed.items():
+            out[f"{side}_{k}"] = v
+    return out
+
+
+def _logprobs(be: Any, model: Any, tokens: np.ndarray, attn: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = be.logprobs(model, be.from_numpy(tokens[:, :-1]), be.from_numpy(attn[:, :-1]), be.from_numpy(tokens[:, 1:]),
+                      1.0)
+    return np.asarray(be.to_numpy(out), np.float32) * mask
+
+
+def _flat(weights: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(weights[k], np.float64).ravel() for k in sorted(weights)])
+
+
+def _gradients(be: Any, state: Any, mbs: list[dict[str, np.ndarray]], loss: str, cfg: Any) -> np.ndarray | None:
+    """Full-batch gradient before the update (the backends' ``train.gradients``), flattened by name."""
+    try:
+        train = importlib.import_module(f"diptych.backends.{be.name}.train")
+    except ImportError:
+        return None
+    fn = getattr(train, "gradients", None)
+    if fn is None:
+        return None
+    grads, _ = fn(state, mbs, loss, cfg)
+    return _flat(grads)
+
+
+def run_case(name: str, be: Any, spec: Any, weights: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
+    """Run ``STEPS`` updates of case ``grpo`` or ``dpo`` on backend ``be``; record loss, grads, weights."""
+    from diptych.core.losses import PreferenceLossConfig, policy_preset
+    from diptych.core.train_batch import split_microbatches
+
+    state = be.init_train_state(be.build(spec, weights), optim_for(dtype))
+    if name == "grpo":
+        batch = grpo_rollouts(spec.vocab_size)
+        batch["ref_logprobs"] = _logprobs(be, state.model, batch["tokens"], batch["attention_mask"], batch["mask"])
+        loss, cfg = "policy", policy_preset("dapo", beta=0.04)  # token-mean: non-zero on-policy loss
+    else:
+        batch = dpo_rows(spec.vocab_size)
+        for side in ("chosen", "rejected"):  # the reference cache, once, from the initial weights
+            batch[f"ref_{side}_logprobs"] = _logprobs(be, state.model, batch[f"{side}_tokens"],
+                                                      batch[f"{side}_attention_mask"], batch[f"{side}_mask"])
+        loss, cfg = "preference", PreferenceLossConfig(kind="sigmoid", beta=0.5)
+    out: dict[str, Any] = {}
+    for step in range(1, STEPS + 1):
+        if name == "grpo":  # old log-probs from the current weights, as grpo_step does
+            batch["old_logprobs"] = _logprobs(be, state.model, batch["tokens"], batch["attention_mask"],
+                                              batch["mask"])
+        mbs = split_microbatches(batch, 2)
+        if step == 1:
+            out["grads"] = _gradients(be, state, mbs, loss, cfg)
+        state, metrics = be.train_step(state, mbs, loss, cfg)
+        if step in CHECKPOINTS:
+            out[f"loss@{step}"] = np.asarray(metrics["loss"])
+            out[f"weights@{step}"] = _flat(be.export(state.model) if dtype == "float32" else _master(be, state))
+    return out
+
+
+def _master(be: Any, state: Any) -> dict[str, np.ndarray]:
+    """The float32 master weights under mixed precision (the model itself holds bf16 copies)."""
+    train = importlib.import_module(f"diptych.backends.{be.name}.train")
+    return train.export_weights(state)
+
+
+@register_suite("train")
+def train_suite(ctx: Context) -> list[Case]:
+    """GRPO-step and DPO-step parity between every pair of installed backends."""
+    if len(ctx.backends) < 2:
+        ctx.skipped.append("train: needs two backends")
+        return []
+    if getattr(ctx.spec, "model_type", None) not in DECODERS:
+        ctx.skipped.append(f"train: no trainer parity case for model_type {getattr(ctx.spec, 'model_type', '?')}")
+        return []
+    cases: list[Case] = []
+    for name in ("grpo", "dpo"):
+        results = {b: run_case(name, get_backend(b), ctx.spec, ctx.weights, ctx.dtype) for b in ctx.backends}
+        for i, a in enumerate(ctx.backends):
+            for b in ctx.backends[i + 1:]:
+                ra, rb = results[a], results[b]
+                if ra["grads"] is not None and rb["grads"] is not None:
+                    cases.append(compare(f"grads:{name} step 1", a, b, ra["grads"], rb["grads"], ctx.dtype))
+                for step in CHECKPOINTS:
+                    cases.append(compare(f"loss:{name} step {step}", a, b, ra[f"loss@{step}"], rb[f"loss@{step}"],
+                                         ctx.dtype))
+                    cases.append(compare(f"weights:{name} after {step}", a, b, ra[f"weights@{step}"],
+                                         rb[f"weights@{step}"], ctx.dtype))
+    return cases
