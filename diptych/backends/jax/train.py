@@ -311,6 +311,20 @@ def _cast(tree: Any, dtype: str) -> Any:
     return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def values(state: TrainState, tokens: Any, attention_mask: Any) -> jax.Array:
+    """Value-head predictions ``[B, T - 1]`` (float32) aligned with the loss layout.
+
+    Position ``t`` is the value of the prefix ``tokens[:, : t + 1]`` (the state before
+    target ``tokens[:, t + 1]``), what PPO's GAE needs as ``old_values``.
+    """
+    head = state.params["value_head"]
+    if head is None:
+        raise ValueError("This train state has no value head: init_train_state(model, optim, value_head=True).")
+    tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask)
+    hidden = model_lib.hidden_states(state.model, tokens[:, :-1], attention_mask[:, :-1])
+    return (hidden.astype(jnp.float32) @ head["weight"].T + head["bias"])[..., 0]
+
+
 # -- weights in and out -------------------------------------------------------------------------
 def named_leaves(tree: Any) -> dict[str, Any]:
     """``{canonical name: leaf}`` for a params-shaped tree (model params by HF name, then the value head)."""

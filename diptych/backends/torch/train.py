@@ -278,6 +278,20 @@ def _f(x: Any) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
 
+def values(state: TrainState, tokens: Any, attention_mask: Any) -> torch.Tensor:
+    """Value-head predictions ``[B, T - 1]`` (float32, no gradient) aligned with the loss layout.
+
+    Position ``t`` is the value of the prefix ``tokens[:, : t + 1]`` (the state before
+    target ``tokens[:, t + 1]``), what PPO's GAE needs as ``old_values``.
+    """
+    if state.value_head is None:
+        raise ValueError("This train state has no value head: init_train_state(model, optim, value_head=True).")
+    tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask)
+    with torch.no_grad():
+        hidden = model_lib.hidden_states(state.model, tokens[:, :-1], attention_mask[:, :-1])
+        return state.value_head(hidden.float())[..., 0]
+
+
 # -- weights in and out -------------------------------------------------------------------------
 def export_weights(state: TrainState) -> dict[str, np.ndarray]:
     """Canonical float32 HF-named weights of the policy (the master copy under bf16; no value head)."""
