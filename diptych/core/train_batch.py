@@ -24,6 +24,9 @@ Layouts (required keys; optional keys in brackets):
   [``ref_chosen_logprobs``, ``ref_rejected_logprobs``] (per token, cached once by the trainer).
 
 A composite loss (PPO with a value head on the policy) is the union of its terms' layouts.
+
+Keep ``[B, T]`` fixed across steps (pad rollouts to the sampler's maximum length): JAX
+compiles one train step per distinct micro-batch shape.
 """
 
 from __future__ import annotations

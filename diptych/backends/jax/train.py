@@ -180,7 +180,13 @@ def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarra
     for mb in microbatches:
         validate_microbatch(mb, terms)
     names = tuple(terms)
-    micro = _micro_fn(state.graphdef, names, tuple(configs[t] for t in names), float(temperature), state.compute_dtype)
+    key = (state.graphdef, names, tuple(configs[t] for t in names), float(temperature), state.compute_dtype)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable (non-frozen) loss config: works, but compiles on every call
+        micro = _micro_fn.__wrapped__(*key)
+    else:
+        micro = _micro_fn(*key)
     acc = None
     sums = np.zeros(len(names))
     dens = np.zeros(len(names))
