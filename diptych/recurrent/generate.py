@@ -66,8 +66,10 @@ def generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_steps: int
     eos = np.asarray(sampling.eos_ids or (-1,))
     prev_final = None
     for t in range(max_new):
-        tokens = np.concatenate([ptok, out[:, :t]], axis=1)
-        mask = np.concatenate([pmask, np.where(cmask[:, :t] > 0, 1, 0)], axis=1).astype(np.int32)
+        # A fixed width (left padding, masked) so compiled backends see one shape for the whole rollout.
+        lead = max_new - t
+        tokens = np.concatenate([np.full((rows, lead), pad, np.int32), ptok, out[:, :t]], axis=1)
+        mask = np.concatenate([np.zeros((rows, lead), np.int32), pmask, (cmask[:, :t] > 0).astype(np.int32)], axis=1)
         ctx = ops.prelude(tokens, mask)
         s0 = initial_state_noise(spec, (rows, tokens.shape[1], spec.n_embd), state_rng, init_scale)
         x = ops.init(ctx, s0)
