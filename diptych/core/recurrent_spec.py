@@ -119,7 +119,8 @@ class RecurrentSpec:
 
     @property
     def effective_expected_depth(self) -> int:
-        return self.n_layers_in_prelude + self.n_layers_in_coda + self.n_layers_in_recurrent_block * self.mean_recurrence
+        core = self.n_layers_in_recurrent_block * self.mean_recurrence
+        return self.n_layers_in_prelude + self.n_layers_in_coda + core
 
     @property
     def eos_ids(self) -> tuple[int, ...]:

@@ -37,7 +37,8 @@ def test_init_is_seeded_and_follows_takase_scales():
     assert abs(a["transformer.core_block.0.attn.Wqkv.weight"].std() / std - 1) < 0.05
     out_std = std / np.sqrt(2 * spec.effective_expected_depth)
     assert abs(a["transformer.core_block.0.attn.proj.weight"].std() / out_std - 1) < 0.05
-    assert np.all(a["transformer.core_block.0.norm_4.weight"] == 1) and np.all(a["transformer.coda.0.attn.qk_bias"] == 0)
+    assert np.all(a["transformer.core_block.0.norm_4.weight"] == 1)
+    assert np.all(a["transformer.coda.0.attn.qk_bias"] == 0)
 
 
 def test_initial_state_noise_is_truncated_and_scaled():

@@ -301,3 +301,44 @@ def _ctx_from(c) -> Context:
 def _reject(kw: dict[str, Any]) -> None:
     if kw:
         raise TypeError(f"Unexpected argument(s) for a recurrent model: {', '.join(sorted(kw))}.")
+
+
+# -- a minimal truncated-backprop trainer (used by diptych.recipes; the trainers issue owns the general one)
+class TruncatedTrainer:
+    """AdamW on masked next-token NLL with truncated backprop; ``step`` returns the loss as a float.
+
+    One compiled step per gradient depth k (r - k is a traced loop bound), so a log-normal
+    depth schedule costs at most k compilations.
+    """
+
+    def __init__(self, model: RecurrentLM, lr: float = 1e-3, weight_decay: float = 0.0, clip: float = 1.0) -> None:
+        import optax
+
+        self.model = model
+        self.tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(lr, b1=0.9, b2=0.95,
+                                                                           weight_decay=weight_decay))
+        self.opt_state = self.tx.init(model.param_dict())
+        spec, tx = model.spec, self.tx
+
+        def step(P, opt_state, tokens, mask, targets, w, s0, n_no_grad, n_grad):
+            def loss_fn(P):
+                logits, _ = latent_forward_params(P, spec, tokens, mask, s0, n_no_grad, n_grad, remat=True)
+                lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+                return -(lp * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+            loss, g = jax.value_and_grad(loss_fn)(P)
+            updates, opt_state = tx.update(g, opt_state, P)
+            return jax.tree_util.tree_map(lambda p, u: p + u, P, updates), opt_state, loss
+
+        self._step = jax.jit(step, static_argnames=("n_grad",))
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray, targets: np.ndarray, weights: np.ndarray, *,
+             num_steps: int, num_grad_steps: int, init_state: np.ndarray | None = None) -> float:
+        n_no_grad, n_grad = _split_steps(self.model.spec, num_steps, num_grad_steps)
+        P, self.opt_state, loss = self._step(
+            self.model.param_dict(), self.opt_state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32),
+            jnp.asarray(targets, jnp.int32), jnp.asarray(weights, jnp.float32),
+            None if init_state is None else jnp.asarray(init_state), jnp.asarray(n_no_grad, jnp.int32), n_grad=n_grad)
+        for k, v in P.items():
+            self.model.params[k][...] = v
+        return float(loss)

@@ -328,3 +328,25 @@ def _check_tokens(spec: RecurrentSpec, tokens: torch.Tensor) -> None:
 def _reject(kw: dict[str, Any]) -> None:
     if kw:
         raise TypeError(f"Unexpected argument(s) for a recurrent model: {', '.join(sorted(kw))}.")
+
+
+# -- a minimal truncated-backprop trainer (used by diptych.recipes; the trainers issue owns the general one)
+class TruncatedTrainer:
+    """AdamW on masked next-token NLL with truncated backprop; ``step`` returns the loss as a float."""
+
+    def __init__(self, model: RecurrentLM, lr: float = 1e-3, weight_decay: float = 0.0, clip: float = 1.0) -> None:
+        self.model, self.clip = model, clip
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray, targets: np.ndarray, weights: np.ndarray, *,
+             num_steps: int, num_grad_steps: int, init_state: np.ndarray | None = None) -> float:
+        logits = forward_train(self.model, tokens, mask, num_steps=num_steps, num_grad_steps=num_grad_steps,
+                               init_state=init_state)
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(targets).long()[..., None])[..., 0]
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        loss = -(lp * w).sum() / w.sum().clamp(min=1.0)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        return float(loss.detach())
