@@ -105,7 +105,7 @@ def _adamw(params: list[torch.Tensor], optim: OptimConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": optim.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=lr_at(0, optim), betas=optim.betas, eps=optim.eps, foreach=False)
+    return torch.optim.AdamW(groups, lr=lr_at(0, optim), betas=optim.betas, eps=optim.eps)
 
 
 # -- the step -----------------------------------------------------------------------------------
