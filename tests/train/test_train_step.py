@@ -122,3 +122,25 @@ def test_bad_microbatches_raise_clear_errors(backend):
 def test_split_microbatches_rejects_uneven_split():
     with pytest.raises(BatchError, match="does not split into 3"):
         split_microbatches(batches.sft_batch(b=8), 3)
+
+
+def test_first_update_matches_numpy_adamw_with_clipping_and_decay_mask(backend):
+    """Oracle: AdamW by hand. Step 1 has m_hat = g and v_hat = g^2, so the update is
+    lr * (g_c / (|g_c| + eps) + wd * w) with g_c the clipped gradient, decay on matrices only."""
+    from diptych.core.losses import SFTLossConfig
+    from diptych.core.optim import OptimConfig
+
+    spec = batches.spec()
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.3, eps=1e-6)
+    st, train = state(backend, spec, optim), mods(backend)[1]
+    mbs = [batches.sft_batch(seed=3, b=4)]
+    grads, _ = train.gradients(st, mbs, "sft", SFTLossConfig())
+    st, m = train.train_step(st, mbs, "sft", SFTLossConfig())
+    norm = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
+    assert m["grad_norm"] == pytest.approx(norm, rel=1e-5) and norm > optim.max_grad_norm
+    w0, w1 = spec.init_weights(0), train.export_weights(st)
+    for k, g in grads.items():
+        gc = g.astype(np.float64) * (optim.max_grad_norm / norm)
+        wd = optim.weight_decay if w0[k].ndim >= 2 else 0.0
+        want = w0[k] - optim.lr * (gc / (np.abs(gc) + optim.eps) + wd * w0[k])
+        np.testing.assert_allclose(w1[k], want, atol=2e-6, err_msg=k)

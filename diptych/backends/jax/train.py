@@ -112,7 +112,7 @@ def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
     mask = None
     if not optim.decay_1d and optim.weight_decay:
         mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)
-    adamw = optax.inject_hyperparams(optax.adamw)(
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(  # else the mask is taken for a schedule
         learning_rate=lr_at(0, optim), b1=optim.betas[0], b2=optim.betas[1], eps=optim.eps,
         weight_decay=optim.weight_decay, mask=mask)
     clip = optax.clip_by_global_norm(optim.max_grad_norm) if optim.max_grad_norm > 0 else optax.identity()
