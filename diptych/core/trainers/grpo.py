@@ -100,7 +100,8 @@ def score(reward: Any, prompts: list[str], completions: list[str], columns: dict
     """Rewards as float array plus per-component means; accepts a task verifier or CombinedReward."""
     out = reward(prompts, completions, **columns)
     if hasattr(out, "total"):
-        comps = {f"reward/{k}": float(np.mean(v)) for k, v in out.components.items()}
+        comps = {f"reward/{k}": float(np.nanmean(v)) if np.isfinite(v).any() else 0.0
+                 for k, v in out.components.items()}
         comps["reward/failures"] = float(getattr(out, "failures", 0))
         return np.asarray(out.total, np.float32), comps
     return np.asarray([0.0 if r is None else float(r) for r in out], np.float32), {}
