@@ -180,3 +180,24 @@ def test_jax_auto_resolves_to_chunked_on_cpu():
     assert resolve_kernels("auto") == "chunked"
     assert resolve_kernels(None) == "chunked"
     assert resolve_kernels("fused") == "fused"
+
+
+@needs_jax
+@pytest.mark.parametrize("mode", ["chunked", "reference"])
+def test_jax_temperature_may_be_traced(mode):
+    import jax
+    import jax.numpy as jnp
+
+    from diptych.backends.jax.kernels import selective_logprobs
+
+    h, w, y, g_lp, g_ent = _case(3)
+
+    @jax.jit
+    def objective(a, b, t):
+        lp, e = selective_logprobs(a, b, jnp.asarray(y), t, kernels=mode, chunk_size=16)
+        return jnp.sum(lp * g_lp) + jnp.sum(e * g_ent), (lp, e)
+
+    (_, (lp, e)), (dh, dw) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(h), jnp.asarray(w), jnp.float32(0.7))
+    got = [np.asarray(a) for a in (lp, e, dh, dw)]
+    assert_matches_oracle(got, h, w, y, 0.7, g_lp, g_ent, "float32")

@@ -27,7 +27,7 @@ def test_fused_logprobs_forward_and_backward_match_numpy(dtype, temperature):
     assert_matches_oracle(got, h, w, y, temperature, g_lp, g_ent, dtype)
 
 
-def test_fused_logprobs_jit_other_blocks_and_only_logp_used():
+def test_fused_logprobs_jit_traced_temperature_other_blocks_and_only_logp_used():
     import jax
     import jax.numpy as jnp
 
@@ -37,11 +37,12 @@ def test_fused_logprobs_jit_other_blocks_and_only_logp_used():
     h, w, y, g_lp = h[:21], w[:130], y[:21] % 130, g_lp[:21]
 
     @jax.jit
-    def objective(a, b):
-        lp, _ = fused_selective_logprobs(a, b, jnp.asarray(y), 1.3, blocks=(32, 128, 16))
+    def objective(a, b, t):
+        lp, _ = fused_selective_logprobs(a, b, jnp.asarray(y), t, blocks=(32, 128, 16))
         return jnp.sum(lp * g_lp), lp
 
-    (_, lp), (dh, dw) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(jnp.asarray(h), jnp.asarray(w))
+    (_, lp), (dh, dw) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(jnp.asarray(h), jnp.asarray(w),
+                                                                         jnp.float32(1.3))
     want_dh, want_dw = ref.selective_logprobs_backward(h, w, y, 1.3, g_lp, None)
     np.testing.assert_allclose(np.asarray(lp), ref.selective_logprobs(h, w, y, 1.3)[0], atol=1e-5)
     np.testing.assert_allclose(np.asarray(dh), want_dh, atol=1e-5)

@@ -56,7 +56,7 @@ def selective_logprobs(
     hidden: jax.Array,
     weight: jax.Array,
     targets: jax.Array,
-    temperature: float = 1.0,
+    temperature: float | jax.Array = 1.0,
     kernels: str = "auto",
     chunk_size: int = 1024,
 ) -> tuple[jax.Array, jax.Array]:
@@ -64,7 +64,8 @@ def selective_logprobs(
 
     ``hidden`` is ``[..., H]`` (typically ``[N, H]``), ``weight`` is the LM head ``[V, H]`` and
     ``targets`` has ``hidden``'s leading shape. Differentiable w.r.t. ``hidden`` and ``weight``.
-    Logits are always computed in float32 whatever the input dtype.
+    Logits are always computed in float32 whatever the input dtype. ``temperature`` may be a
+    traced scalar (e.g. an argument of the caller's ``jit``); it gets no gradient.
     """
     lead = hidden.shape[:-1]
     _check_inputs(hidden, weight, targets, temperature, chunk_size)
@@ -72,17 +73,17 @@ def selective_logprobs(
     y = targets.reshape(-1).astype(jnp.int32)
     mode = resolve_kernels(kernels)
     if mode == "reference":
-        logp, ent = _naive_logprobs(h2, weight, y, float(temperature))
+        logp, ent = _naive_logprobs(h2, weight, y, temperature)
     elif mode == "chunked":
-        logp, ent = _chunked_logprobs(h2, weight, y, float(temperature), int(chunk_size))
+        logp, ent = _chunked_logprobs(h2, weight, y, jnp.asarray(temperature, jnp.float32), int(chunk_size))
     else:
         from diptych.kernels.pallas.logprobs import fused_selective_logprobs
 
-        logp, ent = fused_selective_logprobs(h2, weight, y, float(temperature))
+        logp, ent = fused_selective_logprobs(h2, weight, y, temperature)
     return logp.reshape(lead), ent.reshape(lead)
 
 
-def _check_inputs(hidden: Any, weight: Any, targets: Any, temperature: float, chunk_size: int) -> None:
+def _check_inputs(hidden: Any, weight: Any, targets: Any, temperature: Any, chunk_size: int) -> None:
     if weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"selective_logprobs wants hidden [..., H] and weight [V, H] with the same H; got hidden "
@@ -92,13 +93,13 @@ def _check_inputs(hidden: Any, weight: Any, targets: Any, temperature: float, ch
         raise ValueError(
             f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}; got {tuple(targets.shape)}."
         )
-    if not float(temperature) > 0:
+    if isinstance(temperature, int | float) and not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}.")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
 
 
-def _chunk_stats(h: jax.Array, w: jax.Array, y: jax.Array, temperature: float):
+def _chunk_stats(h: jax.Array, w: jax.Array, y: jax.Array, temperature: Any):
     """Float32 logits of one chunk and what the forward and backward need from them."""
     z = jnp.dot(h.astype(jnp.float32), w.astype(jnp.float32).T) / temperature
     lse = jax.nn.logsumexp(z, axis=-1)
@@ -109,7 +110,7 @@ def _chunk_stats(h: jax.Array, w: jax.Array, y: jax.Array, temperature: float):
     return logp_all, p, logp, ent
 
 
-def _naive_logprobs(h: jax.Array, w: jax.Array, y: jax.Array, temperature: float):
+def _naive_logprobs(h: jax.Array, w: jax.Array, y: jax.Array, temperature: Any):
     _, _, logp, ent = _chunk_stats(h, w, y, temperature)
     return logp, ent
 
@@ -122,8 +123,8 @@ def _as_chunks(x: jax.Array, chunk: int) -> jax.Array:
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_logprobs(h: jax.Array, w: jax.Array, y: jax.Array, temperature: float, chunk_size: int):
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_logprobs(h: jax.Array, w: jax.Array, y: jax.Array, temperature: jax.Array, chunk_size: int):
     return _chunked_fwd(h, w, y, temperature, chunk_size)[0]
 
 
@@ -138,11 +139,11 @@ def _chunked_fwd(h, w, y, temperature, chunk_size):
 
     logp, ent = jax.lax.map(one, (_as_chunks(h, chunk), _as_chunks(y, chunk)))
     logp, ent = logp.reshape(-1)[:n], ent.reshape(-1)[:n]
-    return (logp, ent), (h, w, y, ent)
+    return (logp, ent), (h, w, y, temperature, ent)
 
 
-def _chunked_bwd(temperature, chunk_size, res, grads):
-    h, w, y, ent = res
+def _chunked_bwd(chunk_size, res, grads):
+    h, w, y, temperature, ent = res
     g_lp, g_ent = grads
     n = h.shape[0]
     chunk = max(1, min(chunk_size, n))
@@ -159,7 +160,7 @@ def _chunked_bwd(temperature, chunk_size, res, grads):
     chunks = [_as_chunks(a, chunk) for a in (h, y, g_lp.astype(jnp.float32), g_ent.astype(jnp.float32), ent)]
     dw, dh = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), tuple(chunks))
     dh = dh.reshape(-1, h.shape[1])[:n]
-    return dh.astype(h.dtype), dw.astype(w.dtype), None
+    return dh.astype(h.dtype), dw.astype(w.dtype), None, None
 
 
 _chunked_logprobs.defvjp(_chunked_fwd, _chunked_bwd)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -24,11 +25,9 @@ __all__ = ["KERNEL_MODES", "resolve_kernels", "rms_norm", "selective_logprobs"]
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # find_spec, not import: triton reads TRITON_INTERPRET when first imported, so importing it
+    # here could fix the wrong mode for the rest of the process.
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_kernels(kernels: str | None, device: torch.device | None = None) -> str:

@@ -41,7 +41,7 @@ def _compiler_params():
     return None
 
 
-def _logit_tile(h_ref, w_ref, v0, n_h: int, bv: int, bh: int, inv_temp: float):
+def _logit_tile(h_ref, w_ref, v0, n_h: int, bv: int, bh: int, inv_temp: jax.Array):
     """``h_block @ w[v0:v0+bv].T * inv_temp`` in float32, summed over ``n_h`` hidden slices."""
 
     def body(k, acc):
@@ -59,8 +59,9 @@ def _dlogits(z, cols_valid, onehot, lse, ent, g_lp, g_ent, inv_temp):
     return jnp.where(cols_valid, dz * inv_temp, 0.0)
 
 
-def _fwd_kernel(h_ref, w_ref, y_ref, logp_ref, ent_ref, lse_ref, *, V, n_v, n_h, bv, bh, inv_temp):
+def _fwd_kernel(h_ref, w_ref, y_ref, inv_ref, logp_ref, ent_ref, lse_ref, *, V, n_v, n_h, bv, bh):
     bn = h_ref.shape[0]
+    inv_temp = inv_ref[0]
     y = y_ref[...]
 
     def body(j, carry):
@@ -87,8 +88,9 @@ def _fwd_kernel(h_ref, w_ref, y_ref, logp_ref, ent_ref, lse_ref, *, V, n_v, n_h,
     lse_ref[...] = lse
 
 
-def _bwd_dh_kernel(h_ref, w_ref, y_ref, lse_ref, ent_ref, glp_ref, gent_ref, dh_ref, *, V, n_v, n_h, bv, bh, inv_temp):
+def _bwd_dh_kernel(h_ref, w_ref, y_ref, lse_ref, ent_ref, glp_ref, gent_ref, inv_ref, dh_ref, *, V, n_v, n_h, bv, bh):
     bn = h_ref.shape[0]
+    inv_temp = inv_ref[0]
     k0 = pl.program_id(1) * bh
     y, lse, ent, g_lp, g_ent = y_ref[...], lse_ref[...], ent_ref[...], glp_ref[...], gent_ref[...]
 
@@ -104,8 +106,9 @@ def _bwd_dh_kernel(h_ref, w_ref, y_ref, lse_ref, ent_ref, glp_ref, gent_ref, dh_
     dh_ref[...] = jax.lax.fori_loop(0, n_v, body, jnp.zeros((bn, bh), F32))
 
 
-def _bwd_dw_kernel(h_ref, w_ref, y_ref, lse_ref, ent_ref, glp_ref, gent_ref, dw_ref, *, V, n_n, n_h, bn, bh, inv_temp):
+def _bwd_dw_kernel(h_ref, w_ref, y_ref, lse_ref, ent_ref, glp_ref, gent_ref, inv_ref, dw_ref, *, V, n_n, n_h, bn, bh):
     bv = w_ref.shape[0]
+    inv_temp = inv_ref[0]
     v0 = pl.program_id(0) * bv
     k0 = pl.program_id(1) * bh
 
@@ -135,6 +138,11 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
+def _inv_temperature(temperature: jax.Array) -> jax.Array:
+    """``1 / temperature`` as a one-element input, so a traced temperature needs no recompilation."""
+    return (1.0 / jnp.asarray(temperature, F32)).reshape(1)
+
+
 def _default_blocks() -> tuple[int, int, int]:
     return (16, 64, 32) if _interpret() else (64, 128, 64)
 
@@ -145,18 +153,19 @@ def _run_fwd(h, w, y, temperature, blocks):
     hp, wp = _pad_to(_pad_to(h, 0, bn), 1, bh), _pad_to(_pad_to(w, 0, bv), 1, bh)
     yp = _pad_to(y, 0, bn)
     np_, hd = hp.shape
-    kernel = partial(_fwd_kernel, V=v, n_v=wp.shape[0] // bv, n_h=hd // bh, bv=bv, bh=bh, inv_temp=1.0 / temperature)
+    kernel = partial(_fwd_kernel, V=v, n_v=wp.shape[0] // bv, n_h=hd // bh, bv=bv, bh=bh)
     row = pl.BlockSpec((bn,), lambda i: (i,))
     logp, ent, lse = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((np_,), F32)] * 3,
         grid=(np_ // bn,),
-        in_specs=[pl.BlockSpec((bn, hd), lambda i: (i, 0)), pl.BlockSpec(wp.shape, lambda i: (0, 0)), row],
+        in_specs=[pl.BlockSpec((bn, hd), lambda i: (i, 0)), pl.BlockSpec(wp.shape, lambda i: (0, 0)), row,
+                  pl.BlockSpec((1,), lambda i: (0,))],
         out_specs=[row, row, row],
         interpret=_interpret(),
         compiler_params=_compiler_params(),
         name="diptych_logprobs_fwd",
-    )(hp, wp, yp)
+    )(hp, wp, yp, _inv_temperature(temperature))
     return logp[:n], ent[:n], lse[:n]
 
 
@@ -167,35 +176,36 @@ def _run_bwd(h, w, y, lse, ent, g_lp, g_ent, temperature, blocks):
     vecs = [_pad_to(a, 0, bn) for a in (y, lse, ent, g_lp.astype(F32), g_ent.astype(F32))]
     np_, hd = hp.shape
     vp = wp.shape[0]
-    common = dict(V=v, n_h=hd // bh, bh=bh, inv_temp=1.0 / temperature)
+    common = dict(V=v, n_h=hd // bh, bh=bh)
+    inv = _inv_temperature(temperature)
     row = pl.BlockSpec((bn,), lambda i, k: (i,))
     dh = pl.pallas_call(
         partial(_bwd_dh_kernel, n_v=vp // bv, bv=bv, **common),
         out_shape=jax.ShapeDtypeStruct((np_, hd), F32),
         grid=(np_ // bn, hd // bh),
         in_specs=[pl.BlockSpec((bn, hd), lambda i, k: (i, 0)), pl.BlockSpec(wp.shape, lambda i, k: (0, 0))]
-        + [row] * 5,
+        + [row] * 5 + [pl.BlockSpec((1,), lambda i, k: (0,))],
         out_specs=pl.BlockSpec((bn, bh), lambda i, k: (i, k)),
         interpret=_interpret(),
         compiler_params=_compiler_params(),
         name="diptych_logprobs_bwd_dh",
-    )(hp, wp, *vecs)
+    )(hp, wp, *vecs, inv)
     full = pl.BlockSpec((np_,), lambda j, k: (0,))
     dw = pl.pallas_call(
         partial(_bwd_dw_kernel, n_n=np_ // bn, bn=bn, **common),
         out_shape=jax.ShapeDtypeStruct((vp, hd), F32),
         grid=(vp // bv, hd // bh),
         in_specs=[pl.BlockSpec(hp.shape, lambda j, k: (0, 0)), pl.BlockSpec((bv, hd), lambda j, k: (j, 0))]
-        + [full] * 5,
+        + [full] * 5 + [pl.BlockSpec((1,), lambda j, k: (0,))],
         out_specs=pl.BlockSpec((bv, bh), lambda j, k: (j, k)),
         interpret=_interpret(),
         compiler_params=_compiler_params(),
         name="diptych_logprobs_bwd_dw",
-    )(hp, wp, *vecs)
+    )(hp, wp, *vecs, inv)
     return dh[:n, :hd0], dw[:v, :hd0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused(h, w, y, temperature, blocks):
     logp, ent, _ = _run_fwd(h, w, y, temperature, blocks)
     return logp, ent
@@ -203,14 +213,14 @@ def _fused(h, w, y, temperature, blocks):
 
 def _fused_fwd(h, w, y, temperature, blocks):
     logp, ent, lse = _run_fwd(h, w, y, temperature, blocks)
-    return (logp, ent), (h, w, y, lse, ent)
+    return (logp, ent), (h, w, y, temperature, lse, ent)
 
 
-def _fused_bwd(temperature, blocks, res, grads):
-    h, w, y, lse, ent = res
+def _fused_bwd(blocks, res, grads):
+    h, w, y, temperature, lse, ent = res
     g_lp, g_ent = grads
     dh, dw = _run_bwd(h, w, y, lse, ent, g_lp, g_ent, temperature, blocks)
-    return dh.astype(h.dtype), dw.astype(w.dtype), None
+    return dh.astype(h.dtype), dw.astype(w.dtype), None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -220,7 +230,7 @@ def fused_selective_logprobs(
     hidden: jax.Array,
     weight: jax.Array,
     targets: jax.Array,
-    temperature: float = 1.0,
+    temperature: float | jax.Array = 1.0,
     blocks: tuple[int, int, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token ``(logp, entropy)`` in float32 for ``hidden [N, H]``, ``weight [V, H]``, ``targets [N]``.
@@ -233,4 +243,4 @@ def fused_selective_logprobs(
     blocks = _default_blocks() if blocks is None else tuple(int(b) for b in blocks)
     if len(blocks) != 3 or min(blocks) < 16 or any(b & (b - 1) for b in blocks):
         raise ValueError(f"Pallas block sizes must be three powers of two >= 16; got {blocks}.")
-    return _fused(hidden, weight, targets.astype(jnp.int32), float(temperature), blocks)
+    return _fused(hidden, weight, targets.astype(jnp.int32), jnp.asarray(temperature, F32), blocks)
