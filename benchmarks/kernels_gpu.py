@@ -49,7 +49,7 @@ def _row(op: str, path: str, seconds: float, nbytes: float, flops: float, peak_b
     row = dict(op=op, path=path, ms=seconds * 1e3, tflops=flops / seconds / 1e12 if flops else None,
                bandwidth_gbs=bw / 1e9, bandwidth_fraction=(bw / peak_bw) if peak_bw else None)
     frac = f"{row['bandwidth_fraction']:.1%} of peak" if peak_bw else "peak unknown"
-    tf = f"{row['tflops']:7.1f} TFLOP/s" if flops else " " * 15
+    tf = f"{row['tflops']:8.3f} TFLOP/s" if flops else " " * 16
     print(f"  {op:10s} {path:10s} {row['ms']:9.3f} ms {tf} {row['bandwidth_gbs']:8.1f} GB/s ({frac})")
     return row
 

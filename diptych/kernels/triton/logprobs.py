@@ -142,7 +142,8 @@ def _config(h: torch.Tensor, blocks: tuple[int, int, int] | None) -> dict:
     bn, bv, bh = blocks
     if min(blocks) < 16 or any(b & (b - 1) for b in blocks):
         raise ValueError(f"Triton block sizes must be powers of two >= 16 (tl.dot's minimum); got {blocks}.")
-    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=upcast, PRECISION="ieee" if upcast else "tf32")
+    # IEEE fp32 dots when computing in fp32 (parity: no TF32); bf16 inputs keep the default (tensor cores).
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=upcast, PRECISION="ieee" if upcast else None)
 
 
 class _FusedLogprobs(torch.autograd.Function):
