@@ -201,3 +201,53 @@ def test_jax_temperature_may_be_traced(mode):
         jnp.asarray(h), jnp.asarray(w), jnp.float32(0.7))
     got = [np.asarray(a) for a in (lp, e, dh, dw)]
     assert_matches_oracle(got, h, w, y, 0.7, g_lp, g_ent, "float32")
+
+
+@needs_jax
+def test_jax_chunked_never_allocates_the_full_logits():
+    """XLA's own allocation plan: the chunked step's temporaries stay far below one [N, V] buffer."""
+    import jax
+    import jax.numpy as jnp
+
+    from diptych.backends.jax.kernels import selective_logprobs
+
+    n, hd, v = 2048, 32, 4096  # one [N, V] float32 buffer is 32 MiB; a [128, V] chunk is 2 MiB
+
+    def temp_bytes(mode):
+        def step(a, b, c):
+            lp, e = selective_logprobs(a, b, c, 1.0, kernels=mode, chunk_size=128)
+            return jnp.sum(lp) + jnp.sum(e)
+
+        args = (jnp.zeros((n, hd)), jnp.zeros((v, hd)), jnp.zeros((n,), jnp.int32))
+        return jax.jit(jax.grad(step, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    full_logits = n * v * 4
+    assert temp_bytes("reference") >= full_logits
+    assert temp_bytes("chunked") <= full_logits // 4
+
+
+@needs_torch
+def test_torch_chunked_saves_nothing_of_vocabulary_size_for_backward():
+    """Autograd's saved tensors: the naive path keeps [N, V] buffers, the chunked one none."""
+    import torch
+
+    from diptych.backends.torch.kernels import selective_logprobs
+
+    n, hd, v = 256, 16, 1024
+    h, w = torch.randn(n, hd, requires_grad=True), torch.randn(v, hd, requires_grad=True)
+    y = torch.randint(0, v, (n,))
+
+    def largest_saved(mode):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lp, e = selective_logprobs(h, w, y, 1.0, kernels=mode, chunk_size=32)
+        (lp.sum() + e.sum()).backward()
+        return max(sizes)
+
+    assert largest_saved("reference") >= n * v
+    assert largest_saved("chunked") <= max(n * hd, v * hd)
