@@ -1,0 +1,1 @@
+"""End-to-end recipes: small, complete experiments that run on a laptop CPU in minutes."""
