@@ -1,0 +1,195 @@
+"""PPO for language models (InstructGPT / TRL style) as one backend-neutral loop.
+
+One step:
+
+1. ``prompts_per_step`` prompts, each sampled ``samples_per_prompt`` times;
+2. completions scored by the reward (one number per sequence);
+3. old log-probs and values from the current policy and its value head, reference
+   log-probs from the frozen reference when ``kl_coef > 0``;
+4. per-token rewards with the KL in the reward (``-kl_coef * KL_t`` on every token, k1 by
+   default, the sequence reward on its last token), then GAE (``gamma``, ``lam``) and
+   whitened advantages (``diptych.core.advantages``);
+5. ``ppo_epochs`` optimizer passes with ``policy + vf_coef * value`` (clipped ratio, clipped
+   values). During the first ``value_warmup_steps`` steps the loss is the value loss alone, so
+   a freshly initialised critic stops producing noise advantages before the policy-gradient
+   term starts (the value head shares the trunk, so its gradient reaches the trunk too).
+
+The value head sits on the policy (``init_train_state(..., value_head=True)``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from diptych.core.advantages import gae, kl_shaped_rewards
+from diptych.core.losses import PolicyLossConfig, ValueLossConfig
+from diptych.core.metrics import MetricsLogger
+from diptych.core.optim import OptimConfig
+from diptych.core.sampling import SamplingConfig, parity_noise
+from diptych.core.train_batch import split_microbatches
+from diptych.core.trainers.base import (
+    StepTimer,
+    TrainerError,
+    batch_iterator,
+    columns_of,
+    decode_completions,
+    encode_prompts,
+    rollout_batch,
+)
+from diptych.core.trainers.grpo import _logprobs, check_columns, score
+
+
+@dataclass
+class PPOConfig:
+    """Defaults follow TRL's PPO (NOTES.md): 4 epochs, k1 KL in the reward at 0.05, clip 0.2, vf_coef 0.1."""
+
+    steps: int = 50
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 1
+    micro_batches: int = 1
+    ppo_epochs: int = 4
+    max_prompt_len: int = 32
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    cliprange: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    value_head: bool = True
+    """The critic is a value head on the policy; a separate critic model is not implemented yet."""
+    value_warmup_steps: int = 0
+    parity: bool = False
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+
+    def __post_init__(self) -> None:
+        rows = self.prompts_per_step * self.samples_per_prompt
+        if rows % self.micro_batches:
+            raise TrainerError(f"prompts_per_step x samples_per_prompt = {rows} rollouts do not split into "
+                               f"micro_batches={self.micro_batches}; choose micro_batches dividing {rows}.")
+        if not self.value_head:
+            raise TrainerError("PPO needs a critic: value_head=True (a separate critic model is not implemented).")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise TrainerError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}.")
+        if self.ppo_epochs < 1 or self.value_warmup_steps < 0:
+            raise TrainerError("ppo_epochs must be >= 1 and value_warmup_steps >= 0.")
+        if rows < 2 and self.whiten_advantages:
+            raise TrainerError("Whitening advantages needs at least 2 rollouts per step.")
+
+    def loss(self, warmup: bool) -> tuple[Any, Any]:
+        value = ValueLossConfig(clip=self.value_clip if self.value_clip > 0 else None)
+        if warmup:
+            return "value", value
+        policy = PolicyLossConfig(eps_low=self.cliprange, eps_high=self.cliprange, beta=0.0)
+        return {"policy": 1.0, "value": self.vf_coef}, {"policy": policy, "value": value}
+
+    def sampling(self, tokenizer: Any) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              n=self.samples_per_prompt, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+
+
+def values_of(backend: Any, state: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Value-head predictions ``[B, T-1]`` (position t: the state that emits target t + 1), zero off the mask.
+
+    Uses ``backend.values(state, tokens, attention_mask)`` when the backend offers it. The
+    Backend facade has no such method yet, so this falls back to the backend's own
+    ``model.hidden_states`` and ``train.export_value_head`` (loaded by name, never imported
+    here, so the core stays framework-free) and applies the linear head in numpy.
+    """
+    tok, am = batch["tokens"][:, :-1], batch["attention_mask"][:, :-1]
+    fn = getattr(backend, "values", None)
+    if fn is not None:
+        out = np.asarray(backend.to_numpy(fn(state, backend.from_numpy(tok), backend.from_numpy(am))), np.float32)
+    else:
+        model_mod = importlib.import_module(f"diptych.backends.{backend.name}.model")
+        train_mod = importlib.import_module(f"diptych.backends.{backend.name}.train")
+        head = train_mod.export_value_head(state)
+        if head is None:
+            raise TrainerError("PPO needs a value head: init_train_state(model, optim, value_head=True).")
+        hidden = backend.to_numpy(model_mod.hidden_states(state.model, backend.from_numpy(tok), backend.from_numpy(am)))
+        out = (np.asarray(hidden, np.float32) @ head["value_head.weight"].T + head["value_head.bias"])[..., 0]
+    return out.astype(np.float32) * batch["mask"]
+
+
+def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[dict[str, Any]], cfg: PPOConfig,
+             step: int, ref_model: Any = None) -> tuple[Any, dict[str, float]]:
+    """One PPO step on ``rows``: generate, score, KL-shaped rewards, GAE, ``ppo_epochs`` updates."""
+    timer = StepTimer()
+    n = cfg.samples_per_prompt
+    prompts = [r["prompt"] for r in rows]
+    ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_len)
+    with timer.phase("generate"):
+        noise = None
+        if cfg.parity:
+            noise = parity_noise(len(ids) * n, cfg.max_new_tokens, int(state.model.spec.vocab_size),
+                                 seed=cfg.seed * 100003 + step)
+        rollout = backend.generate(state.model, ids, cfg.sampling(tokenizer), noise=noise,
+                                   **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}))
+    with timer.phase("score"):
+        completions = decode_completions(tokenizer, rollout)
+        rewards, components = score(reward, [p for p in prompts for _ in range(n)], completions,
+                                    columns_of(rows, exclude=("prompt",), repeat=n))
+        batch = rollout_batch(rollout, cfg.max_prompt_len)
+        mask = batch["mask"]
+    metrics: dict[str, float] = {
+        "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "completion_length": float(rollout.lengths.mean()), "truncated_frac": float(rollout.truncated.mean()),
+        **components,
+    }
+    if not mask.any():
+        metrics.update(skipped=1.0, **timer.metrics())
+        return state, metrics
+    warmup = step < cfg.value_warmup_steps
+    with timer.phase("train"):
+        old_lp = _logprobs(backend, state.model, batch, cfg.temperature)
+        values = values_of(backend, state, batch)
+        if cfg.kl_coef > 0:
+            if ref_model is None:
+                raise TrainerError("kl_coef > 0 needs a reference model; pass ref_model (or set kl_coef=0).")
+            ref_lp = _logprobs(backend, ref_model, batch, cfg.temperature)
+        else:
+            ref_lp = old_lp
+        token_rewards = kl_shaped_rewards(rewards, old_lp, ref_lp, mask, cfg.kl_coef, cfg.kl_estimator)
+        adv, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam,
+                           whiten_advantages=cfg.whiten_advantages and mask.sum() >= 2)
+        batch.update(old_logprobs=old_lp, advantages=adv.astype(np.float32), old_values=values,
+                     returns=returns.astype(np.float32))
+        loss, loss_cfg = cfg.loss(warmup)
+        train_metrics: dict[str, float] = {}
+        for _ in range(cfg.ppo_epochs):
+            state, train_metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches), loss,
+                                                      loss_cfg, temperature=cfg.temperature)
+    m = mask > 0
+    metrics["kl"] = float((old_lp - ref_lp)[m].sum() / len(rows) / n)
+    metrics["value_mean"] = float(values[m].mean())
+    metrics["returns_mean"] = float(returns[m].mean())
+    metrics["value_warmup"] = float(warmup)
+    metrics.update(train_metrics)
+    metrics.update(timer.metrics())
+    metrics["tokens_per_s"] = float(batch["attention_mask"].sum()) / max(sum(timer.seconds.values()), 1e-9)
+    return state, metrics
+
+
+def train_ppo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]], cfg: PPOConfig,
+              logger: MetricsLogger | None = None, ref_model: Any = None, start_step: int = 0,
+              on_step: Callable[[int, Any, dict[str, float]], None] | None = None) -> Any:
+    """Run PPO from ``start_step`` to ``cfg.steps``; ``state`` must carry a value head."""
+    check_columns(reward, rows)
+    batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed, start=start_step)
+    for step in range(start_step, cfg.steps):
+        _, chunk = next(batches)
+        state, metrics = ppo_step(backend, state, tokenizer, reward, chunk, cfg, step, ref_model)
+        if logger is not None:
+            logger.log(step + 1, metrics)
+        if on_step is not None:
+            on_step(step + 1, state, metrics)
+    return state
