@@ -69,6 +69,19 @@ def _stop_hit(out: torch.Tensor, t: int, stops: tuple[tuple[int, ...], ...]) -> 
     return hit
 
 
+def decode_step(model: M.Decoder, tok: torch.Tensor, pos: torch.Tensor, cache: M.KVCache, write_index: int,
+                key_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`model.forward_cached` for one new token per row, minus its input conversions and checks.
+
+    Attends over the slots filled so far only (``write_index + 1``): a view of the static cache,
+    so the new k/v still land in it. Returns next-token logits ``[B, V]`` float32.
+    """
+    span = write_index + 1
+    window = M.KVCache(cache.k[:, :, :, :span], cache.v[:, :, :, :span])
+    hidden = model.run(tok, pos, key_mask[:, None, :span], window, write_index)
+    return torch.nn.functional.linear(hidden[:, -1], M.lm_head_weight(model)).float()
+
+
 def generate(
     model: M.Decoder,
     prompts: Sequence[Sequence[int]],
@@ -94,7 +107,7 @@ def generate(
         gumbel = torch.from_numpy(g).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed) if seed is not None else int(torch.seed()))
-    step_fn = torch.compile(M.forward_cached, dynamic=True) if sampling.compile else M.forward_cached
+    step_fn = torch.compile(decode_step, dynamic=True) if sampling.compile else decode_step
     eos = torch.tensor(sampling.eos_ids or (-1,), dtype=torch.long, device=device)
 
     with torch.inference_mode():
@@ -129,8 +142,7 @@ def generate(
             if t == steps - 1 or bool(done.all()):
                 break
             key_mask[:, plen + t] = True
-            logits, cache = step_fn(model, tok[:, None], next_pos + t, cache, plen + t, key_mask)
-            logits = logits[:, -1]
+            logits = step_fn(model, tok[:, None], next_pos + t, cache, plen + t, key_mask)
 
     cm = cmask.cpu().numpy()
     return Rollout(
