@@ -64,6 +64,24 @@ class JaxBackend:
 
         return train.train_step(state, microbatches, loss, loss_config, **kw)
 
+    def export_weights(self, state: Any) -> dict[str, np.ndarray]:
+        """Canonical HF-named float32 weights of a train state (the master weights)."""
+        from diptych.backends.jax import train
+
+        return train.export_weights(state)
+
+    def gradients(self, state: Any, microbatches: Any, loss: Any, loss_config: Any, **kw: Any) -> Any:
+        """The full-batch gradient (canonical names) and loss, without updating: for parity checks."""
+        from diptych.backends.jax import train
+
+        return train.gradients(state, microbatches, loss, loss_config, **kw)
+
+    def values(self, state: Any, tokens: Any, attention_mask: Any) -> Any:
+        """Value-head predictions ``[B, T-1]`` (PPO old values); needs ``init_train_state(value_head=True)``."""
+        from diptych.backends.jax import train
+
+        return train.values(state, tokens, attention_mask)
+
     def save(self, state: Any, path: Any, **kw: Any) -> Any:
         from diptych.backends.jax import checkpoint
 
