@@ -342,3 +342,20 @@ class TruncatedTrainer:
         for k, v in P.items():
             self.model.params[k][...] = v
         return float(loss)
+
+
+def loss_grads(model: RecurrentLM, tokens: Any, mask: Any, targets: Any, weights: Any, *, num_steps: Any,
+               num_grad_steps: int | None = None, init_state: Any = None) -> tuple[float, dict[str, np.ndarray]]:
+    """``sum(weights * logprobs[targets])`` and its gradient per canonical name (parity and tests)."""
+    spec = model.spec
+    tok, msk = _inputs(spec, tokens, mask)
+    n_no_grad, n_grad = _split_steps(spec, num_steps, num_grad_steps)
+    init = None if init_state is None else jnp.asarray(init_state)
+
+    def loss_fn(P):
+        logits, _ = latent_forward_params(P, spec, tok, msk, init, n_no_grad, n_grad, num_grad_steps is not None)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(targets, jnp.int32)[..., None], -1)
+        return (lp[..., 0] * jnp.asarray(weights, jnp.float32)).sum()
+
+    loss, g = jax.jit(jax.value_and_grad(loss_fn))(model.param_dict())
+    return float(loss), {k: np.asarray(v, np.float32) for k, v in g.items()}

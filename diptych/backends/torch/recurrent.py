@@ -350,3 +350,17 @@ class TruncatedTrainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         return float(loss.detach())
+
+
+def loss_grads(model: RecurrentLM, tokens: Any, mask: Any, targets: Any, weights: Any, *, num_steps: Any,
+               num_grad_steps: int | None = None, init_state: Any = None) -> tuple[float, dict[str, np.ndarray]]:
+    """``sum(weights * logprobs[targets])`` and its gradient per canonical name (parity and tests)."""
+    model.zero_grad(set_to_none=True)
+    lp = logprobs(model, tokens, mask, targets, num_steps=num_steps, num_grad_steps=num_grad_steps,
+                  init_state=init_state)
+    loss = (lp * torch.as_tensor(np.asarray(weights), dtype=torch.float32)).sum()
+    loss.backward()
+    grads = {n: (p.grad.float().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
+             for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
