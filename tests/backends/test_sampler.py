@@ -165,3 +165,30 @@ def test_bad_inputs_raise_clear_errors(backend):
         backend.generate(model, [[1] * 600], S.SamplingConfig())
     with pytest.raises(S.SamplingError, match="noise has shape"):
         backend.generate(model, PROMPTS, S.SamplingConfig(max_new_tokens=4), noise=np.full((4, 3, 128), 0.5))
+
+
+@needs_jax
+def test_jax_prompt_buckets_keep_recompiles_rare():
+    from diptych.backends.jax import sampler as jax_sampler
+
+    model, cfg = built("jax"), S.SamplingConfig(temperature=0, max_new_tokens=24, eos_ids=())
+    backend = get_backend("jax")
+    backend.generate(model, [[1, 2, 3]], cfg)
+    before = jax_sampler._generate_jit._cache_size()
+    for width in (1, 5, 9, 16):  # all in the 16-wide bucket, same batch size
+        ro = backend.generate(model, [[7] * width], cfg)
+        assert ro.prompt_tokens.shape == (1, width)  # the bucket padding is trimmed from the result
+    assert jax_sampler._generate_jit._cache_size() == before
+    backend.generate(model, [[7] * 17], cfg)
+    assert jax_sampler._generate_jit._cache_size() == before + 1
+
+
+@needs_torch
+@pytest.mark.slow
+def test_torch_compile_flag_gives_the_same_tokens():
+    cfg = S.SamplingConfig(temperature=0, max_new_tokens=8, eos_ids=())
+    backend, model = get_backend("torch"), built("torch")
+    eager = backend.generate(model, PROMPTS, cfg)
+    compiled = backend.generate(model, PROMPTS, S.SamplingConfig(temperature=0, max_new_tokens=8, eos_ids=(),
+                                                                 compile=True))
+    np.testing.assert_array_equal(compiled.completion_tokens, eager.completion_tokens)
