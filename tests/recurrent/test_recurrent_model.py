@@ -163,3 +163,22 @@ def test_bad_forward_arguments_are_rejected(backend, kw, match):
         backend.forward(backend.build(spec, w), tokens, mask, **kw)
     with pytest.raises(ValueError, match="token ids"):
         backend.forward(backend.build(spec, w), np.full((1, 3), 500), None, num_steps=1)
+
+
+def test_set_depth_is_the_default_and_hidden_states_times_head_are_the_logits(backend):
+    import importlib
+
+    rb = importlib.import_module(f"diptych.backends.{backend.name}.recurrent")
+    spec, w = spec_and_weights()
+    tokens, mask, _ = batch()
+    model = backend.build(spec, w, num_steps=3, num_grad_steps=2)
+    implicit = backend.to_numpy(backend.forward(model, tokens, mask))
+    explicit = backend.to_numpy(backend.forward(model, tokens, mask, num_steps=3))
+    np.testing.assert_allclose(implicit, explicit, atol=1e-6)
+    hidden = backend.to_numpy(rb.hidden_states(model, tokens, mask))
+    head = backend.to_numpy(rb.lm_head_weight(model))
+    np.testing.assert_allclose(hidden @ head.T, implicit, atol=1e-4)
+    with pytest.raises(ValueError, match="num_grad_steps"):
+        rb.set_depth(model, 4, 0)
+    with pytest.raises(TypeError, match="Unknown build option"):
+        backend.build(spec, w, depth=3)

@@ -113,14 +113,21 @@ def _core_step(P: Params, spec: RecurrentSpec, ctx: Context, x: jax.Array, e: ja
     return x
 
 
-def _readout(P: Params, spec: RecurrentSpec, ctx: Context, x: jax.Array) -> jax.Array:
-    """ln_f after the recurrence, the coda, ln_f again, then the head: float32 logits."""
+def _final_hidden(P: Params, spec: RecurrentSpec, ctx: Context, x: jax.Array) -> jax.Array:
+    """ln_f after the recurrence, the coda, ln_f again: what the head reads."""
     x = _rms_norm(x, P["transformer.ln_f.weight"], spec.norm_eps)
     for i in range(spec.n_layers_in_coda):
         x = _block(P, f"transformer.coda.{i}.", spec, x, ctx.rope, ctx.allowed)
-    x = _rms_norm(x, P["transformer.ln_f.weight"], spec.norm_eps)
-    head = P["transformer.wte.weight"] if spec.tie_embeddings else P["lm_head.weight"]
-    return (x @ head.T).astype(jnp.float32)
+    return _rms_norm(x, P["transformer.ln_f.weight"], spec.norm_eps)
+
+
+def _head(P: Params, spec: RecurrentSpec) -> jax.Array:
+    return P["transformer.wte.weight"] if spec.tie_embeddings else P["lm_head.weight"]
+
+
+def _readout(P: Params, spec: RecurrentSpec, ctx: Context, x: jax.Array) -> jax.Array:
+    """Float32 logits from a latent state."""
+    return (_final_hidden(P, spec, ctx, x) @ _head(P, spec).T).astype(jnp.float32)
 
 
 def _loop(P: Params, spec: RecurrentSpec, ctx: Context, x: jax.Array, n_no_grad: Any, n_grad: int,
@@ -146,7 +153,21 @@ def build(spec: RecurrentSpec, weights: dict[str, np.ndarray], dtype: str = "flo
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
     spec.validate_weights(weights)
-    return RecurrentLM(spec, weights, dtype)
+    model = RecurrentLM(spec, weights, dtype)
+    set_depth(model, options.pop("num_steps", None), options.pop("num_grad_steps", None))
+    if options:
+        raise TypeError(f"Unknown build option(s) for a recurrent model: {', '.join(sorted(options))}.")
+    return model
+
+
+def set_depth(model: RecurrentLM, num_steps: int | None = None, num_grad_steps: int | None = None) -> None:
+    """The depth used when a call passes none: how a depth-unaware trainer runs a recurrent model.
+
+    ``num_grad_steps`` set means truncated backprop; a trainer following a ``DepthSchedule``
+    calls this once per step with ``draw.num_steps, draw.n_grad``.
+    """
+    _split_steps(model.spec, num_steps, num_grad_steps)  # validate now, not at first use
+    model.depth = (num_steps, num_grad_steps)
 
 
 def export(model: RecurrentLM) -> dict[str, np.ndarray]:
@@ -210,6 +231,8 @@ _latent_forward_jit = jax.jit(latent_forward_params, static_argnames=("spec", "n
 
 def latent_forward(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
                    num_grad_steps: int | None = None, init_state: Any = None, remat: bool = True):
+    if num_steps is None and num_grad_steps is None:
+        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
     tokens, mask = _inputs(model.spec, tokens, attention_mask)
     n_no_grad, n_grad = _split_steps(model.spec, num_steps, num_grad_steps)
     init = None if init_state is None else jnp.asarray(init_state)
@@ -233,6 +256,25 @@ def forward_train(model: RecurrentLM, tokens: Any, mask: Any, *, num_steps: int,
     """Truncated-backprop logits: gradient flows through the last ``num_grad_steps`` iterations only."""
     return latent_forward(model, tokens, mask, num_steps=num_steps, num_grad_steps=num_grad_steps,
                           init_state=init_state)[0]
+
+
+def hidden_states(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
+                  num_grad_steps: int | None = None, init_state: Any = None, **kw: Any) -> jax.Array:
+    """[B, T, H] after the final norm (the decoder API's seam for fused log-prob kernels)."""
+    _reject(kw)
+    if num_steps is None and num_grad_steps is None:
+        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    tokens, mask = _inputs(model.spec, tokens, attention_mask)
+    n_no_grad, n_grad = _split_steps(model.spec, num_steps, num_grad_steps)
+    P = model.param_dict()
+    ctx = _prelude(P, model.spec, tokens, mask)
+    x = _loop(P, model.spec, ctx, _initial_state(ctx, init_state), n_no_grad, n_grad, num_grad_steps is not None)
+    return _final_hidden(P, model.spec, ctx, x)
+
+
+def lm_head_weight(model: RecurrentLM) -> jax.Array:
+    """[V, H]: the embedding when tied."""
+    return _head(model.param_dict(), model.spec)
 
 
 def logprobs(model: RecurrentLM, tokens: Any, attention_mask: Any, targets: Any, temperature: float = 1.0, *,

@@ -163,13 +163,17 @@ def core_step(model: RecurrentLM, ctx: Context, x: torch.Tensor, e: torch.Tensor
     return x
 
 
-def readout(model: RecurrentLM, ctx: Context, x: torch.Tensor) -> torch.Tensor:
-    """ln_f after the recurrence, the coda, ln_f again, then the head: float32 logits."""
+def final_hidden(model: RecurrentLM, ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    """ln_f after the recurrence, the coda, ln_f again: what the head reads."""
     x = model.transformer.ln_f(x)
     for block in model.transformer.coda:
         x = block(x, ctx.rope, ctx.allowed)
-    x = model.transformer.ln_f(x)
-    return F.linear(x, model.head_weight()).float()
+    return model.transformer.ln_f(x)
+
+
+def readout(model: RecurrentLM, ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    """Float32 logits from a latent state."""
+    return F.linear(final_hidden(model, ctx, x), model.head_weight()).float()
 
 
 def initial_state(model: RecurrentLM, ctx: Context, init_state: Any) -> torch.Tensor:
@@ -195,7 +199,20 @@ def build(spec: RecurrentSpec, weights: dict[str, np.ndarray], dtype: str = "flo
         raise SpecError(f"Weights do not fit the recurrent model: missing {missing}, unexpected {unexpected}.")
     model = model.to(getattr(torch, dtype))
     model.dtype_name = dtype
+    set_depth(model, options.pop("num_steps", None), options.pop("num_grad_steps", None))
+    if options:
+        raise TypeError(f"Unknown build option(s) for a recurrent model: {', '.join(sorted(options))}.")
     return model
+
+
+def set_depth(model: RecurrentLM, num_steps: int | None = None, num_grad_steps: int | None = None) -> None:
+    """The depth used when a call passes none: how a depth-unaware trainer runs a recurrent model.
+
+    ``num_grad_steps`` set means truncated backprop; a trainer following a ``DepthSchedule``
+    calls this once per step with ``draw.num_steps, draw.n_grad``.
+    """
+    _split_steps(model.spec, num_steps, num_grad_steps)  # validate now, not at first use
+    model.depth = (num_steps, num_grad_steps)
 
 
 def export(model: RecurrentLM) -> dict[str, np.ndarray]:
@@ -223,23 +240,32 @@ def _split_steps(spec: RecurrentSpec, num_steps: Any, num_grad_steps: int | None
     return n_no_grad, n_grad
 
 
-def latent_forward(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
-                   num_grad_steps: int | None = None, init_state: Any = None, remat: bool = True):
-    """(logits, final latent state): the r - k no-grad iterations, then k checkpointed ones."""
-    ctx = prelude(model, tokens, attention_mask)
-    x = initial_state(model, ctx, init_state)
-    n_no_grad, n_grad = _split_steps(model.spec, num_steps, num_grad_steps)
+def _iterate(model: RecurrentLM, ctx: Context, x: torch.Tensor, n_no_grad: int, n_grad: int,
+             remat: bool) -> torch.Tensor:
+    """r - k iterations with no tape, then k differentiable ones (each rematerialised when ``remat``)."""
     with torch.no_grad():
         e_const = ctx.e.detach()
         for _ in range(n_no_grad):
             x = core_step(model, ctx, x, e_const)
     x = x.detach() if n_no_grad else x
-    use_ckpt = remat and num_grad_steps is not None and torch.is_grad_enabled()
+    use_ckpt = remat and torch.is_grad_enabled()
     for _ in range(n_grad):
         if use_ckpt:
             x = checkpoint(core_step, model, ctx, x, ctx.e, use_reentrant=False)
         else:
             x = core_step(model, ctx, x)
+    return x
+
+
+def latent_forward(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
+                   num_grad_steps: int | None = None, init_state: Any = None, remat: bool = True):
+    """(logits, final latent state): the r - k no-grad iterations, then k checkpointed ones."""
+    if num_steps is None and num_grad_steps is None:
+        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    ctx = prelude(model, tokens, attention_mask)
+    x = initial_state(model, ctx, init_state)
+    n_no_grad, n_grad = _split_steps(model.spec, num_steps, num_grad_steps)
+    x = _iterate(model, ctx, x, n_no_grad, n_grad, remat and num_grad_steps is not None)
     return readout(model, ctx, x), x
 
 
@@ -259,6 +285,24 @@ def forward_train(model: RecurrentLM, tokens: Any, mask: Any, *, num_steps: int,
     """Truncated-backprop logits: gradient flows through the last ``num_grad_steps`` iterations only."""
     return latent_forward(model, tokens, mask, num_steps=num_steps, num_grad_steps=num_grad_steps,
                           init_state=init_state)[0]
+
+
+def hidden_states(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
+                  num_grad_steps: int | None = None, init_state: Any = None, **kw: Any) -> torch.Tensor:
+    """[B, T, H] after the final norm (the decoder API's seam for fused log-prob kernels)."""
+    _reject(kw)
+    if num_steps is None and num_grad_steps is None:
+        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    ctx = prelude(model, tokens, attention_mask)
+    x = initial_state(model, ctx, init_state)
+    n_no_grad, n_grad = _split_steps(model.spec, num_steps, num_grad_steps)
+    x = _iterate(model, ctx, x, n_no_grad, n_grad, num_grad_steps is not None)
+    return final_hidden(model, ctx, x)
+
+
+def lm_head_weight(model: RecurrentLM) -> torch.Tensor:
+    """[V, H]: the embedding when tied."""
+    return model.head_weight()
 
 
 def logprobs(model: RecurrentLM, tokens: Any, attention_mask: Any, targets: Any, temperature: float = 1.0, *,
