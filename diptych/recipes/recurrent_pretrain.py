@@ -86,6 +86,7 @@ class RecipeConfig:
     eval_depths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     seed: int = 0
     baseline: bool = True
+    dense: bool = True
     out: str = "runs/recurrent_recipe"
 
 
@@ -95,13 +96,25 @@ def _task(cfg: RecipeConfig):
     return get_task("running_sum", length=tuple(cfg.length), modulo=10)
 
 
-def _encode(codec: CharCodec, rows: list[dict[str, Any]]):
+def _encode(codec: CharCodec, rows: list[dict[str, Any]], dense: bool = False):
+    """Left-padded prompts; the "=" position's target is the answer.
+
+    ``dense`` also supervises every digit position with the running sum so far (mod 10): the
+    same rule as the answer, applied to every prefix, which gives short prefixes as a built-in
+    curriculum.
+    """
     tokens, mask = codec.batch([r["prompt"] for r in rows])
     answers = np.array([codec.index[str(r["answer"])] for r in rows])
     targets = np.zeros_like(tokens)
     targets[:, -1] = answers
     weights = np.zeros(tokens.shape, np.float32)
     weights[:, -1] = 1.0
+    if dense:
+        for i, r in enumerate(rows):
+            partial = np.cumsum(r["digits"]) % 10
+            k = len(partial)
+            targets[i, -1 - k: -1] = [codec.index[str(int(v))] for v in partial]
+            weights[i, -1 - k: -1] = 1.0
     return tokens, mask, targets, weights, answers
 
 
@@ -116,7 +129,7 @@ def train_model(cfg: RecipeConfig, spec: RecurrentSpec, schedule: DepthSchedule,
     t0, losses = time.perf_counter(), []
     for step in range(cfg.steps):
         batch_rows = rows[step * cfg.batch: (step + 1) * cfg.batch]
-        tokens, mask, targets, weights, _ = _encode(codec, batch_rows)
+        tokens, mask, targets, weights, _ = _encode(codec, batch_rows, dense=cfg.dense)
         draw = schedule.sample(step)
         s0 = initial_state_noise(spec, (*tokens.shape, spec.n_embd), state_rng)
         losses.append(trainer.step(tokens, mask, targets, weights, num_steps=draw.num_steps,
@@ -179,10 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-size", type=int, default=d.eval_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--answer-only", action="store_true", help="supervise only the answer, not the running sums")
+    p.add_argument("--mean-recurrence", type=int, default=d.mean_recurrence)
+    p.add_argument("--backprop-depth", type=int, default=d.backprop_depth)
     p.add_argument("--out", default=d.out)
     a = p.parse_args(argv)
     cfg = RecipeConfig(backend=a.backend, steps=a.steps, batch=a.batch, lr=a.lr, eval_size=a.eval_size,
-                       seed=a.seed, baseline=not a.no_baseline, out=a.out)
+                       seed=a.seed, baseline=not a.no_baseline, out=a.out, dense=not a.answer_only,
+                       mean_recurrence=a.mean_recurrence, backprop_depth=a.backprop_depth)
     run(cfg)
     return 0
 
