@@ -23,7 +23,7 @@ HELP = "SFT warm start then GRPO on the built-in arithmetic task"
 class QuickstartConfig:
     seed: int = 0
     task: str = "arithmetic"
-    task_knobs: dict[str, Any] = field(default_factory=lambda: {"max_digits": 2, "ops": "+"})
+    task_knobs: dict[str, Any] = field(default_factory=lambda: {"digits": (1, 2), "ops": ("+",)})
     n_train: int = 4000
     n_test: int = 200
     hidden_size: int = 96
