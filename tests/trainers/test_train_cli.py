@@ -125,3 +125,19 @@ def test_nan_rewards_are_refused_with_a_clear_error(backend):
     poisoned = lambda prompts, completions, **kw: [float("nan")] * len(completions)
     with pytest.raises(ValueError, match="rewards contain NaN"):
         grpo_step(backend, state, tok, poisoned, [{"prompt": "1+1="}, {"prompt": "2+2="}], cfg, step=0)
+
+
+@needs_torch
+def test_dpo_cli_caches_reference_logprobs_once_and_resume_reuses_them(tmp_path):
+    out = tmp_path / "dpo"
+    common = ["train", "dpo", "--backend", "torch", "--quiet", f"out={out}", "checkpoint.every=1", *TINY,
+              "dpo.batch_size=4", "dpo.max_prompt_len=6", "dpo.max_completion_len=4"]
+    assert main([*common, "dpo.steps=1"]) == 0
+    cache = out / "checkpoints" / "ref_logprobs.npz"
+    first = cache.stat().st_mtime_ns
+    with np.load(cache) as f:
+        assert f["chosen"].shape[1] == 6 + 4 - 1 and np.isfinite(f["chosen"]).all()
+    assert main([*common, "--resume", "dpo.steps=2"]) == 0
+    assert cache.stat().st_mtime_ns == first  # reused, not recomputed from the (trained) policy
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "rewards_accuracy" in rows[-1]
