@@ -65,10 +65,12 @@ def print_report(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Quantity names carry the case (e.g. "weights:grpo after 10"): never truncate them.
+    console = Console(width=None if sys.stdout.isatty() else 140)
     table = Table(title="diptych parity")
     for col in ("quantity", "a", "b", "dtype", "max abs", "max rel", "tol", "result"):
-        table.add_column(col, justify="right" if col.startswith("max") or col == "tol" else "left")
+        table.add_column(col, justify="right" if col.startswith("max") or col == "tol" else "left",
+                         overflow="fold", no_wrap=col != "quantity")
     for c in report.cases:
         verdict = "[green]PASS[/green]" if c.passed else f"[red]FAIL[/red] {c.note}".rstrip()
         table.add_row(c.quantity, c.a, c.b, c.dtype, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.tol:.0e}", verdict)
