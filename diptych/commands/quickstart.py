@@ -40,7 +40,13 @@ class QuickstartConfig:
     prompts_per_step: int = 16
     group_size: int = 8
     grpo_lr: float = 3e-4
+    grpo_warmup: int = 0
+    num_iterations: int = 1
+    beta: float = 0.0
+    loss: str = "grpo"
     temperature: float = 1.0
+    sft_carry_bug: float = 0.0
+    """Fraction of the carry-needing ``+`` answers in the SFT data written by a teacher who forgets to carry."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     from diptych.core.backend import BackendError, get_backend
 
     name = args.backend or os.environ.get("DIPTYCH_BACKEND") or "torch"
+    if name == "torch":
+        # Tiny matmuls: torch's intra-op threads only contend (about 6x slower on 2 busy cores).
+        import torch
+
+        torch.set_num_threads(1)
     try:
         backend = get_backend(name)
     except BackendError as e:
@@ -115,7 +126,7 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
                         max_completion_len=cfg.max_new_tokens, seed=cfg.seed,
                         optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=10, total_steps=cfg.sft_steps,
                                           schedule="cosine", min_lr_ratio=0.1))
-    sft_rows = [{"prompt": r["prompt"], "completion": task.reference_solution(r)} for r in train_rows]
+    sft_rows = warm_start_rows(task, train_rows, cfg.sft_carry_bug, cfg.seed)
     out_dir = Path(out) if out is not None else None
     log = MetricsLogger.for_run(out_dir / "sft" if out_dir else None, cfg.sft_steps, "SFT", console=console)
     state = train_sft(backend, backend.init_train_state(model, sft_cfg.optim, seed=cfg.seed), tok, sft_rows,
@@ -125,11 +136,13 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
 
     grpo_cfg = GRPOConfig(steps=cfg.grpo_steps, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
                           max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, loss="grpo", beta=0.0, seed=cfg.seed,
-                          optim=OptimConfig(lr=cfg.grpo_lr, max_grad_norm=1.0))
+                          temperature=cfg.temperature, loss=cfg.loss, beta=cfg.beta, seed=cfg.seed,
+                          num_iterations=cfg.num_iterations,
+                          optim=OptimConfig(lr=cfg.grpo_lr, max_grad_norm=1.0, warmup_steps=cfg.grpo_warmup))
     log = MetricsLogger.for_run(out_dir, cfg.grpo_steps, "GRPO", console=console)
+    ref = state.model if cfg.beta > 0 else None
     state = train_grpo(backend, backend.init_train_state(state.model, grpo_cfg.optim, seed=cfg.seed), tok,
-                       task.reward, train_rows, grpo_cfg, log)
+                       task.reward, train_rows, grpo_cfg, log, ref_model=ref)
     log.close()
     acc_after = accuracy(state.model)
     plot = None
@@ -146,3 +159,32 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
         "reward_last": log.history[-1].get("reward") if log.history else None,
         "plot": str(plot) if plot else None,
     }
+
+
+def carry_free_sum(a: int, b: int) -> int:
+    """``a + b`` as a pupil who forgets every carry writes it: each column's digit sum mod 10."""
+    out, place = 0, 1
+    while a or b:
+        out += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return out
+
+
+def warm_start_rows(task: Any, rows: list[dict[str, Any]], carry_bug: float, seed: int) -> list[dict[str, str]]:
+    """SFT ``{prompt, completion}`` rows; a ``carry_bug`` fraction of carry-needing sums get the carry-free answer.
+
+    Real SFT data is imperfect, and a flawed teacher's habit is exactly what a verifier reward
+    can remove: greedy decoding inherits the bug, sampling still finds the right answer often
+    enough for GRPO to learn from, and the fix (carrying) generalises to unseen prompts.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for r in rows:
+        completion = task.reference_solution(r)
+        buggy = carry_bug > 0 and r.get("op") == "+" and carry_free_sum(r["a"], r["b"]) != r["a"] + r["b"]
+        if buggy and rng.random() < carry_bug:
+            completion = str(carry_free_sum(r["a"], r["b"]))
+        out.append({"prompt": r["prompt"], "completion": completion})
+    return out
