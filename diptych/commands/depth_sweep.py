@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--criteria", default="kl,latent-diff", help="comma-separated exit criteria ('' for none)")
     p.add_argument("--backend", default=None, choices=["jax", "torch"])
     p.add_argument("--n", type=int, default=512, help="held-out problems")
+    p.add_argument("--length", default=None, help="override the task's length knob, e.g. 7,10 (harder than training)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, metavar="PATH", default=Path("depth_sweep.json"))
     p.add_argument("--plot", type=Path, metavar="PATH", default=Path("depth_sweep.png"))
@@ -57,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
         codec, meta = CharCodec.load(args.checkpoint)
         name = args.task or meta["task"]
         knobs = meta.get("knobs", {}) if name == meta["task"] else {}
-        task = get_task(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
+        if args.length:
+            knobs["length"] = tuple(_depths(args.length))
+        task = get_task(name, **knobs)
         backend = resolve_backend_name(args.backend or "torch")
     except (ValueError, FileNotFoundError) as e:
         print(f"diptych depth-sweep: {e}", file=sys.stderr)
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['mode']:>22s}  r={r['num_steps']:3d}  acc {r['accuracy']:.3f}  mean depth {r['mean_depth']:5.1f}"
               f"  {r['seconds']:.2f}s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "task": name, "backend": backend,
-                                     "n": args.n, "rows": sweep}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "task": name, "knobs": knobs,
+                                     "backend": backend, "n": args.n, "rows": sweep}, indent=2, default=list) + "\n")
     plot_sweep(sweep, args.plot, title=f"{name}: accuracy vs depth")
     return 0

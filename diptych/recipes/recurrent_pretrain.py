@@ -82,6 +82,7 @@ class RecipeConfig:
     mean_recurrence: int = 8
     backprop_depth: int = 4
     length: tuple[int, int] = (2, 6)
+    long_length: tuple[int, int] = (7, 10)  # held-out lists longer than any seen in training
     eval_size: int = 512
     eval_depths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     seed: int = 0
@@ -90,10 +91,10 @@ class RecipeConfig:
     out: str = "runs/recurrent_recipe"
 
 
-def _task(cfg: RecipeConfig):
+def _task(cfg: RecipeConfig, length: tuple[int, int] | None = None):
     from diptych.core.tasks import get_task
 
-    return get_task("running_sum", length=tuple(cfg.length), modulo=10)
+    return get_task("running_sum", length=tuple(length or cfg.length), modulo=10)
 
 
 def _encode(codec: CharCodec, rows: list[dict[str, Any]], dense: bool = False):
@@ -162,22 +163,30 @@ def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
     save_hf_folder(ckpt, spec, rb.export(model))
     codec.save(ckpt, "running_sum", {"length": list(cfg.length), "modulo": 10})
     ops = rb._Ops(model)
-    results["sweep"] = depth_sweep(ops, tokens, mask, answers, answer_ids, cfg.eval_depths,
-                                   criteria=("kl", "latent-diff"), state_seed=cfg.seed)
-    for row in results["sweep"]:
-        log(f"{row['mode']:>20s} r={row['num_steps']:3d}  acc {row['accuracy']:.3f}  depth {row['mean_depth']:.1f}")
+    long_rows = _task(cfg, cfg.long_length).generate("test", cfg.eval_size, seed=cfg.seed + 8)
+    ltokens, lmask, _, _, lanswers = _encode(codec, long_rows)
+    for key, (tk, mk, ans) in {"sweep": (tokens, mask, answers), "sweep_long": (ltokens, lmask, lanswers)}.items():
+        results[key] = depth_sweep(ops, tk, mk, ans, answer_ids, cfg.eval_depths, criteria=("kl", "latent-diff"),
+                                   state_seed=cfg.seed)
+        for row in results[key]:
+            log(f"{key:>10s} {row['mode']:>20s} r={row['num_steps']:3d}  acc {row['accuracy']:.3f}  "
+                f"depth {row['mean_depth']:.1f}")
 
     if cfg.baseline:
         log("baseline: same parameters, fixed r = 1")
         base_sched = DepthSchedule(1, 1, mode="fixed")
         bmodel, _, blosses = train_model(cfg, spec, base_sched, codec, log)
-        res = depth_sweep(rb._Ops(bmodel), tokens, mask, answers, answer_ids, (1,), criteria=(), state_seed=cfg.seed)
-        results["baseline"] = {"accuracy": res[0]["accuracy"], "final_loss": float(np.mean(blosses[-50:]))}
-        log(f"baseline acc {results['baseline']['accuracy']:.3f}")
-    fixed = {r["num_steps"]: r["accuracy"] for r in results["sweep"] if r["mode"] == "fixed"}
-    if all(d in fixed for d in (4, 8, 16, 32)):
-        results["test_time_scaling"] = bool(min(fixed[16], fixed[32]) > max(fixed[4], fixed[8]))
-    plot_sweep(results["sweep"], out / "sweep.png", title="running_sum: accuracy vs depth")
+        bops = rb._Ops(bmodel)
+        acc = [depth_sweep(bops, tk, mk, ans, answer_ids, (1,), criteria=(), state_seed=cfg.seed)[0]["accuracy"]
+               for tk, mk, ans in ((tokens, mask, answers), (ltokens, lmask, lanswers))]
+        results["baseline"] = {"accuracy": acc[0], "accuracy_long": acc[1], "final_loss": float(np.mean(blosses[-50:]))}
+        log(f"baseline acc {acc[0]:.3f} (long lists {acc[1]:.3f})")
+    for key in ("sweep", "sweep_long"):
+        fixed = {r["num_steps"]: r["accuracy"] for r in results[key] if r["mode"] == "fixed"}
+        if all(d in fixed for d in (4, 8, 16, 32)):
+            results[f"test_time_scaling_{key}"] = bool(min(fixed[16], fixed[32]) > max(fixed[4], fixed[8]))
+    plot_sweep(results["sweep"], out / "sweep.png", title="running_sum (2-6 digits): accuracy vs depth")
+    plot_sweep(results["sweep_long"], out / "sweep_long.png", title="running_sum (7-10 digits): accuracy vs depth")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
