@@ -167,38 +167,31 @@ def test_logprobs_equal_log_softmax_of_forward_logits(hf_model, temperature):
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
-def test_selective_logprobs_chunking_does_not_change_the_result():
-    """Chunk sizes that do and do not divide the token count give the single-chunk answer."""
-    rng = np.random.default_rng(1)
-    hidden = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
-    weight = jnp.asarray(rng.standard_normal((50, 16)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, 50, (3, 7)), jnp.int32)
-    expected = _log_softmax_at(np.asarray(hidden) @ np.asarray(weight).T, np.asarray(targets), 0.5)
-    for chunk in (4, 21):  # several chunks with a ragged last one; one chunk
-        got = np.asarray(M.selective_logprobs(hidden, weight, targets, 0.5, chunk_tokens=chunk))
-        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-
-
-def test_logprobs_are_differentiable_and_match_autodiff_of_full_logits():
+@pytest.mark.parametrize("kernels", ["reference", "chunked"])
+def test_every_cpu_kernel_mode_gives_log_softmax_of_forward_logits(kernels):
+    """Both log-prob paths, picked at build time or per call, equal a float64 numpy log-softmax."""
     spec = tiny_spec("qwen2")
-    model = M.build(spec, spec.init_weights(3))
-    rng = np.random.default_rng(2)
-    hidden = jnp.asarray(rng.standard_normal((10, spec.hidden_size)), jnp.float32)
-    weight = M.lm_head_weight(model)
-    targets = jnp.asarray(rng.integers(0, spec.vocab_size, (10,)), jnp.int32)
+    weights = spec.init_weights(3)
+    tokens, mask, _ = _batch()
+    targets = np.roll(tokens, -1, axis=1)
+    expected = _log_softmax_at(np.asarray(M.forward(M.build(spec, weights), tokens, mask)), targets, 0.5)
+    built = M.build(spec, weights, kernels=kernels)
+    assert built.kernels == kernels
+    np.testing.assert_allclose(np.asarray(M.logprobs(built, tokens, mask, targets, 0.5)), expected, atol=1e-5)
+    per_call = M.logprobs(M.build(spec, weights), tokens, mask, targets, 0.5, kernels=kernels)
+    np.testing.assert_allclose(np.asarray(per_call), expected, atol=1e-5)
 
-    def full(w):
-        return jnp.sum(jax.nn.log_softmax(hidden @ w.T / 0.8)[jnp.arange(10), targets])
 
-    def chunked(w):
-        return jnp.sum(M.selective_logprobs(hidden, w, targets, 0.8, chunk_tokens=3))
-
-    np.testing.assert_allclose(np.asarray(jax.grad(chunked)(weight)), np.asarray(jax.grad(full)(weight)),
-                               atol=1e-6, rtol=1e-5)
+def test_norms_stay_plain_unless_fused():
+    """On CPU only an explicit ``fused`` switches RMSNorm to the Pallas kernel (auto resolves to chunked)."""
+    spec = tiny_spec("qwen3")
+    for kernels, fused in (("auto", False), ("reference", False), ("chunked", False), ("fused", True)):
+        model = M.build(spec, spec.init_weights(0), kernels=kernels)
+        assert model.model.norm.fused is fused and model.model.layers[0].self_attn.q_norm.fused is fused
 
 
 def test_logprobs_gradient_matches_gradient_of_log_softmax_of_forward():
-    """Every parameter's gradient through the chunked, rematerialised path equals the naive one."""
+    """Every parameter's gradient through the default (auto = chunked on CPU) path equals the naive one."""
     from flax import nnx
 
     spec = tiny_spec("qwen2")

@@ -154,19 +154,26 @@ def test_logprobs_equal_log_softmax_of_forward(hf_and_ours, temperature):
     np.testing.assert_allclose(npy(got), expected, atol=1e-5, rtol=0)
 
 
-def test_selective_logprobs_chunks_agree_and_backprop_like_full_logits():
-    """Chunking (7 tokens at a time, an uneven split) changes neither values nor gradients."""
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
-    weight = torch.randn(50, 16, generator=g, requires_grad=True)
-    targets = torch.randint(0, 50, (3, 11), generator=g)
-    full = torch.log_softmax(hidden @ weight.T / 0.5, -1).gather(-1, targets[..., None])[..., 0]
-    chunked = M.selective_logprobs(hidden, weight, targets, 0.5, chunk_tokens=7)
-    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
-    gf = torch.autograd.grad(full.sum(), (hidden, weight))
-    gc = torch.autograd.grad(chunked.sum(), (hidden, weight))
-    for a, b in zip(gf, gc):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("kernels", ["reference", "chunked"])
+def test_every_cpu_kernel_mode_gives_log_softmax_of_forward_and_its_gradient(kernels):
+    """Both log-prob paths (picked at build time) equal autograd through full-logit log-softmax, values and grads."""
+    spec = tiny_spec("qwen2")
+    weights = spec.init_weights(3)
+    tokens, mask = left_padded_batch()
+    targets = torch.from_numpy(np.roll(tokens, -1, 1))
+    coeff = torch.from_numpy(mask).float()
+
+    naive = M.build(spec, weights, device="cpu")
+    logp = torch.log_softmax(M.forward(naive, tokens, mask).double() / 0.5, -1).gather(-1, targets[..., None])[..., 0]
+    (logp * coeff).sum().backward()
+    model = M.build(spec, weights, kernels=kernels, device="cpu")
+    assert model.kernels == kernels
+    got = M.logprobs(model, tokens, mask, targets, 0.5)
+    np.testing.assert_allclose(npy(got), logp.detach().numpy(), atol=1e-5, rtol=0)
+    (got * coeff).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), naive.parameters()):
+        rel = (p.grad - q.grad).abs().max() / q.grad.abs().max()
+        assert rel <= 1e-4, f"{name}: gradient rel err {rel:.3g}"
 
 
 def test_kv_cache_prefill_and_decode_reproduce_forward(hf_and_ours):

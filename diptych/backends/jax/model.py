@@ -9,6 +9,11 @@ attribute names are the Hugging Face parameter names, so the flattened ``nnx.Par
 Every entry point splits the model (``nnx.split``) and runs a ``jax.jit``-compiled pure
 function of ``(graphdef, state, arrays)``: repeated calls with the same shapes reuse the
 compiled program, and the functions stay differentiable under ``nnx.grad`` / ``jax.grad``.
+
+``kernels`` (:data:`KERNELS`, one meaning on both backends, see ``diptych.backends.jax.kernels``)
+picks the log-prob path (``reference``: full logits; ``chunked``: a ``custom_vjp`` over chunks
+of tokens; ``fused``: Pallas) and, only when it resolves to ``fused``, the RMSNorm kernel; every
+other mode keeps the plain, transformers-matching RMSNorm.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diptych.backends.jax import kernels as kernels_mod
 from diptych.core.spec import DecoderSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-KERNELS = ("auto", "reference", "fused")
+KERNELS = kernels_mod.KERNEL_MODES
+"""``("auto", "fused", "chunked", "reference")``, the same words as the kernels module and the torch panel."""
 LOGPROB_CHUNK_TOKENS = 1024
-"""Tokens per chunk in :func:`logprobs`: bounds live logits to ``chunk x vocab`` floats."""
+"""Tokens per chunk in :func:`logprobs` (``chunked``): bounds live logits to ``chunk x vocab`` floats."""
 
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 """Finite, so a fully padded query row softmaxes to a uniform row instead of NaN."""
@@ -41,11 +48,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype: Any = jnp.float32) -> None:
+    """``fused`` (static) routes through the Pallas kernel; otherwise the plain HF-order expression."""
+
+    def __init__(self, dim: int, eps: float, dtype: Any = jnp.float32, fused: bool = False) -> None:
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.eps = eps
+        self.eps, self.fused = eps, fused
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.fused:
+            return kernels_mod.rms_norm(x, self.weight[...], self.eps, kernels="fused")
         return rms_norm(x, self.weight[...], self.eps)
 
 
@@ -105,7 +116,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> j
 
 
 class Attention(nnx.Module):
-    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32) -> None:
+    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32, fused: bool = False) -> None:
         h, bias = spec.hidden_size, spec.attention_bias
         self.num_heads, self.num_kv_heads = spec.num_attention_heads, spec.num_key_value_heads
         self.head_dim = spec.head_dim
@@ -114,8 +125,8 @@ class Attention(nnx.Module):
         self.v_proj = Linear(h, spec.kv_dim, bias, dtype)
         self.o_proj = Linear(spec.q_dim, h, False, dtype)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, fused)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, fused)
         else:
             self.q_norm = self.k_norm = None
 
@@ -156,10 +167,10 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32) -> None:
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-        self.self_attn = Attention(spec, dtype)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32, fused: bool = False) -> None:
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, fused)
+        self.self_attn = Attention(spec, dtype, fused)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, fused)
         self.mlp = MLP(spec, dtype)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
@@ -173,19 +184,23 @@ class DecoderLayer(nnx.Module):
 class DecoderStack(nnx.Module):
     """HF's ``LlamaModel``: embedding, layers, final norm (named ``model`` in the checkpoint)."""
 
-    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32) -> None:
+    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32, fused: bool = False) -> None:
         self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size, dtype)
-        self.layers = nnx.List([DecoderLayer(spec, dtype) for _ in range(spec.num_hidden_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.layers = nnx.List([DecoderLayer(spec, dtype, fused) for _ in range(spec.num_hidden_layers)])
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, fused)
 
 
 class Decoder(nnx.Module):
-    """HF's ``*ForCausalLM``; ``lm_head`` is absent when tied to ``model.embed_tokens``."""
+    """HF's ``*ForCausalLM``; ``lm_head`` is absent when tied to ``model.embed_tokens``.
+
+    ``kernels`` is the requested mode (``auto`` stays ``auto``, so a checkpoint written on a GPU
+    restores as ``auto`` on a CPU); the norms resolve it once, here, on the default JAX device.
+    """
 
     def __init__(self, spec: DecoderSpec, dtype: str = "float32", kernels: str = "auto") -> None:
         self.spec, self.dtype, self.kernels = spec, dtype, kernels
         jdtype = DTYPES[dtype]
-        self.model = DecoderStack(spec, jdtype)
+        self.model = DecoderStack(spec, jdtype, kernels_mod.resolve_kernels(kernels) == "fused")
         self.lm_head = None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size, False, jdtype)
 
     def run(self, tokens: jax.Array, positions: jax.Array, allowed: jax.Array,
@@ -231,8 +246,7 @@ def build(spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float
         raise TypeError(f"build needs a DecoderSpec, got {type(spec).__name__}.")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}.")
+    _check_kernels(kernels)
     spec.validate_weights(weights)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(spec, dtype, kernels)))
     flat = nnx.to_flat_state(abstract)
@@ -271,15 +285,13 @@ def logprobs(model: Decoder, tokens: Any, attention_mask: Any, targets: Any, tem
              kernels: str | None = None) -> jax.Array:
     """``log_softmax(logits / temperature)[targets]`` over the full vocabulary, ``[B, T]`` float32.
 
-    Computed from hidden states in chunks of tokens so the ``[B, T, V]`` logits never exist
-    at once; under autodiff each chunk is rematerialised in backward instead of being kept.
+    ``kernels`` (default: the model's) picks the path of :func:`diptych.backends.jax.kernels.selective_logprobs`;
+    under ``auto`` on CPU that is ``chunked``, so the ``[B, T, V]`` logits never exist at once,
+    in the forward or the backward.
     """
     kernels = model.kernels if kernels is None else kernels
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}.")
-    if kernels == "fused":
-        raise NotImplementedError("Fused log-prob kernels are not wired into the JAX model yet; "
-                                  "use kernels='auto' or 'reference'.")
+    _check_kernels(kernels)
+    mode = kernels_mod.resolve_kernels(kernels)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     tokens, mask, positions = _inputs(model, tokens, attention_mask, None)
@@ -287,34 +299,7 @@ def logprobs(model: Decoder, tokens: Any, attention_mask: Any, targets: Any, tem
     if targets.shape != tokens.shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}.")
     graphdef, state = nnx.split(model)
-    return _logprobs_jit(graphdef, state, tokens, mask, positions, targets, jnp.float32(temperature))
-
-
-def selective_logprobs(hidden: jax.Array, weight: jax.Array, targets: jax.Array, temperature: float | jax.Array = 1.0,
-                       chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> jax.Array:
-    """Target log-probs from ``hidden [..., H]`` and ``weight [V, H]`` without full logits (plain jnp).
-
-    Tokens are processed ``chunk_tokens`` at a time by ``lax.map``; each chunk is wrapped in
-    ``jax.checkpoint`` so the backward pass recomputes its logits rather than storing them.
-    """
-    lead = hidden.shape[:-1]
-    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    n = flat_h.shape[0]
-    if n == 0:
-        return jnp.zeros(lead, jnp.float32)
-    chunk = max(1, min(int(chunk_tokens), n))
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    flat_h = jnp.pad(flat_h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, -1)
-    flat_t = jnp.pad(flat_t, (0, pad)).reshape(n_chunks, chunk)
-    one = jax.checkpoint(lambda args: _chunk_logprobs(args[0], weight, args[1], temperature))
-    return jax.lax.map(one, (flat_h, flat_t)).reshape(-1)[:n].reshape(lead)
-
-
-def _chunk_logprobs(h: jax.Array, weight: jax.Array, targets: jax.Array, temperature: Any) -> jax.Array:
-    logits = _project(h, weight).astype(jnp.float32) / temperature
-    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return _logprobs_jit(graphdef, state, tokens, mask, positions, targets, jnp.float32(temperature), mode)
 
 
 def _project(h: jax.Array, weight: jax.Array) -> jax.Array:
@@ -380,12 +365,13 @@ def _forward_jit(graphdef: Any, state: Any, tokens: jax.Array, mask: jax.Array, 
     return _project(hidden, lm_head_weight(model)).astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jax.jit, static_argnums=(0, 7))
 def _logprobs_jit(graphdef: Any, state: Any, tokens: jax.Array, mask: jax.Array, positions: jax.Array,
-                  targets: jax.Array, temperature: jax.Array) -> jax.Array:
+                  targets: jax.Array, temperature: jax.Array, mode: str) -> jax.Array:
     model = nnx.merge(graphdef, state)
     hidden = model.run(tokens, positions, _causal_allowed(mask))[0]
-    return selective_logprobs(hidden, lm_head_weight(model), targets, temperature)
+    return kernels_mod.selective_logprobs(hidden, lm_head_weight(model), targets, temperature, kernels=mode,
+                                          chunk_size=LOGPROB_CHUNK_TOKENS)[0]
 
 
 @partial(jax.jit, static_argnums=0, donate_argnums=4)
@@ -401,6 +387,12 @@ def _forward_cached_jit(graphdef: Any, state: Any, tokens: jax.Array, positions:
 
 
 # -- input handling -----------------------------------------------------------------------------
+def _check_kernels(kernels: Any) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r} (reference = full logits, "
+                         "chunked = chunks of tokens, fused = Pallas, auto = fused on GPU else chunked).")
+
+
 def _hf_name(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
 

@@ -2,7 +2,8 @@
 
 ``diptych.backends.torch.train`` is the same text in torch. A train step computes, per
 micro-batch, the model quantities a loss needs (per-token log-probs through the model's
-``logprobs`` seam, entropy, values from an optional value head), calls the backend-neutral
+``logprobs`` seam, entropy, values from an optional value head; log-probs and entropy take the
+model's ``kernels`` path), calls the backend-neutral
 loss from ``diptych.core.losses``, and accumulates the gradient of each loss term's
 *unreduced sum* together with its denominator. Only after the last micro-batch is each
 term divided by its total denominator, so the update equals the full-batch update whatever
@@ -26,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.train_batch import INT_KEYS, loss_terms, reduce_metrics, validate_microbatch
@@ -269,7 +271,8 @@ def _model_quantities(model: nnx.Module, head: Any, batch: Mapping[str, jax.Arra
         return out
     hidden = model_lib.hidden_states(model, tok[:, :-1], am[:, :-1])
     if need_lp:
-        lp, entropy = logprobs_and_entropy(hidden, model_lib.lm_head_weight(model), tok[:, 1:], temperature)
+        lp, entropy = logprobs_and_entropy(hidden, model_lib.lm_head_weight(model), tok[:, 1:], temperature,
+                                           kernels=model.kernels)
         out["logprobs"] = lp
         if need_entropy:
             out["entropy"] = entropy
@@ -278,26 +281,16 @@ def _model_quantities(model: nnx.Module, head: Any, batch: Mapping[str, jax.Arra
     return out
 
 
-def logprobs_and_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array, temperature: float,
-                         chunk_tokens: int = model_lib.LOGPROB_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
-    """Target log-probs and the full-vocabulary entropy of ``softmax(logits / temperature)``, chunked."""
-    lead = hidden.shape[:-1]
-    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    n = flat_h.shape[0]
-    chunk = max(1, min(int(chunk_tokens), n))
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    flat_h = jnp.pad(flat_h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, -1)
-    flat_t = jnp.pad(flat_t, (0, pad)).reshape(n_chunks, chunk)
+def logprobs_and_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array, temperature: float | jax.Array,
+                         kernels: str = "auto", chunk_tokens: int = model_lib.LOGPROB_CHUNK_TOKENS,
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Target log-probs and the full-vocabulary entropy of ``softmax(logits / temperature)``, float32.
 
-    @jax.checkpoint
-    def one(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        h, t = args
-        logp = jax.nn.log_softmax((h @ weight.T).astype(jnp.float32) / temperature, axis=-1)
-        return jnp.take_along_axis(logp, t[:, None], axis=-1)[:, 0], -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-
-    lp, ent = jax.lax.map(one, (flat_h, flat_t))
-    return lp.reshape(-1)[:n].reshape(lead), ent.reshape(-1)[:n].reshape(lead)
+    One call of the kernels module (the model's ``kernels`` mode), so the entropy costs no second
+    pass over the logits and ``chunked`` / ``fused`` never hold ``[tokens, V]`` logits.
+    """
+    return kernels_mod.selective_logprobs(hidden, weight, targets, temperature, kernels=kernels,
+                                          chunk_size=chunk_tokens)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -5,6 +5,11 @@ cast back before the weight, rotate-half RoPE, softmax in float32), so logits ma
 ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` to 1e-5 in fp32. Module
 attribute names are the Hugging Face parameter names, so the canonical weight dict *is*
 the state dict. ``diptych.backends.jax.model`` is the same text translated to Flax NNX.
+
+``kernels`` (:data:`KERNELS`, one meaning on both backends, see ``diptych.backends.torch.kernels``)
+picks the log-prob path (``reference``: full logits; ``chunked``: an ``autograd.Function`` over
+chunks of tokens; ``fused``: Triton) and, only when it resolves to ``fused``, the RMSNorm kernel;
+every other mode keeps the plain, transformers-matching RMSNorm.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from diptych.backends.torch import kernels as kernels_mod
 from diptych.core.spec import DecoderSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-KERNELS = ("auto", "reference", "fused")
+KERNELS = kernels_mod.KERNEL_MODES
+"""``("auto", "fused", "chunked", "reference")``, the same words as the kernels module and the JAX panel."""
 LOGPROB_CHUNK_TOKENS = 1024
-"""Tokens per chunk in :func:`logprobs`: bounds live logits to ``chunk x vocab`` floats."""
+"""Tokens per chunk in :func:`logprobs` (``chunked``): bounds live logits to ``chunk x vocab`` floats."""
 
 _MASK_VALUE = float(torch.finfo(torch.float32).min)
 """Finite, so a fully padded query row softmaxes to a uniform row instead of NaN."""
@@ -39,12 +45,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """``fused`` routes through the Triton kernel; otherwise the plain HF-order expression."""
+
+    def __init__(self, dim: int, eps: float, fused: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.fused = eps, fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return kernels_mod.rms_norm(x, self.weight, self.eps, kernels="fused")
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -85,7 +95,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, fused: bool = False) -> None:
         super().__init__()
         h, bias = spec.hidden_size, spec.attention_bias
         self.num_heads, self.num_kv_heads = spec.num_attention_heads, spec.num_key_value_heads
@@ -95,8 +105,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, spec.kv_dim, bias=bias)
         self.o_proj = nn.Linear(spec.q_dim, h, bias=False)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, fused)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, fused)
         else:
             self.q_norm = self.k_norm = None
 
@@ -132,11 +142,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, fused: bool = False) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, fused)
+        self.self_attn = Attention(spec, fused)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, fused)
         self.mlp = MLP(spec)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
@@ -148,20 +158,25 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """HF's ``LlamaModel``: embedding, layers, final norm (named ``model`` in the checkpoint)."""
 
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, fused: bool = False) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(spec) for _ in range(spec.num_hidden_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.layers = nn.ModuleList([DecoderLayer(spec, fused) for _ in range(spec.num_hidden_layers)])
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, fused)
 
 
 class Decoder(nn.Module):
-    """HF's ``*ForCausalLM``; ``lm_head`` is absent when tied to ``model.embed_tokens``."""
+    """HF's ``*ForCausalLM``; ``lm_head`` is absent when tied to ``model.embed_tokens``.
 
-    def __init__(self, spec: DecoderSpec, dtype: str = "float32", kernels: str = "auto") -> None:
+    ``kernels`` is the requested mode (``auto`` stays ``auto``); ``fused_norms`` is what it resolved
+    to for the norms on the device :func:`build` placed the weights on.
+    """
+
+    def __init__(self, spec: DecoderSpec, dtype: str = "float32", kernels: str = "auto",
+                 fused_norms: bool = False) -> None:
         super().__init__()
         self.spec, self.dtype, self.kernels = spec, dtype, kernels
-        self.model = DecoderStack(spec)
+        self.model = DecoderStack(spec, fused_norms)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
@@ -194,18 +209,20 @@ def build(spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float
 
     ``device`` defaults to CUDA when available. Modules are created on the meta device and
     the weights assigned, so building a large model never pays for a throwaway random init.
+    ``kernels`` is resolved against ``device`` now, so ``fused`` where Triton cannot run fails
+    here, with what to use instead, rather than at the first forward.
     """
     if not isinstance(spec, DecoderSpec):
         raise TypeError(f"build needs a DecoderSpec, got {type(spec).__name__}.")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}.")
+    _check_kernels(kernels)
     spec.validate_weights(weights)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    fused = kernels_mod.resolve_kernels(kernels, torch.device(device)) == "fused"
     with torch.device("meta"):
-        model = Decoder(spec, dtype, kernels)
+        model = Decoder(spec, dtype, kernels, fused_norms=fused)
     state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(device=device, dtype=DTYPES[dtype])
              for k, v in weights.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -240,42 +257,22 @@ def logprobs(model: Decoder, tokens: Any, attention_mask: Any, targets: Any, tem
              kernels: str | None = None) -> torch.Tensor:
     """``log_softmax(logits / temperature)[targets]`` over the full vocabulary, ``[B, T]`` float32.
 
-    Computed from hidden states in chunks of tokens so the ``[B, T, V]`` logits never exist
-    at once; under autograd each chunk is recomputed in backward instead of being kept.
+    ``kernels`` (default: the model's) picks the path of :func:`diptych.backends.torch.kernels.selective_logprobs`;
+    under ``auto`` on CPU that is ``chunked``, so the ``[B, T, V]`` logits never exist at once,
+    in the forward or the backward.
     """
     kernels = model.kernels if kernels is None else kernels
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}.")
-    if kernels == "fused":
-        raise NotImplementedError("Fused log-prob kernels are not wired into the torch model yet; "
-                                  "use kernels='auto' or 'reference'.")
+    _check_kernels(kernels)
+    kernels_mod.resolve_kernels(kernels, lm_head_weight(model).device)  # fail before the forward, not after
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     hidden = hidden_states(model, tokens, attention_mask)
     targets = _as_long(targets, hidden.device)
     if targets.shape != hidden.shape[:2]:
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(hidden.shape[:2])}.")
-    return selective_logprobs(hidden, lm_head_weight(model), targets, temperature)
-
-
-def selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                       chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> torch.Tensor:
-    """Target log-probs from ``hidden [..., H]`` and ``weight [V, H]`` without full logits (plain torch)."""
-    lead = hidden.shape[:-1]
-    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    out = []
-    for start in range(0, flat_h.shape[0], chunk_tokens):
-        args = (flat_h[start : start + chunk_tokens], weight, flat_t[start : start + chunk_tokens], temperature)
-        out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
-    if not out:
-        return hidden.new_zeros(lead, dtype=torch.float32)
-    return torch.cat(out).view(lead)
-
-
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = _project(h, weight).float() / temperature
-    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    lp, _ = kernels_mod.selective_logprobs(hidden, lm_head_weight(model), targets, temperature, kernels=kernels,
+                                           chunk_size=LOGPROB_CHUNK_TOKENS)
+    return lp
 
 
 def _project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -322,6 +319,12 @@ def forward_cached(model: Decoder, tokens: Any, positions: Any, cache: KVCache, 
 
 
 # -- input handling -----------------------------------------------------------------------------
+def _check_kernels(kernels: Any) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r} (reference = full logits, "
+                         "chunked = chunks of tokens, fused = Triton, auto = fused on CUDA else chunked).")
+
+
 def _as_long(x: Any, device: torch.device) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if t.is_floating_point():

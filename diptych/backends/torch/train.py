@@ -2,7 +2,8 @@
 
 ``diptych.backends.jax.train`` is the same text in JAX. A train step computes, per
 micro-batch, the model quantities a loss needs (per-token log-probs through the model's
-``logprobs`` seam, entropy, values from an optional value head), calls the backend-neutral
+``logprobs`` seam, entropy, values from an optional value head; log-probs and entropy take the
+model's ``kernels`` path), calls the backend-neutral
 loss from ``diptych.core.losses``, and accumulates the gradient of each loss term's
 *unreduced sum* together with its denominator. Only after the last micro-batch is each
 term divided by its total denominator, so the update equals the full-batch update whatever
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.train_batch import INT_KEYS, loss_terms, reduce_metrics, validate_microbatch
@@ -239,7 +241,8 @@ def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], terms: Ma
     hidden = model_lib.hidden_states(model, tok[:, :-1], am[:, :-1])
     if need_lp:
         targets = torch.as_tensor(np.asarray(tok[:, 1:]), device=hidden.device, dtype=torch.long)
-        out["logprobs"], entropy = logprobs_and_entropy(hidden, model_lib.lm_head_weight(model), targets, temperature)
+        out["logprobs"], entropy = logprobs_and_entropy(hidden, model_lib.lm_head_weight(model), targets, temperature,
+                                                        kernels=model.kernels)
         if need_entropy:
             out["entropy"] = entropy
     if need_values:
@@ -248,18 +251,15 @@ def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], terms: Ma
 
 
 def logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                         chunk_tokens: int = model_lib.LOGPROB_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target log-probs and the full-vocabulary entropy of ``softmax(logits / temperature)``, chunked."""
-    lead = hidden.shape[:-1]
-    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    lps, ents = [], []
-    for start in range(0, flat_h.shape[0], chunk_tokens):
-        h, t = flat_h[start:start + chunk_tokens], flat_t[start:start + chunk_tokens]
-        logits = torch.nn.functional.linear(h, weight).float() / temperature
-        logp = torch.log_softmax(logits, dim=-1)
-        lps.append(logp.gather(-1, t[:, None])[:, 0])
-        ents.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(lps).view(lead), torch.cat(ents).view(lead)
+                         kernels: str = "auto", chunk_tokens: int = model_lib.LOGPROB_CHUNK_TOKENS,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-probs and the full-vocabulary entropy of ``softmax(logits / temperature)``, float32.
+
+    One call of the kernels module (the model's ``kernels`` mode), so the entropy costs no second
+    pass over the logits and ``chunked`` / ``fused`` never hold ``[tokens, V]`` logits.
+    """
+    return kernels_mod.selective_logprobs(hidden, weight, targets, temperature, kernels=kernels,
+                                          chunk_size=chunk_tokens)
 
 
 def _constants(mb: Mapping[str, np.ndarray], quantities: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
