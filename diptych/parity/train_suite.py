@@ -80,7 +80,9 @@ def _flat(weights: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _gradients(be: Any, state: Any, mbs: list[dict[str, np.ndarray]], loss: str, cfg: Any) -> np.ndarray | None:
-    """Full-batch gradient before the update (the backends' ``train.gradients``), flattened by name."""
+    """Full-batch gradient before the update (``backend.gradients``), flattened by name."""
+    if hasattr(be, "gradients"):
+        return _flat(be.gradients(state, mbs, loss, cfg)[0])
     try:
         train = importlib.import_module(f"diptych.backends.{be.name}.train")
     except ImportError:
@@ -125,6 +127,8 @@ def run_case(name: str, be: Any, spec: Any, weights: dict[str, np.ndarray], dtyp
 
 def _master(be: Any, state: Any) -> dict[str, np.ndarray]:
     """The float32 master weights under mixed precision (the model itself holds bf16 copies)."""
+    if hasattr(be, "export_weights"):
+        return be.export_weights(state)
     train = importlib.import_module(f"diptych.backends.{be.name}.train")
     return train.export_weights(state)
 

@@ -19,7 +19,6 @@ The value head sits on the policy (``init_train_state(..., value_head=True)``).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,26 +97,12 @@ class PPOConfig:
 
 
 def values_of(backend: Any, state: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
-    """Value-head predictions ``[B, T-1]`` (position t: the state that emits target t + 1), zero off the mask.
-
-    Uses ``backend.values(state, tokens, attention_mask)`` when the backend offers it. The
-    Backend facade has no such method yet, so this falls back to the backend's own
-    ``model.hidden_states`` and ``train.export_value_head`` (loaded by name, never imported
-    here, so the core stays framework-free) and applies the linear head in numpy.
-    """
-    tok, am = batch["tokens"][:, :-1], batch["attention_mask"][:, :-1]
+    """Value-head predictions ``[B, T-1]`` (position t: the state that emits target t + 1), zero off the mask."""
     fn = getattr(backend, "values", None)
-    if fn is not None:
-        out = np.asarray(backend.to_numpy(fn(state, backend.from_numpy(tok), backend.from_numpy(am))), np.float32)
-    else:
-        model_mod = importlib.import_module(f"diptych.backends.{backend.name}.model")
-        train_mod = importlib.import_module(f"diptych.backends.{backend.name}.train")
-        head = train_mod.export_value_head(state)
-        if head is None:
-            raise TrainerError("PPO needs a value head: init_train_state(model, optim, value_head=True).")
-        hidden = backend.to_numpy(model_mod.hidden_states(state.model, backend.from_numpy(tok), backend.from_numpy(am)))
-        out = (np.asarray(hidden, np.float32) @ head["value_head.weight"].T + head["value_head.bias"])[..., 0]
-    return out.astype(np.float32) * batch["mask"]
+    if fn is None:
+        raise TrainerError(f"Backend {backend.name!r} has no values(state, tokens, attention_mask); PPO needs it.")
+    out = fn(state, backend.from_numpy(batch["tokens"]), backend.from_numpy(batch["attention_mask"]))
+    return np.asarray(backend.to_numpy(out), np.float32) * batch["mask"]
 
 
 def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[dict[str, Any]], cfg: PPOConfig,
