@@ -33,19 +33,19 @@ class QuickstartConfig:
     intermediate_size: int = 256
     max_prompt_len: int = 12
     max_new_tokens: int = 6
-    sft_steps: int = 150
+    sft_steps: int = 800
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    grpo_steps: int = 60
+    grpo_steps: int = 150
     prompts_per_step: int = 16
     group_size: int = 8
     grpo_lr: float = 3e-4
-    grpo_warmup: int = 0
+    grpo_warmup: int = 10
     num_iterations: int = 1
     beta: float = 0.0
     loss: str = "grpo"
     temperature: float = 1.0
-    sft_carry_bug: float = 0.0
+    sft_carry_bug: float = 0.5
     """Fraction of the carry-needing ``+`` answers in the SFT data written by a teacher who forgets to carry."""
 
 
@@ -124,8 +124,9 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
     acc_initial = accuracy(model)
     sft_cfg = SFTConfig(steps=cfg.sft_steps, batch_size=cfg.sft_batch, max_prompt_len=cfg.max_prompt_len,
                         max_completion_len=cfg.max_new_tokens, seed=cfg.seed,
-                        optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=10, total_steps=cfg.sft_steps,
-                                          schedule="cosine", min_lr_ratio=0.1))
+                        optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=min(10, cfg.sft_steps // 10),
+                                          total_steps=cfg.sft_steps, min_lr_ratio=0.1,
+                                          schedule="cosine" if cfg.sft_steps > 0 else "constant"))
     sft_rows = warm_start_rows(task, train_rows, cfg.sft_carry_bug, cfg.seed)
     out_dir = Path(out) if out is not None else None
     log = MetricsLogger.for_run(out_dir / "sft" if out_dir else None, cfg.sft_steps, "SFT", console=console)
