@@ -384,3 +384,17 @@ def test_configs_load_from_dicts_with_typo_suggestions():
     assert cfg == dataclasses.replace(PolicyLossConfig(), eps_high=0.28)
     with pytest.raises(ConfigError, match="eps_high"):
         from_dict(PolicyLossConfig, {"eps_hihg": 0.3})
+
+
+def test_non_finite_model_output_reaches_the_loss_as_nan_but_bad_data_raises():
+    """A diverged model (NaN log-probs) must give a NaN loss for the train step to skip; NaN data is an error."""
+    from diptych.core.losses import PolicyLossConfig, SFTLossConfig, get_loss
+    from diptych.core.losses.common import LossInputError
+
+    mask = np.array([[1.0, 1.0], [1.0, 0.0]], np.float32)
+    lp = np.array([[-1.0, np.nan], [-2.0, -np.inf]], np.float32)
+    s, d, _ = get_loss("sft")({"logprobs": lp, "mask": mask}, SFTLossConfig())
+    assert np.isnan(float(s)) and float(d) == 3.0
+    with pytest.raises(LossInputError, match="not finite"):
+        get_loss("policy")({"logprobs": np.zeros((2, 2), np.float32), "old_logprobs": lp, "mask": mask,
+                            "advantages": np.ones(2, np.float32)}, PolicyLossConfig())

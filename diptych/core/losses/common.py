@@ -70,11 +70,18 @@ def token_mask(batch: Mapping[str, Array], key: str, like: Array, like_key: str,
     return mask
 
 
+MODEL_OUTPUTS = frozenset({"logprobs", "chosen_logprobs", "rejected_logprobs", "values", "entropy"})
+"""Quantities the model computes in the train step. A non-finite one is a diverged model, not bad
+input: it must reach the loss as NaN so the train step skips the update (the same on every backend,
+since JAX cannot raise while tracing), instead of raising here."""
+
+
 def masked_input(x: Array, mask: Array, key: str) -> Array:
     """``x`` with padding positions replaced by 0: -inf or NaN log-probs there then cannot leak NaN
-    into values or gradients (``x * 0`` would be NaN for ``x = -inf``)."""
+    into values or gradients (``x * 0`` would be NaN for ``x = -inf``). Non-finite data inside the
+    mask is an input error, except for model outputs (see ``MODEL_OUTPUTS``)."""
     xp = X.namespace(x)
-    if X.is_concrete(x) and X.is_concrete(mask):
+    if key not in MODEL_OUTPUTS and X.is_concrete(x) and X.is_concrete(mask):
         bad = ~np.isfinite(_to_numpy(x)) & (_to_numpy(mask) > 0)
         if bad.any():
             where = np.argwhere(bad)[0].tolist()
