@@ -45,6 +45,13 @@ class JaxBackend:
                  temperature: float = 1.0, **kw: Any) -> Array:
         return _impl(model).logprobs(model, tokens, attention_mask, targets, temperature, **kw)
 
+    def set_depth(self, model: Model, num_steps: int | None = None, num_grad_steps: int | None = None) -> Model:
+        """Recurrent-depth models: the depth r (and backprop depth k) the next calls use."""
+        from diptych.backends.jax import recurrent
+
+        recurrent.set_depth(model, num_steps, num_grad_steps)
+        return model
+
     # -- generation -----------------------------------------------------------------------
     def generate(self, model: Model, prompts: Any, sampling: Any, **kw: Any) -> Any:
         if _impl(model).__name__.endswith("recurrent"):
