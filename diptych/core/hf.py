@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from diptych.core.checkpointing import atomic_dir
 from diptych.core.spec import DecoderSpec, SpecError
 
 # model_type -> (config dict -> spec). Recurrent-depth specs register themselves here.
@@ -131,10 +130,7 @@ def save_hf_folder(
 ) -> Path:
     """Write ``config.json`` + safetensors atomically; shard when ``max_shard_bytes`` is given."""
     spec.validate_weights(weights)
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(spec.to_hf_config(), indent=2) + "\n")
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
         if max_shard_bytes is None:
@@ -143,17 +139,7 @@ def save_hf_folder(
             _save_sharded(tmp, arrays, max_shard_bytes)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return Path(path)
 
 
 def _save_sharded(folder: Path, arrays: dict[str, np.ndarray], max_bytes: int) -> None:
