@@ -19,7 +19,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "parity": ("diptych.parity.cli", "compare backends (and transformers) on the same weights and inputs"),
     "convert": ("diptych.commands.convert", "convert a checkpoint between backends and Hugging Face folders"),
     "depth-sweep": ("diptych.commands.depth_sweep", "accuracy vs recurrence depth for a recurrent model"),
-    "bench": ("diptych.commands.bench", "run a benchmark from benchmarks/"),
 }
 
 

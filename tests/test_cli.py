@@ -1,0 +1,31 @@
+"""The `diptych` entry point: every listed command loads and answers --help; no dead commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from diptych.cli import COMMANDS, _load, main
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_listed_command_is_implemented(name, capsys):
+    mod = _load(name)
+    assert mod is not None, f"`diptych {name}` is listed but its module {COMMANDS[name][0]} is missing"
+    assert callable(mod.add_arguments) and callable(mod.run)
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code == 0
+    assert name in capsys.readouterr().out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_unknown_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["nonsense"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
