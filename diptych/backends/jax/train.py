@@ -19,6 +19,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from diptych.backends.facade import model_module
 from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
 from diptych.core.optim import OptimConfig, lr_at
@@ -44,7 +46,9 @@ class TrainState:
     "bias"} or None}`` in float32 (the master weights); the forward and backward run in
     ``compute_dtype`` (bfloat16 under ``mixed_precision="bf16"``). ``step`` counts applied
     updates (skipped steps do not count) and indexes the learning-rate schedule.
-    ``model`` rebuilds the decoder with the current weights for generation and scoring.
+    ``model`` merges the current weights into a module (once per ``params``, then cached) for
+    generation and scoring; a recurrent model's depth set on it with ``set_depth`` is what the
+    next :func:`train_step` trains with (it travels in the graphdef to the returned state).
     """
 
     graphdef: Any
@@ -55,10 +59,16 @@ class TrainState:
     compute_dtype: str = "float32"
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    _merged: tuple[Any, nnx.Module] | None = field(default=None, repr=False, compare=False)
 
     @property
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, _cast(self.params["model"], self.compute_dtype), self.rest)
+        # Cached so that set_depth(state.model, r, k) sticks; keyed on the params object, which
+        # load_weights replaces, so a stale module is never returned.
+        if self._merged is None or self._merged[0] is not self.params:
+            module = nnx.merge(self.graphdef, _cast(self.params["model"], self.compute_dtype), self.rest)
+            self._merged = (self.params, module)
+        return self._merged[1]
 
     @property
     def spec(self) -> Any:
@@ -83,13 +93,15 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
     if not isinstance(optim, OptimConfig):
         raise TypeError(f"optim must be an OptimConfig, got {type(optim).__name__}.")
     compute = "bfloat16" if optim.mixed_precision == "bf16" else "float32"
-    if compute == "float32" and model.dtype != "float32":
-        raise ValueError(f"Training a {model.dtype} model needs optim.mixed_precision='bf16' (float32 master "
+    dtype = _model_dtype(model)
+    if compute == "float32" and dtype != "float32":
+        raise ValueError(f"Training a {dtype} model needs optim.mixed_precision='bf16' (float32 master "
                          "weights); or build the model in float32.")
     _, params, _ = nnx.split(model, nnx.Param, ...)
     master = _cast(params, "float32")
-    if compute != model.dtype:
-        model = model_lib.build(model.spec, model_lib.export(model), dtype=compute, kernels=model.kernels)
+    if compute != dtype:
+        lib = _lib(model)
+        model = lib.build(model.spec, lib.export(model), dtype=compute, **_build_options(model))
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     head = None
     if value_head:
@@ -104,8 +116,32 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
 def value_head_init(spec: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The value head's float32 ``(weight [1, H], bias [1])``, shared by both backends."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((1, spec.hidden_size), dtype=np.float32) * np.float32(spec.initializer_range)
+    scale = np.float32(getattr(spec, "initializer_range", None) or 0.02)  # recurrent specs carry no such field
+    w = rng.standard_normal((1, spec.hidden_size), dtype=np.float32) * scale
     return w.astype(np.float32), np.zeros((1,), np.float32)
+
+
+def _lib(spec_or_model: Any) -> ModuleType:
+    """The model module for a spec or model: ``recurrent`` for recurrent-depth models, else ``model``."""
+    return model_module("diptych.backends.jax", spec_or_model)
+
+
+def _model_dtype(model: Any) -> str:
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, str) else model.dtype_name
+
+
+def _build_options(model: Any) -> dict[str, Any]:
+    """What a rebuild must keep: the kernels mode of a decoder, the depth (r, k) of a recurrent model."""
+    if _lib(model) is model_lib:
+        return {"kernels": model.kernels}
+    num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    return {"num_steps": num_steps, "num_grad_steps": num_grad_steps}
+
+
+def _current_graphdef(state: TrainState) -> Any:
+    """The graphdef of ``state.model`` as it is now: it carries a recurrent model's (r, k) set since init."""
+    return nnx.split(state.model, nnx.Param, ...)[0]
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,7 +175,8 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
     """
     terms = loss_terms(loss)
     names = tuple(terms)
-    acc, sums, dens, metric_rows, tokens = _accumulate(state, microbatches, terms, loss_config, temperature)
+    graphdef = _current_graphdef(state)
+    acc, sums, dens, metric_rows, tokens = _accumulate(state, graphdef, microbatches, terms, loss_config, temperature)
     weights = tuple(float(terms[t]) for t in names)
     total = float(sum(w * s / d for w, s, d in zip(weights, sums, dens)))
     lr = lr_at(state.step, state.optim)
@@ -152,7 +189,7 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
         warnings.warn(f"Skipping optimizer step {state.step}: non-finite loss ({total}) or gradient norm "
                       f"({norm}); weights and optimizer state are unchanged.", RuntimeWarning, stacklevel=2)
         return state, {**metrics, "skipped": 1.0}
-    new = TrainState(graphdef=state.graphdef, rest=state.rest, params=params, opt_state=opt_state, optim=state.optim,
+    new = TrainState(graphdef=graphdef, rest=state.rest, params=params, opt_state=opt_state, optim=state.optim,
                      compute_dtype=state.compute_dtype, step=state.step + 1, extra=dict(state.extra))
     return new, {**metrics, "skipped": 0.0}
 
@@ -164,15 +201,15 @@ def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]
     The parity harness compares these across backends; trainers call :func:`train_step`.
     """
     terms = loss_terms(loss)
-    acc, sums, dens, _, _ = _accumulate(state, microbatches, terms, loss_config, temperature)
+    acc, sums, dens, _, _ = _accumulate(state, _current_graphdef(state), microbatches, terms, loss_config, temperature)
     w = [float(terms[t]) for t in terms]
     grads = jax.tree.map(lambda *gs: sum(wi / di * g for wi, di, g in zip(w, dens, gs)), *acc)
     return ({n: np.array(v, dtype=np.float32) for n, v in named_leaves(grads).items()},
             float(sum(wi * s / d for wi, s, d in zip(w, sums, dens))))
 
 
-def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], terms: Mapping[str, float],
-                loss_config: Any, temperature: float) -> tuple[Any, ...]:
+def _accumulate(state: TrainState, graphdef: Any, microbatches: Sequence[Mapping[str, np.ndarray]],
+                terms: Mapping[str, float], loss_config: Any, temperature: float) -> tuple[Any, ...]:
     """Per-term float32 gradient sums of the unreduced losses, their sums and denominators, metrics."""
     configs = _configs(terms, loss_config)
     if not microbatches:
@@ -182,7 +219,8 @@ def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarra
     for mb in microbatches:
         validate_microbatch(mb, terms)
     names = tuple(terms)
-    key = (state.graphdef, names, tuple(configs[t] for t in names), float(temperature), state.compute_dtype)
+    depth = getattr(state.model, "depth", None)
+    key = (graphdef, names, tuple(configs[t] for t in names), float(temperature), state.compute_dtype, depth)
     try:
         hash(key)
     except TypeError:  # an unhashable (non-frozen) loss config: works, but compiles on every call
@@ -226,8 +264,12 @@ def _configs(terms: Mapping[str, float], loss_config: Any) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=64)
 def _micro_fn(graphdef: Any, names: tuple[str, ...], configs: tuple[Any, ...], temperature: float,
-              compute_dtype: str) -> Any:
-    """Compiled ``(params, rest, acc, batch) -> (sums, dens, metrics, acc + grads)`` for one micro-batch."""
+              compute_dtype: str, depth: tuple[Any, Any] | None = None) -> Any:
+    """Compiled ``(params, rest, acc, batch) -> (sums, dens, metrics, acc + grads)`` for one micro-batch.
+
+    ``depth`` is a recurrent model's (r, k), read from ``graphdef`` when traced; it is named in
+    the cache key so that a new depth compiles a new step instead of reusing the old one.
+    """
     from diptych.core.losses import get_loss
 
     cfg = dict(zip(names, configs))
@@ -255,11 +297,12 @@ def _micro_fn(graphdef: Any, names: tuple[str, ...], configs: tuple[Any, ...], t
 def _model_quantities(model: nnx.Module, head: Any, batch: Mapping[str, jax.Array], cfg: Mapping[str, Any],
                       temperature: float) -> dict[str, jax.Array]:
     """The differentiable inputs of the losses: log-probs, entropy, values."""
+    lib = _lib(model)
     out: dict[str, jax.Array] = {}
     if "preference" in cfg:
         for side in ("chosen", "rejected"):
             tok, am = batch[f"{side}_tokens"], batch[f"{side}_attention_mask"]
-            out[f"{side}_logprobs"] = model_lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
+            out[f"{side}_logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
     need_lp = bool({"sft", "policy"} & set(cfg))
     need_entropy = "policy" in cfg and float(getattr(cfg["policy"], "entropy_coef", 0.0) or 0.0) != 0.0
     need_values = "value" in cfg
@@ -267,12 +310,12 @@ def _model_quantities(model: nnx.Module, head: Any, batch: Mapping[str, jax.Arra
         return out
     tok, am = batch["tokens"], batch["attention_mask"]
     if need_lp and not (need_entropy or need_values):
-        out["logprobs"] = model_lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
+        out["logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
         return out
-    hidden = model_lib.hidden_states(model, tok[:, :-1], am[:, :-1])
+    hidden = lib.hidden_states(model, tok[:, :-1], am[:, :-1])
     if need_lp:
-        lp, entropy = logprobs_and_entropy(hidden, model_lib.lm_head_weight(model), tok[:, 1:], temperature,
-                                           kernels=model.kernels)
+        lp, entropy = logprobs_and_entropy(hidden, lib.lm_head_weight(model), tok[:, 1:], temperature,
+                                           kernels=getattr(model, "kernels", "auto"))
         out["logprobs"] = lp
         if need_entropy:
             out["entropy"] = entropy
@@ -320,7 +363,7 @@ def values(state: TrainState, tokens: Any, attention_mask: Any) -> jax.Array:
     if head is None:
         raise ValueError("This train state has no value head: init_train_state(model, optim, value_head=True).")
     tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask)
-    hidden = model_lib.hidden_states(state.model, tokens[:, :-1], attention_mask[:, :-1])
+    hidden = _lib(state.model).hidden_states(state.model, tokens[:, :-1], attention_mask[:, :-1])
     return (hidden.astype(jnp.float32) @ head["weight"].T + head["bias"])[..., 0]
 
 
@@ -332,6 +375,8 @@ def named_leaves(tree: Any) -> dict[str, Any]:
         keys = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path
                 if not isinstance(k, jax.tree_util.GetAttrKey)]
         if keys[0] == "model":
+            if keys[1] == "params":  # a recurrent model keeps its HF-named Params in one dict, ``params``
+                keys = keys[1:]
             out[".".join(keys[1:])] = leaf
         else:
             out[".".join(keys)] = leaf

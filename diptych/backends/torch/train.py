@@ -17,12 +17,14 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from diptych.backends.facade import model_module
 from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
 from diptych.core.optim import OptimConfig, lr_at
@@ -67,16 +69,15 @@ def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool =
     if not isinstance(optim, OptimConfig):
         raise TypeError(f"optim must be an OptimConfig, got {type(optim).__name__}.")
     named = list(model.named_parameters())
+    dtype = _model_dtype(model)
     if optim.mixed_precision == "bf16":
         master = [p.detach().float().clone().requires_grad_(True) for _, p in named]
-        if model.dtype != "bfloat16":
-            device = model_lib.lm_head_weight(model).device
-            model = model_lib.build(model.spec, model_lib.export(model), dtype="bfloat16", kernels=model.kernels,
-                                    device=device)
+        if dtype != "bfloat16":
+            model = _rebuild(model, "bfloat16")
             named = list(model.named_parameters())
     else:
-        if model.dtype != "float32":
-            raise ValueError(f"Training a {model.dtype} model needs optim.mixed_precision='bf16' (float32 master "
+        if dtype != "float32":
+            raise ValueError(f"Training a {dtype} model needs optim.mixed_precision='bf16' (float32 master "
                              "weights); or build the model in float32.")
         master = [p for _, p in named]
     names = [n for n, _ in named]
@@ -97,8 +98,30 @@ def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool =
 def value_head_init(spec: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The value head's float32 ``(weight [1, H], bias [1])``, shared by both backends."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((1, spec.hidden_size), dtype=np.float32) * np.float32(spec.initializer_range)
+    scale = np.float32(getattr(spec, "initializer_range", None) or 0.02)  # recurrent specs carry no such field
+    w = rng.standard_normal((1, spec.hidden_size), dtype=np.float32) * scale
     return w.astype(np.float32), np.zeros((1,), np.float32)
+
+
+def _lib(spec_or_model: Any) -> ModuleType:
+    """The model module for a spec or model: ``recurrent`` for recurrent-depth models, else ``model``."""
+    return model_module("diptych.backends.torch", spec_or_model)
+
+
+def _model_dtype(model: Any) -> str:
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, str) else model.dtype_name
+
+
+def _rebuild(model: nn.Module, dtype: str) -> nn.Module:
+    """The model in ``dtype`` on its device, keeping a decoder's kernels mode or a recurrent model's depth."""
+    lib = _lib(model)
+    device = lib.lm_head_weight(model).device
+    if lib is model_lib:
+        return model_lib.build(model.spec, model_lib.export(model), dtype=dtype, kernels=model.kernels, device=device)
+    num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    return lib.build(model.spec, lib.export(model), dtype=dtype, num_steps=num_steps,
+                     num_grad_steps=num_grad_steps).to(device)
 
 
 def _adamw(params: list[torch.Tensor], optim: OptimConfig) -> torch.optim.AdamW:
@@ -222,13 +245,18 @@ def _configs(terms: Mapping[str, float], loss_config: Any) -> dict[str, Any]:
 
 def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], terms: Mapping[str, float],
                       configs: Mapping[str, Any], temperature: float) -> dict[str, torch.Tensor]:
-    """The differentiable inputs of the losses: log-probs, entropy, values."""
+    """The differentiable inputs of the losses: log-probs, entropy, values.
+
+    A recurrent model runs at the depth last given to ``set_depth(state.model, r, k)``: the first
+    r - k iterations without gradient (truncated backprop).
+    """
     model = state.model
+    lib = _lib(model)
     out: dict[str, torch.Tensor] = {}
     if "preference" in terms:
         for side in ("chosen", "rejected"):
             tok, am = mb[f"{side}_tokens"], mb[f"{side}_attention_mask"]
-            out[f"{side}_logprobs"] = model_lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
+            out[f"{side}_logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
     need_lp = bool({"sft", "policy"} & set(terms))
     need_entropy = "policy" in terms and float(getattr(configs["policy"], "entropy_coef", 0.0) or 0.0) != 0.0
     need_values = "value" in terms
@@ -236,13 +264,13 @@ def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], terms: Ma
         return out
     tok, am = mb["tokens"], mb["attention_mask"]
     if need_lp and not (need_entropy or need_values):
-        out["logprobs"] = model_lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
+        out["logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
         return out
-    hidden = model_lib.hidden_states(model, tok[:, :-1], am[:, :-1])
+    hidden = lib.hidden_states(model, tok[:, :-1], am[:, :-1])
     if need_lp:
         targets = torch.as_tensor(np.asarray(tok[:, 1:]), device=hidden.device, dtype=torch.long)
-        out["logprobs"], entropy = logprobs_and_entropy(hidden, model_lib.lm_head_weight(model), targets, temperature,
-                                                        kernels=model.kernels)
+        out["logprobs"], entropy = logprobs_and_entropy(hidden, lib.lm_head_weight(model), targets, temperature,
+                                                        kernels=getattr(model, "kernels", "auto"))
         if need_entropy:
             out["entropy"] = entropy
     if need_values:
@@ -288,7 +316,7 @@ def values(state: TrainState, tokens: Any, attention_mask: Any) -> torch.Tensor:
         raise ValueError("This train state has no value head: init_train_state(model, optim, value_head=True).")
     tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask)
     with torch.no_grad():
-        hidden = model_lib.hidden_states(state.model, tokens[:, :-1], attention_mask[:, :-1])
+        hidden = _lib(state.model).hidden_states(state.model, tokens[:, :-1], attention_mask[:, :-1])
         return state.value_head(hidden.float())[..., 0]
 
 

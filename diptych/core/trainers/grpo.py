@@ -36,6 +36,7 @@ from diptych.core.trainers.base import (
     encode_prompts,
     rollout_batch,
 )
+from diptych.recurrent.training import DepthPolicy
 
 
 @dataclass
@@ -63,6 +64,8 @@ class GRPOConfig:
     """Draw sampling noise from one numpy stream so both backends sample identical tokens."""
     seed: int = 0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    depth: DepthPolicy | None = None
+    """Recurrent-depth models only: the train depth schedule (truncated backprop) and the sampling depth."""
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -129,7 +132,8 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
         if cfg.parity:
             noise = parity_noise(len(ids) * g, cfg.max_new_tokens, state_vocab(state), seed=cfg.seed * 100003 + step)
         rollout = backend.generate(state.model, ids, sampling, noise=noise,
-                                   **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}))
+                                   **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}),
+                                   **(cfg.depth.generate_kwargs() if cfg.depth is not None else {}))
     with timer.phase("score"):
         completions = decode_completions(tokenizer, rollout)
         rewards, components = score(reward, [p for p in prompts for _ in range(g)], completions,
@@ -150,6 +154,11 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
         return state, metrics
     batch["advantages"] = advantages
     loss_cfg = cfg.loss_config()
+    if cfg.depth is not None and cfg.depth.schedule is not None:  # old, ref and trained log-probs at depth r
+        r, k = cfg.depth.train_depth(step)
+        backend.set_depth(state.model, r, k)
+        if ref_model is not None:
+            backend.set_depth(ref_model, r)
     with timer.phase("train"):
         lp_old = _logprobs(backend, state.model, batch, cfg.temperature)
         batch["old_logprobs"] = lp_old
