@@ -225,6 +225,15 @@ def validate_weights(shapes: dict[str, tuple[int, ...]], weights: dict[str, np.n
             raise SpecError(f"Parameter {name}: checkpoint has shape {got}, the model config expects {tuple(shape)}.")
 
 
+def value_head_init(spec: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """PPO's scalar value head ``(weight [1, H], bias [1])`` in float32, drawn here so both backends
+    start from the same head (recurrent specs carry no ``initializer_range``: 0.02 then)."""
+    rng = np.random.default_rng(seed)
+    scale = np.float32(getattr(spec, "initializer_range", None) or 0.02)
+    w = rng.standard_normal((1, spec.hidden_size), dtype=np.float32) * scale
+    return w.astype(np.float32), np.zeros((1,), np.float32)
+
+
 def tiny_spec(model_type: str = "llama", **overrides: Any) -> DecoderSpec:
     """The embedded tiny model used by tests, `diptych parity` and the quickstart."""
     base: dict[str, Any] = dict(

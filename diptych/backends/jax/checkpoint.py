@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diptych.backends.jax import model as model_lib
 from diptych.backends.jax import train
 from diptych.core import checkpointing as ckpt
 
@@ -37,7 +36,7 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
         checkpointer.close()
         ckpt.write_metadata(tmp, backend="jax", step=state.step, spec=spec, optim=state.optim,
                             extra={"value_head": state.params["value_head"] is not None,
-                                   "kernels": state.model.kernels},
+                                   "kernels": getattr(state.model, "kernels", None)},
                             user=metadata)
     if keep_last is not None:
         ckpt.prune(path.parent, keep_last)
@@ -57,7 +56,7 @@ def restore(path: str | os.PathLike) -> tuple[train.TrainState, dict[str, Any]]:
     spec = ckpt.spec_from_metadata(meta)
     optim = ckpt.optim_from_metadata(meta)
     zeros = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
-    model = model_lib.build(spec, zeros, kernels=meta.get("kernels", "auto"))
+    model = train._lib(spec).build(spec, zeros, **_build_options(meta))
     state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": state.params, "opt_state": state.opt_state})
     checkpointer = ocp.StandardCheckpointer()
@@ -66,3 +65,9 @@ def restore(path: str | os.PathLike) -> tuple[train.TrainState, dict[str, Any]]:
     state.params, state.opt_state = restored["params"], restored["opt_state"]
     state.step = int(meta["step"])
     return state, meta["metadata"]
+
+
+def _build_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """A decoder is rebuilt with its kernels mode; a recurrent-depth model has none (its depth is set per step)."""
+    kernels = meta.get("kernels")
+    return {"kernels": kernels} if kernels else {}

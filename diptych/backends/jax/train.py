@@ -32,6 +32,7 @@ from diptych.backends.facade import model_module
 from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
 from diptych.core.optim import OptimConfig, lr_at
+from diptych.core.spec import value_head_init
 from diptych.core.train_batch import INT_KEYS, loss_terms, reduce_metrics, validate_microbatch
 
 VALUE_HEAD = ("value_head.weight", "value_head.bias")
@@ -112,13 +113,6 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
     return TrainState(graphdef=graphdef, rest=rest, params=tree, opt_state=opt_state, optim=optim,
                       compute_dtype=compute)
 
-
-def value_head_init(spec: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The value head's float32 ``(weight [1, H], bias [1])``, shared by both backends."""
-    rng = np.random.default_rng(seed)
-    scale = np.float32(getattr(spec, "initializer_range", None) or 0.02)  # recurrent specs carry no such field
-    w = rng.standard_normal((1, spec.hidden_size), dtype=np.float32) * scale
-    return w.astype(np.float32), np.zeros((1,), np.float32)
 
 
 def _lib(spec_or_model: Any) -> ModuleType:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from diptych.backends.torch import model as model_lib
 from diptych.backends.torch import train
 from diptych.core import checkpointing as ckpt
 
@@ -43,7 +42,7 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
             save_file(head, str(tmp / "value_head.safetensors"))
         torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
         ckpt.write_metadata(tmp, backend="torch", step=state.step, spec=spec, optim=state.optim,
-                            extra={"value_head": head is not None, "kernels": state.model.kernels},
+                            extra={"value_head": head is not None, "kernels": getattr(state.model, "kernels", None)},
                             user=metadata)
     if keep_last is not None:
         ckpt.prune(path.parent, keep_last)
@@ -62,7 +61,7 @@ def restore(path: str | os.PathLike, *, device: str | None = None) -> tuple[trai
 
     spec = ckpt.spec_from_metadata(meta)
     optim = ckpt.optim_from_metadata(meta)
-    model = model_lib.build(spec, read_safetensors(path), kernels=meta.get("kernels", "auto"), device=device)
+    model = train._lib(spec).build(spec, read_safetensors(path), device=device, **_build_options(meta))
     state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
     if meta.get("value_head"):
         train.load_weights(state, load_file(str(path / "value_head.safetensors")))
@@ -72,3 +71,9 @@ def restore(path: str | os.PathLike, *, device: str | None = None) -> tuple[trai
     state.optimizer.load_state_dict(torch.load(opt_file, weights_only=True, map_location=state.master[0].device))
     state.step = int(meta["step"])
     return state, meta["metadata"]
+
+
+def _build_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """A decoder is rebuilt with its kernels mode; a recurrent-depth model has none (its depth is set per step)."""
+    kernels = meta.get("kernels")
+    return {"kernels": kernels} if kernels else {}

@@ -197,7 +197,9 @@ def build(spec: RecurrentSpec, weights: dict[str, np.ndarray], dtype: str = "flo
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or missing:
         raise SpecError(f"Weights do not fit the recurrent model: missing {missing}, unexpected {unexpected}.")
-    model = model.to(getattr(torch, dtype))
+    # CPU unless asked: the entry points below do not yet move their inputs to the model's device.
+    device = options.pop("device", None) or "cpu"
+    model = model.to(device=device, dtype=getattr(torch, dtype))
     model.dtype_name = dtype
     set_depth(model, options.pop("num_steps", None), options.pop("num_grad_steps", None))
     if options:

@@ -28,6 +28,7 @@ from diptych.backends.facade import model_module
 from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
 from diptych.core.optim import OptimConfig, lr_at
+from diptych.core.spec import value_head_init
 from diptych.core.train_batch import INT_KEYS, loss_terms, reduce_metrics, validate_microbatch
 
 VALUE_HEAD = ("value_head.weight", "value_head.bias")
@@ -94,13 +95,6 @@ def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool =
     return TrainState(model=model, optim=optim, optimizer=_adamw(master, optim), names=names, master=master,
                       value_head=head)
 
-
-def value_head_init(spec: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The value head's float32 ``(weight [1, H], bias [1])``, shared by both backends."""
-    rng = np.random.default_rng(seed)
-    scale = np.float32(getattr(spec, "initializer_range", None) or 0.02)  # recurrent specs carry no such field
-    w = rng.standard_normal((1, spec.hidden_size), dtype=np.float32) * scale
-    return w.astype(np.float32), np.zeros((1,), np.float32)
 
 
 def _lib(spec_or_model: Any) -> ModuleType:
