@@ -3,8 +3,12 @@
 Code rewards execute whatever the policy wrote, and an RL policy will find every way to loop,
 fork, allocate or write that its environment allows. Each run therefore gets, in layers:
 
-- kernel limits (``resource`` rlimits set in ``preexec_fn``): CPU seconds, address space,
-  process count, file size (which also caps captured output), no core dumps;
+- kernel limits (``resource`` rlimits): CPU seconds, address space, process count, file size (which
+  also caps captured output), no core dumps. They are set by a tiny launcher that we exec first and
+  that then execs the program, never in a ``preexec_fn``: Python code between fork and exec in a
+  multithreaded parent (JAX/XLA, torch, the reward thread pool) can deadlock on a lock some other
+  thread held at fork time, and JAX warns about exactly that. Without ``preexec_fn``, ``subprocess``
+  starts the child entirely in C (vfork/exec), running no Python and no at-fork hooks in the parent;
 - a new session, killed as a group on the wall-clock timeout, so the caller always gets control back;
 - a clean environment (no inherited variables, so no secrets) and a fresh temporary working directory;
 - where ``unshare`` allows (Linux): new network, PID and mount namespaces (no network, a private
@@ -23,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
+import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -79,6 +84,23 @@ _src = open("main.py", encoding="utf-8").read()
 _g = {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins__}
 exec(compile(_src, "main.py", "exec"), _g)
 '''
+
+# The first program the sandbox starts (``python -I -S -c _LAUNCHER <limits json> <argv...>``): a fresh
+# single-threaded interpreter that applies the rlimits to itself and then becomes ``argv`` (the unshare
+# prefix, which does the namespaces and the drop to an unprivileged uid, then the program). Limits
+# survive exec, so this is exactly what a preexec_fn did, minus running Python in a forked parent.
+_LAUNCHER = r"""
+import json, os, resource, sys
+for name, soft, hard in json.loads(sys.argv[1]):
+    resource.setrlimit(getattr(resource, name), (soft, hard))
+argv = sys.argv[2:]
+try:
+    os.execvp(argv[0], argv)
+except OSError as e:
+    sys.stderr.write(f"sandbox: cannot start {argv[0]!r}: {e}\n")
+    sys.stderr.flush()
+    os._exit(127)
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,14 +218,17 @@ def _tasks_of(uid: int) -> int:
     return count
 
 
-def _limit_process(limits: SandboxLimits, nproc: int) -> None:
-    cpu = limits.cpu_s if limits.cpu_s is not None else int(limits.timeout_s) + 1
+def _rlimits(limits: SandboxLimits, nproc: int) -> list[tuple[str, int, int]]:
+    """``(resource name, soft, hard)`` rows for the launcher; names, not numbers, so nothing is platform-coded."""
+    cpu = limits.cpu_s if limits.cpu_s is not None else math.ceil(limits.timeout_s) + 1
     mem = limits.memory_mb * 1024 * 1024
     fsize = max(limits.max_file_mb * 1024 * 1024, limits.max_output_bytes + 1)
-    for res, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
-                       (resource.RLIMIT_NPROC, (nproc, nproc)),
-                       (resource.RLIMIT_FSIZE, (fsize, fsize)), (resource.RLIMIT_CORE, (0, 0))):
-        resource.setrlimit(res, value)
+    return [("RLIMIT_CPU", cpu, cpu + 1), ("RLIMIT_AS", mem, mem), ("RLIMIT_NPROC", nproc, nproc),
+            ("RLIMIT_FSIZE", fsize, fsize), ("RLIMIT_CORE", 0, 0)]
+
+
+def _launcher_argv(python: str, limits: SandboxLimits, nproc: int, argv: Sequence[str]) -> list[str]:
+    return [python, "-I", "-S", "-c", _LAUNCHER, json.dumps(_rlimits(limits, nproc)), *argv]
 
 
 def _read_capped(path: Path, cap: int) -> tuple[str, bool]:
@@ -252,9 +277,10 @@ def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | No
         timed_out = False
         with open(io_dir / "stdin", "rb") as fin, open(io_dir / "stdout", "wb") as fout, \
                 open(io_dir / "stderr", "wb") as ferr:
-            proc = subprocess.Popen([*prefix, *argv], stdin=fin, stdout=fout, stderr=ferr, cwd=work, env=env,
-                                    start_new_session=True,
-                                    preexec_fn=functools.partial(_limit_process, limits, nproc),
+            # No preexec_fn (see the module docstring): setsid, cwd, env and fds are done by subprocess in C,
+            # the rlimits by the launcher in its own fresh process.
+            proc = subprocess.Popen(_launcher_argv(iso.python, limits, nproc, [*prefix, *argv]), stdin=fin,
+                                    stdout=fout, stderr=ferr, cwd=work, env=env, start_new_session=True,
                                     close_fds=True)
             try:
                 proc.wait(timeout=limits.timeout_s)

@@ -136,3 +136,62 @@ def test_a_fork_bomb_does_not_starve_a_concurrent_sandbox():
     r = run_python("print('neighbour fine')", limits=SandboxLimits(max_processes=4))
     t.join()
     assert r.ok and r.stdout == "neighbour fine\n", r.stderr
+
+
+def test_runs_from_a_multithreaded_process_without_forking_python(monkeypatch):
+    """The trainer has JAX/XLA, torch and reward threads running: starting a sandbox must not run Python in a
+    forked child (no preexec_fn), which can deadlock there and makes JAX warn "os.fork() was called"."""
+    import importlib.util
+    import subprocess
+    import threading
+    import warnings
+
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    threads = [threading.Thread(target=busy, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    popen_kwargs: list[dict] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        popen_kwargs.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if importlib.util.find_spec("jax") is not None:
+                import jax.numpy as jnp  # starts XLA's thread pool and installs JAX's at-fork warning hook
+
+                assert float(jnp.ones((32, 32)).sum()) == 1024.0
+            isolation()  # probed before recording: only the sandbox's own launch is checked below
+            monkeypatch.setattr(subprocess, "Popen", recording_popen)
+            results = [run_python("print('from a threaded parent')") for _ in range(3)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert all(r.ok and r.stdout == "from a threaded parent\n" for r in results), [r.stderr for r in results]
+    assert popen_kwargs and all(kw.get("preexec_fn") is None for kw in popen_kwargs)
+    fork_warnings = [str(w.message) for w in caught if "fork" in str(w.message).lower()]
+    assert fork_warnings == []
+
+
+def test_a_missing_program_is_reported_not_raised():
+    r = run_command(["diptych-no-such-program"])
+    assert not r.ok and r.returncode != 0
+
+
+def test_the_requested_rlimits_reach_the_program():
+    code = "import resource as r\nprint([r.getrlimit(getattr(r, n)) for n in ('RLIMIT_CPU', 'RLIMIT_AS', " \
+           "'RLIMIT_FSIZE', 'RLIMIT_CORE')])"
+    r = run_python(code, limits=SandboxLimits(timeout_s=2.5, memory_mb=300, max_file_mb=3))
+    assert r.ok, r.stderr
+    mb = 1024 * 1024
+    # CPU default: the timeout rounded up, plus one second
+    assert r.stdout.strip() == str([(4, 5), (300 * mb, 300 * mb), (3 * mb, 3 * mb), (0, 0)])
