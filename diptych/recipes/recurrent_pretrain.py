@@ -88,6 +88,8 @@ class RecipeConfig:
     seed: int = 0
     baseline: bool = True
     dense: bool = True
+    sigma: float = 0.5  # spread of the log-normal depth schedule; larger reaches deeper r more often
+    threads: int = 1  # torch intra-op threads: the matmuls are tiny, more threads only add overhead
     out: str = "runs/recurrent_recipe"
 
 
@@ -141,7 +143,15 @@ def train_model(cfg: RecipeConfig, spec: RecurrentSpec, schedule: DepthSchedule,
     return model, rb, losses
 
 
+def _set_threads(cfg: RecipeConfig) -> None:
+    if cfg.backend == "torch" and cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+
 def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
+    _set_threads(cfg)
     task = _task(cfg)
     codec = CharCodec("sum =0123456789")
     spec = tiny_recurrent_spec(vocab_size=codec.vocab_size, mean_recurrence=cfg.mean_recurrence,
@@ -154,7 +164,7 @@ def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
     results: dict[str, Any] = {"config": asdict(cfg), "params": spec.num_params()}
 
     log(f"recurrent model: {spec.num_params()} parameters, mean r {cfg.mean_recurrence}, k {cfg.backprop_depth}")
-    sched = DepthSchedule(cfg.mean_recurrence, cfg.backprop_depth, seed=cfg.seed)
+    sched = DepthSchedule(cfg.mean_recurrence, cfg.backprop_depth, sigma=cfg.sigma, seed=cfg.seed)
     t0 = time.perf_counter()
     model, rb, losses = train_model(cfg, spec, sched, codec, log)
     results["train_seconds"] = time.perf_counter() - t0
@@ -185,10 +195,26 @@ def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
         fixed = {r["num_steps"]: r["accuracy"] for r in results[key] if r["mode"] == "fixed"}
         if all(d in fixed for d in (4, 8, 16, 32)):
             results[f"test_time_scaling_{key}"] = bool(min(fixed[16], fixed[32]) > max(fixed[4], fixed[8]))
-    plot_sweep(results["sweep"], out / "sweep.png", title="running_sum (2-6 digits): accuracy vs depth")
-    plot_sweep(results["sweep_long"], out / "sweep_long.png", title="running_sum (7-10 digits): accuracy vs depth")
+    (lo, hi), (llo, lhi) = cfg.length, cfg.long_length
+    plot_sweep(results["sweep"], out / "sweep.png", title=f"running_sum ({lo}-{hi} digits): accuracy vs depth")
+    plot_sweep(results["sweep_long"], out / "sweep_long.png",
+               title=f"running_sum ({llo}-{lhi} digits): accuracy vs depth")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 4,12, got {text!r}") from None
+
+
+def _pair(text: str) -> tuple[int, int]:
+    lo_hi = _ints(text)
+    if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+        raise argparse.ArgumentTypeError(f"expected two digit counts LO,HI with 1 <= LO <= HI, got {text!r}")
+    return lo_hi  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,11 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-only", action="store_true", help="supervise only the answer, not the running sums")
     p.add_argument("--mean-recurrence", type=int, default=d.mean_recurrence)
     p.add_argument("--backprop-depth", type=int, default=d.backprop_depth)
+    p.add_argument("--length", type=_pair, default=d.length, help="training/held-out digit counts, e.g. 4,12")
+    p.add_argument("--long-length", type=_pair, default=d.long_length, help="longer held-out lists, e.g. 13,16")
+    p.add_argument("--eval-depths", type=_ints, default=d.eval_depths, help="e.g. 1,2,4,8,16,32")
+    p.add_argument("--sigma", type=float, default=d.sigma, help="log-normal spread of the depth schedule")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", default=d.out)
     a = p.parse_args(argv)
     cfg = RecipeConfig(backend=a.backend, steps=a.steps, batch=a.batch, lr=a.lr, eval_size=a.eval_size,
                        seed=a.seed, baseline=not a.no_baseline, out=a.out, dense=not a.answer_only,
-                       mean_recurrence=a.mean_recurrence, backprop_depth=a.backprop_depth)
+                       mean_recurrence=a.mean_recurrence, backprop_depth=a.backprop_depth, length=a.length,
+                       long_length=a.long_length, eval_depths=a.eval_depths, sigma=a.sigma, threads=a.threads)
     run(cfg)
     return 0
 

@@ -33,3 +33,14 @@ def test_recipe_runs_end_to_end_and_writes_results(tmp_path):
     assert saved["params"] == results["params"] and {"sweep", "sweep_long", "baseline"} <= set(saved)
     assert (tmp_path / "run" / "checkpoint" / "diptych_codec.json").is_file()
     assert (tmp_path / "run" / "sweep.png").is_file()
+
+
+def test_cli_length_flags_parse_and_reject_bad_ranges():
+    import argparse
+
+    from diptych.recipes.recurrent_pretrain import _ints, _pair
+
+    assert _pair("4,12") == (4, 12) and _ints("1,2,4") == (1, 2, 4)
+    for bad in ("12,4", "0,3", "4", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+            _pair(bad)
