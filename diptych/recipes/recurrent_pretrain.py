@@ -89,6 +89,8 @@ class RecipeConfig:
     baseline: bool = True
     dense: bool = True
     sigma: float = 0.5  # spread of the log-normal depth schedule; larger reaches deeper r more often
+    width: int = 64  # n_embd; the MLP is 2x wide
+    core_layers: int = 2  # layers in the recurrent block (the work one iteration can do)
     threads: int = 1  # torch intra-op threads: the matmuls are tiny, more threads only add overhead
     out: str = "runs/recurrent_recipe"
 
@@ -155,7 +157,8 @@ def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
     task = _task(cfg)
     codec = CharCodec("sum =0123456789")
     spec = tiny_recurrent_spec(vocab_size=codec.vocab_size, mean_recurrence=cfg.mean_recurrence,
-                               mean_backprop_depth=cfg.backprop_depth, block_size=64)
+                               mean_backprop_depth=cfg.backprop_depth, block_size=64, n_embd=cfg.width,
+                               intermediate_size=2 * cfg.width, n_layers_in_recurrent_block=cfg.core_layers)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     test = task.generate("test", cfg.eval_size, seed=cfg.seed + 7)
@@ -234,13 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-length", type=_pair, default=d.long_length, help="longer held-out lists, e.g. 13,16")
     p.add_argument("--eval-depths", type=_ints, default=d.eval_depths, help="e.g. 1,2,4,8,16,32")
     p.add_argument("--sigma", type=float, default=d.sigma, help="log-normal spread of the depth schedule")
+    p.add_argument("--width", type=int, default=d.width, help="model width n_embd (MLP 2x)")
+    p.add_argument("--core-layers", type=int, default=d.core_layers, help="layers in the recurrent block")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", default=d.out)
     a = p.parse_args(argv)
     cfg = RecipeConfig(backend=a.backend, steps=a.steps, batch=a.batch, lr=a.lr, eval_size=a.eval_size,
                        seed=a.seed, baseline=not a.no_baseline, out=a.out, dense=not a.answer_only,
                        mean_recurrence=a.mean_recurrence, backprop_depth=a.backprop_depth, length=a.length,
-                       long_length=a.long_length, eval_depths=a.eval_depths, sigma=a.sigma, threads=a.threads)
+                       long_length=a.long_length, eval_depths=a.eval_depths, sigma=a.sigma, threads=a.threads,
+                       width=a.width, core_layers=a.core_layers)
     run(cfg)
     return 0
 
