@@ -32,6 +32,7 @@ compiles one train step per distinct micro-batch shape.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,16 @@ def loss_terms(loss: str | Mapping[str, float]) -> dict[str, float]:
         if name not in REQUIRED:
             raise BatchError(f"Unknown loss {name!r}; train_step supports {', '.join(sorted(REQUIRED))}.")
     return terms
+
+
+def model_quantities_needed(terms: Iterable[str], configs: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+    """``(logprobs, entropy, values)``: which differentiable inputs the backend must compute for these
+    loss terms (preference log-probs are always computed for ``"preference"``). Written once so both
+    backends run the model exactly as often."""
+    terms = set(terms)
+    need_lp = bool({"sft", "policy"} & terms)
+    need_entropy = "policy" in terms and float(getattr(configs["policy"], "entropy_coef", 0.0) or 0.0) != 0.0
+    return need_lp, need_entropy, "value" in terms
 
 
 def validate_microbatch(batch: Mapping[str, np.ndarray], terms: Iterable[str]) -> None:

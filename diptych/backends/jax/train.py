@@ -33,7 +33,13 @@ from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.spec import value_head_init
-from diptych.core.train_batch import INT_KEYS, loss_terms, reduce_metrics, validate_microbatch
+from diptych.core.train_batch import (
+    INT_KEYS,
+    loss_terms,
+    model_quantities_needed,
+    reduce_metrics,
+    validate_microbatch,
+)
 
 VALUE_HEAD = ("value_head.weight", "value_head.bias")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -297,9 +303,7 @@ def _model_quantities(model: nnx.Module, head: Any, batch: Mapping[str, jax.Arra
         for side in ("chosen", "rejected"):
             tok, am = batch[f"{side}_tokens"], batch[f"{side}_attention_mask"]
             out[f"{side}_logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
-    need_lp = bool({"sft", "policy"} & set(cfg))
-    need_entropy = "policy" in cfg and float(getattr(cfg["policy"], "entropy_coef", 0.0) or 0.0) != 0.0
-    need_values = "value" in cfg
+    need_lp, need_entropy, need_values = model_quantities_needed(cfg, cfg)
     if not (need_lp or need_values):
         return out
     tok, am = batch["tokens"], batch["attention_mask"]

@@ -29,7 +29,13 @@ from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.spec import value_head_init
-from diptych.core.train_batch import INT_KEYS, loss_terms, reduce_metrics, validate_microbatch
+from diptych.core.train_batch import (
+    INT_KEYS,
+    loss_terms,
+    model_quantities_needed,
+    reduce_metrics,
+    validate_microbatch,
+)
 
 VALUE_HEAD = ("value_head.weight", "value_head.bias")
 
@@ -251,9 +257,7 @@ def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], terms: Ma
         for side in ("chosen", "rejected"):
             tok, am = mb[f"{side}_tokens"], mb[f"{side}_attention_mask"]
             out[f"{side}_logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
-    need_lp = bool({"sft", "policy"} & set(terms))
-    need_entropy = "policy" in terms and float(getattr(configs["policy"], "entropy_coef", 0.0) or 0.0) != 0.0
-    need_values = "value" in terms
+    need_lp, need_entropy, need_values = model_quantities_needed(terms, configs)
     if not (need_lp or need_values):
         return out
     tok, am = mb["tokens"], mb["attention_mask"]

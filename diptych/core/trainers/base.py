@@ -108,6 +108,15 @@ def rollout_batch(rollout: Rollout, max_prompt_len: int) -> dict[str, np.ndarray
     return {"tokens": tokens, "attention_mask": attn, "mask": mask, "sampler_logprobs": sampler_lp}
 
 
+def sequence_logprobs(backend: Any, model: Any, tokens: np.ndarray, attention_mask: np.ndarray, mask: np.ndarray,
+                      temperature: float = 1.0) -> np.ndarray:
+    """Per-token log-probs ``[B, T-1]`` of ``tokens[:, 1:]`` under ``model``, zero off ``mask`` (old, reference
+    and cached log-probs all come through here, on the same basis as the train step's)."""
+    out = backend.logprobs(model, backend.from_numpy(tokens[:, :-1]), backend.from_numpy(attention_mask[:, :-1]),
+                           backend.from_numpy(tokens[:, 1:]), temperature)
+    return np.asarray(backend.to_numpy(out), np.float32) * mask
+
+
 def decode_completions(tokenizer: Any, rollout: Rollout) -> list[str]:
     return [tokenizer.decode(ids) for ids in rollout.completions()]
 

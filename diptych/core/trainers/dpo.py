@@ -26,7 +26,7 @@ from diptych.core.losses.preference import PREFERENCE_KINDS, REFERENCE_FREE
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
 from diptych.core.train_batch import split_microbatches
-from diptych.core.trainers.base import TrainerError, batch_iterator, encode_prompts, pack_sequences
+from diptych.core.trainers.base import TrainerError, batch_iterator, encode_prompts, pack_sequences, sequence_logprobs
 
 INDEX = "_row"
 """Column the loop adds to each row: its index into the reference cache."""
@@ -98,13 +98,6 @@ def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: DPOCon
         out[f"{side}_mask"] = packed["mask"]
     return out
 
-
-def sequence_logprobs(backend: Any, model: Any, tokens: np.ndarray, attention_mask: np.ndarray, mask: np.ndarray
-                      ) -> np.ndarray:
-    """Per-token log-probs ``[B, T-1]`` of ``model`` on a packed side, zero off the mask."""
-    out = backend.logprobs(model, backend.from_numpy(tokens[:, :-1]), backend.from_numpy(attention_mask[:, :-1]),
-                           backend.from_numpy(tokens[:, 1:]), 1.0)
-    return np.asarray(backend.to_numpy(out), np.float32) * mask
 
 
 @dataclass

@@ -35,6 +35,7 @@ from diptych.core.trainers.base import (
     decode_completions,
     encode_prompts,
     rollout_batch,
+    sequence_logprobs,
 )
 from diptych.recurrent.training import DepthPolicy
 
@@ -160,12 +161,14 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
         if ref_model is not None:
             backend.set_depth(ref_model, r)
     with timer.phase("train"):
-        lp_old = _logprobs(backend, state.model, batch, cfg.temperature)
+        lp_old = sequence_logprobs(backend, state.model, batch["tokens"], batch["attention_mask"], batch["mask"],
+                                   cfg.temperature)
         batch["old_logprobs"] = lp_old
         if cfg.beta > 0:
             if ref_model is None:
                 raise TrainerError("beta > 0 needs a reference model; pass ref_model.")
-            batch["ref_logprobs"] = _logprobs(backend, ref_model, batch, cfg.temperature)
+            batch["ref_logprobs"] = sequence_logprobs(backend, ref_model, batch["tokens"], batch["attention_mask"],
+                                                     batch["mask"], cfg.temperature)
         train_metrics: dict[str, float] = {}
         for _ in range(cfg.num_iterations):
             state, train_metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches),
@@ -184,11 +187,6 @@ def state_vocab(state: Any) -> int:
     return int(state.model.spec.vocab_size)
 
 
-def _logprobs(backend: Any, model: Any, batch: dict[str, np.ndarray], temperature: float) -> np.ndarray:
-    tok, am = batch["tokens"], batch["attention_mask"]
-    out = backend.logprobs(model, backend.from_numpy(tok[:, :-1]), backend.from_numpy(am[:, :-1]),
-                           backend.from_numpy(tok[:, 1:]), temperature)
-    return np.asarray(backend.to_numpy(out), np.float32) * batch["mask"]
 
 
 def train_grpo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]],

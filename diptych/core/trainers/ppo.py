@@ -39,8 +39,9 @@ from diptych.core.trainers.base import (
     decode_completions,
     encode_prompts,
     rollout_batch,
+    sequence_logprobs,
 )
-from diptych.core.trainers.grpo import _logprobs, check_columns, score
+from diptych.core.trainers.grpo import check_columns, score
 
 
 @dataclass
@@ -135,12 +136,14 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
         return state, metrics
     warmup = step < cfg.value_warmup_steps
     with timer.phase("train"):
-        old_lp = _logprobs(backend, state.model, batch, cfg.temperature)
+        old_lp = sequence_logprobs(backend, state.model, batch["tokens"], batch["attention_mask"], batch["mask"],
+                                   cfg.temperature)
         values = values_of(backend, state, batch)
         if cfg.kl_coef > 0:
             if ref_model is None:
                 raise TrainerError("kl_coef > 0 needs a reference model; pass ref_model (or set kl_coef=0).")
-            ref_lp = _logprobs(backend, ref_model, batch, cfg.temperature)
+            ref_lp = sequence_logprobs(backend, ref_model, batch["tokens"], batch["attention_mask"], batch["mask"],
+                                   cfg.temperature)
         else:
             ref_lp = old_lp
         token_rewards = kl_shaped_rewards(rewards, old_lp, ref_lp, mask, cfg.kl_coef, cfg.kl_estimator)
