@@ -75,6 +75,7 @@ class CharCodec:
 
 @dataclass
 class RecipeConfig:
+    task: str = "running_sum"
     backend: str = "torch"
     steps: int = 800
     batch: int = 64
@@ -95,18 +96,46 @@ class RecipeConfig:
     out: str = "runs/recurrent_recipe"
 
 
+# Per task: the codec alphabet, the fixed knobs, and the answer values (single characters).
+TASKS: dict[str, dict[str, Any]] = {
+    "running_sum": {"chars": "sum =0123456789", "knobs": {"modulo": 10}, "answers": "0123456789"},
+    "word_problem": {"chars": "mul =0123456789", "knobs": {}, "answers": "012345"},
+    "perm_chain": {"chars": "0123456789:,=ABCDEFGHIJKLMNOPQRSTUVWXY", "knobs": {"size": 5}, "answers": "01234"},
+}
+
+
 def _task(cfg: RecipeConfig, length: tuple[int, int] | None = None):
     from diptych.core.tasks import get_task
 
-    return get_task("running_sum", length=tuple(length or cfg.length), modulo=10)
+    if cfg.task not in TASKS:
+        raise ValueError(f"recipe task must be one of {sorted(TASKS)}, got {cfg.task!r}.")
+    return get_task(cfg.task, length=tuple(length or cfg.length), **TASKS[cfg.task]["knobs"])
+
+
+def _dense_labels(row: dict[str, Any]) -> list[tuple[int, str]]:
+    """(prompt index, label) pairs: every intermediate result where the prompt has computed it.
+
+    running_sum: each digit is labelled with the sum so far (mod 10); perm_chain: each table's
+    closing ``,`` (and the final ``=``) with the value after that hop.
+    """
+    prompt = row["prompt"]
+    if "digits" in row:
+        first = prompt.index(" ") + 1
+        return [(first + i, str(int(v))) for i, v in enumerate(np.cumsum(row["digits"]) % 10)]
+    if "factors" in row:  # word_problem: each factor labelled with the product so far
+        first = prompt.index(" ") + 1
+        return [(first + i, str(v)) for i, v in enumerate(row["trace"])]
+    if "trace" in row:
+        ends = [i for i, c in enumerate(prompt) if c in ",="]
+        return [(i, str(v)) for i, v in zip(ends, row["trace"])]
+    raise ValueError("dense supervision needs rows with 'digits' (running_sum) or 'trace' (perm_chain).")
 
 
 def _encode(codec: CharCodec, rows: list[dict[str, Any]], dense: bool = False):
     """Left-padded prompts; the "=" position's target is the answer.
 
-    ``dense`` also supervises every digit position with the running sum so far (mod 10): the
-    same rule as the answer, applied to every prefix, which gives short prefixes as a built-in
-    curriculum.
+    ``dense`` also supervises every intermediate result (:func:`_dense_labels`): the same rule as
+    the answer applied to every prefix, which gives short prefixes as a built-in curriculum.
     """
     tokens, mask = codec.batch([r["prompt"] for r in rows])
     answers = np.array([codec.index[str(r["answer"])] for r in rows])
@@ -115,11 +144,11 @@ def _encode(codec: CharCodec, rows: list[dict[str, Any]], dense: bool = False):
     weights = np.zeros(tokens.shape, np.float32)
     weights[:, -1] = 1.0
     if dense:
+        width = tokens.shape[1]
         for i, r in enumerate(rows):
-            partial = np.cumsum(r["digits"]) % 10
-            k = len(partial)
-            targets[i, -1 - k: -1] = [codec.index[str(int(v))] for v in partial]
-            weights[i, -1 - k: -1] = 1.0
+            shift = width - len(r["prompt"])
+            for pos, label in _dense_labels(r):
+                targets[i, shift + pos], weights[i, shift + pos] = codec.index[label], 1.0
     return tokens, mask, targets, weights, answers
 
 
@@ -155,15 +184,17 @@ def _set_threads(cfg: RecipeConfig) -> None:
 def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
     _set_threads(cfg)
     task = _task(cfg)
-    codec = CharCodec("sum =0123456789")
+    codec = CharCodec(TASKS[cfg.task]["chars"])
+    longest = max(len(r["prompt"]) for r in _task(cfg, cfg.long_length).generate("test", 64, seed=0))
     spec = tiny_recurrent_spec(vocab_size=codec.vocab_size, mean_recurrence=cfg.mean_recurrence,
-                               mean_backprop_depth=cfg.backprop_depth, block_size=64, n_embd=cfg.width,
+                               mean_backprop_depth=cfg.backprop_depth, block_size=max(64, 2 * longest),
+                               n_embd=cfg.width,
                                intermediate_size=2 * cfg.width, n_layers_in_recurrent_block=cfg.core_layers)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     test = task.generate("test", cfg.eval_size, seed=cfg.seed + 7)
     tokens, mask, _, _, answers = _encode(codec, test)
-    answer_ids = [codec.index[str(d)] for d in range(10)]
+    answer_ids = [codec.index[c] for c in TASKS[cfg.task]["answers"]]
     results: dict[str, Any] = {"config": asdict(cfg), "params": spec.num_params()}
 
     log(f"recurrent model: {spec.num_params()} parameters, mean r {cfg.mean_recurrence}, k {cfg.backprop_depth}")
@@ -174,7 +205,7 @@ def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
     results["final_loss"] = float(np.mean(losses[-50:]))
     ckpt = out / "checkpoint"
     save_hf_folder(ckpt, spec, rb.export(model))
-    codec.save(ckpt, "running_sum", {"length": list(cfg.length), "modulo": 10})
+    codec.save(ckpt, cfg.task, {"length": list(cfg.length), **TASKS[cfg.task]["knobs"]})
     ops = rb._Ops(model)
     long_rows = _task(cfg, cfg.long_length).generate("test", cfg.eval_size, seed=cfg.seed + 8)
     ltokens, lmask, _, _, lanswers = _encode(codec, long_rows)
@@ -199,9 +230,10 @@ def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
         if all(d in fixed for d in (4, 8, 16, 32)):
             results[f"test_time_scaling_{key}"] = bool(min(fixed[16], fixed[32]) > max(fixed[4], fixed[8]))
     (lo, hi), (llo, lhi) = cfg.length, cfg.long_length
-    plot_sweep(results["sweep"], out / "sweep.png", title=f"running_sum ({lo}-{hi} digits): accuracy vs depth")
+    unit = {"running_sum": "digits", "word_problem": "factors"}.get(cfg.task, "hops")
+    plot_sweep(results["sweep"], out / "sweep.png", title=f"{cfg.task} ({lo}-{hi} {unit}): accuracy vs depth")
     plot_sweep(results["sweep_long"], out / "sweep_long.png",
-               title=f"running_sum ({llo}-{lhi} digits): accuracy vs depth")
+               title=f"{cfg.task} ({llo}-{lhi} {unit}): accuracy vs depth")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -223,6 +255,7 @@ def _pair(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = RecipeConfig()
+    p.add_argument("--task", default=d.task, choices=sorted(TASKS))
     p.add_argument("--backend", default=d.backend, choices=["jax", "torch"])
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch", type=int, default=d.batch)
@@ -242,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", default=d.out)
     a = p.parse_args(argv)
-    cfg = RecipeConfig(backend=a.backend, steps=a.steps, batch=a.batch, lr=a.lr, eval_size=a.eval_size,
+    cfg = RecipeConfig(task=a.task, backend=a.backend, steps=a.steps, batch=a.batch, lr=a.lr, eval_size=a.eval_size,
                        seed=a.seed, baseline=not a.no_baseline, out=a.out, dense=not a.answer_only,
                        mean_recurrence=a.mean_recurrence, backprop_depth=a.backprop_depth, length=a.length,
                        long_length=a.long_length, eval_depths=a.eval_depths, sigma=a.sigma, threads=a.threads,

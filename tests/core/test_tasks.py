@@ -10,7 +10,7 @@ from diptych.core.tasks import available_tasks, get_task, split_of
 from diptych.core.tasks.countdown import evaluate
 from diptych.core.tokenizer import CharTokenizer
 
-TASKS = ["arithmetic", "countdown", "running_sum"]
+TASKS = ["arithmetic", "countdown", "running_sum", "perm_chain", "word_problem"]
 
 
 def _columns(rows):
@@ -110,6 +110,43 @@ def test_running_sum_show_work_reference():
     row = {"digits": [3, 1, 4, 1], "answer": "9", "prompt": "sum 3141="}
     assert task.reference_solution(row) == "3,4,8,9|9"
     assert task.reward([""] * 2, ["3,4,8,9|9", "3,4,8,9|8"], answer=["9", "9"]) == [1.0, 0.0]
+
+
+def test_perm_chain_matches_an_independent_parse_and_uses_permutations():
+    from diptych.core.tasks.perm_chain import entry_of, follow, letter_of
+
+    assert letter_of(0, 3) == "D" and letter_of(1, 2) == "H" and entry_of("Y") == (4, 4)
+    assert follow("3:DHKTV,EGMSU=") == [4, 0]  # 3 -> (T: 3->4) -> (U: 4->0)
+    task = get_task("perm_chain", hops=(3, 9), size=4)
+    rows = task.generate("train", 40, seed=2)
+    for r in rows:
+        tables = r["prompt"][2:-1].split(",")
+        assert len(tables) == r["length"] == len(r["trace"]) and 3 <= r["length"] <= 9
+        for t in tables:  # every table is a permutation of range(size), keys in shuffled order
+            keys, values = zip(*map(entry_of, t))
+            assert sorted(keys) == sorted(values) == list(range(4))
+        assert follow(r["prompt"]) == r["trace"] and r["answer"] == str(r["trace"][-1])
+    assert any(next(zip(*map(entry_of, r["prompt"][2:6]))) != (0, 1, 2, 3) for r in rows)
+    wrong = [str((int(r["answer"]) + 1) % 4) for r in rows]
+    assert task.reward([""] * 40, wrong, **_columns(rows)) == [0.0] * 40
+    assert get_task("perm_chain", length=7).hops == (7, 7)  # the generic difficulty knob
+    with pytest.raises(ValueError, match="size"):
+        get_task("perm_chain", size=6)
+
+
+def test_word_problem_matches_numpy_permutation_products():
+    from diptych.core.tasks.word_problem import ELEMENTS
+
+    task = get_task("word_problem", length=(2, 12))
+    rows = task.generate("train", 40, seed=4)
+    for r in rows:
+        state = np.arange(3)
+        for i, d in enumerate(r["prompt"][len("mul "):-1]):  # apply each factor to the arrangement in turn
+            state = np.asarray(ELEMENTS[int(d)])[state]
+            assert tuple(state) == ELEMENTS[r["trace"][i]]
+        assert r["answer"] == str(r["trace"][-1])
+    # order matters: the group is not commutative, which is what makes the task serial
+    assert any(r["trace"][-1] != task._sample(np.random.default_rng(0))["trace"][-1] for r in rows)
 
 
 def test_task_plugs_into_combined_reward_and_checks_columns():
