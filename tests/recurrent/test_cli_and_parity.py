@@ -93,3 +93,14 @@ def test_truncated_trainer_lowers_the_loss_on_a_fixed_batch(backend_name):
     w = np.ones(tokens.shape, np.float32)
     losses = [trainer.step(tokens, mask, np.roll(tokens, -1, 1), w, num_steps=3, num_grad_steps=2) for _ in range(15)]
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_parity_tolerance_follows_the_unrolled_depth():
+    from diptych.core.recurrent_spec import tiny_recurrent_spec
+    from diptych.recurrent.parity_suite import logits_tolerance
+
+    spec = tiny_recurrent_spec()  # DESIGN.md: 1e-5 for tiny models, 1e-4 at real sizes
+    shallow = 16 - spec.n_layers_in_prelude - spec.n_layers_in_coda
+    assert logits_tolerance(spec, shallow // spec.n_layers_in_recurrent_block, "float32") == 1e-5
+    assert logits_tolerance(spec, 16, "float32") == 1e-4
+    assert logits_tolerance(spec, 16, "bfloat16") is None  # bf16 keeps its own table entry
