@@ -28,7 +28,7 @@ import numpy as np
 from diptych.core.hf import save_hf_folder
 from diptych.core.recurrent_spec import RecurrentSpec, initial_state_noise, tiny_recurrent_spec
 from diptych.recurrent.schedule import DepthSchedule
-from diptych.recurrent.sweep import depth_sweep, plot_sweep
+from diptych.recurrent.sweep import depth_sweep, plot_sweep, score
 
 CODEC_FILE = "diptych_codec.json"
 
@@ -174,6 +174,23 @@ def train_model(cfg: RecipeConfig, spec: RecurrentSpec, schedule: DepthSchedule,
     return model, rb, losses
 
 
+def accuracy_by_length(ops: Any, codec: CharCodec, rows: list[dict[str, Any]], answer_ids: list[int],
+                       depths: tuple[int, ...], seed: int) -> dict[str, dict[str, float]]:
+    """Held-out accuracy per problem length at each fixed depth: where extra iterations pay off.
+
+    A serial task should show the longer problems needing more depth; a flat profile means the
+    model found a shortcut that does not scale with depth.
+    """
+    out: dict[str, dict[str, float]] = {str(r): {} for r in depths}
+    for n in sorted({row["length"] for row in rows}):
+        group = [row for row in rows if row["length"] == n]
+        tokens, mask, _, _, answers = _encode(codec, group)
+        for r in depths:
+            res = score(ops, tokens, mask, answers, answer_ids, num_steps=r, state_seed=seed)
+            out[str(r)][str(n)] = res["accuracy"]
+    return out
+
+
 def _set_threads(cfg: RecipeConfig) -> None:
     if cfg.backend == "torch" and cfg.threads > 0:
         import torch
@@ -215,6 +232,9 @@ def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
         for row in results[key]:
             log(f"{key:>10s} {row['mode']:>20s} r={row['num_steps']:3d}  acc {row['accuracy']:.3f}  "
                 f"depth {row['mean_depth']:.1f}")
+    results["by_length"] = accuracy_by_length(ops, codec, test + long_rows, answer_ids, cfg.eval_depths, cfg.seed)
+    for r, accs in results["by_length"].items():
+        log(f"by length r={r:>3}: " + " ".join(f"{n}:{a:.2f}" for n, a in accs.items()))
 
     if cfg.baseline:
         log("baseline: same parameters, fixed r = 1")
