@@ -5,6 +5,11 @@ r drawn per optimizer step, gradient through the last k iterations only); sampli
 depth or stops each token early under an exit criterion. :class:`DepthPolicy` holds both, so a
 backend-neutral trainer (GRPO, SFT, ...) calls ``backend.set_depth(model, *policy.train_depth(step))``
 before its train step and passes ``**policy.generate_kwargs()`` to ``backend.generate``.
+
+The initial latent state is zero in both places on purpose. Huginn pretrains from a random s0
+(the recipe does too), but an RL update compares the sampler's log-probs with the trainer's: a
+fresh s0 on each side would make the importance ratio differ from 1 on identical weights, a
+bias no clipping can tell from a policy change.
 """
 
 from __future__ import annotations
