@@ -55,7 +55,7 @@ def test_exit_happens_exactly_where_the_state_stops_changing(criterion):
     spec, _ = spec_and_weights()
     ops = ScriptedOps(spec, n=[3, 6, 9])
     roll = generate(ops, [[1, 2], [3, 4], [5]], SamplingConfig(max_new_tokens=3, temperature=0, eos_ids=()),
-                    num_steps=12, exit_criterion=criterion)
+                    num_steps=12, exit_criterion=criterion, cache=False)
     depth = roll.extras["depth"]
     assert depth[:, 0].tolist() == [12, 12, 12]  # prefill never exits early
     assert depth[:, 1:].tolist() == [[3, 3], [6, 6], [9, 9]]
@@ -65,7 +65,7 @@ def test_argmax_stability_exits_after_n_stable_iterations():
     spec, _ = spec_and_weights()
     ops = ScriptedOps(spec, n=[2, 4])
     roll = generate(ops, [[1], [2]], SamplingConfig(max_new_tokens=2, temperature=0, eos_ids=()), num_steps=20,
-                    exit_criterion="argmax-stability", exit_threshold=3)
+                    exit_criterion="argmax-stability", exit_threshold=3, cache=False)
     # argmax is fixed from iteration n-1 at the latest, so 3 more stable iterations end it by n + 2
     assert roll.extras["depth"][:, 0].tolist() == [20, 20]
     assert (roll.extras["depth"][:, 1] <= np.array([2, 4]) + 2).all()

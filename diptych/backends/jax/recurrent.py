@@ -67,22 +67,32 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax
     return jnp.einsum("bhsk,bkhd->bshd", probs, v)
 
 
-def _block(P: Params, p: str, spec: RecurrentSpec, x: jax.Array, rope, allowed: jax.Array) -> jax.Array:
-    eps, nh, nkv, hd = spec.norm_eps, spec.n_heads, spec.num_key_value_heads, spec.head_dim
+def _qkv(P: Params, p: str, spec: RecurrentSpec, x: jax.Array, rope) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated q, k and v of a sandwich block's attention: what a KV cache stores (k, v)."""
+    nh, nkv, hd = spec.n_heads, spec.num_key_value_heads, spec.head_dim
     B, S, _ = x.shape
-    h = _rms_norm(x, P[p + "norm_1.weight"], eps)
-    qkv = h @ P[p + "attn.Wqkv.weight"].T
+    qkv = _rms_norm(x, P[p + "norm_1.weight"], spec.norm_eps) @ P[p + "attn.Wqkv.weight"].T
     q = qkv[..., : nh * hd].reshape(B, S, nh, hd)
     k = qkv[..., nh * hd: (nh + nkv) * hd].reshape(B, S, nkv, hd)
     v = qkv[..., (nh + nkv) * hd:].reshape(B, S, nkv, hd)
     if spec.qk_bias:
         q, k = q + P[p + "attn.qk_bias"][0], k + P[p + "attn.qk_bias"][1]
-    q, k = _rope(q, rope), _rope(k, rope)
-    a = _attend(q, k, v, allowed).reshape(B, S, nh * hd) @ P[p + "attn.proj.weight"].T
+    return _rope(q, rope), _rope(k, rope), v
+
+
+def _block_out(P: Params, p: str, spec: RecurrentSpec, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The rest of a sandwich block after attention produced ``y`` [B, S, heads, head_dim]."""
+    eps = spec.norm_eps
+    a = y.reshape(*x.shape[:2], -1) @ P[p + "attn.proj.weight"].T
     x = _rms_norm(a + x, P[p + "norm_2.weight"], eps)
     gate, up = jnp.split(_rms_norm(x, P[p + "norm_3.weight"], eps) @ P[p + "mlp.fc.weight"].T, 2, axis=-1)
     m = (jax.nn.silu(gate) * up) @ P[p + "mlp.proj.weight"].T
     return _rms_norm(m + x, P[p + "norm_4.weight"], eps)
+
+
+def _block(P: Params, p: str, spec: RecurrentSpec, x: jax.Array, rope, allowed: jax.Array) -> jax.Array:
+    q, k, v = _qkv(P, p, spec, x, rope)
+    return _block_out(P, p, spec, x, _attend(q, k, v, allowed))
 
 
 class Context:
@@ -330,6 +340,12 @@ class _Ops:
 
     def select(self, keep: np.ndarray, new: jax.Array, old: jax.Array) -> jax.Array:
         return jnp.where(jnp.asarray(keep)[:, None, None], old, new)
+
+    def decoder(self, rows: int, capacity: int, steps: int) -> Any:
+        """The KV-cached decode primitives (``diptych.backends.jax.recurrent_cache.Decoder``)."""
+        from diptych.backends.jax.recurrent_cache import Decoder
+
+        return Decoder(self.model, rows, capacity, steps)
 
 
 def _ctx_tuple(ctx: Context):

@@ -112,7 +112,7 @@ def _rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
 
 
 def _rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     ang = positions.to(torch.float32)[..., None] * inv  # [B, S, hd/2]
     return torch.cos(ang)[:, :, None, :], torch.sin(ang)[:, :, None, :]
 
@@ -135,19 +135,26 @@ class Context:
         self.e, self.rope, self.allowed = e, rope, allowed
 
 
+def model_device(model: RecurrentLM) -> torch.device:
+    return model.transformer.wte.weight.device
+
+
+def to_model(model: RecurrentLM, x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Any array input (numpy, list, tensor on any device) as a tensor on the model's device."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t.to(device=model_device(model), dtype=dtype)
+
+
 def prelude(model: RecurrentLM, tokens: Any, attention_mask: Any = None) -> Context:
     """Embed (times Huginn's embedding scale) and run the prelude: the e re-injected every step."""
-    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).long()
-    _check_tokens(model.spec, tokens)
-    if attention_mask is None:
-        mask = torch.ones_like(tokens)
-    else:
-        mask = torch.as_tensor(attention_mask if isinstance(attention_mask, torch.Tensor)
-                               else np.asarray(attention_mask)).long()
+    tokens = tokens if isinstance(tokens, torch.Tensor) else torch.as_tensor(np.asarray(tokens))
+    _check_tokens(model.spec, tokens)  # on the host side of the transfer: ids are checked before any launch
+    tokens = to_model(model, tokens, torch.long)
+    mask = torch.ones_like(tokens) if attention_mask is None else to_model(model, attention_mask, torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     rope = _rope_tables(positions, model.spec.head_dim, model.spec.rope_base)
     S = tokens.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
     allowed = causal[None] & mask.bool()[:, None, :]
     e = model.transformer.wte(tokens) * model.spec.embed_scale
     for block in model.transformer.prelude:
@@ -184,7 +191,7 @@ def initial_state(model: RecurrentLM, ctx: Context, init_state: Any) -> torch.Te
     if tuple(s0.shape) != tuple(ctx.e.shape):
         raise ValueError(f"init_state has shape {tuple(s0.shape)}, expected [batch, time, n_embd] = "
                          f"{tuple(ctx.e.shape)}; draw it with diptych.core.recurrent_spec.initial_state_noise.")
-    return s0.to(ctx.e.dtype)
+    return s0.to(device=ctx.e.device, dtype=ctx.e.dtype)
 
 
 # -- public API (the facade calls these) ------------------------------------------------------
@@ -197,8 +204,7 @@ def build(spec: RecurrentSpec, weights: dict[str, np.ndarray], dtype: str = "flo
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or missing:
         raise SpecError(f"Weights do not fit the recurrent model: missing {missing}, unexpected {unexpected}.")
-    # CPU unless asked: the entry points below do not yet move their inputs to the model's device.
-    device = options.pop("device", None) or "cpu"
+    device = options.pop("device", None) or "cpu"  # every entry point moves its inputs to this device
     model = model.to(device=device, dtype=getattr(torch, dtype))
     model.dtype_name = dtype
     set_depth(model, options.pop("num_steps", None), options.pop("num_grad_steps", None))
@@ -317,7 +323,7 @@ def logprobs(model: RecurrentLM, tokens: Any, attention_mask: Any, targets: Any,
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     logits = forward(model, tokens, attention_mask, num_steps=num_steps, num_grad_steps=num_grad_steps,
                      init_state=init_state)
-    targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets).long()
+    targets = to_model(model, targets, torch.long)
     lp = torch.log_softmax(logits / temperature, dim=-1)
     return lp.gather(-1, targets[..., None]).squeeze(-1)
 
@@ -349,18 +355,23 @@ class _Ops:
 
     @torch.no_grad()
     def logits_last(self, ctx: Context, x: torch.Tensor) -> np.ndarray:
-        return readout(self.model, ctx, x)[:, -1].numpy()
+        return readout(self.model, ctx, x)[:, -1].cpu().numpy()
 
     def latent_last(self, x: torch.Tensor) -> np.ndarray:
-        return x[:, -1].float().numpy()
+        return x[:, -1].float().cpu().numpy()
 
     def warm(self, x: torch.Tensor, prev_final: torch.Tensor) -> torch.Tensor:
         """Continuous CoT: every position restarts from its last final state, the new one from its left neighbour."""
         return torch.cat([prev_final, prev_final[:, -1:]], dim=1)[:, -x.shape[1]:]
 
     def select(self, keep: np.ndarray, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        k = torch.as_tensor(keep)[:, None, None]
-        return torch.where(k, old, new)
+        return torch.where(to_model(self.model, keep, torch.bool)[:, None, None], old, new)
+
+    def decoder(self, rows: int, capacity: int, steps: int) -> Any:
+        """The KV-cached decode primitives (``diptych.backends.torch.recurrent_cache.Decoder``)."""
+        from diptych.backends.torch.recurrent_cache import Decoder
+
+        return Decoder(self.model, rows, capacity, steps)
 
 
 def _check_tokens(spec: RecurrentSpec, tokens: torch.Tensor) -> None:
@@ -388,8 +399,8 @@ class TruncatedTrainer:
              num_steps: int, num_grad_steps: int, init_state: np.ndarray | None = None) -> float:
         logits = forward_train(self.model, tokens, mask, num_steps=num_steps, num_grad_steps=num_grad_steps,
                                init_state=init_state)
-        lp = torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(targets).long()[..., None])[..., 0]
-        w = torch.as_tensor(weights, dtype=torch.float32)
+        lp = torch.log_softmax(logits, -1).gather(-1, to_model(self.model, targets, torch.long)[..., None])[..., 0]
+        w = to_model(self.model, weights, torch.float32)
         loss = -(lp * w).sum() / w.sum().clamp(min=1.0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -404,9 +415,9 @@ def loss_grads(model: RecurrentLM, tokens: Any, mask: Any, targets: Any, weights
     model.zero_grad(set_to_none=True)
     lp = logprobs(model, tokens, mask, targets, num_steps=num_steps, num_grad_steps=num_grad_steps,
                   init_state=init_state)
-    loss = (lp * torch.as_tensor(np.asarray(weights), dtype=torch.float32)).sum()
+    loss = (lp * to_model(model, weights, torch.float32)).sum()
     loss.backward()
-    grads = {n: (p.grad.float().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
+    grads = {n: (p.grad.float().cpu().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
              for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     return float(loss.detach()), grads
