@@ -14,7 +14,8 @@ Two paths share this loop:
   at depth d < i is read at iteration i from its entry at d (Huginn's "latest" fallback),
   decided per row, so one row's exit never touches another row's cache; left padding is masked.
   Primitives: ``ops.decoder(rows, capacity, steps)`` returning an object with ``prefill``,
-  ``feed``, ``init``, ``step``, ``logits_last``, ``latent_last``, ``select`` and ``finish``.
+  ``feed``, ``init``, ``step``, ``logits_last``, ``latent_last``, ``select`` and ``finish``
+  (and optionally ``run_fixed``: a whole fixed-depth token in one call, for compiled backends).
 - ``cache=False``: each new token re-runs the whole sequence, every position iterating as many
   times as the new token does. O(T^2), kept as the reference semantics: at fixed depth with a
   zero initial state it equals the cached path. Primitives: ``prelude``, ``init``, ``step``,
@@ -133,7 +134,11 @@ def _cached_tokens(ops, ptok, pmask, run: _Run, steps, crit, init_scale, state_r
             x = prev_final
         else:
             x = dec.init(ctx, initial_state_noise(spec, (rows, 1, spec.n_embd), state_rng, init_scale))
-        (x, logits), used = _iterate(dec, ctx, x, steps, crit, run.done)
+        if crit is None and hasattr(dec, "run_fixed"):  # one compiled call per token where a backend has it
+            x, logits = dec.run_fixed(ctx, x, run.done)
+            used = np.full(rows, steps, np.int32)
+        else:
+            (x, logits), used = _iterate(dec, ctx, x, steps, crit, run.done)
         dec.finish(ctx, used)
         prev_final = x
         yield t, logits, used

@@ -103,3 +103,94 @@ def huginn_forward(spec, weights, tokens, num_steps, init_state=None, attention_
     head = W["transformer.wte.weight"] if spec.tie_embeddings else W["lm_head.weight"]
     logits = x @ head.T
     return (logits, state) if return_state else logits
+
+
+# -- cached decoding with per-token depths (the oracle for diptych's KV cache) ----------------------------------------
+def _block_one(W, p, spec, x, pos, past):
+    """One sandwich block on ONE position ``x`` [H] at RoPE position ``pos``, attending to ``past``
+    (a list of (k, v) [kv_heads, head_dim] of earlier positions) and itself. Returns (out, (k, v))."""
+    E, nh, nkv, hd = x.shape[0], spec.n_heads, spec.num_key_value_heads, spec.head_dim
+    qkv = rms_norm(x, W[p + "norm_1.weight"], spec.norm_eps) @ W[p + "attn.Wqkv.weight"].T
+    q, k, v = qkv[:E].reshape(nh, hd), qkv[E:E + nkv * hd].reshape(nkv, hd), qkv[E + nkv * hd:].reshape(nkv, hd)
+    if spec.qk_bias:
+        q, k = q + W[p + "attn.qk_bias"][0, 0], k + W[p + "attn.qk_bias"][1, 0]
+    at = np.array([[pos]])
+    q = rope_interleaved(q[None, None], at, spec.rope_base)[0, 0]
+    k = rope_interleaved(k[None, None], at, spec.rope_base)[0, 0]
+    keys = np.stack([pk for pk, _ in past] + [k])
+    vals = np.stack([pv for _, pv in past] + [v])
+    rep = nh // nkv
+    y = np.zeros((nh, hd))
+    for h in range(nh):
+        s = keys[:, h // rep] @ q[h] / np.sqrt(hd)
+        s = np.exp(s - s.max())
+        y[h] = (s / s.sum()) @ vals[:, h // rep]
+    x = rms_norm(y.reshape(E) @ W[p + "attn.proj.weight"].T + x, W[p + "norm_2.weight"], spec.norm_eps)
+    x = rms_norm(mlp(W, p, rms_norm(x, W[p + "norm_3.weight"], spec.norm_eps)) + x, W[p + "norm_4.weight"],
+                 spec.norm_eps)
+    return x, (k, v)
+
+
+def huginn_generate_latest(spec, weights, prompt, max_new, num_steps, *, depth_of=None, latent_diff=None,
+                           warm_start=False, fallback="latest"):
+    """Greedy decoding of ONE unpadded row, one position at a time (prompt included), float64.
+
+    Every position keeps its own K/V per layer, and per core layer one entry per iteration it
+    actually ran. Iteration i of a later token reads position j's entry at iteration
+    ``min(i, depth_j)``: Huginn's "latest" fallback by construction (``fallback="full"`` instead
+    keeps iterating an exited token for its K/V only, to show that the choice matters). Prompt
+    positions and the first generated token run ``num_steps`` (no exit in prefill); token t >= 1
+    exits at ``depth_of(t)``, or at the first iteration i >= 2 whose relative latent change
+    ``|x_i - x_{i-1}| / |x_i|`` is below ``latent_diff``. ``warm_start``: a generated position
+    starts from the previous position's final state instead of zeros.
+
+    Returns (tokens [max_new], logits [max_new, V], depths [max_new]).
+    """
+    W = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+    n_pre, n_core, n_coda = spec.n_layers_in_prelude, spec.n_layers_in_recurrent_block, spec.n_layers_in_coda
+    pre, coda = [[] for _ in range(n_pre)], [[] for _ in range(n_coda)]
+    core = [[] for _ in range(n_core)]  # core[l][j] = [(k, v) at iteration 1, 2, ..., depth_j (or more if "full")]
+    head = W["transformer.wte.weight"] if spec.tie_embeddings else W["lm_head.weight"]
+    seq, toks, logits_out, depths = list(prompt), [], [], []
+    prev_final = None
+    for j in range(len(prompt) + max_new - 1):
+        t = j - (len(prompt) - 1)  # the generated token these logits choose (< 0: inside the prompt)
+        e = W["transformer.wte.weight"][seq[j]] * spec.embed_scale
+        for layer in range(n_pre):
+            e, kv = _block_one(W, f"transformer.prelude.{layer}.", spec, e, j, pre[layer])
+            pre[layer].append(kv)
+        x = prev_final if (warm_start and t >= 1) else np.zeros_like(e)
+        mine = [[] for _ in range(n_core)]
+        exit_state, depth = None, num_steps
+        for i in range(1, num_steps + 1):
+            xi = np.concatenate([x, e]) @ W["transformer.adapter.weight"].T
+            if "transformer.adapter.bias" in W:
+                xi = xi + W["transformer.adapter.bias"]
+            for layer in range(n_core):
+                past = [entries[min(i, len(entries)) - 1] for entries in core[layer]]
+                xi, kv = _block_one(W, f"transformer.core_block.{layer}.", spec, xi, j, past)
+                mine[layer].append(kv)
+            if exit_state is None and t >= 1 and (
+                    (depth_of is not None and i == depth_of(t))
+                    or (latent_diff is not None and i >= 2
+                        and np.linalg.norm(xi - x) / np.linalg.norm(xi) < latent_diff)):
+                exit_state, depth = xi, i
+                if fallback == "latest":
+                    break
+            x = xi
+        x = x if exit_state is None else exit_state
+        for layer in range(n_core):
+            core[layer].append(mine[layer])
+        prev_final = x
+        h = rms_norm(x, W["transformer.ln_f.weight"], spec.norm_eps)
+        for layer in range(n_coda):
+            h, kv = _block_one(W, f"transformer.coda.{layer}.", spec, h, j, coda[layer])
+            coda[layer].append(kv)
+        logits = rms_norm(h, W["transformer.ln_f.weight"], spec.norm_eps) @ head.T
+        if t >= 0:
+            tok = int(np.argmax(logits[: spec.vocab_size]))
+            toks.append(tok)
+            logits_out.append(logits[: spec.vocab_size])
+            depths.append(depth)
+            seq.append(tok)
+    return np.array(toks), np.array(logits_out), np.array(depths)

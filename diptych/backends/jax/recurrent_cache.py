@@ -135,6 +135,21 @@ def _logits(P: Params, spec: RecurrentSpec, cache: Cache, ctx, x: jax.Array, col
     return _readout(P, spec, cache, x, rope, col, allowed)
 
 
+@partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
+def _fixed(P: Params, spec: RecurrentSpec, cache: Cache, ctx, x: jax.Array, frozen: jax.Array, col: jax.Array):
+    """Every iteration and the readout of one token in one call (fixed depth: no host decision in between)."""
+    e, rope, allowed = ctx
+
+    def body(it, carry):
+        x, ck, cv = carry
+        new, ck, cv = _core(P, spec, x, e, rope, ck, cv, it, col, allowed)
+        return jnp.where(frozen[:, None, None], x, new), ck, cv
+
+    x, ck, cv = jax.lax.fori_loop(0, cache["core_k"].shape[1], body, (x, cache["core_k"], cache["core_v"]))
+    cache, logits = _readout(P, spec, {**cache, "core_k": ck, "core_v": cv}, x, rope, col, allowed)
+    return cache, x, logits
+
+
 @partial(jax.jit, donate_argnames=("cache",))
 def _fill(cache: Cache, used: jax.Array, col: jax.Array) -> Cache:
     """Slots after each row's exit depth take the entry of its last iteration (the "latest" fallback)."""
@@ -155,20 +170,34 @@ class _Token:
         self.arrays, self.col, self.it = arrays, col, 0
 
 
+def _bucket(n: int, least: int) -> int:
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
 class Decoder:
-    """The cached primitives ``diptych.recurrent.generate`` drives (numpy at the boundary)."""
+    """The cached primitives ``diptych.recurrent.generate`` drives (numpy at the boundary).
+
+    The prompt is left-padded (masked) to a power-of-two width and the cache rounded up to a
+    multiple of 16 columns, so rollouts of similar sizes reuse one compilation.
+    """
 
     def __init__(self, model: RecurrentLM, rows: int, capacity: int, steps: int) -> None:
         self.P, self.spec = model.param_dict(), model.spec
         self.dtype = self.P["transformer.wte.weight"].dtype
-        self.cache = init_cache(self.spec, rows, capacity, steps, self.dtype)
-        self.capacity, self.col = capacity, 0
+        self.rows, self.steps, self.capacity, self.col = rows, steps, capacity, 0
+        self.cache = None
 
     def prefill(self, tokens: np.ndarray, mask: np.ndarray, s0: np.ndarray) -> tuple[np.ndarray, jax.Array]:
         """The prompt at full depth (no exit): (last-position logits, last-position final state [B, 1, H])."""
-        self.cache, final, logits = _prefill(self.P, self.spec, self.cache, jnp.asarray(tokens, jnp.int32),
-                                             jnp.asarray(mask, jnp.int32), jnp.asarray(s0))
-        self.col = tokens.shape[1]
+        width = tokens.shape[1]
+        lead = _bucket(width, 8) - width
+        self.capacity = lead + width + -(-(self.capacity - width) // 16) * 16
+        self.cache = init_cache(self.spec, self.rows, self.capacity, self.steps, self.dtype)
+        pad = ((0, 0), (lead, 0))
+        self.cache, final, logits = _prefill(
+            self.P, self.spec, self.cache, jnp.asarray(np.pad(tokens, pad), jnp.int32),
+            jnp.asarray(np.pad(mask, pad), jnp.int32), jnp.asarray(np.pad(s0, (*pad, (0, 0))), self.dtype))
+        self.col = lead + width
         return np.asarray(logits), final
 
     def feed(self, tokens: np.ndarray, valid: np.ndarray) -> _Token:
@@ -189,6 +218,13 @@ class Decoder:
     def logits_last(self, ctx: _Token, x: jax.Array) -> np.ndarray:
         self.cache, logits = _logits(self.P, self.spec, self.cache, ctx.arrays, x, jnp.int32(ctx.col))
         return np.asarray(logits)
+
+    def run_fixed(self, ctx: _Token, x: jax.Array, frozen: np.ndarray) -> tuple[jax.Array, np.ndarray]:
+        """All ``steps`` iterations and the logits in one compiled call; ``frozen`` rows keep their state."""
+        self.cache, x, logits = _fixed(self.P, self.spec, self.cache, ctx.arrays, x, jnp.asarray(frozen),
+                                       jnp.int32(ctx.col))
+        ctx.it = self.steps
+        return x, np.asarray(logits)
 
     def latent_last(self, x: jax.Array) -> np.ndarray:
         return np.asarray(x[:, -1].astype(jnp.float32))
