@@ -44,3 +44,18 @@ def test_cli_length_flags_parse_and_reject_bad_ranges():
     for bad in ("12,4", "0,3", "4", "a,b"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected"):
             _pair(bad)
+
+
+def test_word_problem_targets_are_prefix_products():
+    from diptych.core.tasks.word_problem import compose
+    from diptych.recipes.recurrent_pretrain import TASKS
+
+    codec = CharCodec(TASKS["word_problem"]["chars"])
+    row = {"prompt": "mul 4355=", "answer": "0", "factors": [4, 3, 5, 5], "trace": [4, 0, 5, 0]}
+    assert compose(compose(compose(4, 3), 5), 5) == 0  # the row is consistent with the group law
+    tokens, mask, targets, weights, answers = _encode(codec, [row, {**row, "prompt": "mul 43=", "factors": [4, 3],
+                                                                    "trace": [4, 0], "answer": "0"}], dense=True)
+    inv = {v: k for k, v in codec.index.items()}
+    assert [inv[t] for t, w in zip(targets[0], weights[0]) if w] == ["4", "0", "5", "0", "0"]
+    assert [inv[t] for t, w in zip(targets[1], weights[1]) if w] == ["4", "0", "0"]  # left padding shifts labels
+    assert weights[1, :2].sum() == 0 and mask[1, :2].sum() == 0
