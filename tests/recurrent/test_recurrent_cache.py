@@ -42,11 +42,11 @@ def model_weights():
 def test_cached_equals_uncached_at_fixed_depth_with_left_padding(backend, model_weights):
     spec, w = model_weights
     model = backend.build(spec, w)
-    cached = backend.generate(model, PROMPTS, GREEDY, num_steps=4, record_logits=True)
-    plain = backend.generate(model, PROMPTS, GREEDY, num_steps=4, record_logits=True, cache=False)
+    cached = backend.generate(model, PROMPTS, GREEDY, num_steps=6, record_logits=True)
+    plain = backend.generate(model, PROMPTS, GREEDY, num_steps=6, record_logits=True, cache=False)
     assert np.array_equal(cached.completion_tokens, plain.completion_tokens)
     np.testing.assert_allclose(cached.extras["logits"], plain.extras["logits"], atol=1e-5, rtol=0)
-    assert (cached.extras["depth"] == 4).all()
+    assert (cached.extras["depth"] == 6).all()
 
 
 def test_cached_adaptive_exit_matches_the_latest_fallback_oracle(backend, model_weights):
@@ -93,10 +93,10 @@ def test_real_criterion_exits_at_the_oracles_depths(backend, model_weights):
 def test_cached_warm_start_matches_oracle_and_differs_from_cold(backend, model_weights):
     spec, w = model_weights
     model = backend.build(spec, w)
-    warm = backend.generate(model, PROMPTS[:2], GREEDY, num_steps=3, warm_start=True, record_logits=True)
-    cold = backend.generate(model, PROMPTS[:2], GREEDY, num_steps=3, record_logits=True)
-    for b, prompt in enumerate(PROMPTS[:2]):
-        toks, logits, _ = huginn_generate_latest(spec, w, prompt, 5, 3, warm_start=True)
+    warm = backend.generate(model, PROMPTS, GREEDY, num_steps=6, warm_start=True, record_logits=True)
+    cold = backend.generate(model, PROMPTS, GREEDY, num_steps=6, record_logits=True)
+    for b, prompt in enumerate(PROMPTS):
+        toks, logits, _ = huginn_generate_latest(spec, w, prompt, 5, 6, warm_start=True)
         np.testing.assert_allclose(warm.extras["logits"][b], logits, atol=2e-5, rtol=0)
         assert warm.completion_tokens[b].tolist() == toks.tolist()
     np.testing.assert_allclose(warm.extras["logits"][:, 0], cold.extras["logits"][:, 0], atol=1e-6)  # prefill: same
@@ -116,7 +116,7 @@ def test_jax_and_torch_cached_generation_agree_in_parity_mode():
     out = {}
     for name in ("jax", "torch"):
         be = get_backend(name)
-        out[name] = be.generate(be.build(spec, w), PROMPTS, sampling, noise=noise, num_steps=5, init_scale=1.0,
+        out[name] = be.generate(be.build(spec, w), PROMPTS, sampling, noise=noise, num_steps=6, init_scale=1.0,
                                 state_seed=2, exit_criterion="latent-diff", exit_threshold=0.5, record_logits=True)
     assert np.array_equal(out["jax"].completion_tokens, out["torch"].completion_tokens)
     assert np.array_equal(out["jax"].extras["depth"], out["torch"].extras["depth"])
