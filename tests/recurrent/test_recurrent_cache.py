@@ -155,3 +155,51 @@ def test_torch_entry_points_move_numpy_inputs_to_the_models_device():
     cpu = R.build(spec, w, device="cpu")
     roll = R.generate(cpu, [[1, 2], [3]], GREEDY, num_steps=2)
     assert roll.completion_tokens.shape == (2, 5)
+
+
+def test_warm_start_begins_each_token_at_the_previous_tokens_final_state(backend, model_weights):
+    """Spy on the decoder: the state entering a token's first iteration is the state its predecessor ended in."""
+    import importlib
+
+    from diptych.recurrent.generate import generate
+
+    spec, w = model_weights
+    ops = importlib.import_module(f"diptych.backends.{backend.name}.recurrent")._Ops(backend.build(spec, w))
+    first, final = [], []
+
+    class Spy:  # no run_fixed: every iteration goes through step
+        def __init__(self, dec):
+            self.dec, self.spec = dec, spec
+
+        def prefill(self, *a):
+            logits, x = self.dec.prefill(*a)
+            final.append(backend.to_numpy(x))
+            return logits, x
+
+        def step(self, ctx, x):
+            if ctx.it == 0:
+                first.append(backend.to_numpy(x))
+            return self.dec.step(ctx, x)
+
+        def logits_last(self, ctx, x):
+            if ctx.it == 6:
+                final.append(backend.to_numpy(x))
+            return self.dec.logits_last(ctx, x)
+
+        def __getattr__(self, name):
+            if name == "run_fixed":
+                raise AttributeError(name)
+            return getattr(self.dec, name)
+
+    class SpyOps:
+        def __init__(self):
+            self.spec = spec
+
+        def decoder(self, *a):
+            return Spy(ops.decoder(*a))
+
+    generate(SpyOps(), PROMPTS, GREEDY, num_steps=6, warm_start=True)
+    assert len(first) == 4 and len(final) == 5
+    for t in range(4):
+        np.testing.assert_array_equal(first[t], final[t])
+    assert np.abs(final[1] - final[0]).max() > 1e-3  # states do move between tokens
