@@ -18,8 +18,10 @@ Two paths share this loop:
   (and optionally ``run_fixed``: a whole fixed-depth token in one call, for compiled backends).
 - ``cache=False``: each new token re-runs the whole sequence, every position iterating as many
   times as the new token does. O(T^2), kept as the reference semantics: at fixed depth with a
-  zero initial state it equals the cached path. Primitives: ``prelude``, ``init``, ``step``,
-  ``logits_last``, ``latent_last``, ``select`` (and ``warm`` for warm start).
+  zero initial state it equals the cached path. Elsewhere the two differ by design: under
+  adaptive exit past tokens keep their own depth only with the cache, and with random s0 the
+  uncached path redraws every position's s0 for every token. Primitives: ``prelude``, ``init``,
+  ``step``, ``logits_last``, ``latent_last``, ``select`` (and ``warm`` for warm start).
 
 With ``warm_start`` a new token's recurrence starts from the previous token's final latent
 state (continuous CoT) instead of fresh noise.
