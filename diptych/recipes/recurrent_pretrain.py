@@ -31,7 +31,7 @@ import numpy as np
 from diptych.core.hf import save_hf_folder
 from diptych.core.recurrent_spec import RecurrentSpec, initial_state_noise, tiny_recurrent_spec
 from diptych.recurrent.schedule import DepthSchedule
-from diptych.recurrent.sweep import depth_sweep, plot_sweep, score
+from diptych.recurrent.sweep import depth_sweep, plot_by_length, plot_sweep, score
 
 CODEC_FILE = "diptych_codec.json"
 
@@ -257,6 +257,8 @@ def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
     plot_sweep(results["sweep"], out / "sweep.png", title=f"{cfg.task} ({lo}-{hi} {unit}): accuracy vs depth")
     plot_sweep(results["sweep_long"], out / "sweep_long.png",
                title=f"{cfg.task} ({llo}-{lhi} {unit}): accuracy vs depth")
+    plot_by_length(results["by_length"], out / "by_length.png", train_max=hi,
+                   title=f"{cfg.task}: held-out accuracy by {unit} at each depth")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

@@ -79,3 +79,35 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "test-
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_by_length(by_length: dict[str, dict[str, float]], path: str | Path, train_max: int | None = None,
+                   title: str = "accuracy by problem length") -> Path | None:
+    """Accuracy vs problem length, one line per fixed depth: where extra iterations pay off.
+
+    ``by_length`` maps depth -> {length: accuracy} (string keys, as JSON stores them);
+    ``train_max`` draws a line at the longest training length. None when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for depth, accs in by_length.items():
+        lengths = sorted(accs, key=int)
+        ax.plot([int(n) for n in lengths], [accs[n] for n in lengths], marker=".", label=f"r = {depth}")
+    if train_max is not None:
+        ax.axvline(train_max + 0.5, color="grey", linestyle=":", label="longest in training")
+    ax.set_xlabel("problem length")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
