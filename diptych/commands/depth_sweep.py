@@ -1,6 +1,6 @@
 """`diptych depth-sweep`: accuracy, mean depth and time vs recurrence depth, fixed and adaptive.
 
-    diptych depth-sweep --checkpoint runs/recurrent_recipe/checkpoint --task running_sum \
+    diptych depth-sweep --checkpoint runs/recurrent_recipe/checkpoint --task word_problem \
         --steps 1,2,4,8,16,32,64 --json sweep.json --plot sweep.png
 """
 
