@@ -54,8 +54,9 @@ def depth_sweep(ops: Any, tokens: np.ndarray, mask: np.ndarray, answers: np.ndar
     return rows
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "test-time scaling") -> Path | None:
-    """Accuracy vs (mean) depth, one line per mode; returns None when matplotlib is missing."""
+def _plot(draw: Any, path: str | Path, xlabel: str, title: str, log_x: bool = False,
+          figsize: tuple[float, float] = (5, 3.5)) -> Path | None:
+    """One accuracy figure: ``draw(ax)`` adds the lines; None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -63,22 +64,31 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "test-
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        sel = [r for r in rows if r["mode"] == mode]
-        x = [r["num_steps"] if mode == "fixed" else r["mean_depth"] for r in sel]
-        ax.plot(x, [r["accuracy"] for r in sel], marker="o", label=mode)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("recurrence depth (mean iterations for adaptive)")
+    fig, ax = plt.subplots(figsize=figsize)
+    draw(ax)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "test-time scaling") -> Path | None:
+    """Accuracy vs (mean) depth, one line per mode; returns None when matplotlib is missing."""
+    def draw(ax: Any) -> None:
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            sel = [r for r in rows if r["mode"] == mode]
+            x = [r["num_steps"] if mode == "fixed" else r["mean_depth"] for r in sel]
+            ax.plot(x, [r["accuracy"] for r in sel], marker="o", label=mode)
+        ax.legend()
+
+    return _plot(draw, path, "recurrence depth (mean iterations for adaptive)", title, log_x=True)
 
 
 def plot_by_length(by_length: dict[str, dict[str, float]], path: str | Path, train_max: int | None = None,
@@ -88,26 +98,12 @@ def plot_by_length(by_length: dict[str, dict[str, float]], path: str | Path, tra
     ``by_length`` maps depth -> {length: accuracy} (string keys, as JSON stores them);
     ``train_max`` draws a line at the longest training length. None when matplotlib is missing.
     """
-    try:
-        import matplotlib
+    def draw(ax: Any) -> None:
+        for depth, accs in by_length.items():
+            lengths = sorted(accs, key=int)
+            ax.plot([int(n) for n in lengths], [accs[n] for n in lengths], marker=".", label=f"r = {depth}")
+        if train_max is not None:
+            ax.axvline(train_max + 0.5, color="grey", linestyle=":", label="longest in training")
+        ax.legend(fontsize=7, ncol=2)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for depth, accs in by_length.items():
-        lengths = sorted(accs, key=int)
-        ax.plot([int(n) for n in lengths], [accs[n] for n in lengths], marker=".", label=f"r = {depth}")
-    if train_max is not None:
-        ax.axvline(train_max + 0.5, color="grey", linestyle=":", label="longest in training")
-    ax.set_xlabel("problem length")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _plot(draw, path, "problem length", title, figsize=(6, 3.5))

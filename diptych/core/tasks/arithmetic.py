@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from diptych.core.tasks.base import Task, int_range, parse_int, register_task
+from diptych.core.tasks.base import IntAnswerTask, int_range, register_task
 
 _OPS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b, "-": lambda a, b: a - b}
 
 
 @register_task("arithmetic")
-class Arithmetic(Task):
+class Arithmetic(IntAnswerTask):
     """Knobs: ``digits`` per operand (int or (low, high)), ``ops`` drawn uniformly from ``"+"``, ``"-"``, ``"*"``."""
 
     name = "arithmetic"
@@ -36,9 +36,3 @@ class Arithmetic(Task):
         op = self.ops[int(rng.integers(len(self.ops)))]
         return {"prompt": f"{a}{op}{b}=", "answer": str(_OPS[op](a, b)), "a": a, "b": b, "op": op}
 
-    def reference_solution(self, row: dict[str, Any]) -> str:
-        return str(row["answer"])
-
-    def is_correct(self, completion: str, row: dict[str, Any]) -> bool:
-        got = parse_int(completion)
-        return got is not None and int(got) == int(row["answer"])

@@ -101,6 +101,17 @@ class Task(ABC):
         return self.reward(prompts, completions, **columns)
 
 
+class IntAnswerTask(Task):
+    """A task whose answer is one integer: the reference is the answer, and a completion must be exactly it."""
+
+    def reference_solution(self, row: dict[str, Any]) -> str:
+        return str(row["answer"])
+
+    def is_correct(self, completion: str, row: dict[str, Any]) -> bool:
+        got = self.extract_answer(completion)
+        return got is not None and int(got) == int(row["answer"])
+
+
 def _stable_id(name: str) -> int:
     return int.from_bytes(hashlib.sha1(name.encode()).digest()[:4], "big")
 

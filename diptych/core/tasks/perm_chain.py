@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from diptych.core.tasks.base import Task, int_range, parse_int, register_task
+from diptych.core.tasks.base import IntAnswerTask, int_range, register_task
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXY"  # 5 keys x 5 values
 
@@ -48,7 +48,7 @@ def follow(prompt: str) -> list[int]:
 
 
 @register_task("perm_chain")
-class PermChain(Task):
+class PermChain(IntAnswerTask):
     """Knobs: ``hops`` tables (int or range), ``size`` values per table (2-5), ``shuffle`` entry order."""
 
     name = "perm_chain"
@@ -77,13 +77,3 @@ class PermChain(Task):
             value = int(perm[value])
             trace.append(value)
         return {"prompt": f"{start}:{','.join(tables)}=", "answer": str(value), "trace": trace, "length": n}
-
-    def reference_solution(self, row: dict[str, Any]) -> str:
-        return str(row["answer"])
-
-    def extract_answer(self, completion: str) -> str | None:
-        return parse_int(completion)
-
-    def is_correct(self, completion: str, row: dict[str, Any]) -> bool:
-        got = self.extract_answer(completion)
-        return got is not None and int(got) == int(row["answer"])

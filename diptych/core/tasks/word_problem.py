@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from diptych.core.tasks.base import Task, int_range, parse_int, register_task
+from diptych.core.tasks.base import IntAnswerTask, int_range, register_task
 
 ELEMENTS: tuple[tuple[int, ...], ...] = tuple(permutations(range(3)))  # digit d names ELEMENTS[d]
 
@@ -27,7 +27,7 @@ def compose(a: int, b: int) -> int:
 
 
 @register_task("word_problem")
-class WordProblem(Task):
+class WordProblem(IntAnswerTask):
     """Knobs: ``length`` factors (int or range)."""
 
     name = "word_problem"
@@ -46,13 +46,3 @@ class WordProblem(Task):
             trace.append(acc)
         return {"prompt": f"mul {''.join(map(str, digits))}=", "answer": str(acc), "factors": digits,
                 "trace": trace, "length": k}
-
-    def reference_solution(self, row: dict[str, Any]) -> str:
-        return str(row["answer"])
-
-    def extract_answer(self, completion: str) -> str | None:
-        return parse_int(completion)
-
-    def is_correct(self, completion: str, row: dict[str, Any]) -> bool:
-        got = self.extract_answer(completion)
-        return got is not None and int(got) == int(row["answer"])
