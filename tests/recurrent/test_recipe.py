@@ -53,9 +53,20 @@ def test_word_problem_targets_are_prefix_products():
     codec = CharCodec(TASKS["word_problem"]["chars"])
     row = {"prompt": "mul 4355=", "answer": "0", "factors": [4, 3, 5, 5], "trace": [4, 0, 5, 0]}
     assert compose(compose(compose(4, 3), 5), 5) == 0  # the row is consistent with the group law
-    tokens, mask, targets, weights, answers = _encode(codec, [row, {**row, "prompt": "mul 43=", "factors": [4, 3],
+    _, mask, targets, weights, _ = _encode(codec, [row, {**row, "prompt": "mul 43=", "factors": [4, 3],
                                                                     "trace": [4, 0], "answer": "0"}], dense=True)
     inv = {v: k for k, v in codec.index.items()}
     assert [inv[t] for t, w in zip(targets[0], weights[0]) if w] == ["4", "0", "5", "0", "0"]
     assert [inv[t] for t, w in zip(targets[1], weights[1]) if w] == ["4", "0", "0"]  # left padding shifts labels
     assert weights[1, :2].sum() == 0 and mask[1, :2].sum() == 0
+
+
+def test_perm_chain_targets_sit_where_each_table_ends():
+    from diptych.recipes.recurrent_pretrain import TASKS
+
+    codec = CharCodec(TASKS["perm_chain"]["chars"])
+    row = {"prompt": "3:DHKTV,EGMSU=", "answer": "0", "trace": [4, 0]}
+    tokens, _, targets, weights, _ = _encode(codec, [row], dense=True)
+    inv = {v: k for k, v in codec.index.items()}
+    assert [(inv[int(tokens[0, i])], inv[int(targets[0, i])]) for i in np.flatnonzero(weights[0])] == [
+        (",", "4"), ("=", "0")]
