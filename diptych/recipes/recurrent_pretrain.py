@@ -118,20 +118,20 @@ def _task(cfg: RecipeConfig, length: tuple[int, int] | None = None):
 def _dense_labels(row: dict[str, Any]) -> list[tuple[int, str]]:
     """(prompt index, label) pairs: every intermediate result where the prompt has computed it.
 
-    running_sum: each digit is labelled with the sum so far (mod 10); perm_chain: each table's
-    closing ``,`` (and the final ``=``) with the value after that hop.
+    running_sum / word_problem: each digit after the space is labelled with the sum (mod 10) /
+    product so far; perm_chain: each table's closing ``,`` (and the final ``=``) with the value
+    after that hop.
     """
     prompt = row["prompt"]
-    if "digits" in row:
+    if "digits" in row or "factors" in row:
+        values = row["trace"] if "factors" in row else np.cumsum(row["digits"]) % 10
         first = prompt.index(" ") + 1
-        return [(first + i, str(int(v))) for i, v in enumerate(np.cumsum(row["digits"]) % 10)]
-    if "factors" in row:  # word_problem: each factor labelled with the product so far
-        first = prompt.index(" ") + 1
-        return [(first + i, str(v)) for i, v in enumerate(row["trace"])]
+        return [(first + i, str(int(v))) for i, v in enumerate(values)]
     if "trace" in row:
         ends = [i for i, c in enumerate(prompt) if c in ",="]
         return [(i, str(v)) for i, v in zip(ends, row["trace"])]
-    raise ValueError("dense supervision needs rows with 'digits' (running_sum) or 'trace' (perm_chain).")
+    raise ValueError("dense supervision needs rows from running_sum ('digits'), word_problem ('factors') or "
+                     "perm_chain ('trace').")
 
 
 def _encode(codec: CharCodec, rows: list[dict[str, Any]], dense: bool = False):
