@@ -14,7 +14,7 @@ DECODER_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 
 HUGINN = "huginn_raven"
 RECURRENT_MODEL_TYPES: tuple[str, ...] = (HUGINN,)
-"""Recurrent-depth models: ``diptych.core.recurrent_spec.RecurrentSpec``, built by each backend's ``recurrent`` module."""
+"""Recurrent-depth models: ``RecurrentSpec``, built by each backend's ``recurrent`` module."""
 
 
 def model_type_of(spec_or_model: Any) -> str | None:
