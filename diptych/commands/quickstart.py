@@ -58,9 +58,12 @@ class QuickstartConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["jax", "torch"], help="default: $DIPTYCH_BACKEND, else torch")
+    from diptych.core.backend import backend_names
+
+    p.add_argument("--backend", choices=backend_names(), help="default: $DIPTYCH_BACKEND, else torch")
     p.add_argument("--json", type=Path, metavar="PATH", help="write {backend, accuracy_before, accuracy_after, ...}")
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="metrics JSONL and plot go here")
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"),
+                   help="metrics JSONL, plot and the trained model (OUT/final) go here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft-steps", type=int, help="override the SFT warm-start length")
     p.add_argument("--grpo-steps", type=int, help="override the number of GRPO steps")
@@ -94,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
           f"(gain {result['accuracy_after'] - result['accuracy_before']:+.1%}) in {result['seconds']:.0f} s")
     if result.get("plot"):
         print(f"plot: {result['plot']}")
+    if result.get("final"):
+        print(next_steps(result["final"], result["backend"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -154,10 +159,20 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
                        task.reward, train_rows, grpo_cfg, log, ref_model=ref)
     log.close()
     acc_after = accuracy(state.model)
-    plot = None
+    plot = final = None
     if out_dir is not None:
-        plot = plot_curves(log.history, out_dir / "curves.png",
-                           title=f"diptych quickstart ({backend.name}): GRPO on {cfg.task}")
+        from diptych.core.plotting import Marker
+
+        last = log.history[-1]["step"] if log.history else 0.0
+        marks = {"reward": [Marker(0.0, acc_initial, "held-out, before SFT"),
+                            Marker(0.0, acc_before, "held-out, after SFT"),
+                            Marker(last, acc_after, "held-out, after GRPO")]}
+        plot = plot_curves(log.history, out_dir / "curves.png", markers=marks, xlabel="GRPO optimizer step",
+                           labels={"reward": "reward (fraction of sums right)",
+                                   "completion_length": "completion length (tokens, incl. EOS)"},
+                           title=f"diptych quickstart ({backend.name}): GRPO on {cfg.task}; "
+                                 "points = held-out greedy accuracy")
+        final = save_final(backend, state, spec, tok, out_dir / "final", eval_settings(cfg, acc_after, backend.name))
     return {
         "backend": backend.name,
         "accuracy_initial": acc_initial,
@@ -167,7 +182,48 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
         "reward_first": log.history[0].get("reward") if log.history else None,
         "reward_last": log.history[-1].get("reward") if log.history else None,
         "plot": str(plot) if plot else None,
+        "final": str(final) if final else None,
     }
+
+
+EVAL_FILE = "diptych_eval.json"
+"""Written next to a saved model: which task, held-out rows and lengths reproduce its reported accuracy."""
+
+
+def eval_settings(cfg: QuickstartConfig, accuracy: float, backend: str) -> dict[str, Any]:
+    knobs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.task_knobs.items()}
+    return {"task": cfg.task, "task_knobs": knobs,
+            "n": cfg.n_test, "seed": cfg.seed, "max_prompt_len": cfg.max_prompt_len,
+            "max_new_tokens": cfg.max_new_tokens, "accuracy": accuracy, "backend": backend}
+
+
+def save_final(backend: Any, state: Any, spec: Any, tokenizer: Any, folder: Path, settings: dict[str, Any]) -> Path:
+    """``folder``: a Hugging Face folder (config, safetensors, tokenizer) plus ``folder/checkpoint`` (native state).
+
+    The HF folder is what ``diptych sample|evaluate|convert`` and ``model.path=`` read on either
+    backend; the native checkpoint keeps the optimizer state so training can continue exactly.
+    """
+    from diptych.core.hf import save_hf_folder
+    from diptych.core.tokenizer import save_tokenizer
+
+    weights = backend.export_weights(state)
+    save_hf_folder(folder, spec, weights, extra_files={EVAL_FILE: json.dumps(settings, indent=2) + "\n"})
+    save_tokenizer(tokenizer, folder)
+    backend.save(state, folder / "checkpoint", metadata={"tokenizer": "char", "eval": settings})
+    return folder
+
+
+def next_steps(final: str | Path, backend: str) -> str:
+    """The commands a new user runs next on the model just saved (printed at the end of the quickstart)."""
+    final = Path(final)
+    other = "jax" if backend == "torch" else "torch"
+    return "\n".join([
+        f"model: {final} (Hugging Face folder + tokenizer; native {backend} checkpoint in {final / 'checkpoint'})",
+        "next:",
+        f'  diptych sample --backend {backend} --checkpoint {final} --prompt "12+7=" --temperature 0',
+        f"  diptych evaluate --backend {backend} --checkpoint {final}",
+        f"  diptych convert {final / 'checkpoint'} {final.parent / ('final-' + other)} --to {other}",
+    ])
 
 
 def carry_free_sum(a: int, b: int) -> int:

@@ -119,32 +119,15 @@ class MetricsLogger:
 
 
 def plot_curves(history: list[dict[str, float]], path: str | Path,
-                keys: tuple[str, ...] = ("reward", "completion_length"), title: str = "") -> Path | None:
-    """Reward and length against step, one panel each; returns None when matplotlib is missing."""
-    try:
-        import matplotlib
+                keys: tuple[str, ...] = ("reward", "completion_length"), title: str = "",
+                window: int | None = None, labels: dict[str, str] | None = None,
+                markers: dict[str, Any] | None = None, xlabel: str = "optimizer step") -> Path | None:
+    """One panel per metric, raw per-step series faint under a bold moving average; None without matplotlib.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    present = [k for k in keys if any(k in h for h in history)]
-    if not present:
-        return None
-    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], present):
-        pts = [(h["step"], h[key]) for h in history if key in h and math.isfinite(h[key])]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, lw=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    ``markers`` maps a key to :class:`diptych.core.plotting.Marker` evaluations drawn on its panel;
+    the data work lives in :func:`diptych.core.plotting.curve_series` so it can be tested.
+    """
+    from diptych.core.plotting import curve_series, plot_series
+
+    panels = curve_series(history, keys, window=window, labels=labels, markers=markers)
+    return plot_series(panels, path, title=title, xlabel=xlabel)

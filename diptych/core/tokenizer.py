@@ -230,12 +230,47 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id})"
 
 
+BUILTIN_TOKENIZER_KEY = "diptych_tokenizer"
+"""Key in a folder's ``tokenizer_config.json`` naming a built-in tokenizer (``"char"``) saved with a model."""
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> Path:
+    """Write ``tokenizer`` into a model folder so :func:`load_tokenizer` (and ``diptych sample``) reads it back.
+
+    A saved model is useless without the vocabulary it was trained with. The built-in char tokenizer has no
+    ``tokenizer.json``, so it is recorded as a small ``tokenizer_config.json`` naming it, plus the special
+    tokens in Hugging Face's spelling for tools that read only those.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, CharTokenizer):
+        config = {BUILTIN_TOKENIZER_KEY: "char", "tokenizer_class": "DiptychCharTokenizer",
+                  "vocab_size": tokenizer.vocab_size, "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return out
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer._tok.save(str(out / "tokenizer.json"))
+        config = dict(tokenizer.config)
+        if tokenizer.chat_template:
+            config["chat_template"] = tokenizer.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return out
+    raise TypeError(f"save_tokenizer knows CharTokenizer and HFTokenizer, got {type(tokenizer).__name__}.")
+
+
 def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
     """``"char"`` gives the built-in char tokenizer; anything else must be a local tokenizer folder."""
     if str(name_or_dir) == "char":
         return CharTokenizer()
     path = Path(name_or_dir)
     if path.is_dir():
+        cfg_path = path / "tokenizer_config.json"
+        if not (path / "tokenizer.json").is_file() and cfg_path.is_file():
+            name = json.loads(cfg_path.read_text(encoding="utf-8")).get(BUILTIN_TOKENIZER_KEY)
+            if name == "char":
+                return CharTokenizer()
+            if name is not None:
+                raise ValueError(f"{cfg_path} names built-in tokenizer {name!r}; the only built-in one is 'char'.")
         return HFTokenizer.from_folder(path)
     raise FileNotFoundError(
         f"Unknown tokenizer {str(name_or_dir)!r}: use 'char' or a local folder containing tokenizer.json "
