@@ -9,17 +9,20 @@ mid-save leaves the previous checkpoint intact and never a half-written one.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from diptych.core.config import from_dict
+from diptych.core.fsio import atomic_dir  # noqa: F401  (the backends' checkpoint writers use ckpt.atomic_dir)
+from diptych.core.hf import spec_from_config
+from diptych.core.optim import OptimConfig
 
 METADATA_FILE = "diptych.json"
 FORMAT = "diptych-checkpoint"
@@ -55,26 +58,6 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success rename it to ``path`` (replacing it)."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` ``step_*`` checkpoints under ``root``; return the deleted."""
     if keep_last < 1:
@@ -87,8 +70,6 @@ def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
 
 def to_jsonable(obj: Any) -> Any:
     """Make dataclasses, numpy scalars/arrays and tuples JSON-friendly (RNG states included)."""
-    import dataclasses
-
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return to_jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
@@ -137,15 +118,12 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def optim_from_metadata(meta: dict[str, Any]) -> Any:
-    from diptych.core.config import from_dict
-    from diptych.core.optim import OptimConfig
-
+    """The optimizer config a checkpoint was trained with."""
     return from_dict(OptimConfig, meta["optim"])
 
 
 def spec_from_metadata(meta: dict[str, Any]) -> Any:
-    from diptych.core.hf import spec_from_config
-
+    """The model spec a checkpoint holds, dispatched on its ``model_type`` like an HF folder."""
     return spec_from_config(meta["model_config"])
 
 

@@ -18,27 +18,41 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from diptych.core.checkpointing import atomic_dir
-from diptych.core.spec import DecoderSpec, SpecError
+from diptych.core import model_types
+from diptych.core.fsio import atomic_dir
+from diptych.core.recurrent_spec import RecurrentSpec, tiny_recurrent_spec
+from diptych.core.spec import DecoderSpec, SpecError, tiny_spec
 
-# model_type -> (config dict -> spec). Recurrent-depth specs register themselves here.
+SPEC_CLASSES: dict[str, type] = {"decoder": DecoderSpec, "recurrent": RecurrentSpec}
+"""Spec family (``model_types.ModelType.family``) -> the spec class that reads its ``config.json``."""
+
+_missing = {t.family for t in model_types.MODEL_TYPES.values()} - set(SPEC_CLASSES)
+if _missing:  # a family added to the table without a spec class would only fail at load time
+    raise ImportError(f"diptych.core.hf has no spec class for model family {sorted(_missing)}.")
+
 SPEC_FROM_CONFIG: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "llama": DecoderSpec.from_hf_config,
-    "qwen2": DecoderSpec.from_hf_config,
-    "qwen3": DecoderSpec.from_hf_config,
+    name: SPEC_CLASSES[t.family].from_hf_config for name, t in model_types.MODEL_TYPES.items()
 }
+"""model_type -> (config dict -> spec), built from the one table in ``diptych.core.model_types``."""
 
 
 def spec_from_config(config: dict[str, Any]) -> Any:
     """Dispatch a ``config.json`` dict to the spec class that understands its ``model_type``."""
     model_type = config.get("model_type")
-    if model_type == "huginn_raven" and model_type not in SPEC_FROM_CONFIG:
-        import diptych.core.recurrent_spec  # noqa: F401  (registers itself)
     if model_type not in SPEC_FROM_CONFIG:
-        raise SpecError(
-            f"Unknown model_type {model_type!r} in config.json; supported: {', '.join(sorted(SPEC_FROM_CONFIG))}."
-        )
+        raise SpecError(f"Unknown model_type {model_type!r} in config.json; supported: {model_types.supported_text()}.")
     return SPEC_FROM_CONFIG[model_type](config)
+
+
+def tiny_spec_for(model_type: str, **overrides: Any) -> Any:
+    """The embedded tiny model of any supported type (what `diptych parity --model-type` builds)."""
+    try:
+        entry = model_types.get_model_type(model_type)
+    except model_types.UnknownModelType as e:
+        raise SpecError(str(e)) from None
+    if entry.recurrent:
+        return tiny_recurrent_spec(**overrides)
+    return tiny_spec(model_type, **overrides)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

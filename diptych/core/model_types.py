@@ -1,20 +1,79 @@
 """The one table of model types: which ``config.json`` ``model_type`` values diptych knows, and
-which of them are recurrent-depth models. Everything that dispatches on a model type reads it
-here (the backends' facade, HF folder loading, parity, the CLI), so adding a family is one entry.
+what each one is. Everything that dispatches on a model type reads it here (spec validation,
+HF folder loading in ``diptych.core.hf``, the backends' facade, parity, the CLI and its error
+messages), so adding a family is one entry here plus its spec class in ``core.hf.SPEC_CLASSES``.
 
-This module imports nothing from diptych, so any module may import it without a cycle.
+This module imports nothing from diptych, so any module may import it without a cycle; the
+spec classes are bound to families by ``diptych.core.hf``, which imports both spec modules.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-DECODER_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
-"""Plain decoders: ``diptych.core.spec.DecoderSpec``, built by each backend's ``model`` module."""
+Family = Literal["decoder", "recurrent"]
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """One ``model_type``: its spec family, the HF ``architectures`` entry it writes, and whether
+    transformers can load it (the parity oracle)."""
+
+    name: str
+    family: Family
+    architecture: str
+    in_transformers: bool
+
+    @property
+    def recurrent(self) -> bool:
+        return self.family == "recurrent"
+
+    @property
+    def backend_module(self) -> str:
+        """The module of each backend package that builds and runs this type."""
+        return "recurrent" if self.recurrent else "model"
+
 
 HUGINN = "huginn_raven"
-RECURRENT_MODEL_TYPES: tuple[str, ...] = (HUGINN,)
+
+MODEL_TYPES: dict[str, ModelType] = {
+    t.name: t
+    for t in (
+        ModelType("llama", "decoder", "LlamaForCausalLM", True),
+        ModelType("qwen2", "decoder", "Qwen2ForCausalLM", True),
+        ModelType("qwen3", "decoder", "Qwen3ForCausalLM", True),
+        ModelType(HUGINN, "recurrent", "RavenForCausalLM", False),
+    )
+}
+"""model_type -> what it is, in the order the docs list them."""
+
+DECODER_MODEL_TYPES: tuple[str, ...] = tuple(n for n, t in MODEL_TYPES.items() if t.family == "decoder")
+"""Plain decoders: ``diptych.core.spec.DecoderSpec``, built by each backend's ``model`` module."""
+
+RECURRENT_MODEL_TYPES: tuple[str, ...] = tuple(n for n, t in MODEL_TYPES.items() if t.recurrent)
 """Recurrent-depth models: ``RecurrentSpec``, built by each backend's ``recurrent`` module."""
+
+
+class UnknownModelType(ValueError):
+    """A ``model_type`` that is not in :data:`MODEL_TYPES`."""
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every model type diptych loads, in the order the docs list them."""
+    return tuple(MODEL_TYPES)
+
+
+def supported_text() -> str:
+    """The supported types as error messages list them."""
+    return ", ".join(MODEL_TYPES)
+
+
+def get_model_type(name: Any) -> ModelType:
+    """The table entry of ``name``, or a one-line error that lists every supported type."""
+    if name not in MODEL_TYPES:
+        raise UnknownModelType(f"Unknown model_type {name!r}; supported: {supported_text()}.")
+    return MODEL_TYPES[name]
 
 
 def model_type_of(spec_or_model: Any) -> str | None:
@@ -25,9 +84,5 @@ def model_type_of(spec_or_model: Any) -> str | None:
 
 def is_recurrent(spec_or_model: Any) -> bool:
     """Whether a spec (or a model carrying ``.spec``) is a recurrent-depth model."""
-    return model_type_of(spec_or_model) in RECURRENT_MODEL_TYPES
-
-
-def supported_model_types() -> tuple[str, ...]:
-    """Every model type diptych loads, in the order the docs list them."""
-    return DECODER_MODEL_TYPES + RECURRENT_MODEL_TYPES
+    entry = MODEL_TYPES.get(model_type_of(spec_or_model))  # type: ignore[arg-type]
+    return entry is not None and entry.recurrent

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from diptych.core import hf
+from diptych.core.model_types import HUGINN, MODEL_TYPES
 from diptych.core.spec import SpecError, validate_weights
 
-MODEL_TYPE = "huginn_raven"
+MODEL_TYPE = HUGINN
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,6 @@ class RecurrentSpec:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     model_type = MODEL_TYPE
 
@@ -214,15 +213,14 @@ class RecurrentSpec:
         if hd is not None and "n_embd" in cfg and "n_heads" in cfg and hd != cfg["n_embd"] // cfg["n_heads"]:
             raise SpecError(f"head_dim {hd} != n_embd / n_heads; Huginn derives head_dim from them.")
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: cfg[k] for k in known if k in cfg and k != "extra"}
+        kwargs = {k: cfg[k] for k in known if k in cfg}
         kwargs["init_values"] = dict(cfg.get("init_values") or {})
-        extra = {k: v for k, v in cfg.items() if k not in known}
-        return cls(extra=extra, **kwargs)
+        return cls(**kwargs)
 
     def to_hf_config(self) -> dict[str, Any]:
         """A Huginn-0125-shaped ``config.json`` dict."""
         return {
-            "architectures": ["RavenForCausalLM"],
+            "architectures": [MODEL_TYPES[MODEL_TYPE].architecture],
             "model_type": MODEL_TYPE,
             "bias": self.bias,
             "block_size": self.block_size,
@@ -290,5 +288,3 @@ def tiny_recurrent_spec(**overrides: Any) -> RecurrentSpec:
     base.update(overrides)
     return RecurrentSpec(**base)
 
-
-hf.SPEC_FROM_CONFIG[MODEL_TYPE] = RecurrentSpec.from_hf_config

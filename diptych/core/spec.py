@@ -9,12 +9,15 @@ else about a model's shape lives anywhere else.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+from diptych.core.model_types import DECODER_MODEL_TYPES, MODEL_TYPES, RECURRENT_MODEL_TYPES, supported_text
+
+SUPPORTED_MODEL_TYPES = DECODER_MODEL_TYPES
+"""The model types :class:`DecoderSpec` builds (an alias of ``model_types.DECODER_MODEL_TYPES``)."""
 
 
 class SpecError(ValueError):
@@ -48,13 +51,14 @@ class DecoderSpec:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
+            hint = (" (a recurrent-depth type: build it with diptych.core.recurrent_spec.RecurrentSpec)"
+                    if self.model_type in RECURRENT_MODEL_TYPES else "")
             raise SpecError(
-                f"Unsupported model_type {self.model_type!r}; diptych's decoder supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (recurrent-depth models use RecurrentSpec)."
+                f"Unsupported model_type {self.model_type!r} for DecoderSpec{hint}; DecoderSpec builds "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}, and diptych supports {supported_text()}."
             )
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "intermediate_size"):
@@ -134,11 +138,11 @@ class DecoderSpec:
         """Build a spec from a ``config.json`` dict (transformers 4.x or 5.x layout)."""
         model_type = config.get("model_type")
         if model_type is None:
-            raise SpecError("config.json has no 'model_type'; expected one of " + ", ".join(SUPPORTED_MODEL_TYPES))
+            raise SpecError(f"config.json has no 'model_type'; expected one of {supported_text()}.")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise SpecError(
-                f"Unsupported model_type {model_type!r} in config.json; supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}, and huginn_raven for recurrent-depth models."
+                f"Unsupported model_type {model_type!r} in config.json for DecoderSpec; supported: "
+                f"{supported_text()} (load a folder with diptych.core.hf.load_hf_folder to dispatch on it)."
             )
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
@@ -152,7 +156,7 @@ class DecoderSpec:
         if config.get("mlp_bias"):
             raise SpecError("mlp_bias=true is not supported.")
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: config[k] for k in known if k in config and k not in ("extra", "model_type")}
+        kwargs = {k: config[k] for k in known if k in config and k != "model_type"}
         kwargs.pop("rope_theta", None)
         kwargs.pop("attention_bias", None)
         return cls(
@@ -165,9 +169,8 @@ class DecoderSpec:
 
     def to_hf_config(self) -> dict[str, Any]:
         """A ``config.json`` dict that ``transformers.AutoConfig`` reads back to the same model."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
         cfg: dict[str, Any] = {
-            "architectures": [arch[self.model_type]],
+            "architectures": [MODEL_TYPES[self.model_type].architecture],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
