@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
+
+from diptych.core.backend import backend_names
+from diptych.core.hf import load_hf_folder, tiny_spec_for
+from diptych.core.model_types import supported_model_types
+from diptych.parity.harness import run_parity
 
 HELP = "compare backends (and transformers) on the same weights and inputs"
 
@@ -15,10 +21,10 @@ SUITE_MODULES = ("diptych.parity.train_suite", "diptych.parity.recurrent_suite")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, help="a local Hugging Face folder (default: embedded tiny model)")
-    p.add_argument("--model-type", default="llama", choices=["llama", "qwen2", "qwen3"],
+    p.add_argument("--model-type", default="llama", choices=list(supported_model_types()),
                    help="architecture of the embedded tiny model (ignored with --checkpoint)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--backend", action="append", choices=["jax", "torch"],
+    p.add_argument("--backend", action="append", choices=backend_names(),
                    help="limit to these backends (repeatable; default: every installed one)")
     p.add_argument("--suite", action="append", help="run only these suites (repeatable; default: all)")
     p.add_argument("--num-steps", type=int, help="recurrence depth for recurrent-depth models")
@@ -28,12 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import importlib
-
-    from diptych.core.hf import load_hf_folder
-    from diptych.core.spec import tiny_spec
-    from diptych.parity.harness import run_parity
-
     for mod in SUITE_MODULES:
         try:
             importlib.import_module(mod)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"diptych parity: {e}", file=sys.stderr)
             return 2
     else:
-        spec, weights = tiny_spec(args.model_type), None
+        spec, weights = tiny_spec_for(args.model_type), None
     try:
         report = run_parity(spec, weights, dtype=args.dtype, backends=args.backend, suites=args.suite,
                             seed=args.seed, num_steps=args.num_steps, with_transformers=not args.no_transformers)
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_report(report) -> None:
+    # lazy: rich is only needed to print, not to import the CLI
     from rich.console import Console
     from rich.table import Table
 

@@ -17,6 +17,10 @@ from typing import Any
 import numpy as np
 
 from diptych.core.backend import available_backends, get_backend
+from diptych.core.hf import save_hf_folder
+from diptych.core.model_types import MODEL_TYPES, is_recurrent, model_type_of
+from diptych.core.spec import tiny_spec
+from diptych.recurrent.parity_suite import logits_tolerance_scale
 
 # DESIGN.md "Parity tolerances": max abs for values, rel for gradients / losses.
 TOLERANCES: dict[str, dict[str, float]] = {
@@ -164,9 +168,7 @@ def model_suite(ctx: Context) -> list[Case]:
             cases.append(Case("weights:export", name, "numpy init", ctx.dtype, d, d, 0.0, d == 0.0,
                               "bit-identical round trip"))
     tol = None
-    if getattr(ctx.spec, "model_type", None) == "huginn_raven":  # an unrolled recurrence is as deep as a real model
-        from diptych.recurrent.parity_suite import logits_tolerance
-
+    if is_recurrent(ctx.spec):  # an unrolled recurrence is as deep as a real model
         tol = logits_tolerance(ctx.spec, int(ctx.num_steps or ctx.spec.mean_recurrence), ctx.dtype)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -175,18 +177,25 @@ def model_suite(ctx: Context) -> list[Case]:
     return cases
 
 
+def logits_tolerance(spec: Any, num_steps: int, dtype: str) -> float | None:
+    """fp32 logits tolerance of a recurrent model at ``num_steps``: the tiny-model 1e-5 up to
+    ``recurrent.parity_suite.TINY_DEPTH`` unrolled layers, else 1e-4; None (the table's) for bf16."""
+    if dtype != "float32":
+        return None
+    return TOLERANCES[dtype]["logits"] * logits_tolerance_scale(spec, num_steps)
+
+
 def _transformers_outputs(ctx: Context, targets: np.ndarray) -> dict[str, np.ndarray] | None:
-    try:
+    try:  # lazy: the oracle is optional and brings its own framework
         import torch
         import transformers
     except ImportError:
         ctx.skipped.append("transformers: not installed")
         return None
-    if getattr(ctx.spec, "model_type", None) not in ("llama", "qwen2", "qwen3"):
-        ctx.skipped.append(f"transformers: no class for model_type {getattr(ctx.spec, 'model_type', '?')}")
+    entry = MODEL_TYPES.get(model_type_of(ctx.spec))
+    if entry is None or not entry.in_transformers:
+        ctx.skipped.append(f"transformers: no class for model_type {model_type_of(ctx.spec) or '?'}")
         return None
-    from diptych.core.hf import save_hf_folder
-
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_folder(f"{tmp}/m", ctx.spec, ctx.weights)
         tdtype = torch.bfloat16 if ctx.dtype == "bfloat16" else torch.float32
@@ -217,8 +226,6 @@ def run_parity(
     with_transformers: bool = True,
 ) -> Report:
     """Run the selected suites (all by default) on the embedded tiny model or the given one."""
-    from diptych.core.spec import tiny_spec
-
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype must be one of {', '.join(TOLERANCES)}, got {dtype!r}.")
     if spec is None:

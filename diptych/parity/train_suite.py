@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from diptych.core.backend import get_backend
+from diptych.core.model_types import DECODER_MODEL_TYPES
 from diptych.core.optim import OptimConfig
 from diptych.parity.harness import Case, Context, compare, register_suite
 
@@ -24,7 +25,7 @@ PROMPTS = 2
 PROMPT_LEN = 6
 COMPLETION_LEN = 8
 CHECKPOINTS = (1, STEPS)
-DECODERS = ("llama", "qwen2", "qwen3")
+DECODERS = DECODER_MODEL_TYPES
 
 
 def optim_for(dtype: str) -> OptimConfig:

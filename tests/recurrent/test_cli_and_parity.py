@@ -55,7 +55,7 @@ def test_depth_sweep_cli_rejects_bad_steps_and_missing_codec(tmp_path, capsys):
 @needs_torch
 def test_recurrent_parity_suite_passes_on_a_tiny_model():
     from diptych.parity.harness import Context, left_padded_batch
-    from diptych.recurrent.parity_suite import recurrent_cases
+    from diptych.parity.recurrent_suite import recurrent_cases
 
     spec = tiny_recurrent_spec(n_layers_in_recurrent_block=1, mean_recurrence=5, mean_backprop_depth=2)
     tokens, mask = left_padded_batch(spec.vocab_size, [5, 3], seed=0)
@@ -97,7 +97,7 @@ def test_truncated_trainer_lowers_the_loss_on_a_fixed_batch(backend_name):
 
 def test_parity_tolerance_follows_the_unrolled_depth():
     from diptych.core.recurrent_spec import tiny_recurrent_spec
-    from diptych.recurrent.parity_suite import logits_tolerance
+    from diptych.parity.harness import logits_tolerance
 
     spec = tiny_recurrent_spec()  # DESIGN.md: 1e-5 for tiny models, 1e-4 at real sizes
     shallow = 16 - spec.n_layers_in_prelude - spec.n_layers_in_coda
