@@ -1,45 +1,48 @@
 """Decode throughput: diptych's JAX and torch samplers against transformers' ``generate``.
 
-Same tiny model (weights from one numpy seed), same left-padded batch, same number of new
-tokens (EOS disabled so every row runs to the end), in one process. Each engine is warmed up
-first; the first call's extra time is reported as compile / warm-up time and excluded from
-tokens/s, which is the median over ``--repeats`` timed runs.
+Same model (weights from one numpy seed), same left-padded batch, same number of new tokens
+(EOS disabled so every row runs to the end), in one process, under the shared discipline
+(``benchmarks/discipline.py``: one thread count for all, alternating rounds, median round,
+refusal on a loaded machine). Each engine is warmed up once when it is built; that call's time
+is reported as warm-up (compilation for JAX) and excluded from tokens/s.
 
-    python benchmarks/decode_throughput.py --json results/decode.json
+Shapes: ``--shape tiny`` (the tests' 2-layer model: overhead-bound) and ``--shape compute``
+(hidden 512, 8 layers, 64 rows = 8 prompts x 8, 128 new tokens: matmul-bound). Both report FLOP
+utilisation: model FLOP/s (``discipline.decode_flops``: per row a causal forward over
+``prompt + new - 1`` tokens, ``2 * matmul_params * tokens + 2 * layers * q_dim * S * (S + 1)``)
+over the fp32 matmul FLOP/s the same run measures on the contender's backend (torch for
+transformers and diptych-torch, jax for diptych-jax) at the same thread count.
+
+    python benchmarks/decode_throughput.py --shape compute --json benchmarks/results/decode_compute.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import time
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diptych.core.sampling import SamplingConfig
-from diptych.core.spec import tiny_spec
+from benchmarks import discipline
 
+THREADS = discipline.pin_threads_early()  # before numpy, torch and jax load
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return first, runs
+import numpy as np  # noqa: E402
+
+from diptych.core.sampling import SamplingConfig  # noqa: E402
+from diptych.core.spec import tiny_spec  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(spec={}, batch=8, prompt_len=16, max_new_tokens=128),
+    "compute": dict(spec=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                              intermediate_size=1536), batch=64, prompt_len=16, max_new_tokens=128),
+}
+ROOFLINE_OF = {"transformers": "torch", "torch": "torch", "jax": "jax"}
 
 
 def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -79,67 +82,78 @@ def diptych_runner(name: str, spec, weights, prompts, cfg: SamplingConfig) -> Ca
     return lambda: backend.generate(model, prompts, cfg, seed=0)
 
 
+def contender(fn: Callable[[], object], new_tokens: int, flops: float) -> tuple[float, Callable[[], dict]]:
+    """Warm ``fn`` up once (its time is returned) and wrap it as one round's measurement."""
+    warmup, _ = discipline.timed(fn)
+
+    def run() -> dict:
+        seconds, _ = discipline.timed(fn)
+        return {"seconds": seconds, "tokens_per_s": new_tokens / seconds, "flops_per_s": flops / seconds}
+
+    return warmup, run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shape", default="tiny", choices=list(SHAPES), help="preset (see the module docstring)")
+    p.add_argument("--batch", type=int, help="rows (default: the preset's)")
+    p.add_argument("--prompt-len", type=int, help="longest prompt (default: the preset's)")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per row (default: the preset's)")
     p.add_argument("--model-type", default="llama", choices=["llama", "qwen2", "qwen3"])
     p.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample")
     p.add_argument("--engines", default="transformers,jax,torch")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch intra-op threads for transformers and the torch backend alike (tiny models decode "
-                        "fastest on one; on a busy machine more threads spin and slow both down); 0 = torch default")
-    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--roofline-n", type=int, default=2048, help="side of the fp32 matmul that measures the roofline")
+    discipline.add_arguments(p)
     args = p.parse_args(argv)
-    if args.torch_threads > 0 and "torch" in args.engines + ",transformers":
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
-
-    import tempfile
-
-    spec = tiny_spec(args.model_type)
+    shape = SHAPES[args.shape]
+    batch = args.batch or shape["batch"]
+    prompt_len = args.prompt_len or shape["prompt_len"]
+    new = args.max_new_tokens or shape["max_new_tokens"]
+    engines = args.engines.split(",")
+    spec = tiny_spec(args.model_type, **shape["spec"])
+    config = dict(shape=args.shape, model=args.model_type, spec=dict(shape["spec"]), params=spec.num_params(),
+                  matmul_params=discipline.matmul_params(spec), batch=batch, prompt_len=prompt_len,
+                  max_new_tokens=new, engines=engines, roofline_n=args.roofline_n)
+    bench = discipline.Bench("decode_throughput", args, config)
     weights = spec.init_weights(0)
-    prompts = make_prompts(args.batch, args.prompt_len, spec.vocab_size, seed=0)
+    prompts = make_prompts(batch, prompt_len, spec.vocab_size, seed=0)
+    flops = discipline.decode_flops(spec, [len(q) for q in prompts], new)
+    config["model_flops_per_call"] = flops
+    roof_backends = ["numpy", *sorted({ROOFLINE_OF[e] for e in engines})]
+    roof = bench.run({b: discipline.matmul_contender(b, args.roofline_n) for b in roof_backends}, "flops_per_s",
+                     tag="roofline")
     configs = {
-        "greedy": SamplingConfig(temperature=0, max_new_tokens=args.max_new_tokens, eos_ids=()),
-        "sample": SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, max_new_tokens=args.max_new_tokens,
-                                 eos_ids=()),
+        "greedy": SamplingConfig(temperature=0, max_new_tokens=new, eos_ids=()),
+        "sample": SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, max_new_tokens=new, eos_ids=()),
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
             cfg = configs[mode]
-            base = None
-            for engine in args.engines.split(","):
-                if engine == "transformers":
-                    fn = hf_runner(spec, weights, prompts, cfg, Path(tmp) / mode)
-                else:
-                    fn = diptych_runner(engine, spec, weights, prompts, cfg)
-                first, runs = timed(fn, args.repeats)
-                med = statistics.median(runs)
-                tps = args.batch * args.max_new_tokens / med
-                base = tps if engine == "transformers" else base
-                rows.append(dict(mode=mode, engine=engine, tokens_per_s=tps, seconds=med,
-                                 warmup_extra_s=max(0.0, first - med), runs_s=runs,
-                                 speedup_vs_transformers=None if base is None else tps / base))
-    meta = dict(model=args.model_type, params=spec.num_params(), batch=args.batch, prompt_len=args.prompt_len,
-                max_new_tokens=args.max_new_tokens, repeats=args.repeats, torch_threads=args.torch_threads,
-                cpu=platform.processor() or platform.machine(),
-                cpu_count=os.cpu_count())
-    print(f"decode throughput, tiny {args.model_type} ({spec.num_params()} params), batch {args.batch}, "
-          f"prompt <= {args.prompt_len}, {args.max_new_tokens} new tokens, median of {args.repeats}, "
-          f"torch threads {args.torch_threads or 'default'}")
-    print(f"{'mode':8} {'engine':14} {'tokens/s':>10} {'x HF':>6} {'warm-up+compile s':>18}")
+            warm, runs = {}, {}
+            for engine in engines:
+                fn = (hf_runner(spec, weights, prompts, cfg, Path(tmp) / mode) if engine == "transformers"
+                      else diptych_runner(engine, spec, weights, prompts, cfg))
+                warm[engine], runs[engine] = contender(fn, batch * new, flops)
+            res = bench.run(runs, "tokens_per_s", tag=mode)
+            base = res.get("transformers", {}).get("tokens_per_s")
+            for engine in engines:
+                r = res[engine]
+                peak = roof[ROOFLINE_OF[engine]]["flops_per_s"]
+                rows.append(dict(mode=mode, engine=engine, tokens_per_s=r["tokens_per_s"], seconds=r["seconds"],
+                                 flops_per_s=r["flops_per_s"], roofline_backend=ROOFLINE_OF[engine],
+                                 roofline_flops_per_s=peak, flop_utilisation=r["flops_per_s"] / peak,
+                                 warmup_s=warm[engine], rounds_tokens_per_s=[x["tokens_per_s"] for x in r["rounds"]],
+                                 speedup_vs_transformers=None if base is None else r["tokens_per_s"] / base))
+    table = [f"{args.shape} {args.model_type} ({spec.num_params()} params), batch {batch}, prompt <= {prompt_len}, "
+             f"{new} new tokens; matmul roofline GFLOP/s: "
+             + ", ".join(f"{b} {roof[b]['flops_per_s'] / 1e9:.1f}" for b in roof_backends),
+             f"{'mode':8} {'engine':14} {'tokens/s':>10} {'x HF':>6} {'GFLOP/s':>9} {'util':>6} {'warm-up s':>10}"]
     for r in rows:
         x = "" if r["speedup_vs_transformers"] is None else f"{r['speedup_vs_transformers']:.2f}"
-        print(f"{r['mode']:8} {r['engine']:14} {r['tokens_per_s']:10.0f} {x:>6} {r['warmup_extra_s']:18.2f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    return 0
+        table.append(f"{r['mode']:8} {r['engine']:14} {r['tokens_per_s']:10.0f} {x:>6} {r['flops_per_s'] / 1e9:9.2f} "
+                     f"{r['flop_utilisation']:6.1%} {r['warmup_s']:10.2f}")
+    return bench.finish(dict(roofline=roof, decode=rows), table, args.json)
 
 
 if __name__ == "__main__":
