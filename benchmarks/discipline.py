@@ -28,6 +28,7 @@ callers; their docstrings give the formulas.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -100,6 +101,9 @@ def pin_threads(n: int) -> None:
         import torch
 
         torch.set_num_threads(n)
+        if torch.get_num_interop_threads() != n:
+            with contextlib.suppress(RuntimeError):  # allowed only before torch's first inter-op work
+                torch.set_num_interop_threads(n)
 
 
 def thread_state() -> dict[str, Any]:
@@ -347,7 +351,7 @@ def causal_forward_flops(spec: Any, seq_len: int) -> float:
     and the token at position ``p`` attends ``p + 1`` keys at ``2 * q_dim`` FLOPs each for
     ``q . k`` and as many for ``softmax @ v`` (``4 * L * q_dim * sum(p + 1)``).
     """
-    s = int(seq_len)
+    s = float(seq_len)
     return 2.0 * matmul_params(spec) * s + 2.0 * spec.num_hidden_layers * spec.q_dim * s * (s + 1)
 
 

@@ -1,11 +1,23 @@
 """GRPO throughput: diptych (each installed backend) vs TRL's GRPOTrainer, same model and shapes, one run.
 
-Every contender trains the same tiny Llama (same numpy-initialised weights, char vocabulary)
+Every contender trains the same Llama (same numpy-initialised weights, char vocabulary)
 with the same prompts, batch (prompts x group size), completion length, temperature,
 loss (GRPO, beta 0, one optimizer pass per batch) and a trivial reward, so the figure
 measured is the framework's generate + score + train loop. Throughput is
 ``(generated tokens + trained tokens) / seconds`` over the measured steps (the first
-``--warmup`` steps, which include compilation, are excluded for everyone).
+``--warmup`` steps, which include compilation, are excluded for everyone). The shared
+discipline (``benchmarks/discipline.py``) applies: one thread count for everyone, contenders
+alternating round by round, the median round reported, refusal on a loaded machine.
+
+Shapes: ``--shape tiny`` (hidden 64, 2 layers, 8 prompts x 4, 16 new tokens: overhead-bound)
+and ``--shape compute`` (hidden 512, 8 layers, 8 prompts x 8, 128 new tokens: matmul-bound).
+Both report FLOP utilisation: model FLOP/s over the fp32 matmul FLOP/s measured in the same run
+on the contender's backend (jax for diptych-jax, torch for diptych-torch and TRL). Model FLOPs
+per step are ``discipline.grpo_step_flops``: for every sequence a causal forward over
+``prompt + completion - 1`` tokens to generate it plus 3x a causal forward over
+``prompt + completion`` to train on it (forward + backward), where a causal forward over S
+tokens is ``2 * matmul_params * S + 2 * layers * q_dim * S * (S + 1)``. Prompt lengths are exact;
+completion lengths are the step's mean (the attention term is a few percent of the total).
 
 TRL is optional and never downloaded here: ``--trl-path DIR`` prepends a folder where
 ``pip install --no-deps --target DIR trl accelerate datasets dill multiprocess xxhash
@@ -13,14 +25,13 @@ pandas python-dateutil pytz tzdata`` put it (kept out of the project venv so tor
 never replaced). If TRL cannot be imported or run, the JSON says why.
 
     python benchmarks/grpo_throughput.py --json benchmarks/results/grpo_throughput.json --trl-path /tmp/trl
+    python benchmarks/grpo_throughput.py --shape compute --json benchmarks/results/grpo_compute.json --trl-path /tmp/trl
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,12 +41,23 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
+from benchmarks import discipline
 
-SHAPES = {"prompts_per_step": 8, "group_size": 4, "max_prompt_len": 12, "max_new_tokens": 16, "temperature": 1.0,
-          "lr": 1e-5, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "intermediate_size": 128}
+THREADS = discipline.pin_threads_early()  # before numpy, torch and jax load
+
+PRESETS = {
+    "tiny": {"prompts_per_step": 8, "group_size": 4, "max_prompt_len": 12, "max_new_tokens": 16, "temperature": 1.0,
+             "lr": 1e-5, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 128},
+    "compute": {"prompts_per_step": 8, "group_size": 8, "max_prompt_len": 12, "max_new_tokens": 128,
+                "temperature": 1.0, "lr": 1e-5, "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "intermediate_size": 1536},
+}
+SHAPES = dict(PRESETS["tiny"])
+"""The shapes in force (``--shape`` and the overrides replace them before any contender runs)."""
+ROOFLINE_OF = {"diptych-jax": "jax", "diptych-torch": "torch", "trl": "torch"}
 
 
 def reward_len(prompts: list[str], completions: list[Any], **kw: Any) -> list[float]:
@@ -53,7 +75,8 @@ def make_spec_and_rows(seed: int = 0) -> tuple[Any, Any, list[dict[str, Any]]]:
     spec = DecoderSpec(model_type="llama", vocab_size=tok.vocab_size, hidden_size=s["hidden_size"],
                        num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
                        num_key_value_heads=s["num_key_value_heads"], intermediate_size=s["intermediate_size"],
-                       max_position_embeddings=64, initializer_range=0.05, bos_token_id=tok.bos_id,
+                       max_position_embeddings=max(64, 2 * (s["max_prompt_len"] + s["max_new_tokens"])),
+                       initializer_range=0.05, bos_token_id=tok.bos_id,
                        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     rows = get_task("arithmetic", digits=2, ops=("+",)).generate("train", 512, seed)
     return spec, tok, rows
@@ -62,7 +85,7 @@ def make_spec_and_rows(seed: int = 0) -> tuple[Any, Any, list[dict[str, Any]]]:
 def bench_diptych(name: str, steps: int, warmup: int) -> dict[str, Any]:
     from diptych.core.backend import get_backend
     from diptych.core.optim import OptimConfig
-    from diptych.core.trainers.base import batch_iterator
+    from diptych.core.trainers.base import batch_iterator, encode_prompts
     from diptych.core.trainers.grpo import GRPOConfig, grpo_step
 
     backend = get_backend(name)
@@ -73,7 +96,7 @@ def bench_diptych(name: str, steps: int, warmup: int) -> dict[str, Any]:
                      temperature=s["temperature"], loss="grpo", beta=0.0, optim=OptimConfig(lr=s["lr"]))
     state = backend.init_train_state(backend.build(spec, spec.init_weights(0)), cfg.optim)
     batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed)
-    generated = trained = 0.0
+    generated = trained = flops = 0.0
     phases: dict[str, float] = {}
     t0 = None
     for step in range(steps + warmup):
@@ -85,12 +108,16 @@ def bench_diptych(name: str, steps: int, warmup: int) -> dict[str, Any]:
             n = cfg.prompts_per_step * cfg.group_size
             generated += m["completion_length"] * n
             trained += m.get("tokens", 0.0)
+            prompt_lens = [len(ids) for ids in encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_len)
+                           for _ in range(cfg.group_size)]
+            flops += discipline.grpo_step_flops(spec, prompt_lens, [m["completion_length"]] * n)
             for k, v in m.items():
                 if k.startswith("time/"):
                     phases[k] = phases.get(k, 0.0) + v
     seconds = time.perf_counter() - t0
     return {"name": f"diptych-{name}", "seconds": seconds, "generated_tokens": generated, "trained_tokens": trained,
-            "tokens_per_s": (generated + trained) / seconds, "phases_s": phases}
+            "tokens_per_s": (generated + trained) / seconds, "model_flops": flops, "flops_per_s": flops / seconds,
+            "phases_s": phases}
 
 
 def _hf_char_tokenizer(tok: Any, folder: Path) -> Any:
@@ -125,14 +152,17 @@ def bench_trl(steps: int, warmup: int) -> dict[str, Any]:
 
     spec, tok, rows = make_spec_and_rows()
     s = SHAPES
-    counts = {"generated": 0.0, "trained": 0.0, "measuring": False}
+    counts = {"generated": 0.0, "trained": 0.0, "flops": 0.0, "measuring": False}
 
     def reward(prompts: list[str], completions: list[Any], completion_ids: Any = None, **kw: Any) -> list[float]:
         if counts["measuring"]:
             lengths = [len(c) for c in completion_ids] if completion_ids is not None else [len(str(c)) for c in
                                                                                             completions]
+            prompt_lens = [len(tok.encode(p)) for p in prompts]
             counts["generated"] += sum(lengths)
-            counts["trained"] += sum(lengths) + sum(len(tok.encode(p)) for p in prompts)
+            counts["trained"] += sum(lengths) + sum(prompt_lens)
+            mean = sum(lengths) / max(len(lengths), 1)  # the step's mean, as for diptych
+            counts["flops"] += discipline.grpo_step_flops(spec, prompt_lens, [mean] * len(lengths))
         return reward_len(prompts, completions)
 
     class Clock(TrainerCallback):
@@ -171,60 +201,72 @@ def bench_trl(steps: int, warmup: int) -> dict[str, Any]:
                 "error": f"TRL GRPOTrainer failed: {type(e).__name__}: {e}",
                 "traceback": traceback.format_exc(limit=6)}
     return {"name": "trl", "version": trl.__version__, "seconds": seconds, "generated_tokens": counts["generated"],
-            "trained_tokens": counts["trained"], "tokens_per_s": (counts["generated"] + counts["trained"]) / seconds}
+            "trained_tokens": counts["trained"], "tokens_per_s": (counts["generated"] + counts["trained"]) / seconds,
+            "model_flops": counts["flops"], "flops_per_s": counts["flops"] / seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the figures here")
-    p.add_argument("--steps", type=int, default=5, help="measured GRPO steps per contender")
+    p.add_argument("--shape", default="tiny", choices=list(PRESETS), help="preset (see the module docstring)")
+    p.add_argument("--prompts-per-step", type=int, help="override the preset")
+    p.add_argument("--group-size", type=int, help="override the preset")
+    p.add_argument("--max-new-tokens", type=int, help="override the preset")
+    p.add_argument("--steps", type=int, default=5, help="measured GRPO steps per contender and round")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps (compilation, caches)")
     p.add_argument("--backends", nargs="*", help="default: every installed backend")
     p.add_argument("--trl-path", type=Path, help="folder holding trl and its small deps (see the module docstring)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best round is reported")
     p.add_argument("--no-trl", action="store_true")
+    p.add_argument("--roofline-n", type=int, default=2048, help="side of the fp32 matmul that measures the roofline")
+    discipline.add_arguments(p)
     args = p.parse_args(argv)
+    SHAPES.clear()
+    SHAPES.update(PRESETS[args.shape])
+    for key in ("prompts_per_step", "group_size", "max_new_tokens"):
+        if getattr(args, key) is not None:
+            SHAPES[key] = getattr(args, key)
     if args.trl_path:
         sys.path.insert(0, str(args.trl_path))
     from diptych.core.backend import available_backends
 
-    contenders = [(f"diptych-{n}", lambda n=n: bench_diptych(n, args.steps, args.warmup))
-                  for n in args.backends or available_backends()]
+    spec, _, _ = make_spec_and_rows()
+    config = {"shape": args.shape, "shapes": dict(SHAPES), "steps": args.steps, "warmup": args.warmup,
+              "params": spec.num_params(), "matmul_params": discipline.matmul_params(spec),
+              "metric": "(generated + trained tokens) / s and model FLOP/s; median round",
+              "roofline_n": args.roofline_n}
+    bench = discipline.Bench("grpo_throughput", args, config)
+    contenders = {f"diptych-{n}": (lambda n=n: bench_diptych(n, args.steps, args.warmup))
+                  for n in args.backends or available_backends()}
     if not args.no_trl:
-        contenders.append(("trl", lambda: bench_trl(args.steps, args.warmup)))
-    # The CPU is shared: contenders alternate round by round and the best round counts (median kept too).
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in contenders}
-    for rnd in range(args.repeats):
-        for name, fn in contenders:
-            print(f"round {rnd + 1}/{args.repeats}: {name} ...", flush=True)
-            runs[name].append(fn())
+        contenders["trl"] = lambda: bench_trl(args.steps, args.warmup)
+    roof_backends = ["numpy", *sorted({ROOFLINE_OF[c] for c in contenders})]
+    roof = bench.run({b: discipline.matmul_contender(b, args.roofline_n) for b in roof_backends}, "flops_per_s",
+                     tag="roofline")
+    res = bench.run(contenders, "tokens_per_s")
     results = []
-    for rs in runs.values():
-        ok = [r for r in rs if "tokens_per_s" in r]
-        if not ok:
-            results.append(rs[-1])
-            continue
-        best = max(ok, key=lambda r: r["tokens_per_s"])
-        results.append({**best, "tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in ok])),
-                        "tokens_per_s_rounds": [r["tokens_per_s"] for r in ok]})
-    trl_tps = next((r.get("tokens_per_s") for r in results if r["name"] == "trl"), None)
+    for name, r in res.items():
+        if "tokens_per_s" in r:
+            peak = roof[ROOFLINE_OF[name]]["flops_per_s"]
+            r = {**r, "tokens_per_s_rounds": [x.get("tokens_per_s") for x in r["rounds"]],
+                 "roofline_backend": ROOFLINE_OF[name], "roofline_flops_per_s": peak,
+                 "flop_utilisation": r["flops_per_s"] / peak}
+        results.append(r)
+    trl_tps = res.get("trl", {}).get("tokens_per_s")
+    table = [f"{args.shape}: hidden {SHAPES['hidden_size']}, {SHAPES['num_hidden_layers']} layers, "
+             f"{SHAPES['prompts_per_step']} prompts x {SHAPES['group_size']}, {SHAPES['max_new_tokens']} new tokens, "
+             f"{args.steps} measured steps; matmul roofline GFLOP/s: "
+             + ", ".join(f"{b} {roof[b]['flops_per_s'] / 1e9:.1f}" for b in roof_backends)]
     for r in results:
         if trl_tps and "tokens_per_s" in r:
             r["speedup_vs_trl"] = r["tokens_per_s"] / trl_tps
         line = f"{r['name']:>14}: " + (f"{r['tokens_per_s']:8.0f} tok/s  ({r['seconds']:.1f} s, "
-                                        f"{r['generated_tokens']:.0f} generated + {r['trained_tokens']:.0f} trained)"
+                                        f"{r['generated_tokens']:.0f} generated + {r['trained_tokens']:.0f} trained)  "
+                                        f"{r['flops_per_s'] / 1e9:.2f} GFLOP/s = {r['flop_utilisation']:.1%} of "
+                                        f"{r['roofline_backend']} matmul"
                                         if "tokens_per_s" in r else r.get("error", "?"))
         if "speedup_vs_trl" in r:
             line += f"  x{r['speedup_vs_trl']:.2f} vs TRL"
-        print(line)
-    report = {"benchmark": "grpo_throughput", "shapes": SHAPES, "steps": args.steps, "warmup": args.warmup,
-              "repeats": args.repeats, "metric": "(generated + trained tokens) / s, best of the rounds",
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-              "load_average": os.getloadavg(), "results": results}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    return 0
+        table.append(line)
+    return bench.finish({"roofline": roof, "grpo": results}, table, args.json)
 
 
 if __name__ == "__main__":
