@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, console: bool = True
                ) -> dict[str, Any]:
     """Run the whole demo on ``backend`` and return its figures."""
-    from diptych.core.metrics import MetricsLogger, plot_curves
+    from diptych.core.metrics import MetricsLogger
     from diptych.core.optim import OptimConfig
     from diptych.core.spec import DecoderSpec
     from diptych.core.tasks import get_task
@@ -161,15 +161,7 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
     acc_after = accuracy(state.model)
     plot = final = None
     if out_dir is not None:
-        from diptych.core.plotting import Marker
-
-        last = log.history[-1]["step"] if log.history else 0.0
-        marks = {"reward": [Marker(0.0, acc_initial, "held-out, before SFT"),
-                            Marker(0.0, acc_before, "held-out, after SFT"),
-                            Marker(last, acc_after, "held-out, after GRPO")]}
-        plot = plot_curves(log.history, out_dir / "curves.png", markers=marks, xlabel="GRPO optimizer step",
-                           labels={"reward": "reward (fraction of sums right)",
-                                   "completion_length": "completion length (tokens, incl. EOS)"},
+        plot = save_curves(log.history, out_dir, acc_initial, acc_before, acc_after,
                            title=f"diptych quickstart ({backend.name}): GRPO on {cfg.task}; "
                                  "points = held-out greedy accuracy")
         final = save_final(backend, state, spec, tok, out_dir / "final", eval_settings(cfg, acc_after, backend.name))
@@ -184,6 +176,31 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
         "plot": str(plot) if plot else None,
         "final": str(final) if final else None,
     }
+
+
+CURVE_LABELS = {"reward": "reward (fraction of sums right)",
+                "completion_length": "completion length (tokens, incl. EOS)"}
+
+
+def save_curves(history: list[dict[str, float]], out_dir: Path, acc_initial: float, acc_before: float,
+                acc_after: float, title: str = "") -> Path | None:
+    """``curves.png`` and the data drawn in it, ``curves.json``: GRPO reward and length, held-out accuracies marked.
+
+    Accuracy is greedy and reward is sampled, but both are fractions of sums right, so the three
+    evaluations sit on the reward panel: before and after SFT at step 0, after GRPO at the last step.
+    """
+    import dataclasses
+
+    from diptych.core.plotting import Marker, curve_series, plot_series
+
+    last = history[-1]["step"] if history else 0.0
+    marks = {"reward": [Marker(0.0, acc_initial, "held-out, before SFT"),
+                        Marker(0.0, acc_before, "held-out, after SFT"),
+                        Marker(last, acc_after, "held-out, after GRPO")]}
+    panels = curve_series(history, ("reward", "completion_length"), labels=CURVE_LABELS, markers=marks)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "curves.json").write_text(json.dumps([dataclasses.asdict(p) for p in panels]) + "\n")
+    return plot_series(panels, out_dir / "curves.png", title=title, xlabel="GRPO optimizer step")
 
 
 EVAL_FILE = "diptych_eval.json"
