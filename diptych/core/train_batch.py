@@ -12,11 +12,14 @@ array (``mask``, ``old_logprobs``, ``ref_logprobs``, ``advantages`` when per tok
 ``tokens[:, t + 1]`` given ``tokens[:, : t + 1]``. ``mask`` is 1 on the targets the loss
 counts (completion tokens) and 0 on prompt and padding.
 
-Layouts (required keys; optional keys in brackets):
+Each loss declares its layout where it is registered (``diptych.core.losses.registry``); this module
+only reads those declarations. The built-in layouts (required keys; optional keys in brackets):
 
 - ``sft``: ``tokens``, ``attention_mask``, ``mask``.
 - ``policy`` (GRPO family, PPO actor): ``tokens``, ``attention_mask``, ``mask``,
-  ``old_logprobs``, ``advantages`` ([B] or [B, T-1]), [``ref_logprobs``, ``sampler_logprobs``].
+  ``advantages`` ([B] or [B, T-1]), [``old_logprobs``, ``ref_logprobs``, ``sampler_logprobs``].
+  Without ``old_logprobs`` the step uses the detached current log-probs (one iteration per batch:
+  same loss and gradient, one forward fewer).
 - ``value`` (PPO critic; needs ``init_train_state(..., value_head=True)``): ``tokens``,
   ``attention_mask``, ``mask``, ``old_values``, ``returns``.
 - ``preference`` (DPO family): ``chosen_tokens``, ``chosen_attention_mask``, ``chosen_mask``,
@@ -36,30 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from diptych.core.losses.registry import LOSS_SPECS, BatchLayout, loss_spec, merge_layouts
+
 INT_KEYS = frozenset({"tokens", "attention_mask", "chosen_tokens", "chosen_attention_mask",
                       "rejected_tokens", "rejected_attention_mask"})
-"""Model inputs: integer arrays the backend feeds to the model, never to the loss."""
-
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "sft": ("tokens", "attention_mask", "mask"),
-    "policy": ("tokens", "attention_mask", "mask", "old_logprobs", "advantages"),
-    "value": ("tokens", "attention_mask", "mask", "old_values", "returns"),
-    "preference": ("chosen_tokens", "chosen_attention_mask", "chosen_mask",
-                   "rejected_tokens", "rejected_attention_mask", "rejected_mask"),
-}
-OPTIONAL: dict[str, tuple[str, ...]] = {
-    "sft": (),
-    "policy": ("ref_logprobs", "sampler_logprobs"),
-    "value": (),
-    "preference": ("ref_chosen_logprobs", "ref_rejected_logprobs"),
-}
-# per-token keys and the token array whose [B, T-1] shape they must have
-_PER_TOKEN = {
-    "mask": "tokens", "old_logprobs": "tokens", "ref_logprobs": "tokens", "sampler_logprobs": "tokens",
-    "old_values": "tokens", "returns": "tokens",
-    "chosen_mask": "chosen_tokens", "ref_chosen_logprobs": "chosen_tokens",
-    "rejected_mask": "rejected_tokens", "ref_rejected_logprobs": "rejected_tokens",
-}
+"""The built-in layouts' model inputs; a step uses :func:`int_keys` of its own terms."""
 
 
 class BatchError(ValueError):
@@ -67,7 +51,7 @@ class BatchError(ValueError):
 
 
 def loss_terms(loss: str | Mapping[str, float]) -> dict[str, float]:
-    """Normalise ``"policy"`` or ``{"policy": 1.0, "value": 0.1}`` to ``{term: weight}``."""
+    """Normalise ``"policy"`` or ``{"policy": 1.0, "value": 0.1}`` to ``{term: weight}`` of registered losses."""
     if isinstance(loss, str):
         terms = {loss: 1.0}
     elif isinstance(loss, Mapping):
@@ -77,41 +61,65 @@ def loss_terms(loss: str | Mapping[str, float]) -> dict[str, float]:
     if not terms:
         raise BatchError("loss mapping is empty; give at least one term, e.g. {'policy': 1.0}.")
     for name in terms:
-        if name not in REQUIRED:
-            raise BatchError(f"Unknown loss {name!r}; train_step supports {', '.join(sorted(REQUIRED))}.")
+        if name not in LOSS_SPECS:
+            raise BatchError(f"Unknown loss {name!r}; registered losses: {', '.join(sorted(LOSS_SPECS))} "
+                             "(add one with diptych.core.losses.register_loss).")
     return terms
 
 
+def layout(terms: Iterable[str]) -> BatchLayout:
+    """The micro-batch layout of these loss terms (the union of their registered layouts)."""
+    return merge_layouts(loss_spec(t).layout for t in terms)
+
+
+def int_keys(terms: Iterable[str]) -> frozenset[str]:
+    """The integer model inputs of these terms' layouts: fed to the model, never to the loss."""
+    return frozenset(layout(terms).int_keys)
+
+
+def needed_outputs(terms: Iterable[str], configs: Mapping[str, Any],
+                   batch_keys: Iterable[str] | None = None) -> frozenset[str]:
+    """The model outputs the backend must compute: what each term declares under its config, plus the source of
+    every detached default whose key ``batch_keys`` lacks (``logprobs`` for an omitted ``old_logprobs``)."""
+    terms = list(terms)
+    out = set()
+    for t in terms:
+        out |= loss_spec(t).outputs(configs.get(t))
+    if batch_keys is not None:
+        present = set(batch_keys)
+        out |= {src for key, src in layout(terms).detached_defaults.items() if key not in present}
+    return frozenset(out)
+
+
 def model_quantities_needed(terms: Iterable[str], configs: Mapping[str, Any]) -> tuple[bool, bool, bool]:
-    """``(logprobs, entropy, values)``: which differentiable inputs the backend must compute for these
-    loss terms (preference log-probs are always computed for ``"preference"``). Written once so both
-    backends run the model exactly as often."""
-    terms = set(terms)
-    need_lp = bool({"sft", "policy"} & terms)
-    need_entropy = "policy" in terms and float(getattr(configs["policy"], "entropy_coef", 0.0) or 0.0) != 0.0
-    return need_lp, need_entropy, "value" in terms
+    """``(logprobs, entropy, values)`` on ``tokens`` for these terms (see :func:`needed_outputs`)."""
+    out = needed_outputs(terms, configs)
+    return "logprobs" in out, "entropy" in out, "values" in out
 
 
 def validate_microbatch(batch: Mapping[str, np.ndarray], terms: Iterable[str]) -> None:
-    """Raise :class:`BatchError` naming the missing key or the bad shape."""
+    """Raise :class:`BatchError` naming the missing key or the bad shape, from the terms' registered layouts."""
     terms = list(terms)
     for term in terms:
-        missing = [k for k in REQUIRED[term] if k not in batch]
+        lay = loss_spec(term).layout
+        missing = [k for k in lay.required if k not in batch]
         if missing:
             raise BatchError(
-                f"Micro-batch for loss {term!r} lacks {', '.join(missing)}; it needs {', '.join(REQUIRED[term])}"
-                + (f" (optional: {', '.join(OPTIONAL[term])})" if OPTIONAL[term] else "") + "."
+                f"Micro-batch for loss {term!r} lacks {', '.join(missing)}; it needs {', '.join(lay.required)}"
+                + (f" (optional: {', '.join(lay.optional)})" if lay.optional else "") + "."
             )
-    for tok in ("tokens", "chosen_tokens", "rejected_tokens"):
+    lay = layout(terms)
+    token_arrays = set(lay.per_token.values()) | set(lay.per_row_or_token.values())
+    for tok in sorted(token_arrays):
         if tok not in batch:
             continue
         t = np.shape(batch[tok])
         if len(t) != 2 or t[1] < 2:
             raise BatchError(f"{tok} must be [batch, time] with time >= 2, got shape {t}.")
         am = tok.replace("tokens", "attention_mask")
-        if am in batch and np.shape(batch[am]) != t:
+        if am != tok and am in batch and np.shape(batch[am]) != t:
             raise BatchError(f"{am} has shape {np.shape(batch[am])} but {tok} has {t}; they must match.")
-    for key, tok in _PER_TOKEN.items():
+    for key, tok in lay.per_token.items():
         if key in batch and tok in batch:
             want = (np.shape(batch[tok])[0], np.shape(batch[tok])[1] - 1)
             if tuple(np.shape(batch[key])) != want:
@@ -119,11 +127,12 @@ def validate_microbatch(batch: Mapping[str, np.ndarray], terms: Iterable[str]) -
                     f"{key} has shape {tuple(np.shape(batch[key]))}; expected {want} = [batch, time - 1] of {tok} "
                     f"(position t scores target {tok}[:, t + 1])."
                 )
-    if "advantages" in batch and "tokens" in batch:
-        b, t = np.shape(batch["tokens"])
-        if tuple(np.shape(batch["advantages"])) not in ((b,), (b, t - 1)):
-            got = tuple(np.shape(batch["advantages"]))
-            raise BatchError(f"advantages has shape {got}; expected ({b},) or ({b}, {t - 1}).")
+    for key, tok in lay.per_row_or_token.items():
+        if key in batch and tok in batch:
+            b, t = np.shape(batch[tok])
+            got = tuple(np.shape(batch[key]))
+            if got not in ((b,), (b, t - 1)):
+                raise BatchError(f"{key} has shape {got}; expected ({b},) or ({b}, {t - 1}).")
 
 
 def batch_size(batch: Mapping[str, np.ndarray]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -53,8 +55,9 @@ def test_nan_loss_skips_step_and_leaves_weights(backend, monkeypatch):
     mb = [batches.sft_batch(seed=1)]
     st, _ = train.train_step(st, mb, "sft", losses.SFTLossConfig())  # one real step: Adam moments are non-zero
     before_w, before_o = train.export_weights(st), train.export_optimizer(st)
-    real = losses.LOSSES["sft"]
-    monkeypatch.setitem(losses.LOSSES, "sft", lambda b, c: (lambda s, d, m: (s * float("nan"), d, m))(*real(b, c)))
+    real = losses.loss_spec("sft")
+    nan_loss = lambda b, c: (lambda s, d, m: (s * float("nan"), d, m))(*real.fn(b, c))
+    monkeypatch.setitem(losses.LOSS_SPECS, "sft", dataclasses.replace(real, fn=nan_loss))
     if backend == "jax":
         train._micro_fn.cache_clear()
     with pytest.warns(RuntimeWarning, match="Skipping optimizer step"):
@@ -105,8 +108,8 @@ def test_bad_microbatches_raise_clear_errors(backend):
 
     st, train = state(backend, batches.spec(), OptimConfig()), mods(backend)[1]
     good = batches.grpo_batch(b=4)
-    with pytest.raises(BatchError, match="lacks old_logprobs"):
-        train.train_step(st, [{k: v for k, v in good.items() if k != "old_logprobs"}], "policy", _policy_cfg())
+    with pytest.raises(BatchError, match="lacks advantages"):
+        train.train_step(st, [{k: v for k, v in good.items() if k != "advantages"}], "policy", _policy_cfg())
     with pytest.raises(BatchError, match=r"expected \(4, 11\)"):
         train.train_step(st, [{**good, "mask": good["mask"][:, 1:]}], "policy", _policy_cfg())
     with pytest.raises(BatchError, match="Unknown loss 'polcy'"):

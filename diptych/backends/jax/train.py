@@ -15,8 +15,6 @@ injected as a number each step.
 from __future__ import annotations
 
 import functools
-import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -31,15 +29,10 @@ from flax import nnx
 from diptych.backends.facade import model_module
 from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
+from diptych.core import train_step as TS
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.spec import value_head_init
-from diptych.core.train_batch import (
-    INT_KEYS,
-    loss_terms,
-    model_quantities_needed,
-    reduce_metrics,
-    validate_microbatch,
-)
+from diptych.core.train_batch import needed_outputs
 
 VALUE_HEAD = ("value_head.weight", "value_head.bias")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -65,7 +58,6 @@ class TrainState:
     optim: OptimConfig
     compute_dtype: str = "float32"
     step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
     _merged: tuple[Any, nnx.Module] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -162,35 +154,32 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
                loss_config: Any, *, temperature: float = 1.0) -> tuple[TrainState, dict[str, float]]:
     """Apply one AdamW update from the accumulated gradient of ``loss`` over ``microbatches``.
 
-    ``loss`` is a loss name from ``diptych.core.losses`` (``"sft"``, ``"policy"``,
-    ``"value"``, ``"preference"``) with ``loss_config`` its config, or a weighted mapping
-    such as ``{"policy": 1.0, "value": 0.1}`` with ``loss_config`` a mapping of configs by
-    name (PPO with a value head). Micro-batch layouts: :mod:`diptych.core.train_batch`.
+    ``loss`` is a registered loss name (``diptych.core.losses``: ``"sft"``, ``"policy"``,
+    ``"value"``, ``"preference"`` or any added with ``register_loss``) with ``loss_config`` its
+    config, or a weighted mapping such as ``{"policy": 1.0, "value": 0.1}`` with ``loss_config`` a
+    mapping of configs by name (PPO with a value head). Micro-batch layouts: each loss's registered
+    layout (:mod:`diptych.core.train_batch`); the neutral checks and metrics: :mod:`diptych.core.train_step`.
 
     Returns ``(new_state, metrics)``: ``loss`` (the weighted sum of the terms' means),
     ``grad_norm`` (before clipping), ``lr``, ``denominator`` (of the first term),
     ``skipped`` (1 when a non-finite loss or gradient left weights and optimizer untouched),
-    ``tokens`` (non-pad input tokens), and each loss's metrics (prefixed ``term/`` when
-    there are several terms).
+    ``tokens`` (non-pad input tokens), ``sampler_logprob_gap`` (when the batch has
+    ``sampler_logprobs``) and each loss's metrics (prefixed ``term/`` when there are several terms).
     """
-    terms = loss_terms(loss)
-    names = tuple(terms)
     graphdef = _current_graphdef(state)
-    acc, sums, dens, metric_rows, tokens = _accumulate(state, graphdef, microbatches, terms, loss_config, temperature)
-    weights = tuple(float(terms[t]) for t in names)
-    total = float(sum(w * s / d for w, s, d in zip(weights, sums, dens)))
+    plan, acc, sums, dens, loss_rows, extra_rows, tokens = _accumulate(state, graphdef, microbatches, loss,
+                                                                       loss_config, temperature)
+    total = TS.combined_loss(plan.weights, sums, dens)
     lr = lr_at(state.step, state.optim)
-    params, opt_state, norm = _apply(state.optim, weights, state.params, state.opt_state, acc,
+    params, opt_state, norm = _apply(state.optim, plan.weights, state.params, state.opt_state, acc,
                                      jnp.asarray(dens, jnp.float32), jnp.float32(lr))
     norm = float(norm)
-    metrics = {"loss": total, "grad_norm": norm, "lr": lr, "denominator": float(dens[0]), "tokens": float(tokens),
-               **reduce_metrics(metric_rows)}
-    if not (math.isfinite(total) and math.isfinite(norm)):
-        warnings.warn(f"Skipping optimizer step {state.step}: non-finite loss ({total}) or gradient norm "
-                      f"({norm}); weights and optimizer state are unchanged.", RuntimeWarning, stacklevel=2)
+    metrics = TS.step_metrics(total=total, grad_norm=norm, lr=lr, denominator=dens[0], tokens=tokens,
+                              loss_rows=loss_rows, extra_rows=extra_rows)
+    if TS.skip_step(state.step, total, norm):
         return state, {**metrics, "skipped": 1.0}
     new = TrainState(graphdef=graphdef, rest=state.rest, params=params, opt_state=opt_state, optim=state.optim,
-                     compute_dtype=state.compute_dtype, step=state.step + 1, extra=dict(state.extra))
+                     compute_dtype=state.compute_dtype, step=state.step + 1)
     return new, {**metrics, "skipped": 0.0}
 
 
@@ -200,121 +189,99 @@ def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]
 
     The parity harness compares these across backends; trainers call :func:`train_step`.
     """
-    terms = loss_terms(loss)
-    acc, sums, dens, _, _ = _accumulate(state, _current_graphdef(state), microbatches, terms, loss_config, temperature)
-    w = [float(terms[t]) for t in terms]
+    plan, acc, sums, dens, _, _, _ = _accumulate(state, _current_graphdef(state), microbatches, loss, loss_config,
+                                                 temperature)
+    w = plan.weights
     grads = jax.tree.map(lambda *gs: sum(wi / di * g for wi, di, g in zip(w, dens, gs)), *acc)
     return ({n: np.array(v, dtype=np.float32) for n, v in named_leaves(grads).items()},
-            float(sum(wi * s / d for wi, s, d in zip(w, sums, dens))))
+            TS.combined_loss(w, sums, dens))
 
 
 def _accumulate(state: TrainState, graphdef: Any, microbatches: Sequence[Mapping[str, np.ndarray]],
-                terms: Mapping[str, float], loss_config: Any, temperature: float) -> tuple[Any, ...]:
+                loss: str | Mapping[str, float], loss_config: Any, temperature: float) -> tuple[Any, ...]:
     """Per-term float32 gradient sums of the unreduced losses, their sums and denominators, metrics."""
-    configs = _configs(terms, loss_config)
-    if not microbatches:
-        raise ValueError("train_step needs at least one micro-batch.")
-    if "value" in terms and state.params["value_head"] is None:
-        raise ValueError("The 'value' loss needs a value head: init_train_state(model, optim, value_head=True).")
-    for mb in microbatches:
-        validate_microbatch(mb, terms)
-    names = tuple(terms)
+    plan = TS.prepare_step(microbatches, loss, loss_config, has_value_head=state.params["value_head"] is not None)
+    names = plan.names
     depth = getattr(state.model, "depth", None)
-    key = (graphdef, names, tuple(configs[t] for t in names), float(temperature), state.compute_dtype, depth)
+    key = (graphdef, names, tuple(plan.configs[t] for t in names), float(temperature), state.compute_dtype, depth)
     try:
         hash(key)
     except TypeError:  # an unhashable (non-frozen) loss config: works, but compiles on every call
         micro = _micro_fn.__wrapped__(*key)
     else:
         micro = _micro_fn(*key)
-    acc = None
+    acc = tuple(jax.tree.map(jnp.zeros_like, state.params) for _ in names)
     sums = np.zeros(len(names))
     dens = np.zeros(len(names))
-    metric_rows: list[dict[str, float]] = []
+    loss_rows: list[dict[str, float]] = []
+    extra_rows: list[dict[str, float]] = []
     tokens = 0
     for mb in microbatches:
-        batch = {k: jnp.asarray(np.asarray(v, dtype=np.int32 if k in INT_KEYS else np.float32)) for k, v in mb.items()}
-        if acc is None:
-            acc = tuple(jax.tree.map(jnp.zeros_like, state.params) for _ in names)
-        s, d, m, acc = micro(state.params, state.rest, acc, batch)
+        batch = {k: jnp.asarray(v) for k, v in TS.host_batch(mb, plan).items()}
+        s, d, m, extra, acc = micro(state.params, state.rest, acc, batch)
         sums += np.asarray(s, dtype=np.float64)
         dens += np.asarray(d, dtype=np.float64)
-        for t, mt in zip(names, m):
-            metric_rows.append({(f"{t}/" if len(names) > 1 else "") + k: float(v) for k, v in mt.items()})
-        tokens += sum(int(np.sum(np.asarray(mb[k]))) for k in
-                      ("attention_mask", "chosen_attention_mask", "rejected_attention_mask") if k in mb)
-    for t, d in zip(names, dens):
-        if d <= 0:
-            raise ValueError(f"Loss {t!r} has total denominator {d} over the micro-batches (no tokens or "
-                             "sequences to average over); check the masks.")
-    return acc, sums, dens, metric_rows, tokens
-
-
-def _configs(terms: Mapping[str, float], loss_config: Any) -> dict[str, Any]:
-    if len(terms) == 1:
-        (t,) = terms
-        if isinstance(loss_config, Mapping) and t in loss_config:
-            return {t: loss_config[t]}
-        return {t: loss_config}
-    if not isinstance(loss_config, Mapping) or set(loss_config) < set(terms):
-        raise ValueError(f"A composite loss {dict(terms)} needs loss_config as a mapping with a config for each of "
-                         f"{', '.join(terms)}.")
-    return {t: loss_config[t] for t in terms}
+        loss_rows += TS.metric_row(names, m)
+        extra_rows.append({k: float(v) for k, v in extra.items()})
+        tokens += TS.count_tokens(mb)
+    TS.check_denominators(names, dens)
+    return plan, acc, sums, dens, loss_rows, extra_rows, tokens
 
 
 @functools.lru_cache(maxsize=64)
 def _micro_fn(graphdef: Any, names: tuple[str, ...], configs: tuple[Any, ...], temperature: float,
               compute_dtype: str, depth: tuple[Any, Any] | None = None) -> Any:
-    """Compiled ``(params, rest, acc, batch) -> (sums, dens, metrics, acc + grads)`` for one micro-batch.
+    """Compiled ``(params, rest, acc, batch) -> (sums, dens, metrics, extra, acc + grads)`` for one micro-batch.
 
     ``depth`` is a recurrent model's (r, k), read from ``graphdef`` when traced; it is named in
-    the cache key so that a new depth compiles a new step instead of reusing the old one.
+    the cache key so that a new depth compiles a new step instead of reusing the old one. The batch's
+    keys are part of the traced structure, so a micro-batch without ``old_logprobs`` compiles its own step.
     """
-    from diptych.core.losses import get_loss
-
     cfg = dict(zip(names, configs))
 
     def losses(params: Any, rest: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
         model = nnx.merge(graphdef, _cast(params["model"], compute_dtype), rest)
-        quantities = _model_quantities(model, params["value_head"], batch, cfg, temperature)
-        inputs = {**{k: v for k, v in batch.items() if k not in INT_KEYS}, **quantities}
-        outs = [get_loss(t)(inputs, cfg[t]) for t in names]
+        outputs = needed_outputs(names, cfg, batch.keys())
+        quantities = _model_quantities(model, params["value_head"], batch, outputs, temperature)
+        inputs = TS.loss_inputs(batch, quantities, names, jax.lax.stop_gradient)
+        outs = TS.run_losses(inputs, names, cfg)
         sums = jnp.stack([jnp.asarray(o[0], jnp.float32) for o in outs])
         dens = jnp.stack([jnp.asarray(o[1], jnp.float32) for o in outs])
-        return sums, (dens, [o[2] for o in outs])
+        return sums, (dens, [o[2] for o in outs], TS.extra_metrics(inputs))
 
     def step(params: Any, rest: Any, acc: tuple[Any, ...], batch: Mapping[str, jax.Array]) -> Any:
-        sums, vjp, (dens, metrics) = jax.vjp(lambda p: losses(p, rest, batch), params, has_aux=True)
+        sums, vjp, (dens, metrics, extra) = jax.vjp(lambda p: losses(p, rest, batch), params, has_aux=True)
         new_acc = []
         for i, a in enumerate(acc):
             (g,) = vjp(jnp.zeros_like(sums).at[i].set(1.0))
             new_acc.append(jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, g))
-        return sums, dens, metrics, tuple(new_acc)
+        return sums, dens, metrics, extra, tuple(new_acc)
 
     return jax.jit(step, donate_argnums=2)
 
 
-def _model_quantities(model: nnx.Module, head: Any, batch: Mapping[str, jax.Array], cfg: Mapping[str, Any],
+def _model_quantities(model: nnx.Module, head: Any, batch: Mapping[str, jax.Array], outputs: frozenset[str],
                       temperature: float) -> dict[str, jax.Array]:
-    """The differentiable inputs of the losses: log-probs, entropy, values."""
+    """The differentiable inputs of the losses: the declared ``outputs`` among log-probs, entropy, values."""
     lib = _lib(model)
     out: dict[str, jax.Array] = {}
-    if "preference" in cfg:
-        for side in ("chosen", "rejected"):
+    for side in ("chosen", "rejected"):
+        if f"{side}_logprobs" in outputs:
             tok, am = batch[f"{side}_tokens"], batch[f"{side}_attention_mask"]
             out[f"{side}_logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
-    need_lp, need_entropy, need_values = model_quantities_needed(cfg, cfg)
-    if not (need_lp or need_values):
+    need_lp, need_entropy, need_values = ("logprobs" in outputs, "entropy" in outputs, "values" in outputs)
+    if not (need_lp or need_entropy or need_values):
         return out
     tok, am = batch["tokens"], batch["attention_mask"]
     if need_lp and not (need_entropy or need_values):
         out["logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
         return out
     hidden = lib.hidden_states(model, tok[:, :-1], am[:, :-1])
-    if need_lp:
+    if need_lp or need_entropy:
         lp, entropy = logprobs_and_entropy(hidden, lib.lm_head_weight(model), tok[:, 1:], temperature,
                                            kernels=getattr(model, "kernels", "auto"))
-        out["logprobs"] = lp
+        if need_lp:
+            out["logprobs"] = lp
         if need_entropy:
             out["entropy"] = entropy
     if need_values:

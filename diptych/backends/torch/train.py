@@ -14,9 +14,8 @@ rate of :func:`diptych.core.optim.lr_at`, after clipping the global gradient nor
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -27,15 +26,9 @@ from torch import nn
 from diptych.backends.facade import model_module
 from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
+from diptych.core import train_step as TS
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.spec import value_head_init
-from diptych.core.train_batch import (
-    INT_KEYS,
-    loss_terms,
-    model_quantities_needed,
-    reduce_metrics,
-    validate_microbatch,
-)
 
 VALUE_HEAD = ("value_head.weight", "value_head.bias")
 
@@ -59,7 +52,6 @@ class TrainState:
     master: list[torch.Tensor]
     value_head: nn.Linear | None = None
     step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> Any:
@@ -138,28 +130,28 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
                loss_config: Any, *, temperature: float = 1.0) -> tuple[TrainState, dict[str, float]]:
     """Apply one AdamW update from the accumulated gradient of ``loss`` over ``microbatches``.
 
-    ``loss`` is a loss name from ``diptych.core.losses`` (``"sft"``, ``"policy"``,
-    ``"value"``, ``"preference"``) with ``loss_config`` its config, or a weighted mapping
-    such as ``{"policy": 1.0, "value": 0.1}`` with ``loss_config`` a mapping of configs by
-    name (PPO with a value head). Micro-batch layouts: :mod:`diptych.core.train_batch`.
+    ``loss`` is a registered loss name (``diptych.core.losses``: ``"sft"``, ``"policy"``,
+    ``"value"``, ``"preference"`` or any added with ``register_loss``) with ``loss_config`` its
+    config, or a weighted mapping such as ``{"policy": 1.0, "value": 0.1}`` with ``loss_config`` a
+    mapping of configs by name (PPO with a value head). Micro-batch layouts: each loss's registered
+    layout (:mod:`diptych.core.train_batch`); the neutral checks and metrics: :mod:`diptych.core.train_step`.
 
     Returns ``(state, metrics)``: ``loss`` (the weighted sum of the terms' means),
     ``grad_norm`` (before clipping), ``lr``, ``denominator`` (of the first term),
     ``skipped`` (1 when a non-finite loss or gradient left weights and optimizer untouched),
-    ``tokens`` (non-pad input tokens), and each loss's metrics (prefixed ``term/`` when
-    there are several terms).
+    ``tokens`` (non-pad input tokens), ``sampler_logprob_gap`` (when the batch has
+    ``sampler_logprobs``) and each loss's metrics (prefixed ``term/`` when there are several terms).
     """
-    terms = loss_terms(loss)
-    params, acc, sums, dens, metric_rows, tokens = _accumulate(state, microbatches, terms, loss_config, temperature)
-    total = sum(terms[t] * sums[t] / dens[t] for t in terms)
+    plan, params, acc, sums, dens, loss_rows, extra_rows, tokens = _accumulate(state, microbatches, loss, loss_config,
+                                                                               temperature)
+    total = TS.combined_loss(plan.weights, sums, dens)
+    lr = lr_at(state.step, state.optim)
     with torch.no_grad():
-        grads = [sum(terms[t] / dens[t] * acc[t][i] for t in terms) for i in range(len(state.master))]
+        grads = _divide_once(plan.weights, dens, acc)
         norm = math.sqrt(sum(float(torch.sum(g * g)) for g in grads))
-        metrics = {"loss": total, "grad_norm": norm, "lr": lr_at(state.step, state.optim),
-                   "denominator": dens[next(iter(terms))], "tokens": float(tokens), **reduce_metrics(metric_rows)}
-        if not (math.isfinite(total) and math.isfinite(norm)):
-            warnings.warn(f"Skipping optimizer step {state.step}: non-finite loss ({total}) or gradient norm "
-                          f"({norm}); weights and optimizer state are unchanged.", RuntimeWarning, stacklevel=2)
+        metrics = TS.step_metrics(total=total, grad_norm=norm, lr=lr, denominator=dens[0], tokens=tokens,
+                                  loss_rows=loss_rows, extra_rows=extra_rows)
+        if TS.skip_step(state.step, total, norm):
             return state, {**metrics, "skipped": 1.0}
         if state.optim.max_grad_norm > 0 and norm >= state.optim.max_grad_norm:
             scale = state.optim.max_grad_norm / norm
@@ -167,7 +159,7 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
         for p, g in zip(state.master, grads):
             p.grad = g.to(p.dtype)
         for group in state.optimizer.param_groups:
-            group["lr"] = metrics["lr"]
+            group["lr"] = lr
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         if state.optim.mixed_precision == "bf16":
@@ -185,67 +177,55 @@ def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]
 
     The parity harness compares these across backends; trainers call :func:`train_step`.
     """
-    terms = loss_terms(loss)
-    _, acc, sums, dens, _, _ = _accumulate(state, microbatches, terms, loss_config, temperature)
-    grads = {name: sum(terms[t] / dens[t] * acc[t][i] for t in terms).cpu().numpy()
-             for i, name in enumerate(state.names)}
-    return grads, float(sum(terms[t] * sums[t] / dens[t] for t in terms))
+    plan, _, acc, sums, dens, _, _, _ = _accumulate(state, microbatches, loss, loss_config, temperature)
+    with torch.no_grad():
+        grads = _divide_once(plan.weights, dens, acc)
+    return ({name: g.cpu().numpy() for name, g in zip(state.names, grads)},
+            TS.combined_loss(plan.weights, sums, dens))
 
 
-def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], terms: Mapping[str, float],
+def _divide_once(weights: Sequence[float], dens: Sequence[float], acc: Sequence[list[torch.Tensor]],
+                 ) -> list[torch.Tensor]:
+    """Each master weight's gradient: every term's accumulated sum times its weight over its total denominator."""
+    return [sum(w / d * a[i] for w, d, a in zip(weights, dens, acc)) for i in range(len(acc[0]))]
+
+
+def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
                 loss_config: Any, temperature: float) -> tuple[Any, ...]:
     """Per-term float32 gradient sums of the unreduced losses, their sums and denominators, metrics."""
-    from diptych.core.losses import get_loss
-
-    configs = _configs(terms, loss_config)
-    if not microbatches:
-        raise ValueError("train_step needs at least one micro-batch.")
-    if "value" in terms and state.value_head is None:
-        raise ValueError("The 'value' loss needs a value head: init_train_state(model, optim, value_head=True).")
-    for mb in microbatches:
-        validate_microbatch(mb, terms)
+    plan = TS.prepare_step(microbatches, loss, loss_config, has_value_head=state.value_head is not None)
+    names = plan.names
     params = [p for p in (*state.model.parameters(), *(state.value_head.parameters() if state.value_head else ()))]
-    acc = {t: [torch.zeros_like(m, dtype=torch.float32) for m in state.master] for t in terms}
-    sums = dict.fromkeys(terms, 0.0)
-    dens = dict.fromkeys(terms, 0.0)
-    metric_rows: list[dict[str, float]] = []
+    acc = [[torch.zeros_like(m, dtype=torch.float32) for m in state.master] for _ in names]
+    sums = [0.0] * len(names)
+    dens = [0.0] * len(names)
+    loss_rows: list[dict[str, float]] = []
+    extra_rows: list[dict[str, float]] = []
     tokens = 0
-    for mb in microbatches:
-        quantities = _model_quantities(state, mb, terms, configs, temperature)
-        constants = _constants(mb, quantities)
-        out = {t: get_loss(t)({**constants, **quantities}, configs[t]) for t in terms}
-        for i, t in enumerate(terms):
-            s, d, m = out[t]
-            grads = torch.autograd.grad(s, params, retain_graph=i + 1 < len(terms), allow_unused=True)
-            for a, g in zip(acc[t], grads):
+    for mb, outputs in zip(microbatches, plan.outputs):
+        quantities = _model_quantities(state, mb, outputs, temperature)
+        device = state.master[0].device
+        constants = {k: torch.as_tensor(v, device=device) for k, v in TS.host_batch(mb, plan).items()
+                     if k not in plan.int_keys}
+        inputs = TS.loss_inputs(constants, quantities, names, torch.Tensor.detach)
+        outs = TS.run_losses(inputs, names, plan.configs)
+        for i, (s, d, _) in enumerate(outs):
+            grads = torch.autograd.grad(s, params, retain_graph=i + 1 < len(names), allow_unused=True)
+            for a, g in zip(acc[i], grads):
                 if g is not None:
                     a.add_(g.float())
-            sums[t] += float(s.detach())
-            dens[t] += float(d.detach() if isinstance(d, torch.Tensor) else d)
-            metric_rows.append({(f"{t}/" if len(terms) > 1 else "") + k: _f(v) for k, v in m.items()})
-        tokens += _tokens(mb)
-    for t in terms:
-        if dens[t] <= 0:
-            raise ValueError(f"Loss {t!r} has total denominator {dens[t]} over the micro-batches (no tokens or "
-                             "sequences to average over); check the masks.")
-    return params, acc, sums, dens, metric_rows, tokens
+            sums[i] += float(s.detach())
+            dens[i] += _f(d)
+        loss_rows += TS.metric_row(names, [o[2] for o in outs], _f)
+        extra_rows.append({k: _f(v) for k, v in TS.extra_metrics(inputs).items()})
+        tokens += TS.count_tokens(mb)
+    TS.check_denominators(names, dens)
+    return plan, params, acc, sums, dens, loss_rows, extra_rows, tokens
 
 
-def _configs(terms: Mapping[str, float], loss_config: Any) -> dict[str, Any]:
-    if len(terms) == 1:
-        (t,) = terms
-        if isinstance(loss_config, Mapping) and t in loss_config:
-            return {t: loss_config[t]}
-        return {t: loss_config}
-    if not isinstance(loss_config, Mapping) or set(loss_config) < set(terms):
-        raise ValueError(f"A composite loss {dict(terms)} needs loss_config as a mapping with a config for each of "
-                         f"{', '.join(terms)}.")
-    return {t: loss_config[t] for t in terms}
-
-
-def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], terms: Mapping[str, float],
-                      configs: Mapping[str, Any], temperature: float) -> dict[str, torch.Tensor]:
-    """The differentiable inputs of the losses: log-probs, entropy, values.
+def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], outputs: frozenset[str],
+                      temperature: float) -> dict[str, torch.Tensor]:
+    """The differentiable inputs of the losses: the declared ``outputs`` among log-probs, entropy, values.
 
     A recurrent model runs at the depth last given to ``set_depth(state.model, r, k)``: the first
     r - k iterations without gradient (truncated backprop).
@@ -253,22 +233,24 @@ def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], terms: Ma
     model = state.model
     lib = _lib(model)
     out: dict[str, torch.Tensor] = {}
-    if "preference" in terms:
-        for side in ("chosen", "rejected"):
+    for side in ("chosen", "rejected"):
+        if f"{side}_logprobs" in outputs:
             tok, am = mb[f"{side}_tokens"], mb[f"{side}_attention_mask"]
             out[f"{side}_logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
-    need_lp, need_entropy, need_values = model_quantities_needed(terms, configs)
-    if not (need_lp or need_values):
+    need_lp, need_entropy, need_values = ("logprobs" in outputs, "entropy" in outputs, "values" in outputs)
+    if not (need_lp or need_entropy or need_values):
         return out
     tok, am = mb["tokens"], mb["attention_mask"]
     if need_lp and not (need_entropy or need_values):
         out["logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
         return out
     hidden = lib.hidden_states(model, tok[:, :-1], am[:, :-1])
-    if need_lp:
+    if need_lp or need_entropy:
         targets = torch.as_tensor(np.asarray(tok[:, 1:]), device=hidden.device, dtype=torch.long)
-        out["logprobs"], entropy = logprobs_and_entropy(hidden, lib.lm_head_weight(model), targets, temperature,
-                                                        kernels=getattr(model, "kernels", "auto"))
+        lp, entropy = logprobs_and_entropy(hidden, lib.lm_head_weight(model), targets, temperature,
+                                           kernels=getattr(model, "kernels", "auto"))
+        if need_lp:
+            out["logprobs"] = lp
         if need_entropy:
             out["entropy"] = entropy
     if need_values:
@@ -286,18 +268,6 @@ def logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     return kernels_mod.selective_logprobs(hidden, weight, targets, temperature, kernels=kernels,
                                           chunk_size=chunk_tokens)
-
-
-def _constants(mb: Mapping[str, np.ndarray], quantities: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The loss's non-differentiable inputs as float32 tensors on the model's device."""
-    device = next(iter(quantities.values())).device
-    return {k: torch.as_tensor(np.asarray(v, dtype=np.float32), device=device)
-            for k, v in mb.items() if k not in INT_KEYS}
-
-
-def _tokens(mb: Mapping[str, np.ndarray]) -> int:
-    keys = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
-    return sum(int(np.sum(np.asarray(mb[k]))) for k in keys if k in mb)
 
 
 def _f(x: Any) -> float:

@@ -6,10 +6,14 @@ The trainer sums ``unreduced_sum`` and ``denominator`` over micro-batches and de
 ``reduce_loss`` once (DESIGN.md rule 3). Metrics are sums with ``<name>_count`` companions:
 accumulate with ``sum_metrics`` and turn into means with ``finalize_metrics``.
 
-Registry (``LOSSES`` / ``get_loss(name)``; config class in ``LOSS_CONFIGS``):
+Registry (``diptych.core.losses.registry``): ``register_loss(name, config=, layout=, needs=)`` records a
+:class:`LossSpec` (function, config class, batch layout, needed model outputs) in ``LOSS_SPECS``; the
+train step reads it, so a newly registered loss trains without touching the backends. ``get_loss(name)``
+gives the function, ``loss_spec(name)`` the whole declaration. The built-ins:
 
 * ``policy``      ``logprobs, old_logprobs, advantages, mask`` [+ ``ref_logprobs``, ``sampler_logprobs``,
-  ``entropy``]; ``PolicyLossConfig`` (named presets in ``POLICY_PRESETS``).
+  ``entropy``]; ``PolicyLossConfig`` (named presets in ``POLICY_PRESETS``). A micro-batch may omit
+  ``old_logprobs``: the step then feeds the detached current ``logprobs``.
 * ``value``       ``values, old_values, returns, mask``; ``ValueLossConfig``.
 * ``preference``  ``chosen_logprobs, rejected_logprobs, chosen_mask, rejected_mask``
   [+ ``ref_chosen_logprobs``, ``ref_rejected_logprobs``]; ``PreferenceLossConfig``.
@@ -17,9 +21,6 @@ Registry (``LOSSES`` / ``get_loss(name)``; config class in ``LOSS_CONFIGS``):
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Mapping
-from typing import Any
 
 from diptych.core.losses.common import (
     AGGREGATIONS,
@@ -31,52 +32,43 @@ from diptych.core.losses.common import (
 )
 from diptych.core.losses.policy import POLICY_PRESETS, PolicyLossConfig, kl_estimate, policy_loss, policy_preset
 from diptych.core.losses.preference import PREFERENCE_KINDS, PreferenceLossConfig, preference_loss
+from diptych.core.losses.registry import (
+    LOSS_CONFIGS,
+    LOSS_SPECS,
+    LOSSES,
+    MODEL_OUTPUTS,
+    POLICY_LAYOUT,
+    PREFERENCE_LAYOUT,
+    SFT_LAYOUT,
+    VALUE_LAYOUT,
+    BatchLayout,
+    LossFn,
+    LossSpec,
+    get_loss,
+    loss_spec,
+    merge_layouts,
+    register_loss,
+    unregister_loss,
+)
 from diptych.core.losses.sft import SFTLossConfig, sft_loss
 from diptych.core.losses.value import ValueLossConfig, value_loss
-
-LossFn = Callable[[Mapping[str, Any], Any], tuple[Any, Any, dict[str, Any]]]
-
-LOSSES: dict[str, LossFn] = {
-    "policy": policy_loss,
-    "value": value_loss,
-    "preference": preference_loss,
-    "sft": sft_loss,
-}
-LOSS_CONFIGS: dict[str, type] = {
-    "policy": PolicyLossConfig,
-    "value": ValueLossConfig,
-    "preference": PreferenceLossConfig,
-    "sft": SFTLossConfig,
-}
-
-
-def get_loss(name: str) -> LossFn:
-    """The loss registered as ``name``; an unknown name lists the choices."""
-    if name not in LOSSES:
-        raise KeyError(f"Unknown loss {name!r}; registered losses: {', '.join(sorted(LOSSES))}.")
-    return LOSSES[name]
-
-
-def register_loss(name: str, config_cls: type) -> Callable[[LossFn], LossFn]:
-    """Decorator adding a loss (and its config class) to the registry under ``name``."""
-
-    def deco(fn: LossFn) -> LossFn:
-        if name in LOSSES:
-            raise KeyError(f"A loss named {name!r} is already registered.")
-        LOSSES[name] = fn
-        LOSS_CONFIGS[name] = config_cls
-        return fn
-
-    return deco
-
 
 __all__ = [
     "AGGREGATIONS",
     "LOSSES",
     "LOSS_CONFIGS",
+    "LOSS_SPECS",
+    "MODEL_OUTPUTS",
+    "POLICY_LAYOUT",
     "POLICY_PRESETS",
     "PREFERENCE_KINDS",
+    "PREFERENCE_LAYOUT",
+    "SFT_LAYOUT",
+    "VALUE_LAYOUT",
+    "BatchLayout",
+    "LossFn",
     "LossInputError",
+    "LossSpec",
     "PolicyLossConfig",
     "PreferenceLossConfig",
     "SFTLossConfig",
@@ -85,6 +77,8 @@ __all__ = [
     "finalize_metrics",
     "get_loss",
     "kl_estimate",
+    "loss_spec",
+    "merge_layouts",
     "policy_loss",
     "policy_preset",
     "preference_loss",
@@ -92,5 +86,6 @@ __all__ = [
     "register_loss",
     "sft_loss",
     "sum_metrics",
+    "unregister_loss",
     "value_loss",
 ]

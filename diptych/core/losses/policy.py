@@ -37,6 +37,7 @@ from diptych.core.losses.common import (
     token_mask,
     token_metric,
 )
+from diptych.core.losses.registry import POLICY_LAYOUT, register_loss
 
 Array = Any
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -119,6 +120,12 @@ def kl_estimate(logprobs: Array, ref_logprobs: Array, estimator: str = "k3") -> 
     raise LossInputError(f"Unknown KL estimator {estimator!r}; choose k1, k2 or k3.")
 
 
+def _policy_needs(cfg: PolicyLossConfig) -> tuple[str, ...]:
+    """Entropy costs a full-vocabulary pass, so it is computed only when it carries a coefficient."""
+    return ("logprobs", "entropy") if float(getattr(cfg, "entropy_coef", 0.0) or 0.0) != 0.0 else ("logprobs",)
+
+
+@register_loss("policy", config=PolicyLossConfig, layout=POLICY_LAYOUT, needs=_policy_needs)
 def policy_loss(batch: Mapping[str, Array], cfg: PolicyLossConfig) -> tuple[Array, Array, dict[str, Array]]:
     """Clipped surrogate + KL + entropy over ``[B, T]`` per-token log-probs; returns (sum, denominator, metrics).
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from diptych.core import xp as X
 from diptych.core.config import ConfigError
 from diptych.core.losses.common import LossInputError, check_shape, masked_input, require, row_metric, token_mask
+from diptych.core.losses.registry import PREFERENCE_LAYOUT, register_loss
 
 Array = Any
 PreferenceKind = Literal[
@@ -89,6 +90,8 @@ def _sigmoid_loss(h: Array, e: float) -> Array:
     return -(1.0 - e) * X.log_sigmoid(h) - e * X.log_sigmoid(-h)
 
 
+@register_loss("preference", config=PreferenceLossConfig, layout=PREFERENCE_LAYOUT,
+               needs=("chosen_logprobs", "rejected_logprobs"))
 def preference_loss(batch: Mapping[str, Array], cfg: PreferenceLossConfig) -> tuple[Array, Array, dict[str, Array]]:
     """One of the preference losses in the module docstring, summed over pairs."""
     with_ref = cfg.kind not in REFERENCE_FREE

@@ -24,6 +24,7 @@ from diptych.core.losses.common import (
     token_mask,
     token_metric,
 )
+from diptych.core.losses.registry import SFT_LAYOUT, register_loss
 
 Array = Any
 
@@ -41,6 +42,7 @@ class SFTLossConfig:
             raise ConfigError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}.")
 
 
+@register_loss("sft", config=SFTLossConfig, layout=SFT_LAYOUT, needs=("logprobs",))
 def sft_loss(batch: Mapping[str, Array], cfg: SFTLossConfig) -> tuple[Array, Array, dict[str, Array]]:
     """NLL of ``logprobs`` [B, T] on ``mask``; metric ``nll`` (sum with ``nll_count`` tokens)."""
     lp = X.upcast(require(batch, "logprobs"))

@@ -27,6 +27,7 @@ from diptych.core.losses.common import (
     token_mask,
     token_metric,
 )
+from diptych.core.losses.registry import VALUE_LAYOUT, register_loss
 
 Array = Any
 
@@ -47,6 +48,7 @@ class ValueLossConfig:
             raise ConfigError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}.")
 
 
+@register_loss("value", config=ValueLossConfig, layout=VALUE_LAYOUT, needs=("values",))
 def value_loss(batch: Mapping[str, Array], cfg: ValueLossConfig) -> tuple[Array, Array, dict[str, Array]]:
     """Clipped squared error of per-token values against returns; metrics ``vf_loss``, ``vf_clipfrac``,
     ``value``, ``returns`` (sums with ``_count``)."""

@@ -1,0 +1,176 @@
+"""The backend-neutral half of a train step, so that a backend's ``train.py`` holds only autodiff and optimizer code.
+
+A train step on any backend: check the loss configs and micro-batches (:func:`prepare_step`), compute the
+declared model outputs, complete the loss inputs (:func:`loss_inputs`: constants, detached defaults such as an
+omitted ``old_logprobs``), run each registered loss, accumulate gradient sums and denominators, check the
+denominators (:func:`check_denominators`), divide once, skip a non-finite update (:func:`skip_step`) and report
+(:func:`step_metrics`). Everything here is numpy or the Array API, run on whatever arrays the backend hands in.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from diptych.core import xp as X
+from diptych.core.losses.registry import loss_spec
+from diptych.core.train_batch import int_keys, layout, loss_terms, needed_outputs, reduce_metrics, validate_microbatch
+
+Array = Any
+
+MAX_METRICS = frozenset({"sampler_logprob_gap"})
+"""Step metrics reduced by the maximum over micro-batches (not averaged)."""
+
+ATTENTION_MASKS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
+
+
+class StepError(ValueError):
+    """A train step asked for something it cannot do, with what to change."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one train step computes, settled before any model runs: ``terms`` ``{name: weight}``,
+    ``configs`` ``{name: loss config}``, ``outputs`` the model outputs to compute for each micro-batch
+    (one set per micro-batch: an omitted detached-default key adds its source) and ``int_keys``."""
+
+    terms: dict[str, float]
+    configs: dict[str, Any]
+    outputs: tuple[frozenset[str], ...]
+    int_keys: frozenset[str]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.terms)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(self.terms.values())
+
+
+def resolve_configs(terms: Mapping[str, float], loss_config: Any) -> dict[str, Any]:
+    """``{term: config}``: one config for a single term (or a mapping naming it), a mapping for a composite loss.
+
+    A config of the wrong class for its registered loss is refused here, before anything compiles.
+    """
+    if len(terms) == 1:
+        (t,) = terms
+        configs = {t: loss_config[t] if isinstance(loss_config, Mapping) and t in loss_config else loss_config}
+    else:
+        if not isinstance(loss_config, Mapping) or not set(terms) <= set(loss_config):
+            raise StepError(f"A composite loss {dict(terms)} needs loss_config as a mapping with a config for each "
+                            f"of {', '.join(terms)}.")
+        configs = {t: loss_config[t] for t in terms}
+    for t, cfg in configs.items():
+        cls = loss_spec(t).config
+        if cls is not None and not isinstance(cfg, cls):
+            raise StepError(f"Loss {t!r} takes a {cls.__name__} as its config, got {type(cfg).__name__}; "
+                            f"pass {cls.__name__}(...).")
+    return configs
+
+
+def prepare_step(microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
+                 loss_config: Any, *, has_value_head: bool) -> StepPlan:
+    """Check a step's arguments against the registered losses and say what to compute (a :class:`StepPlan`)."""
+    terms = loss_terms(loss)
+    configs = resolve_configs(terms, loss_config)
+    if not microbatches:
+        raise StepError("train_step needs at least one micro-batch.")
+    for mb in microbatches:
+        validate_microbatch(mb, terms)
+    outputs = tuple(needed_outputs(terms, configs, mb.keys()) for mb in microbatches)
+    if not has_value_head and any("values" in o for o in outputs):
+        needing = [t for t in terms if "values" in loss_spec(t).outputs(configs[t])]
+        raise StepError(f"The {', '.join(repr(t) for t in needing)} loss needs a value head: "
+                        "init_train_state(model, optim, value_head=True).")
+    return StepPlan(terms=terms, configs=configs, outputs=outputs, int_keys=int_keys(terms))
+
+
+def host_batch(mb: Mapping[str, np.ndarray], plan: StepPlan) -> dict[str, np.ndarray]:
+    """The micro-batch as numpy: integer model inputs as int32, everything else float32."""
+    return {k: np.asarray(v, dtype=np.int32 if k in plan.int_keys else np.float32) for k, v in mb.items()}
+
+
+def loss_inputs(batch: Mapping[str, Array], quantities: Mapping[str, Array], names: Sequence[str],
+                stop_gradient: Callable[[Array], Array]) -> dict[str, Array]:
+    """What the losses read: the batch's constants, the model outputs and, for each absent key with a detached
+    default, ``stop_gradient`` of its source output (``old_logprobs = sg(logprobs)``)."""
+    ints = int_keys(names)
+    inputs = {**{k: v for k, v in batch.items() if k not in ints}, **quantities}
+    for key, src in layout(names).detached_defaults.items():
+        if key not in inputs and src in quantities:
+            inputs[key] = stop_gradient(quantities[src])
+    return inputs
+
+
+def run_losses(inputs: Mapping[str, Array], names: Sequence[str],
+               configs: Mapping[str, Any]) -> list[tuple[Array, Array, dict[str, Array]]]:
+    """Each term's ``(unreduced sum, denominator, metrics)`` in the order of ``names``."""
+    return [loss_spec(t).fn(inputs, configs[t]) for t in names]
+
+
+def extra_metrics(inputs: Mapping[str, Array]) -> dict[str, Array]:
+    """Step-level diagnostics computed next to the losses (array scalars, reduced by :data:`MAX_METRICS`).
+
+    ``sampler_logprob_gap``: ``max |logprobs - sampler_logprobs|`` over ``mask``, so a trainer that skips the
+    old-log-prob forward still sees how far the sampler's log-probs are from the trainer's.
+    """
+    out: dict[str, Array] = {}
+    if all(inputs.get(k) is not None for k in ("logprobs", "sampler_logprobs", "mask")):
+        lp = X.upcast(inputs["logprobs"])
+        xp = X.namespace(lp)
+        gap = xp.abs(lp - X.as_like(inputs["sampler_logprobs"], lp))
+        mask = X.as_like(inputs["mask"], lp)
+        out["sampler_logprob_gap"] = xp.max(xp.where(mask > 0, gap, xp.zeros_like(gap)))
+    return out
+
+
+def metric_row(names: Sequence[str], term_metrics: Sequence[Mapping[str, Any]],
+               to_float: Callable[[Any], float] = float) -> list[dict[str, float]]:
+    """Per-term loss metrics of one micro-batch as floats, prefixed ``term/`` when there are several terms."""
+    prefix = len(names) > 1
+    return [{(f"{t}/" if prefix else "") + k: to_float(v) for k, v in m.items()} for t, m in zip(names, term_metrics)]
+
+
+def count_tokens(mb: Mapping[str, np.ndarray]) -> int:
+    """Non-pad input tokens of a micro-batch (every attention mask it carries)."""
+    return sum(int(np.sum(np.asarray(mb[k]))) for k in ATTENTION_MASKS if k in mb)
+
+
+def check_denominators(names: Sequence[str], dens: Sequence[float]) -> None:
+    """Refuse a step whose loss has nothing to average over (a zero total denominator would divide by zero)."""
+    for t, d in zip(names, dens):
+        if not d > 0:
+            raise StepError(f"Loss {t!r} has total denominator {d} over the micro-batches (no tokens or sequences "
+                            "to average over); check the masks.")
+
+
+def combined_loss(weights: Sequence[float], sums: Sequence[float], dens: Sequence[float]) -> float:
+    """The weighted sum of each term's mean: ``sum_i w_i * sum_i / den_i``, what the step minimises."""
+    return float(sum(w * s / d for w, s, d in zip(weights, sums, dens)))
+
+
+def skip_step(step: int, total: float, grad_norm: float) -> bool:
+    """Whether to skip the update: a non-finite loss or gradient norm leaves weights and optimizer untouched."""
+    if math.isfinite(total) and math.isfinite(grad_norm):
+        return False
+    warnings.warn(f"Skipping optimizer step {step}: non-finite loss ({total}) or gradient norm ({grad_norm}); "
+                  "weights and optimizer state are unchanged.", RuntimeWarning, stacklevel=3)
+    return True
+
+
+def step_metrics(*, total: float, grad_norm: float, lr: float, denominator: float, tokens: int,
+                 loss_rows: Iterable[Mapping[str, float]],
+                 extra_rows: Iterable[Mapping[str, float]] = ()) -> dict[str, float]:
+    """The metrics every backend's step returns (``skipped`` is added by the caller of :func:`skip_step`)."""
+    out = {"loss": float(total), "grad_norm": float(grad_norm), "lr": float(lr), "denominator": float(denominator),
+           "tokens": float(tokens), **reduce_metrics(loss_rows)}
+    for row in extra_rows:
+        for k, v in row.items():
+            out[k] = max(out.get(k, -math.inf), float(v)) if k in MAX_METRICS else float(v)
+    return out
