@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diptych.core.trainers.dpo import DPOConfig
-from diptych.core.trainers.grpo import GRPOConfig
-from diptych.core.trainers.ppo import PPOConfig
+from diptych.core.trainers.api import TRAINERS, get_trainer
 from diptych.core.trainers.runner import CheckpointConfig
-from diptych.core.trainers.sft import SFTConfig
 
-HELP = "train with sft | dpo | grpo | ppo from a YAML config and flags"
-TRAINERS = ("sft", "dpo", "grpo", "ppo")
-PLOT_KEYS = {"sft": ("loss",), "dpo": ("loss", "rewards_accuracy"), "grpo": ("reward", "completion_length"),
-             "ppo": ("reward", "completion_length")}
+HELP = "train with " + " | ".join(TRAINERS) + " from a YAML config and flags"
 
 
 @dataclass
@@ -72,14 +67,13 @@ def _run_config(name: str, trainer_cls: type) -> type:
     )
 
 
-RUN_CONFIGS: dict[str, type] = {
-    "sft": _run_config("sft", SFTConfig), "dpo": _run_config("dpo", DPOConfig),
-    "grpo": _run_config("grpo", GRPOConfig), "ppo": _run_config("ppo", PPOConfig),
-}
+RUN_CONFIGS: dict[str, type] = {name: _run_config(name, cls.config_cls) for name, cls in TRAINERS.items()}
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["jax", "torch"], help="default: $DIPTYCH_BACKEND")
+    from diptych.core.backend import backend_names
+
+    p.add_argument("--backend", choices=backend_names(), help="default: $DIPTYCH_BACKEND")
     p.add_argument("--config", type=Path, help="YAML run config (see configs/)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the latest checkpoint under out/checkpoints")
@@ -87,7 +81,7 @@ def _options(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trainer", choices=TRAINERS)
+    p.add_argument("trainer", choices=list(TRAINERS))
     # argparse cannot mix options with a trailing nargs="*" positional, so everything after the
     # trainer name is re-parsed (intermixed) in run().
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="[--backend B] [--config YAML] [KEY=VALUE ...]",
@@ -115,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
 
     args = parse_rest(args)
     try:
-        cfg = load_config(RUN_CONFIGS[args.trainer], args.config, args.overrides)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DeprecationWarning)  # old config names: tell the user, once per key
+            cfg = load_config(RUN_CONFIGS[args.trainer], args.config, args.overrides)
         backend = get_backend(args.backend)
         result = train(args.trainer, backend, cfg, resume=bool(args.resume), console=not args.quiet)
     except (ConfigError, BackendError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
@@ -151,12 +147,11 @@ def build_model(backend: Any, cfg: Any, tokenizer: Any) -> Any:
 
 def _width(cfg: Any) -> int:
     t = _trainer_cfg(cfg)
-    tail = getattr(t, "max_new_tokens", None) or t.max_completion_len
-    return t.max_prompt_len + tail
+    return t.max_prompt_length + t.max_completion_length
 
 
 def _trainer_cfg(cfg: Any) -> Any:
-    return next(getattr(cfg, n) for n in TRAINERS if hasattr(cfg, n))
+    return next(getattr(cfg, n) for n in TRAINERS if n in {f.name for f in dataclasses.fields(cfg)})
 
 
 def load_rows(kind: str, cfg: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Any]:
@@ -214,9 +209,9 @@ def task_preferences(task: Any, rows: list[dict[str, Any]], seed: int) -> list[d
 
 
 def build_reward(cfg: Any, task: Any) -> Any:
-    from diptych.core.rewards import CombinedReward, get_reward
-
     if cfg.data.reward:
+        from diptych.core.rewards import CombinedReward, get_reward
+
         return CombinedReward({name: get_reward(name) for name in cfg.data.reward})
     if task is None:
         raise ValueError("grpo/ppo need a reward: set data.task (its verifier) or data.reward=[names].")
@@ -225,133 +220,18 @@ def build_reward(cfg: Any, task: Any) -> Any:
 
 # -- the run --------------------------------------------------------------------------------------
 def train(kind: str, backend: Any, cfg: Any, resume: bool = False, console: bool = True) -> dict[str, Any]:
-    """Run trainer ``kind`` on ``backend`` with run config ``cfg``; returns final figures."""
-    from diptych.core.metrics import MetricsLogger, plot_curves
+    """Run trainer ``kind`` on ``backend`` with run config ``cfg``: build the pieces, call the trainer class."""
+    from diptych.core import checkpointing as ckpt
     from diptych.core.tokenizer import load_tokenizer
-    from diptych.core.trainers.base import evaluate
-    from diptych.core.trainers.runner import Checkpointer
 
-    tcfg = _trainer_cfg(cfg)
+    cls = get_trainer(kind)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     train_rows, test_rows, task = load_rows(kind, cfg)
-    reward = build_reward(cfg, task) if kind in ("grpo", "ppo") else None
-    if reward is not None:
-        from diptych.core.trainers.grpo import check_columns
-
-        check_columns(reward, train_rows)
-    out = Path(cfg.out)
-    ckpt = Checkpointer(backend, Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints", cfg,
-                        every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last)
-    start, state = 0, None
-    if resume:
-        restored = ckpt.restore_latest()
-        if restored is None:
-            print(f"--resume: no checkpoint under {ckpt.root}; starting fresh.", file=sys.stderr)
-        else:
-            state, meta = restored
-            start = int(meta["step"])
-    model = state.model if state is not None else build_model(backend, cfg, tokenizer)
-    results: dict[str, Any] = {}
-    can_eval = task is not None and test_rows and kind in ("sft", "grpo", "ppo")
-    width_new = getattr(tcfg, "max_new_tokens", None) or tcfg.max_completion_len
-
-    def accuracy(m: Any) -> float:
-        return evaluate(backend, m, tokenizer, task, test_rows, tcfg.max_prompt_len, width_new)["accuracy"]
-
-    if can_eval:
-        results["accuracy_before"] = accuracy(model)
-    earlier = _keep_logged_steps(out / "metrics.jsonl", start) if start > 0 else []
-    logger = MetricsLogger.for_run(out, tcfg.steps, f"{kind} [{backend.name}]", console=console, append=start > 0)
-    logger.history[:0] = earlier
-    try:
-        state = _run_loop(kind, backend, state, model, tokenizer, train_rows, reward, tcfg, logger, ckpt, start, out)
-    finally:
-        logger.close()
-    if can_eval:
-        results["accuracy_after"] = accuracy(state.model)
-    plot = plot_curves(logger.history, out / "curves.png", keys=PLOT_KEYS[kind],
-                       title=f"diptych {kind} ({backend.name})")
-    if logger.history:
-        last = logger.history[-1]
-        results.update({k: float(last[k]) for k in ("reward", "loss") if k in last})
-    results["steps"] = float(tcfg.steps)
-    results["plot"] = str(plot) if plot else None
-    return results
-
-
-def _keep_logged_steps(path: Path, start: int) -> list[dict[str, float]]:
-    """On resume, drop metric rows of steps after the checkpoint (they will be redone) and return the rest."""
-    import json
-
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r.get("step", 0) <= start]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return [{k: float(v) for k, v in r.items() if isinstance(v, (int, float))} for r in kept]
-
-
-def _run_loop(kind: str, backend: Any, state: Any, model: Any, tokenizer: Any, rows: list[dict[str, Any]],
-              reward: Any, tcfg: Any, logger: Any, ckpt: Any, start: int, out: Path) -> Any:
-    from diptych.core.trainers.runner import run_segments, with_steps
-
-    if state is None:
-        state = backend.init_train_state(model, tcfg.optim, seed=tcfg.seed, **({"value_head": True}
-                                         if kind == "ppo" and tcfg.value_head else {}))
-    if kind == "sft":
-        from diptych.core.trainers.sft import train_sft
-
-        def loop(st: Any, a: int, b: int) -> Any:
-            return train_sft(backend, st, tokenizer, rows, with_steps(tcfg, b), logger, start_step=a)
-    elif kind == "dpo":
-        from diptych.core.trainers.dpo import ReferenceCache, train_dpo
-
-        cache = None
-        if tcfg.needs_reference:
-            path = ckpt.root / "ref_logprobs.npz"
-            if path.is_file():
-                cache = ReferenceCache.load(path, n_rows=len(rows))
-            elif start > 0:
-                raise ValueError(f"Cannot resume DPO: the reference cache {path} is missing.")
-            else:
-                cache = ReferenceCache.compute(backend, state.model, tokenizer, rows, tcfg)
-                cache.save(path)
-
-        def loop(st: Any, a: int, b: int) -> Any:
-            return train_dpo(backend, st, tokenizer, rows, with_steps(tcfg, b), logger, ref_cache=cache, start_step=a)
-    elif kind == "grpo":
-        from diptych.core.trainers.grpo import train_grpo
-
-        ref = _reference(backend, state, ckpt.root, start) if tcfg.beta > 0 else None
-
-        def loop(st: Any, a: int, b: int) -> Any:
-            return train_grpo(backend, st, tokenizer, reward, rows, with_steps(tcfg, b), logger, ref_model=ref,
-                              start_step=a)
-    else:
-        from diptych.core.trainers.ppo import train_ppo
-
-        ref = _reference(backend, state, ckpt.root, start) if tcfg.kl_coef > 0 else None
-
-        def loop(st: Any, a: int, b: int) -> Any:
-            return train_ppo(backend, st, tokenizer, reward, rows, with_steps(tcfg, b), logger, ref_model=ref,
-                             start_step=a)
-    return run_segments(loop, state, start, tcfg.steps, ckpt, tcfg.seed)
-
-
-def _reference(backend: Any, state: Any, root: Path, start: int) -> Any:
-    """A frozen copy of the starting policy, built only when a KL term needs it.
-
-    Its weights are written once (a Hugging Face folder under the checkpoint root) so a
-    resumed run anchors its KL to the same reference, not to the restored policy.
-    """
-    from diptych.core.hf import load_hf_folder, save_hf_folder
-
-    folder = root / "reference"
-    if (folder / "config.json").is_file():
-        spec, weights = load_hf_folder(folder)
-    elif start > 0:
-        raise ValueError(f"Cannot resume: the reference model {folder} is missing.")
-    else:
-        spec, weights = state.model.spec, backend.export(state.model)
-        save_hf_folder(folder, spec, weights)
-    return backend.build(spec, weights)
+    reward = build_reward(cfg, task) if cls.needs_reward else None
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.out) / "checkpoints"
+    restoring = resume and ckpt.latest_checkpoint(root) is not None
+    model = None if restoring else build_model(backend, cfg, tokenizer)
+    trainer = cls(model, reward, args=_trainer_cfg(cfg), train_dataset=train_rows, backend=backend,
+                  tokenizer=tokenizer, out_dir=cfg.out, eval_task=task, eval_dataset=test_rows,
+                  checkpoint=cfg.checkpoint, resume_from_checkpoint=resume, console=console, run_config=cfg)
+    return trainer.train()

@@ -22,25 +22,59 @@ baseline); ``filter_zero_variance_groups`` finds them for DAPO's dynamic samplin
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from diptych.core.losses.policy import kl_estimate
+
 AdvantageFn = Callable[..., np.ndarray]
 ADVANTAGES: dict[str, AdvantageFn] = {}
+"""Name -> estimator function (kept for callers that index it directly)."""
 
 
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """A registered estimator and its contract: what a trainer must hand it and which options it takes.
+
+    ``needs`` names the inputs beyond ``rewards``: ``"groups"`` (contiguous groups of ``group_size``
+    completions per prompt), ``"values"`` and ``"mask"`` (a critic's per-token values, PPO). ``options``
+    are its keyword-only knobs (``scale``, ``baseline``, ...), read from the function's signature, so a
+    config can refuse an option the estimator would not use instead of ignoring it.
+    """
+
+    name: str
+    fn: AdvantageFn
+    needs: tuple[str, ...]
+    options: tuple[str, ...]
+
+
+ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage(name: str, needs: tuple[str, ...] = ("groups",)) -> Callable[[AdvantageFn], AdvantageFn]:
     """Decorator adding an outcome-advantage estimator ``fn(rewards [N], group_size, **kw)`` under ``name``."""
 
     def deco(fn: AdvantageFn) -> AdvantageFn:
         if name in ADVANTAGES:
             raise KeyError(f"An advantage estimator named {name!r} is already registered.")
+        params = inspect.signature(fn).parameters.values()
+        options = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in needs)
         ADVANTAGES[name] = fn
+        ESTIMATORS[name] = AdvantageEstimator(name, fn, tuple(needs), options)
         return fn
 
     return deco
+
+
+def get_estimator(name: str) -> AdvantageEstimator:
+    """The estimator registered as ``name``; an unknown name lists the choices."""
+    if name not in ESTIMATORS:
+        raise KeyError(f"Unknown advantage estimator {name!r}; registered: {', '.join(sorted(ESTIMATORS))}.")
+    return ESTIMATORS[name]
 
 
 def _groups(rewards: Any, group_size: int) -> np.ndarray:
@@ -202,17 +236,16 @@ def kl_shaped_rewards(
         raise ValueError(f"rewards must be one per sequence, shape [{lp.shape[0]}], got {r.shape}.")
     if np.any(m.sum(axis=1) == 0):
         raise ValueError("a sequence has an empty mask: its reward has no token to land on.")
-    d = np.where(m > 0, ref - lp, 0.0)
-    kl = {"k1": -d, "k2": 0.5 * d * d, "k3": np.expm1(d) - d}.get(estimator)
-    if kl is None:
+    if estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"Unknown KL estimator {estimator!r}; choose k1, k2 or k3.")
-    out = -kl_coef * kl * m
+    kl = kl_estimate(np.where(m > 0, lp, 0.0), np.where(m > 0, ref, 0.0), estimator)
+    out = -kl_coef * np.asarray(kl) * m
     last = m.shape[1] - 1 - np.argmax(m[:, ::-1] > 0, axis=1)
     out[np.arange(m.shape[0]), last] += r
     return out
 
 
-@register_advantage("gae")
+@register_advantage("gae", needs=("values", "mask"))
 def _gae_advantages(
     rewards: Any, group_size: int = 1, *, values: Any, mask: Any = None, gamma: float = 1.0, lam: float = 0.95,
     whiten_advantages: bool = False,
@@ -223,10 +256,13 @@ def _gae_advantages(
 
 def compute_advantages(name: str, rewards: Any, group_size: int, **kw: Any) -> np.ndarray:
     """Advantages from the estimator registered as ``name`` (``grpo``, ``dr_grpo``, ``rloo``,
-    ``reinforce_pp``, ``gae``), as float32 for the trainer."""
-    if name not in ADVANTAGES:
-        raise KeyError(f"Unknown advantage estimator {name!r}; registered: {', '.join(sorted(ADVANTAGES))}.")
-    return ADVANTAGES[name](rewards, group_size, **kw).astype(np.float32)
+    ``reinforce_pp``, ``gae``), as float32 for the trainer; an option it does not take is refused."""
+    est = get_estimator(name)
+    unknown = sorted(set(kw) - set(est.options) - {n for n in est.needs if n != "groups"})
+    if unknown:
+        takes = ", ".join(est.options) or "no options"
+        raise ValueError(f"Advantage estimator {name!r} takes {takes}; it does not use {', '.join(unknown)}.")
+    return est.fn(rewards, group_size, **kw).astype(np.float32)
 
 
 def filter_zero_variance_groups(rewards: Any, group_size: int, *, atol: float = 0.0) -> tuple[np.ndarray, int]:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,12 +73,59 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _warn_renamed(old: str, new: str, where: str = "") -> None:
+    warnings.warn(f"{where}{old} is deprecated and will be removed in the next release; use {where}{new} "
+                  "(TRL's name).", DeprecationWarning, stacklevel=4)
+
+
+def renamed_keys(data: dict[str, Any], renamed: dict[str, str], prefix: str = "") -> dict[str, Any]:
+    """``data`` with each old key of ``renamed`` moved to its new name (a DeprecationWarning per old key).
+
+    Giving both the old and the new name is refused: which one should win is not knowable.
+    """
+    out = dict(data)
+    for old, new in renamed.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"{prefix}{old} and {prefix}{new} are the same setting ({old} is the deprecated "
+                                  f"name); give only {prefix}{new}.")
+            _warn_renamed(old, new, prefix)
+            out[new] = out.pop(old)
+    return out
+
+
+def with_renamed_fields(cls: type[T]) -> type[T]:
+    """Class decorator: the old names in ``cls._renamed`` (``{"old": "new"}``) still work for one release,
+    as constructor keywords and as attribute reads, each with a DeprecationWarning naming the new name.
+
+    ``from_dict`` maps the same table for YAML and ``key=value`` keys, so one table serves all three.
+    """
+    renamed: dict[str, str] = dict(getattr(cls, "_renamed", {}))
+    init = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **renamed_keys(kwargs, renamed))
+
+    def __getattr__(self: Any, name: str) -> Any:
+        if name in renamed:
+            _warn_renamed(name, renamed[name])
+            return getattr(self, renamed[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    return cls
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Instantiate dataclass ``cls`` from ``data``; unknown keys raise with a suggestion."""
+    """Instantiate dataclass ``cls`` from ``data``; unknown keys raise with a suggestion, deprecated keys
+    (``cls._renamed``) are mapped to their new names with a DeprecationWarning."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__} must be a mapping, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = renamed_keys(data, getattr(cls, "_renamed", {}), prefix)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:

@@ -28,7 +28,7 @@ def pairs(seed: int, n: int) -> list[dict[str, str]]:
 def setup(backend):
     tok = CharTokenizer()
     spec = tiny_spec("llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    cfg = DPOConfig(steps=25, batch_size=16, max_prompt_len=4, max_completion_len=4, beta=0.5,
+    cfg = DPOConfig(steps=25, batch_size=16, max_prompt_length=4, max_completion_length=4, beta=0.5,
                     optim=OptimConfig(lr=1e-2))
     state = backend.init_train_state(backend.build(spec, spec.init_weights(0)), cfg.optim)
     return tok, cfg, state
@@ -70,7 +70,7 @@ class CountingBackend:
 
 def test_reference_is_computed_once_and_never_during_training(backend, tmp_path):
     tok, cfg, state = setup(backend)
-    cfg = DPOConfig(**{**cfg.__dict__, "steps": 3, "ref_batch_size": 16})
+    cfg = DPOConfig(**{**cfg.__dict__, "steps": 3, "precompute_ref_batch_size": 16})
     rows = pairs(0, 40)
     counting = CountingBackend(backend)
     cache = ReferenceCache.compute(counting, state.model, tok, rows, cfg)
@@ -91,5 +91,5 @@ def test_bad_preference_rows_are_refused_with_the_missing_column(backend):
         train_dpo(backend, state, tok, [{"prompt": "a:", "chosen": "aa"}], cfg)
     with pytest.raises(TrainerError, match="reference cache"):
         train_dpo(backend, state, tok, pairs(0, 4), cfg, start_step=2)
-    with pytest.raises(TrainerError, match="kind must be one of"):
-        DPOConfig(kind="sigmod")
+    with pytest.raises(TrainerError, match="loss_type must be one of"):
+        DPOConfig(loss_type="sigmod")

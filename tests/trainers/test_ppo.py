@@ -23,15 +23,15 @@ def lowercase(prompts, completions, **columns):
 def setup(backend, **kw):
     tok = CharTokenizer()
     spec = tiny_spec("llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    cfg = PPOConfig(**{"steps": 12, "prompts_per_step": 4, "samples_per_prompt": 4, "ppo_epochs": 2,
-                       "max_prompt_len": 3, "max_new_tokens": 4, "kl_coef": 0.0, "seed": 1,
+    cfg = PPOConfig(**{"steps": 12, "prompts_per_step": 4, "num_generations": 4, "num_ppo_epochs": 2,
+                       "max_prompt_length": 3, "max_completion_length": 4, "kl_coef": 0.0, "seed": 1,
                        "optim": OptimConfig(lr=2e-2), **kw})
     state = backend.init_train_state(backend.build(spec, spec.init_weights(0)), cfg.optim, value_head=True)
     return tok, cfg, state
 
 
 def test_value_warmup_trains_the_value_loss_alone(backend):
-    tok, cfg, state = setup(backend, value_warmup_steps=1, ppo_epochs=1)
+    tok, cfg, state = setup(backend, value_warmup_steps=1, num_ppo_epochs=1)
     probe = {"tokens": np.array([[0, 5, 6, 7, 8]], np.int32), "attention_mask": np.array([[0, 1, 1, 1, 1]], np.int32),
              "mask": np.ones((1, 4), np.float32)}
     v0 = values_of(backend, state, probe)
@@ -73,6 +73,6 @@ def test_kl_in_reward_needs_a_reference_and_bad_settings_are_refused(backend):
     with pytest.raises(TrainerError, match="needs a reference model"):
         ppo_step(backend, state, tok, lowercase, ROWS[:4], cfg, step=0)
     with pytest.raises(TrainerError, match="micro_batches"):
-        PPOConfig(prompts_per_step=3, samples_per_prompt=1, micro_batches=2)
+        PPOConfig(prompts_per_step=3, num_generations=1, micro_batches=2)
     with pytest.raises(TrainerError, match="kl_estimator"):
         PPOConfig(kl_estimator="k4")

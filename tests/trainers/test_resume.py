@@ -44,8 +44,8 @@ def setup(backend):
     task = variety
     rows = get_task("arithmetic", digits=1, ops=("+",)).generate("train", 64, 0)
     spec = tiny_spec("llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    cfg = GRPOConfig(steps=STEPS, prompts_per_step=2, group_size=4, micro_batches=2, max_prompt_len=6,
-                     max_new_tokens=4, seed=3, optim=OptimConfig(lr=1e-2, warmup_steps=1, total_steps=STEPS,
+    cfg = GRPOConfig(steps=STEPS, prompts_per_step=2, num_generations=4, micro_batches=2, max_prompt_length=6,
+                     max_completion_length=4, seed=3, optim=OptimConfig(lr=1e-2, warmup_steps=1, total_steps=STEPS,
                                                                  schedule="cosine"))
     def fresh_state():  # torch trains the model's own parameters in place: build one per run
         return backend.init_train_state(backend.build(spec, spec.init_weights(0)), cfg.optim)
@@ -92,7 +92,7 @@ def test_resuming_with_a_different_config_is_refused(backend, tmp_path):
     *_, cfg, fresh_state = setup(backend)
     ckpt = Checkpointer(backend, tmp_path, {"grpo": cfg}, every=1)
     ckpt.save(1, fresh_state(), cfg.seed)
-    other = GRPOConfig(**{**cfg.__dict__, "group_size": 8})
+    other = GRPOConfig(**{**cfg.__dict__, "num_generations": 8})
     with pytest.raises(TrainerError, match="different config"):
         Checkpointer(backend, tmp_path, {"grpo": other}).restore_latest()
     longer = GRPOConfig(**{**cfg.__dict__, "steps": 10})  # extending a run is allowed

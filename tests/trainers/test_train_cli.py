@@ -18,7 +18,8 @@ from diptych.core.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
         "data.task_knobs.digits=1", "data.n_train=64", "data.n_test=8"]
-GRPO_TINY = [*TINY, "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.max_prompt_len=6", "grpo.max_new_tokens=4"]
+GRPO_TINY = [*TINY, "grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.max_prompt_length=6",
+             "grpo.max_completion_length=4"]
 
 
 @pytest.mark.parametrize("trainer", ["sft", "dpo", "grpo", "ppo"])
@@ -39,7 +40,7 @@ def test_tiny_grpo_run_writes_metrics_plot_checkpoints_and_resumes(backend, tmp_
     assert (out / "curves.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
     meta = json.loads((out / "checkpoints" / "step_00000002" / "diptych.json").read_text())["metadata"]
-    assert meta["step"] == 2 and meta["config"]["grpo"]["group_size"] == 4 and "rng" in meta
+    assert meta["step"] == 2 and meta["config"]["grpo"]["num_generations"] == 4 and "rng" in meta
     assert "accuracy_before" in capsys.readouterr().out
     # extend the same run by one step: it resumes at step 2 rather than starting over
     assert main([*args[:-len(GRPO_TINY) - 3], "--resume", f"out={out}", "grpo.steps=3", "checkpoint.every=1",
@@ -66,8 +67,8 @@ def test_config_typo_names_the_key_and_the_closest_valid_one(capsys):
 
 @needs_torch
 def test_group_size_and_micro_batch_split_errors(capsys):
-    assert "group_size must be >= 2" in _fails(capsys, "grpo", "--backend", "torch", "grpo.group_size=1")
-    err = _fails(capsys, "grpo", "--backend", "torch", "grpo.prompts_per_step=3", "grpo.group_size=3",
+    assert "num_generations must be >= 2" in _fails(capsys, "grpo", "--backend", "torch", "grpo.num_generations=1")
+    err = _fails(capsys, "grpo", "--backend", "torch", "grpo.prompts_per_step=3", "grpo.num_generations=3",
                  "grpo.micro_batches=2")
     assert "9 rollouts do not split into micro_batches=2" in err
 
@@ -94,7 +95,7 @@ def test_nan_loss_skips_the_step_reports_it_and_leaves_weights_untouched(backend
 
     tok = CharTokenizer()
     spec = tiny_spec("llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    cfg = DPOConfig(steps=2, batch_size=2, max_prompt_len=3, max_completion_len=3, optim=OptimConfig(lr=1e-2))
+    cfg = DPOConfig(steps=2, batch_size=2, max_prompt_length=3, max_completion_length=3, optim=OptimConfig(lr=1e-2))
     weights = spec.init_weights(0)
     weights["lm_head.weight"][7, 0] = np.nan
     state = backend.init_train_state(backend.build(spec, weights), cfg.optim)
@@ -117,7 +118,7 @@ def test_nan_rewards_are_refused_with_a_clear_error(backend):
 
     tok = CharTokenizer()
     spec = tiny_spec("llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    cfg = GRPOConfig(prompts_per_step=2, group_size=2, max_prompt_len=4, max_new_tokens=3)
+    cfg = GRPOConfig(prompts_per_step=2, num_generations=2, max_prompt_length=4, max_completion_length=3)
     state = backend.init_train_state(backend.build(spec, spec.init_weights(0)), cfg.optim)
     poisoned = lambda prompts, completions, **kw: [float("nan")] * len(completions)
     with pytest.raises(ValueError, match="rewards contain NaN"):
@@ -128,7 +129,7 @@ def test_nan_rewards_are_refused_with_a_clear_error(backend):
 def test_dpo_cli_caches_reference_logprobs_once_and_resume_reuses_them(tmp_path):
     out = tmp_path / "dpo"
     common = ["train", "dpo", "--backend", "torch", "--quiet", f"out={out}", "checkpoint.every=1", *TINY,
-              "dpo.batch_size=4", "dpo.max_prompt_len=6", "dpo.max_completion_len=4"]
+              "dpo.batch_size=4", "dpo.max_prompt_length=6", "dpo.max_completion_length=4"]
     assert main([*common, "dpo.steps=1"]) == 0
     cache = out / "checkpoints" / "ref_logprobs.npz"
     first = cache.stat().st_mtime_ns
@@ -150,8 +151,8 @@ def test_short_grpo_run_raises_a_dense_reward(backend):
 
     tok = CharTokenizer()
     spec = tiny_spec("llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    cfg = GRPOConfig(steps=12, prompts_per_step=4, group_size=4, max_prompt_len=3, max_new_tokens=4, seed=1,
-                     optim=OptimConfig(lr=2e-2))
+    cfg = GRPOConfig(steps=12, prompts_per_step=4, num_generations=4, max_prompt_length=3, max_completion_length=4,
+                     seed=1, loss_type="grpo", beta=0.0, optim=OptimConfig(lr=2e-2))
     state = backend.init_train_state(backend.build(spec, spec.init_weights(0)), cfg.optim)
     lowercase = lambda prompts, completions, **kw: [sum(ch.islower() for ch in c) / 4 for c in completions]
     log = MetricsLogger()

@@ -6,7 +6,7 @@ every (prompt, chosen) and (prompt, rejected) row are computed and cached in a
 policy and a resumed run reloads the cache from disk instead of keeping a second model.
 Reference-free kinds (``simpo``, ``orpo``) skip the cache altogether.
 
-Rows are packed at a FIXED width (``max_prompt_len + max_completion_len``) independent of
+Rows are packed at a FIXED width (``max_prompt_length + max_completion_length``) independent of
 the batch they land in, so a row's cached log-probs are valid in any later batch.
 """
 
@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from diptych.core.config import with_renamed_fields
 from diptych.core.losses import PreferenceLossConfig
 from diptych.core.losses.preference import PREFERENCE_KINDS, REFERENCE_FREE
 from diptych.core.metrics import MetricsLogger
@@ -32,6 +33,7 @@ INDEX = "_row"
 """Column the loop adds to each row: its index into the reference cache."""
 
 
+@with_renamed_fields
 @dataclass
 class DPOConfig:
     """Defaults follow TRL's DPOTrainer (sigmoid loss, beta 0.1) where sensible for a small model."""
@@ -39,39 +41,45 @@ class DPOConfig:
     steps: int = 100
     batch_size: int = 16
     micro_batches: int = 1
-    max_prompt_len: int = 32
-    max_completion_len: int = 32
-    kind: str = "sigmoid"
+    max_prompt_length: int = 32
+    max_completion_length: int = 32
+    loss_type: str = "sigmoid"
     """Preference loss: sigmoid | ipo | hinge | robust | sigmoid_norm | simpo | apo_zero | apo_down | orpo."""
     beta: float = 0.1
     label_smoothing: float = 0.0
-    gamma: float = 0.5
+    simpo_gamma: float = 0.5
+    """SimPO's target margin (TRL CPOConfig.simpo_gamma)."""
     orpo_lambda: float = 0.1
-    ref_batch_size: int = 64
+    precompute_ref_batch_size: int = 64
     """Rows per forward pass while precomputing the reference cache."""
     seed: int = 0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
 
+    _renamed: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length",
+                                          "max_completion_len": "max_completion_length", "kind": "loss_type",
+                                          "gamma": "simpo_gamma", "ref_batch_size": "precompute_ref_batch_size"}
+
     def __post_init__(self) -> None:
-        if self.kind not in PREFERENCE_KINDS:
-            raise TrainerError(f"kind must be one of {', '.join(PREFERENCE_KINDS)}, got {self.kind!r}.")
+        if self.loss_type not in PREFERENCE_KINDS:
+            raise TrainerError(f"loss_type must be one of {', '.join(PREFERENCE_KINDS)}, got {self.loss_type!r}.")
         if self.batch_size < 1 or self.batch_size % self.micro_batches:
             raise TrainerError(f"batch_size ({self.batch_size}) must be a positive multiple of micro_batches "
                                f"({self.micro_batches}).")
-        if self.max_completion_len < 2:
-            raise TrainerError(f"max_completion_len must be >= 2 (one token plus EOS), got {self.max_completion_len}.")
+        if self.max_completion_length < 2:
+            raise TrainerError(f"max_completion_length must be >= 2 (one token plus EOS), got "
+                               f"{self.max_completion_length}.")
 
     @property
     def width(self) -> int:
-        return self.max_prompt_len + self.max_completion_len
+        return self.max_prompt_length + self.max_completion_length
 
     @property
     def needs_reference(self) -> bool:
-        return self.kind not in REFERENCE_FREE
+        return self.loss_type not in REFERENCE_FREE
 
     def loss_config(self) -> PreferenceLossConfig:
-        return PreferenceLossConfig(kind=self.kind, beta=self.beta, label_smoothing=self.label_smoothing,
-                                    gamma=self.gamma, orpo_lambda=self.orpo_lambda)
+        return PreferenceLossConfig(kind=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+                                    gamma=self.simpo_gamma, orpo_lambda=self.orpo_lambda)
 
 
 def check_rows(rows: Sequence[dict[str, Any]]) -> None:
@@ -87,10 +95,10 @@ def check_rows(rows: Sequence[dict[str, Any]]) -> None:
 
 def preference_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: DPOConfig) -> dict[str, np.ndarray]:
     """Rows -> the ``preference`` micro-batch layout (``diptych.core.train_batch``); EOS closes each completion."""
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_len)
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
     out: dict[str, np.ndarray] = {}
     for side in ("chosen", "rejected"):
-        completions = [[*tokenizer.encode(str(r[side]))[: cfg.max_completion_len - 1], tokenizer.eos_id]
+        completions = [[*tokenizer.encode(str(r[side]))[: cfg.max_completion_length - 1], tokenizer.eos_id]
                        for r in rows]
         packed = pack_sequences(prompts, completions, cfg.width, tokenizer.pad_id)
         out[f"{side}_tokens"] = packed["tokens"]
@@ -113,8 +121,8 @@ class ReferenceCache:
         """One pass of the reference over the dataset; afterwards ``ref_model`` may be dropped."""
         check_rows(rows)
         sides: dict[str, list[np.ndarray]] = {"chosen": [], "rejected": []}
-        for i in range(0, len(rows), cfg.ref_batch_size):
-            batch = preference_batch(tokenizer, rows[i:i + cfg.ref_batch_size], cfg)
+        for i in range(0, len(rows), cfg.precompute_ref_batch_size):
+            batch = preference_batch(tokenizer, rows[i:i + cfg.precompute_ref_batch_size], cfg)
             for side in sides:
                 sides[side].append(sequence_logprobs(backend, ref_model, batch[f"{side}_tokens"],
                                                      batch[f"{side}_attention_mask"], batch[f"{side}_mask"]))
@@ -150,8 +158,8 @@ def dpo_step(backend: Any, state: Any, tokenizer: Any, rows: list[dict[str, Any]
     batch = preference_batch(tokenizer, rows, cfg)
     if cfg.needs_reference:
         if ref_cache is None:
-            raise TrainerError(f"kind={cfg.kind!r} needs reference log-probs; pass ref_cache "
-                               "(ReferenceCache.compute) or use a reference-free kind (simpo, orpo).")
+            raise TrainerError(f"loss_type={cfg.loss_type!r} needs reference log-probs; pass ref_cache "
+                               "(ReferenceCache.compute) or use a reference-free loss_type (simpo, orpo).")
         batch.update(ref_cache.take([r[INDEX] for r in rows]))
     state, metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches), "preference",
                                         cfg.loss_config())
@@ -172,8 +180,8 @@ def evaluate_preferences(backend: Any, model: Any, tokenizer: Any, rows: Sequenc
     """
     check_rows(rows)
     margins = []
-    for i in range(0, len(rows), cfg.ref_batch_size):
-        chunk = list(rows[i:i + cfg.ref_batch_size])
+    for i in range(0, len(rows), cfg.precompute_ref_batch_size):
+        chunk = list(rows[i:i + cfg.precompute_ref_batch_size])
         batch = preference_batch(tokenizer, chunk, cfg)
         side_sum = {}
         for side in ("chosen", "rejected"):

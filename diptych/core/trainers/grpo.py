@@ -2,7 +2,7 @@
 
 One step (DeepSeekMath; DESIGN.md "Data flow of one GRPO step"):
 
-1. ``prompts_per_step`` prompts, each sampled ``group_size`` times by ``backend.generate``;
+1. ``prompts_per_step`` prompts, each sampled ``num_generations`` times by ``backend.generate``;
 2. completions decoded and scored by the reward (per component, for logging);
 3. group advantages from ``diptych.core.advantages`` (``grpo`` z-score by default), with
    zero-variance groups optionally dropped (DAPO dynamic sampling);
@@ -15,14 +15,17 @@ The loop owns no framework code: swapping ``backend`` swaps the panel, not the a
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from diptych.core.advantages import compute_advantages, filter_zero_variance_groups
-from diptych.core.losses import policy_preset
+from diptych.core.advantages import ESTIMATORS, compute_advantages, filter_zero_variance_groups, get_estimator
+from diptych.core.config import from_dict, renamed_keys, with_renamed_fields
+from diptych.core.losses import POLICY_PRESETS, PolicyLossConfig, policy_preset
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
 from diptych.core.sampling import SamplingConfig, parity_noise
@@ -41,25 +44,80 @@ from diptych.recurrent.training import DepthPolicy
 
 
 @dataclass
+class GRPOLoss:
+    """Field-by-field overrides of the ``loss_type`` preset's policy loss; None keeps the preset's value.
+
+    Names follow TRL's GRPOConfig where the knob is the same (``epsilon``, ``epsilon_high``,
+    ``importance_sampling_level``); the rest are diptych's (``diptych.core.losses.PolicyLossConfig``).
+    As in TRL, ``epsilon_high`` defaults to ``epsilon`` when only ``epsilon`` is set. The KL weight is
+    not here: it is ``GRPOConfig.beta``, the one place that also decides whether a reference model exists.
+    """
+
+    epsilon: float | None = None
+    """Lower clip (PolicyLossConfig.eps_low)."""
+    epsilon_high: float | None = None
+    """Upper clip (PolicyLossConfig.eps_high; DAPO's clip-higher)."""
+    importance_sampling_level: Literal["token", "sequence"] | None = None
+    """``sequence`` is GSPO's ratio (PolicyLossConfig.ratio_level)."""
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    dual_clip: float | None = None
+    entropy_coef: float | None = None
+    tis_cap: float | None = None
+    """Truncated importance-sampling cap on exp(logp_old - logp_sampler)."""
+    aggregation: str | None = None
+    norm_length: int | None = None
+    """Dr.GRPO's constant normaliser; default: max_completion_length."""
+
+    _renamed: ClassVar[dict[str, str]] = {"eps_low": "epsilon", "eps_high": "epsilon_high",
+                                          "ratio_level": "importance_sampling_level"}
+    _to_policy: ClassVar[dict[str, str]] = {"epsilon": "eps_low", "epsilon_high": "eps_high",
+                                            "importance_sampling_level": "ratio_level"}
+
+    def policy_overrides(self) -> dict[str, Any]:
+        """The set fields in PolicyLossConfig's names."""
+        out = {self._to_policy.get(f.name, f.name): getattr(self, f.name) for f in dataclasses.fields(self)
+               if getattr(self, f.name) is not None}
+        if self.epsilon is not None and self.epsilon_high is None:
+            out["eps_high"] = self.epsilon
+        return out
+
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+@with_renamed_fields
+@dataclass
 class GRPOConfig:
-    """Defaults follow TRL where it is sensible for a small model (NOTES.md); see README."""
+    """Defaults follow TRL's GRPOConfig where it is sensible for a small model (NOTES.md); see
+    docs/coming_from_trl.md for every field's TRL name and default.
+
+    ``beta`` is the one home of the KL weight: None takes the ``loss_type`` preset's (0.04 for
+    ``grpo``, 0 for the others), and the reference model exists exactly when it is > 0.
+    """
 
     steps: int = 50
     prompts_per_step: int = 16
-    group_size: int = 8
+    num_generations: int = 8
+    """Completions per prompt (the group size G)."""
     micro_batches: int = 1
     num_iterations: int = 1
-    max_prompt_len: int = 32
-    max_new_tokens: int = 32
+    max_prompt_length: int = 32
+    max_completion_length: int = 32
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
-    loss: str = "grpo"
-    """Policy-loss preset: grpo | dr_grpo | dapo | gspo | bnpo (diptych.core.losses.POLICY_PRESETS)."""
-    loss_overrides: dict[str, Any] = field(default_factory=dict)
-    beta: float = 0.0
+    loss_type: str = "dapo"
+    """Policy-loss preset: grpo | dr_grpo | dapo | gspo | bnpo (diptych.core.losses.POLICY_PRESETS); TRL's default."""
+    loss: GRPOLoss | str = field(default_factory=GRPOLoss)
+    """Overrides of the preset, field by field (``grpo.loss.epsilon_high=0.28``)."""
+    beta: float | None = None
     advantage: str = "grpo"
+    """Advantage estimator registered in diptych.core.advantages (grpo | dr_grpo | rloo | reinforce_pp)."""
+    scale_rewards: str = "group"
+    """``grpo`` estimator: divide by the group std (``group``), the batch std (``batch``) or not (``none``)."""
+    advantage_baseline: str = "none"
+    """``reinforce_pp`` estimator: ``group`` subtracts the group mean before whitening (REINFORCE++-baseline)."""
     filter_zero_variance: bool = False
     parity: bool = False
     """Draw sampling noise from one numpy stream so both backends sample identical tokens."""
@@ -67,32 +125,85 @@ class GRPOConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
     depth: DepthPolicy | None = None
     """Recurrent-depth models only: the train depth schedule (truncated backprop) and the sampling depth."""
+    loss_overrides: dict[str, Any] = field(default_factory=dict)
+    """Deprecated: use ``loss`` (typed fields) and ``beta``."""
+
+    _renamed: ClassVar[dict[str, str]] = {"group_size": "num_generations", "max_prompt_len": "max_prompt_length",
+                                          "max_new_tokens": "max_completion_length"}
 
     def __post_init__(self) -> None:
-        if self.group_size < 2:
-            raise TrainerError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}.")
-        rows = self.prompts_per_step * self.group_size
+        if isinstance(self.loss, str):
+            warnings.warn("GRPOConfig.loss as a preset name is deprecated; use loss_type (TRL's name); loss now "
+                          "holds field-by-field overrides.", DeprecationWarning, stacklevel=4)
+            self.loss_type, self.loss = self.loss, GRPOLoss()
+        if self.loss_type not in POLICY_PRESETS:
+            raise TrainerError(f"loss_type must be one of {', '.join(sorted(POLICY_PRESETS))}, got {self.loss_type!r}.")
+        if self.loss_overrides:
+            warnings.warn("GRPOConfig.loss_overrides is deprecated; set grpo.loss.<field> (typed) and grpo.beta.",
+                          DeprecationWarning, stacklevel=4)
+            over = dict(self.loss_overrides)
+            self.loss_overrides = {}
+            if "beta" in over:
+                beta = over.pop("beta")
+                if self.beta is None:
+                    self.beta = float(beta)
+            over.pop("allow_empty_sequences", None)
+            known = {**{f.name: getattr(self.loss, f.name) for f in dataclasses.fields(GRPOLoss)
+                        if getattr(self.loss, f.name) is not None}}
+            self.loss = from_dict(GRPOLoss, {**known, **renamed_keys(over, GRPOLoss._renamed, "loss_overrides.")},
+                                  prefix="loss_overrides.")
+        if self.beta is None:
+            self.beta = POLICY_PRESETS[self.loss_type].beta
+        if self.beta < 0:
+            raise TrainerError(f"beta must be >= 0, got {self.beta}.")
+        if self.num_generations < 2:
+            raise TrainerError(f"num_generations must be >= 2 for group-relative advantages, got "
+                               f"{self.num_generations}.")
+        rows = self.prompts_per_step * self.num_generations
         if rows % self.micro_batches:
             raise TrainerError(
-                f"prompts_per_step x group_size = {rows} rollouts do not split into micro_batches="
+                f"prompts_per_step x num_generations = {rows} rollouts do not split into micro_batches="
                 f"{self.micro_batches}; choose micro_batches dividing {rows}."
             )
         if self.num_iterations < 1:
             raise TrainerError(f"num_iterations must be >= 1, got {self.num_iterations}.")
+        est = get_estimator(self.advantage) if self.advantage in ESTIMATORS else None
+        if est is None or "values" in est.needs:
+            choices = ", ".join(sorted(n for n, e in ESTIMATORS.items() if "values" not in e.needs))
+            raise TrainerError(f"advantage must be a group estimator ({choices}), got {self.advantage!r}"
+                               + (" (it needs a critic: use PPO)." if est is not None else "."))
+        if self.scale_rewards not in ADVANTAGE_SCALES:
+            raise TrainerError(f"scale_rewards must be one of {', '.join(ADVANTAGE_SCALES)}, got "
+                               f"{self.scale_rewards!r}.")
+        for opt, value, default in (("scale", self.scale_rewards, "group"),
+                                    ("baseline", self.advantage_baseline, "none")):
+            if value != default and opt not in est.options:
+                name = "scale_rewards" if opt == "scale" else "advantage_baseline"
+                raise TrainerError(f"{name}={value!r} has no effect with advantage={self.advantage!r} (it takes "
+                                   f"{', '.join(est.options) or 'no options'}); drop it or change the estimator.")
+        self.loss_config()  # validate the loss now, not mid-run
 
-    def loss_config(self) -> Any:
-        """The preset with this run's beta; dropped groups leave empty rows, which the loss must skip;
-        Dr.GRPO's constant normaliser is the longest possible completion."""
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta > 0
+
+    def advantage_kwargs(self) -> dict[str, Any]:
+        opts = get_estimator(self.advantage).options
+        return {k: v for k, v in (("scale", self.scale_rewards), ("baseline", self.advantage_baseline)) if k in opts}
+
+    def loss_config(self) -> PolicyLossConfig:
+        """The preset with this run's beta and loss overrides; dropped groups leave empty rows, which the loss
+        must skip; Dr.GRPO's constant normaliser defaults to the longest possible completion."""
         overrides: dict[str, Any] = {"beta": self.beta}
         if self.filter_zero_variance:
             overrides["allow_empty_sequences"] = True
-        if self.loss == "dr_grpo":
-            overrides["norm_length"] = self.max_new_tokens
-        return policy_preset(self.loss, **{**overrides, **self.loss_overrides})
+        if self.loss_type == "dr_grpo":
+            overrides["norm_length"] = self.max_completion_length
+        return policy_preset(self.loss_type, **{**overrides, **self.loss.policy_overrides()})
 
     def sampling(self, tokenizer: Any) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, min_p=self.min_p, n=self.group_size,
+        return SamplingConfig(max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                              top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, n=self.num_generations,
                               eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
 
 
@@ -124,14 +235,15 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
               step: int, ref_model: Any = None) -> tuple[Any, dict[str, float]]:
     """One GRPO step on ``rows`` (a batch of prompts): generate, score, advantages, update."""
     timer = StepTimer()
-    g = cfg.group_size
+    g = cfg.num_generations
     prompts = [r["prompt"] for r in rows]
-    ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_len)
+    ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
     sampling = cfg.sampling(tokenizer)
     with timer.phase("generate"):
         noise = None
         if cfg.parity:
-            noise = parity_noise(len(ids) * g, cfg.max_new_tokens, state_vocab(state), seed=cfg.seed * 100003 + step)
+            noise = parity_noise(len(ids) * g, cfg.max_completion_length, state_vocab(state),
+                                 seed=cfg.seed * 100003 + step)
         rollout = backend.generate(state.model, ids, sampling, noise=noise,
                                    **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}),
                                    **(cfg.depth.generate_kwargs() if cfg.depth is not None else {}))
@@ -139,8 +251,8 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
         completions = decode_completions(tokenizer, rollout)
         rewards, components = score(reward, [p for p in prompts for _ in range(g)], completions,
                                     columns_of(rows, exclude=("prompt",), repeat=g))
-        advantages = compute_advantages(cfg.advantage, rewards, g).astype(np.float32)
-        batch = rollout_batch(rollout, cfg.max_prompt_len)
+        advantages = compute_advantages(cfg.advantage, rewards, g, **cfg.advantage_kwargs()).astype(np.float32)
+        batch = rollout_batch(rollout, cfg.max_prompt_length)
         dropped = 0
         if cfg.filter_zero_variance:
             keep, dropped = filter_zero_variance_groups(rewards, g)
@@ -164,9 +276,10 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
         lp_old = sequence_logprobs(backend, state.model, batch["tokens"], batch["attention_mask"], batch["mask"],
                                    cfg.temperature)
         batch["old_logprobs"] = lp_old
-        if cfg.beta > 0:
+        if cfg.needs_reference:
             if ref_model is None:
-                raise TrainerError("beta > 0 needs a reference model; pass ref_model.")
+                raise TrainerError(f"beta={cfg.beta} (> 0) needs a reference model: pass ref_model, use GRPOTrainer "
+                                   "(it builds one), or set beta=0.")
             batch["ref_logprobs"] = sequence_logprobs(backend, ref_model, batch["tokens"], batch["attention_mask"],
                                                      batch["mask"], cfg.temperature)
         train_metrics: dict[str, float] = {}

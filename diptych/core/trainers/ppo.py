@@ -2,14 +2,14 @@
 
 One step:
 
-1. ``prompts_per_step`` prompts, each sampled ``samples_per_prompt`` times;
+1. ``prompts_per_step`` prompts, each sampled ``num_generations`` times;
 2. completions scored by the reward (one number per sequence);
 3. old log-probs and values from the current policy and its value head, reference
    log-probs from the frozen reference when ``kl_coef > 0``;
 4. per-token rewards with the KL in the reward (``-kl_coef * KL_t`` on every token, k1 by
    default, the sequence reward on its last token), then GAE (``gamma``, ``lam``) and
    whitened advantages (``diptych.core.advantages``);
-5. ``ppo_epochs`` optimizer passes with ``policy + vf_coef * value`` (clipped ratio, clipped
+5. ``num_ppo_epochs`` optimizer passes with ``policy + vf_coef * value`` (clipped ratio, clipped
    values). During the first ``value_warmup_steps`` steps the loss is the value loss alone, so
    a freshly initialised critic stops producing noise advantages before the policy-gradient
    term starts (the value head shares the trunk, so its gradient reaches the trunk too).
@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from diptych.core.advantages import gae, kl_shaped_rewards
+from diptych.core.config import with_renamed_fields
 from diptych.core.losses import PolicyLossConfig, ValueLossConfig
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
@@ -44,17 +45,22 @@ from diptych.core.trainers.base import (
 from diptych.core.trainers.grpo import check_columns, score
 
 
+@with_renamed_fields
 @dataclass
 class PPOConfig:
-    """Defaults follow TRL's PPO (NOTES.md): 4 epochs, k1 KL in the reward at 0.05, clip 0.2, vf_coef 0.1."""
+    """Defaults follow TRL's PPO (NOTES.md): 4 epochs, k1 KL in the reward at 0.05, clip 0.2, vf_coef 0.1.
+
+    The critic is a value head on the policy (a separate critic model is not implemented); the
+    reference model exists exactly when ``kl_coef > 0``.
+    """
 
     steps: int = 50
     prompts_per_step: int = 16
-    samples_per_prompt: int = 1
+    num_generations: int = 1
     micro_batches: int = 1
-    ppo_epochs: int = 4
-    max_prompt_len: int = 32
-    max_new_tokens: int = 32
+    num_ppo_epochs: int = 4
+    max_prompt_length: int = 32
+    max_completion_length: int = 32
     temperature: float = 1.0
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
@@ -62,39 +68,43 @@ class PPOConfig:
     lam: float = 0.95
     whiten_advantages: bool = True
     cliprange: float = 0.2
-    value_clip: float = 0.2
+    cliprange_value: float = 0.2
     vf_coef: float = 0.1
-    value_head: bool = True
-    """The critic is a value head on the policy; a separate critic model is not implemented yet."""
     value_warmup_steps: int = 0
     parity: bool = False
     seed: int = 0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
 
+    _renamed: ClassVar[dict[str, str]] = {"samples_per_prompt": "num_generations", "ppo_epochs": "num_ppo_epochs",
+                                          "max_prompt_len": "max_prompt_length",
+                                          "max_new_tokens": "max_completion_length", "value_clip": "cliprange_value"}
+
     def __post_init__(self) -> None:
-        rows = self.prompts_per_step * self.samples_per_prompt
+        rows = self.prompts_per_step * self.num_generations
         if rows % self.micro_batches:
-            raise TrainerError(f"prompts_per_step x samples_per_prompt = {rows} rollouts do not split into "
+            raise TrainerError(f"prompts_per_step x num_generations = {rows} rollouts do not split into "
                                f"micro_batches={self.micro_batches}; choose micro_batches dividing {rows}.")
-        if not self.value_head:
-            raise TrainerError("PPO needs a critic: value_head=True (a separate critic model is not implemented).")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise TrainerError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}.")
-        if self.ppo_epochs < 1 or self.value_warmup_steps < 0:
-            raise TrainerError("ppo_epochs must be >= 1 and value_warmup_steps >= 0.")
+        if self.num_ppo_epochs < 1 or self.value_warmup_steps < 0:
+            raise TrainerError("num_ppo_epochs must be >= 1 and value_warmup_steps >= 0.")
         if rows < 2 and self.whiten_advantages:
             raise TrainerError("Whitening advantages needs at least 2 rollouts per step.")
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
     def loss(self, warmup: bool) -> tuple[Any, Any]:
-        value = ValueLossConfig(clip=self.value_clip if self.value_clip > 0 else None)
+        value = ValueLossConfig(clip=self.cliprange_value if self.cliprange_value > 0 else None)
         if warmup:
             return "value", value
         policy = PolicyLossConfig(eps_low=self.cliprange, eps_high=self.cliprange, beta=0.0)
         return {"policy": 1.0, "value": self.vf_coef}, {"policy": policy, "value": value}
 
     def sampling(self, tokenizer: Any) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              n=self.samples_per_prompt, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+        return SamplingConfig(max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                              n=self.num_generations, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
 
 
 def values_of(backend: Any, state: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -108,15 +118,15 @@ def values_of(backend: Any, state: Any, batch: dict[str, np.ndarray]) -> np.ndar
 
 def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[dict[str, Any]], cfg: PPOConfig,
              step: int, ref_model: Any = None) -> tuple[Any, dict[str, float]]:
-    """One PPO step on ``rows``: generate, score, KL-shaped rewards, GAE, ``ppo_epochs`` updates."""
+    """One PPO step on ``rows``: generate, score, KL-shaped rewards, GAE, ``num_ppo_epochs`` updates."""
     timer = StepTimer()
-    n = cfg.samples_per_prompt
+    n = cfg.num_generations
     prompts = [r["prompt"] for r in rows]
-    ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_len)
+    ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
     with timer.phase("generate"):
         noise = None
         if cfg.parity:
-            noise = parity_noise(len(ids) * n, cfg.max_new_tokens, int(state.model.spec.vocab_size),
+            noise = parity_noise(len(ids) * n, cfg.max_completion_length, int(state.model.spec.vocab_size),
                                  seed=cfg.seed * 100003 + step)
         rollout = backend.generate(state.model, ids, cfg.sampling(tokenizer), noise=noise,
                                    **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}))
@@ -124,7 +134,7 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
         completions = decode_completions(tokenizer, rollout)
         rewards, components = score(reward, [p for p in prompts for _ in range(n)], completions,
                                     columns_of(rows, exclude=("prompt",), repeat=n))
-        batch = rollout_batch(rollout, cfg.max_prompt_len)
+        batch = rollout_batch(rollout, cfg.max_prompt_length)
         mask = batch["mask"]
     metrics: dict[str, float] = {
         "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
@@ -153,7 +163,7 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
                      returns=returns.astype(np.float32))
         loss, loss_cfg = cfg.loss(warmup)
         train_metrics: dict[str, float] = {}
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(cfg.num_ppo_epochs):
             state, train_metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches), loss,
                                                       loss_cfg, temperature=cfg.temperature)
     m = mask > 0

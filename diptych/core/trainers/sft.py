@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from diptych.core.config import with_renamed_fields
 from diptych.core.losses import SFTLossConfig
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
@@ -18,15 +19,21 @@ from diptych.core.train_batch import split_microbatches
 from diptych.core.trainers.base import TrainerError, batch_iterator, encode_prompts, pack_sequences
 
 
+@with_renamed_fields
 @dataclass
 class SFTConfig:
+    """Names follow TRL's SFTConfig where the knob is the same (docs/coming_from_trl.md)."""
+
     steps: int = 100
     batch_size: int = 32
     micro_batches: int = 1
-    max_prompt_len: int = 32
-    max_completion_len: int = 32
+    max_prompt_length: int = 32
+    max_completion_length: int = 32
     seed: int = 0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=0))
+
+    _renamed: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length",
+                                          "max_completion_len": "max_completion_length"}
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batches:
@@ -39,10 +46,10 @@ def sft_rows_to_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: SFTCo
     for r in rows:
         if "prompt" not in r or "completion" not in r:
             raise TrainerError(f"SFT rows need 'prompt' and 'completion' columns; got {sorted(r)}.")
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_len)
-    completions = [[*list(tokenizer.encode(r["completion"]))[:cfg.max_completion_len - 1], tokenizer.eos_id]
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
+    completions = [[*list(tokenizer.encode(r["completion"]))[:cfg.max_completion_length - 1], tokenizer.eos_id]
                    for r in rows]
-    return pack_sequences(prompts, completions, cfg.max_prompt_len + cfg.max_completion_len, tokenizer.pad_id)
+    return pack_sequences(prompts, completions, cfg.max_prompt_length + cfg.max_completion_length, tokenizer.pad_id)
 
 
 def train_sft(backend: Any, state: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: SFTConfig,

@@ -1,0 +1,287 @@
+"""Trainer classes: the library API, and the one thing ``diptych train`` calls.
+
+``GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=rows, backend="jax")``
+then ``.train()`` is exactly what ``diptych train grpo`` runs: the CLI only builds these pieces
+from YAML and flags. A trainer owns what the loops in ``sft.py`` / ``dpo.py`` / ``grpo.py`` /
+``ppo.py`` must not: the frozen reference model (built only when the config's KL weight is > 0,
+written once under the checkpoint root so a resumed run anchors its KL to the same weights), the
+DPO reference cache, checkpoints and resume, and metrics logging.
+
+Trainers are registered by name (``register_trainer``) with their contract: the config class, whether
+they need a reward, which metrics to plot and whether a task's held-out accuracy means anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from diptych.core.trainers.base import TrainerError, evaluate
+from diptych.core.trainers.dpo import DPOConfig, ReferenceCache, train_dpo
+from diptych.core.trainers.grpo import GRPOConfig, check_columns, train_grpo
+from diptych.core.trainers.ppo import PPOConfig, train_ppo
+from diptych.core.trainers.runner import CheckpointConfig, Checkpointer, run_segments, with_steps
+from diptych.core.trainers.sft import SFTConfig, train_sft
+
+TRAINERS: dict[str, type[Trainer]] = {}
+
+
+def register_trainer(name: str) -> Callable[[type[Trainer]], type[Trainer]]:
+    """Class decorator adding a trainer under ``name`` (the CLI's ``diptych train <name>`` choices come from here)."""
+
+    def deco(cls: type[Trainer]) -> type[Trainer]:
+        if name in TRAINERS:
+            raise KeyError(f"A trainer named {name!r} is already registered.")
+        cls.name = name
+        TRAINERS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_trainer(name: str) -> type[Trainer]:
+    if name not in TRAINERS:
+        raise KeyError(f"Unknown trainer {name!r}; registered: {', '.join(sorted(TRAINERS))}.")
+    return TRAINERS[name]
+
+
+class Trainer:
+    """Shared run wiring; subclasses say how to start a state, prepare references and run a segment."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type] = object
+    needs_reward: ClassVar[bool] = False
+    """The trainer scores its own samples (GRPO, PPO): ``reward_funcs`` is required."""
+    evaluates: ClassVar[bool] = False
+    """Greedy accuracy under a task's verifier is meaningful before and after training."""
+    plot_keys: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def __init__(self, model: Any = None, reward_funcs: Any = None, args: Any = None,
+                 train_dataset: Sequence[dict[str, Any]] | None = None, backend: Any = None, tokenizer: Any = None,
+                 out_dir: str | Path | None = None, eval_task: Any = None,
+                 eval_dataset: Sequence[dict[str, Any]] | None = None, checkpoint: CheckpointConfig | None = None,
+                 resume_from_checkpoint: bool = False, console: bool = False, run_config: Any = None) -> None:
+        from diptych.core.backend import get_backend
+        from diptych.core.tokenizer import load_tokenizer
+
+        self.args = args if args is not None else self.config_cls()
+        if not isinstance(self.args, self.config_cls):
+            raise TrainerError(f"{type(self).__name__} needs args={self.config_cls.__name__}(...), got "
+                               f"{type(self.args).__name__}.")
+        self.backend = backend if backend is not None and not isinstance(backend, str) else get_backend(backend)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer("char")
+        if train_dataset is None or not len(train_dataset):
+            raise TrainerError(f"{type(self).__name__} needs train_dataset: a non-empty list of row dicts.")
+        self.train_dataset = list(train_dataset)
+        self.reward = _reward(reward_funcs) if reward_funcs is not None else None
+        if self.needs_reward:
+            if self.reward is None:
+                raise TrainerError(f"{type(self).__name__} needs reward_funcs (a task, a reward function, or "
+                                   "registered reward names).")
+            check_columns(self.reward, self.train_dataset)
+        self.model = model
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.eval_task, self.eval_dataset = eval_task, list(eval_dataset or [])
+        self.checkpoint = checkpoint or CheckpointConfig()
+        self.resume = bool(resume_from_checkpoint)
+        self.console = console
+        self.run_config = run_config if run_config is not None else {self.name: self.args}
+        self.history: list[dict[str, float]] = []
+        self.state: Any = None
+
+    # -- what subclasses provide ----------------------------------------------------------------
+    def init_state(self, model: Any) -> Any:
+        return self.backend.init_train_state(model, self.args.optim, seed=self.args.seed)
+
+    def prepare(self, state: Any, start: int) -> None:
+        """Build what the run needs besides the policy (reference model or cache) before the first step."""
+
+    def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
+        raise NotImplementedError
+
+    # -- the run --------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path | None:
+        if self.checkpoint.dir:
+            return Path(self.checkpoint.dir)
+        return self.out_dir / "checkpoints" if self.out_dir is not None else None
+
+    def train(self) -> dict[str, Any]:
+        """Train to ``args.steps`` (resuming when asked) and return the final figures (last loss / reward,
+        accuracy before and after when an eval task is given, the plot path)."""
+        from diptych.core.metrics import MetricsLogger, plot_curves
+
+        root = self.checkpoint_root
+        ckpt = (Checkpointer(self.backend, root, self.run_config, every=self.checkpoint.every,
+                             keep_last=self.checkpoint.keep_last) if root is not None else None)
+        start, state = 0, None
+        if self.resume:
+            restored = ckpt.restore_latest() if ckpt is not None else None
+            if restored is None:
+                print(f"resume: no checkpoint under {root}; starting fresh.", file=sys.stderr)
+            else:
+                state, meta = restored
+                start = int(meta["step"])
+        if state is None:
+            if self.model is None:
+                raise TrainerError(f"{type(self).__name__} needs a model (backend.build(...)) unless it resumes "
+                                   "from a checkpoint.")
+            state = self.init_state(self.model)
+        self.prepare(state, start)
+        results: dict[str, Any] = {}
+        can_eval = self.evaluates and self.eval_task is not None and bool(self.eval_dataset)
+        if can_eval:
+            results["accuracy_before"] = self._accuracy(state.model)
+        metrics_path = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
+        earlier = _keep_logged_steps(metrics_path, start) if start > 0 and metrics_path else []
+        logger = MetricsLogger.for_run(self.out_dir, self.args.steps, f"{self.name} [{self.backend.name}]",
+                                       console=self.console, append=start > 0)
+        logger.history[:0] = earlier
+        try:
+            state = run_segments(lambda st, a, b: self.run(st, a, b, logger), state, start, self.args.steps, ckpt,
+                                 self.args.seed)
+        finally:
+            logger.close()
+        self.state, self.history = state, logger.history
+        if can_eval:
+            results["accuracy_after"] = self._accuracy(state.model)
+        plot = None
+        if self.out_dir is not None:
+            plot = plot_curves(logger.history, self.out_dir / "curves.png", keys=self.plot_keys,
+                               title=f"diptych {self.name} ({self.backend.name})")
+        if logger.history:
+            last = logger.history[-1]
+            results.update({k: float(last[k]) for k in ("reward", "loss") if k in last})
+        results["steps"] = float(self.args.steps)
+        results["plot"] = str(plot) if plot else None
+        return results
+
+    def _accuracy(self, model: Any) -> float:
+        a = self.args
+        return evaluate(self.backend, model, self.tokenizer, self.eval_task, self.eval_dataset, a.max_prompt_length,
+                        a.max_completion_length)["accuracy"]
+
+    def reference_model(self, state: Any, start: int) -> Any:
+        """A frozen copy of the starting policy; written once under the checkpoint root (a Hugging Face
+        folder) so a resumed run anchors its KL to the same reference, not to the restored policy."""
+        root = self.checkpoint_root
+        if root is None:
+            return self.backend.build(state.model.spec, self.backend.export(state.model))
+        from diptych.core.hf import load_hf_folder, save_hf_folder
+
+        folder = root / "reference"
+        if (folder / "config.json").is_file():
+            spec, weights = load_hf_folder(folder)
+        elif start > 0:
+            raise TrainerError(f"Cannot resume: the reference model {folder} is missing.")
+        else:
+            spec, weights = state.model.spec, self.backend.export(state.model)
+            save_hf_folder(folder, spec, weights)
+        return self.backend.build(spec, weights)
+
+
+@register_trainer("sft")
+class SFTTrainer(Trainer):
+    config_cls = SFTConfig
+    evaluates = True
+
+    def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
+        return train_sft(self.backend, state, self.tokenizer, self.train_dataset, with_steps(self.args, end), logger,
+                         start_step=start)
+
+
+@register_trainer("dpo")
+class DPOTrainer(Trainer):
+    config_cls = DPOConfig
+    plot_keys = ("loss", "rewards_accuracy")
+    ref_cache: ReferenceCache | None = None
+
+    def prepare(self, state: Any, start: int) -> None:
+        """The reference log-probs of every row, computed once from the starting policy and saved, so
+        resume reloads them instead of keeping a reference model."""
+        self.ref_cache = None
+        if not self.args.needs_reference:
+            return
+        root = self.checkpoint_root
+        path = root / "ref_logprobs.npz" if root is not None else None
+        if path is not None and path.is_file():
+            self.ref_cache = ReferenceCache.load(path, n_rows=len(self.train_dataset))
+        elif start > 0:
+            raise TrainerError(f"Cannot resume DPO: the reference cache {path} is missing.")
+        else:
+            self.ref_cache = ReferenceCache.compute(self.backend, state.model, self.tokenizer, self.train_dataset,
+                                                    self.args)
+            if path is not None:
+                self.ref_cache.save(path)
+
+    def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
+        return train_dpo(self.backend, state, self.tokenizer, self.train_dataset, with_steps(self.args, end), logger,
+                         ref_cache=self.ref_cache, start_step=start)
+
+
+@register_trainer("grpo")
+class GRPOTrainer(Trainer):
+    config_cls = GRPOConfig
+    needs_reward = True
+    evaluates = True
+    plot_keys = ("reward", "completion_length")
+    ref_model: Any = None
+
+    def prepare(self, state: Any, start: int) -> None:
+        self.ref_model = self.reference_model(state, start) if self.args.needs_reference else None
+
+    def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
+        return train_grpo(self.backend, state, self.tokenizer, self.reward, self.train_dataset,
+                          with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start)
+
+
+@register_trainer("ppo")
+class PPOTrainer(Trainer):
+    config_cls = PPOConfig
+    needs_reward = True
+    evaluates = True
+    plot_keys = ("reward", "completion_length")
+    ref_model: Any = None
+
+    def init_state(self, model: Any) -> Any:
+        return self.backend.init_train_state(model, self.args.optim, seed=self.args.seed, value_head=True)
+
+    def prepare(self, state: Any, start: int) -> None:
+        self.ref_model = self.reference_model(state, start) if self.args.needs_reference else None
+
+    def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
+        return train_ppo(self.backend, state, self.tokenizer, self.reward, self.train_dataset,
+                         with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start)
+
+
+def _reward(reward_funcs: Any) -> Any:
+    """A task (its ``reward``), a reward callable, registered reward names, or a list/dict of either."""
+    if callable(reward_funcs) and not isinstance(reward_funcs, str):
+        return reward_funcs
+    from diptych.core.rewards import CombinedReward, get_reward
+
+    if isinstance(reward_funcs, str):
+        return get_reward(reward_funcs)
+    if isinstance(reward_funcs, dict):
+        return CombinedReward({k: get_reward(v) if isinstance(v, str) else v for k, v in reward_funcs.items()})
+    if isinstance(reward_funcs, (list, tuple)):
+        named = {}
+        for i, r in enumerate(reward_funcs):
+            key = r if isinstance(r, str) else getattr(r, "__name__", f"reward_{i}")
+            named[key] = get_reward(r) if isinstance(r, str) else r
+        return CombinedReward(named)
+    raise TrainerError(f"reward_funcs must be a task, a callable, a registered reward name or a list of those; got "
+                       f"{type(reward_funcs).__name__}.")
+
+
+def _keep_logged_steps(path: Path, start: int) -> list[dict[str, float]]:
+    """On resume, drop metric rows of steps after the checkpoint (they will be redone) and return the rest."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r.get("step", 0) <= start]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return [{k: float(v) for k, v in r.items() if isinstance(v, (int, float))} for r in kept]
