@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diptych.backends.jax.recurrent import (
+from diptych.backends.jax.recurrent_layers import (
     Params,
     RecurrentLM,
     _attend,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diptych.backends.torch.recurrent import RecurrentLM, SandwichBlock, _attend, _rope_tables, model_device
+from diptych.backends.torch.recurrent_layers import RecurrentLM, SandwichBlock, _attend, _rope_tables, model_device
 
 
 class Cache:
