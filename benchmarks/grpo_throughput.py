@@ -31,6 +31,7 @@ never replaced). If TRL cannot be imported or run, the JSON says why.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -91,9 +92,16 @@ def bench_diptych(name: str, steps: int, warmup: int) -> dict[str, Any]:
     backend = get_backend(name)
     spec, tok, rows = make_spec_and_rows()
     s = SHAPES
-    cfg = GRPOConfig(steps=steps + warmup, prompts_per_step=s["prompts_per_step"], group_size=s["group_size"],
-                     max_prompt_len=s["max_prompt_len"], max_new_tokens=s["max_new_tokens"],
-                     temperature=s["temperature"], loss="grpo", beta=0.0, optim=OptimConfig(lr=s["lr"]))
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    # TRL's field names where the library has them (the older names are deprecated aliases there)
+    names = {"num_generations": "group_size", "max_prompt_length": "max_prompt_len",
+             "max_completion_length": "max_new_tokens", "loss_type": "loss"}
+    values = {"num_generations": s["group_size"], "max_prompt_length": s["max_prompt_len"],
+              "max_completion_length": s["max_new_tokens"], "loss_type": "grpo"}
+    cfg = GRPOConfig(steps=steps + warmup, prompts_per_step=s["prompts_per_step"], temperature=s["temperature"],
+                     beta=0.0, optim=OptimConfig(lr=s["lr"]),
+                     **{(k if k in fields else names[k]): v for k, v in values.items()})
+    group, max_prompt = s["group_size"], s["max_prompt_len"]
     state = backend.init_train_state(backend.build(spec, spec.init_weights(0)), cfg.optim)
     batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed)
     generated = trained = flops = 0.0
@@ -105,11 +113,11 @@ def bench_diptych(name: str, steps: int, warmup: int) -> dict[str, Any]:
         _, chunk = next(batches)
         state, m = grpo_step(backend, state, tok, reward_len, chunk, cfg, step)
         if step >= warmup:
-            n = cfg.prompts_per_step * cfg.group_size
+            n = cfg.prompts_per_step * group
             generated += m["completion_length"] * n
             trained += m.get("tokens", 0.0)
-            prompt_lens = [len(ids) for ids in encode_prompts(tok, [r["prompt"] for r in chunk], cfg.max_prompt_len)
-                           for _ in range(cfg.group_size)]
+            prompt_lens = [len(ids) for ids in encode_prompts(tok, [r["prompt"] for r in chunk], max_prompt)
+                           for _ in range(group)]
             flops += discipline.grpo_step_flops(spec, prompt_lens, [m["completion_length"]] * n)
             for k, v in m.items():
                 if k.startswith("time/"):

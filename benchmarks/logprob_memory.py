@@ -15,6 +15,9 @@ What is measured (each case runs in a fresh subprocess so nothing else shares it
 
 The objective is ``sum(g1 * logp) + sum(g2 * entropy)``, differentiated w.r.t. hidden and weight.
 Time is the wall clock of one step after compilation (jax) or of the measured step (torch).
+The shared discipline (``benchmarks/discipline.py``) applies: ``--threads`` for both backends
+(default 1), the naive and chunked cases alternate round by round in fresh subprocesses, the
+median round (by time) is reported, and a loaded machine is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import discipline
+
+THREADS = discipline.pin_threads_early()  # before numpy, torch and jax load (workers get --threads too)
 
 FULL = dict(T=8192, H=1024, V=32768)
 SMALL = dict(T=2048, H=512, V=8192)
@@ -47,7 +57,7 @@ def _worker(backend: str, path: str, t: int, h: int, v: int, chunk: int, seed: i
 
         from diptych.backends.torch.kernels import selective_logprobs
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(THREADS)
         ht, wt = torch.from_numpy(hid).requires_grad_(), torch.from_numpy(w).requires_grad_()
         yt, g1t, g2t = torch.from_numpy(y), torch.from_numpy(g1), torch.from_numpy(g2)
         del hid, w
@@ -86,7 +96,7 @@ def _worker(backend: str, path: str, t: int, h: int, v: int, chunk: int, seed: i
 
 def _run_case(backend: str, path: str, size: dict, chunk: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", backend, path, str(size["T"]), str(size["H"]), str(size["V"]),
-           str(chunk)]
+           str(chunk), "--threads", str(THREADS)]
     # A fixed mmap threshold makes glibc return every large block on free (its adaptive threshold
     # would otherwise keep freed blocks up to 32 MiB in the heap, inflating the RSS high-water mark).
     env = dict(os.environ, JAX_PLATFORMS="cpu", MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
@@ -101,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["jax", "torch", "both"], default="both")
     p.add_argument("--small", action="store_true", help=f"use {SMALL} instead of {FULL} (for small machines)")
     p.add_argument("--chunk-size", type=int, help="tokens per chunk (default: T / 8)")
-    p.add_argument("--json", help="also write the results to this path")
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    discipline.add_arguments(p)
     a = p.parse_args(argv)
     if a.worker:
         backend, path, t, h, v, chunk = a.worker
@@ -111,23 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     size = SMALL if a.small else FULL
     a.chunk_size = a.chunk_size or DEFAULT_CHUNK["small" if a.small else "full"]
     backends = ["jax", "torch"] if a.backend == "both" else [a.backend]
-    report = dict(size=size, dtype="float32", chunk_size=a.chunk_size, cpu_count=os.cpu_count(), results={})
-    ok = True
+    bench = discipline.Bench("logprob_memory", a, dict(size=size, dtype="float32", chunk_size=a.chunk_size,
+                                                       backends=backends))
+    contenders = {f"{b}/{path}": (lambda b=b, path=path: _run_case(b, path, size, a.chunk_size))
+                  for b in backends for path in ("reference", "chunked")}
+    res = bench.run(contenders, "seconds")
+    results, table, ok = {}, [], True
     for b in backends:
-        naive = _run_case(b, "reference", size, a.chunk_size)
-        chunked = _run_case(b, "chunked", size, a.chunk_size)
+        naive, chunked = res[f"{b}/reference"], res[f"{b}/chunked"]
         mem_ratio = chunked["peak_bytes"] / naive["peak_bytes"]
         time_ratio = chunked["seconds"] / naive["seconds"]
-        report["results"][b] = dict(naive=naive, chunked=chunked, memory_ratio=mem_ratio, time_ratio=time_ratio,
-                                    memory_ok=mem_ratio <= 0.25, time_ok=time_ratio <= 1.3)
+        results[b] = dict(naive=naive, chunked=chunked, memory_ratio=mem_ratio, time_ratio=time_ratio,
+                          memory_ok=mem_ratio <= 0.25, time_ok=time_ratio <= 1.3)
         ok &= mem_ratio <= 0.25
-        print(f"{b:5s} naive {naive['peak_bytes'] / 2**20:8.1f} MiB {naive['seconds']:7.2f} s | "
-              f"chunked {chunked['peak_bytes'] / 2**20:8.1f} MiB {chunked['seconds']:7.2f} s | "
-              f"memory {mem_ratio:.1%} (<= 25%) time {time_ratio:.2f}x (target <= 1.3x)  [{naive['method']}]")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0 if ok else 1
+        table.append(f"{b:5s} naive {naive['peak_bytes'] / 2**20:8.1f} MiB {naive['seconds']:7.2f} s | "
+                     f"chunked {chunked['peak_bytes'] / 2**20:8.1f} MiB {chunked['seconds']:7.2f} s | "
+                     f"memory {mem_ratio:.1%} (<= 25%) time {time_ratio:.2f}x (target <= 1.3x)  [{naive['method']}]")
+    return bench.finish(results, table, a.json, ok=ok)
 
 
 if __name__ == "__main__":

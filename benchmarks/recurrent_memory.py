@@ -9,6 +9,10 @@ too (an allocator-independent view of the same thing).
 
 Targets (issue 7): (32, 8) within 1.3x of (8, 8), and below 40% of full backprop at r = 32.
 
+The shared discipline (``benchmarks/discipline.py``) applies: ``--threads`` for every child
+(default 1), configurations alternating round by round (``--rounds``, default 1: peaks are
+deterministic), the median round reported, and a loaded machine refused.
+
     python benchmarks/recurrent_memory.py --json results/recurrent_memory.json
 """
 
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,6 +28,10 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import discipline
+
+THREADS = discipline.pin_threads_early()  # before numpy, torch and jax load (children get --threads too)
 
 CONFIGS = {"truncated_r32_k8": (32, 8), "truncated_r8_k8": (8, 8), "full_r32": (32, None), "baseline": (1, 0)}
 
@@ -51,7 +58,7 @@ def _child(args) -> dict:
 
         from diptych.backends.torch import recurrent as R
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(THREADS)
         model = R.build(spec, w)
         if args.config == "baseline":
             with torch.no_grad():
@@ -91,28 +98,38 @@ def _child(args) -> dict:
     return out
 
 
+def _run_child(args, backend: str, config: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--backend", backend, "--config", config, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--hidden", str(args.hidden), "--threads", str(THREADS)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{backend}/{config} child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", action="append", choices=["jax", "torch"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--json", type=Path, metavar="PATH")
     p.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    discipline.add_arguments(p, rounds=1)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(_child(args)))
         return 0
-    results: dict = {"machine": platform.platform(), "batch": args.batch, "seq": args.seq, "hidden": args.hidden,
-                     "backends": {}}
-    for backend in args.backend or ["jax", "torch"]:
-        rows = {}
-        for config in CONFIGS:
-            cmd = [sys.executable, __file__, "--child", "--backend", backend, "--config", config,
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows[config] = json.loads(res.stdout.strip().splitlines()[-1])
+    backends = args.backend or ["jax", "torch"]
+    bench = discipline.Bench("recurrent_memory", args, {"batch": args.batch, "seq": args.seq, "hidden": args.hidden,
+                                                        "backends": backends})
+    contenders = {f"{b}/{c}": (lambda b=b, c=c: _run_child(args, b, c)) for b in backends for c in CONFIGS}
+    res = bench.run(contenders, "peak_rss_bytes")
+    results: dict = {"backends": {}}
+    table = []
+    mib = 1 << 20
+    for backend in backends:
+        rows = {c: dict(res[f"{backend}/{c}"]) for c in CONFIGS}
         base = rows["baseline"]["peak_rss_bytes"]
         for row in rows.values():
             row["peak_above_baseline_bytes"] = row["peak_rss_bytes"] - base
@@ -125,17 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             summary.update(jax_temp_r32k8_over_r8k8=j32 / max(j8, 1), jax_temp_r32k8_over_full_r32=j32 / max(jf, 1))
         summary["meets_target"] = summary["r32k8_over_r8k8"] <= 1.3 and summary["r32k8_over_full_r32"] < 0.4
         results["backends"][backend] = {"rows": rows, "summary": summary}
-        mib = 1 << 20
-        print(f"[{backend}] peak above baseline: (32,8) {t32 / mib:.1f} MiB, (8,8) {t8 / mib:.1f} MiB, "
-              f"full r=32 {full / mib:.1f} MiB -> ratios {summary['r32k8_over_r8k8']:.2f}x, "
-              f"{summary['r32k8_over_full_r32']:.2f} of full")
+        table.append(f"[{backend}] peak above baseline: (32,8) {t32 / mib:.1f} MiB, (8,8) {t8 / mib:.1f} MiB, "
+                     f"full r=32 {full / mib:.1f} MiB -> ratios {summary['r32k8_over_r8k8']:.2f}x, "
+                     f"{summary['r32k8_over_full_r32']:.2f} of full")
         if backend == "jax":
-            print(f"[jax] compiled temp bytes: (32,8) {j32 / mib:.1f} MiB, (8,8) {j8 / mib:.1f} MiB, "
-                  f"full {jf / mib:.1f} MiB")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+            table.append(f"[jax] compiled temp bytes: (32,8) {j32 / mib:.1f} MiB, (8,8) {j8 / mib:.1f} MiB, "
+                         f"full {jf / mib:.1f} MiB")
+    return bench.finish(results, table, args.json)
 
 
 if __name__ == "__main__":
