@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from diptych.core.backend import backend_names
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("diptych.commands.quickstart", "SFT warm start then GRPO on the built-in arithmetic task"),
     "train": ("diptych.commands.train", "train with sft | dpo | grpo | ppo from a YAML config and flags"),
@@ -21,6 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "depth-sweep": ("diptych.commands.depth_sweep", "accuracy vs recurrence depth for a recurrent model"),
     "env": ("diptych.commands.env", "versions, backends, devices and thread settings, to paste into a bug report"),
 }
+
+
+def add_backend_argument(parser: argparse.ArgumentParser, *, default: str | None = None, required: bool = False,
+                         help: str | None = None) -> argparse.Action:
+    """``--backend`` with the registered backends as its choices (third-party ones included), for every command."""
+    return parser.add_argument(
+        "--backend", default=default, required=required, choices=backend_names(),
+        help=help or f"framework to run on ({' | '.join(backend_names())}); default: $DIPTYCH_BACKEND")
 
 
 def _load(name: str):

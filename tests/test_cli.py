@@ -29,3 +29,18 @@ def test_unknown_command_is_an_error(capsys):
         main(["nonsense"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_backend_argument_choices_come_from_the_registry(monkeypatch):
+    import argparse
+
+    from diptych.cli import add_backend_argument
+    from diptych.core import backend as registry
+
+    monkeypatch.setitem(registry._REGISTRY, "mlx", registry._Entry("no.such.module", "MlxBackend", ("mlx",), "mlx"))
+    parser = argparse.ArgumentParser()
+    add_backend_argument(parser)
+    assert parser.parse_args(["--backend", "mlx"]).backend == "mlx"
+    assert parser.parse_args([]).backend is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--backend", "tensorflow"])

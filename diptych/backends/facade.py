@@ -3,28 +3,34 @@
 Each backend package (``diptych.backends.jax``, ``diptych.backends.torch``) keeps one module
 per concern, file for file: ``model``, ``recurrent``, ``sampler``, ``train``, ``checkpoint``.
 A backend class only says which package it is and how arrays cross the boundary; every
-other method of the Backend protocol is this routing, written once. Modules are imported on
+other method of the :class:`diptych.core.backend.Backend` protocol is this routing, written once,
+with the protocol's signatures (plus ``**kw`` for a backend's own options). Modules are imported on
 first use so that both frameworks can live in one process and a missing one fails late.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diptych.core.backend import Array, Model
+from diptych.core.backend import Array, Model, TrainState
+from diptych.core.model_types import is_recurrent
 
-RECURRENT_MODEL_TYPES = ("huginn_raven",)
+if TYPE_CHECKING:
+    from diptych.core.optim import OptimConfig
+    from diptych.core.sampling import Rollout, SamplingConfig
+    from diptych.core.spec import DecoderSpec
 
 
 def model_module(package: str, spec_or_model: Any) -> ModuleType:
     """The module implementing a spec or model: ``recurrent`` for recurrent-depth ones, else ``model``."""
-    spec = getattr(spec_or_model, "spec", spec_or_model)
-    concern = "recurrent" if getattr(spec, "model_type", None) in RECURRENT_MODEL_TYPES else "model"
-    return importlib.import_module(f"{package}.{concern}")
+    return importlib.import_module(f"{package}.{'recurrent' if is_recurrent(spec_or_model) else 'model'}")
 
 
 class Facade:
@@ -40,17 +46,22 @@ class Facade:
         return model_module(self.package, spec_or_model)
 
     # -- foundation -----------------------------------------------------------------------
-    def build(self, spec: Any, weights: dict[str, np.ndarray], dtype: str = "float32", **options: Any) -> Model:
+    def build(self, spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float32",
+              **options: Any) -> Model:
+        """Instantiate ``spec`` with canonical weights; ``options``: ``kernels``, a torch ``device``, a depth."""
         return self._impl(spec).build(spec, weights, dtype=dtype, **options)
 
     def export(self, model: Model) -> dict[str, np.ndarray]:
+        """The canonical ``{hf_name: float32 array}`` weights of ``model``."""
         return self._impl(model).export(model)
 
     def forward(self, model: Model, tokens: Array, attention_mask: Array | None = None, **kw: Any) -> Array:
+        """Logits ``[B, T, V]`` float32 of a left-padded batch."""
         return self._impl(model).forward(model, tokens, attention_mask, **kw)
 
     def logprobs(self, model: Model, tokens: Array, attention_mask: Array | None, targets: Array,
                  temperature: float = 1.0, **kw: Any) -> Array:
+        """Per-token target log-probs ``[B, T]`` float32 of ``softmax(logits / temperature)``."""
         return self._impl(model).logprobs(model, tokens, attention_mask, targets, temperature, **kw)
 
     def set_depth(self, model: Model, num_steps: int | None = None, num_grad_steps: int | None = None) -> Model:
@@ -59,33 +70,47 @@ class Facade:
         return model
 
     # -- generation -----------------------------------------------------------------------
-    def generate(self, model: Model, prompts: Any, sampling: Any, **kw: Any) -> Any:
-        impl = self._impl(model)
-        if impl.__name__.endswith(".recurrent"):
-            return impl.generate(model, prompts, sampling, **kw)
+    def generate(self, model: Model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 **kw: Any) -> Rollout:
+        """Sample completions: a recurrent model through its own loop, a decoder through ``sampler``."""
+        if is_recurrent(model):
+            return self._impl(model).generate(model, prompts, sampling, **kw)
         return self._module("sampler").generate(model, prompts, sampling, **kw)
 
     # -- trainers -------------------------------------------------------------------------
-    def init_train_state(self, model: Model, optim: Any, **kw: Any) -> Any:
-        return self._module("train").init_train_state(model, optim, **kw)
+    def init_train_state(self, model: Model, optim: OptimConfig, *, value_head: bool = False, seed: int = 0,
+                         **kw: Any) -> TrainState:
+        """Wrap ``model`` for training (AdamW; a value head for PPO)."""
+        return self._module("train").init_train_state(model, optim, value_head=value_head, seed=seed, **kw)
 
-    def train_step(self, state: Any, microbatches: Any, loss: Any, loss_config: Any, **kw: Any) -> Any:
-        return self._module("train").train_step(state, microbatches, loss, loss_config, **kw)
+    def train_step(self, state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]],
+                   loss: str | Mapping[str, float], loss_config: Any, *, temperature: float = 1.0,
+                   **kw: Any) -> tuple[TrainState, dict[str, float]]:
+        """One optimizer update; see ``diptych.backends.<name>.train.train_step``."""
+        return self._module("train").train_step(state, microbatches, loss, loss_config, temperature=temperature,
+                                                **kw)
 
-    def export_weights(self, state: Any) -> dict[str, np.ndarray]:
-        """Canonical HF-named float32 weights of a train state (the master weights)."""
-        return self._module("train").export_weights(state)
-
-    def gradients(self, state: Any, microbatches: Any, loss: Any, loss_config: Any, **kw: Any) -> Any:
+    def gradients(self, state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]],
+                  loss: str | Mapping[str, float], loss_config: Any, *, temperature: float = 1.0,
+                  **kw: Any) -> tuple[dict[str, np.ndarray], float]:
         """The full-batch gradient (canonical names) and loss, without updating: for parity checks."""
-        return self._module("train").gradients(state, microbatches, loss, loss_config, **kw)
+        return self._module("train").gradients(state, microbatches, loss, loss_config, temperature=temperature,
+                                               **kw)
 
-    def values(self, state: Any, tokens: Any, attention_mask: Any) -> Any:
+    def values(self, state: TrainState, tokens: Array, attention_mask: Array) -> Array:
         """Value-head predictions ``[B, T-1]`` (PPO old values); needs ``init_train_state(value_head=True)``."""
         return self._module("train").values(state, tokens, attention_mask)
 
-    def save(self, state: Any, path: Any, **kw: Any) -> Any:
-        return self._module("checkpoint").save(state, path, **kw)
+    def export_weights(self, state: TrainState) -> dict[str, np.ndarray]:
+        """Canonical HF-named float32 weights of a train state (the master weights)."""
+        return self._module("train").export_weights(state)
 
-    def restore(self, path: Any, **kw: Any) -> Any:
+    # -- checkpoints ----------------------------------------------------------------------
+    def save(self, state: TrainState, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None,
+             keep_last: int | None = None) -> Path:
+        """Write ``state`` (and ``metadata``) atomically to ``path``."""
+        return self._module("checkpoint").save(state, path, metadata=metadata, keep_last=keep_last)
+
+    def restore(self, path: str | os.PathLike[str], **kw: Any) -> tuple[TrainState, dict[str, Any]]:
+        """Load ``(state, metadata)`` written by :meth:`save` (torch takes ``device=``)."""
         return self._module("checkpoint").restore(path, **kw)

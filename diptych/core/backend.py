@@ -18,6 +18,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+
+    from diptych.core.optim import OptimConfig
+    from diptych.core.sampling import Rollout, SamplingConfig
     from diptych.core.spec import DecoderSpec
 
 ENV_VAR = "DIPTYCH_BACKEND"
@@ -25,17 +31,23 @@ ENV_VAR = "DIPTYCH_BACKEND"
 Model = Any
 """A backend-owned model handle (an ``nnx.Module`` on JAX, a ``torch.nn.Module`` on torch)."""
 
+TrainState = Any
+"""A backend-owned train state (weights, optimizer state, ``step``, ``model``); opaque to the core."""
+
 Array = Any
 """A backend-native array (``jax.Array`` or ``torch.Tensor``)."""
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """What every backend implements. Grouped by the issue that brings each method.
+    """What every backend implements: the whole surface the trainers, samplers, parity harness and
+    commands call (``tests/test_backend_protocol.py`` checks both backends against it).
 
     All ``tokens`` / ``attention_mask`` inputs are ``[batch, time]`` integer arrays with
     LEFT padding (mask 0 on the pad side); positions are derived from the mask, so a padded
-    row gives the same numbers as the same row unpadded.
+    row gives the same numbers as the same row unpadded. A backend may accept extra keyword
+    options (a torch ``device``, a decoder's ``kernels`` mode, a recurrent model's depth); the core
+    passes only the arguments below.
     """
 
     name: str
@@ -51,7 +63,7 @@ class Backend(Protocol):
 
     # -- foundation ---------------------------------------------------------------------------
     def build(self, spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float32") -> Model:
-        """Instantiate ``spec`` with canonical (Hugging Face-named) numpy weights."""
+        """Instantiate ``spec`` (a decoder or recurrent spec) with canonical (Hugging Face-named) numpy weights."""
         ...
 
     def export(self, model: Model) -> dict[str, np.ndarray]:
@@ -62,16 +74,62 @@ class Backend(Protocol):
         """Logits ``[batch, time, vocab]`` (float32) for a left-padded batch."""
         ...
 
-    def logprobs(
-        self,
-        model: Model,
-        tokens: Array,
-        attention_mask: Array | None,
-        targets: Array,
-        temperature: float = 1.0,
-    ) -> Array:
+    def logprobs(self, model: Model, tokens: Array, attention_mask: Array | None, targets: Array,
+                 temperature: float = 1.0) -> Array:
         """Per-token ``log_softmax(logits / temperature)[targets]``, ``[batch, time]`` float32."""
         ...
+
+    def set_depth(self, model: Model, num_steps: int | None = None, num_grad_steps: int | None = None) -> Model:
+        """Recurrent-depth models: the depth r (and backprop depth k) the next calls and train steps use."""
+        ...
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, model: Model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> Rollout:
+        """Sample ``sampling.n`` completions per prompt (token ids, sampler log-probs, masks)."""
+        ...
+
+    # -- training -----------------------------------------------------------------------------
+    def init_train_state(self, model: Model, optim: OptimConfig, *, value_head: bool = False,
+                         seed: int = 0) -> TrainState:
+        """Wrap a built model for training with AdamW (a float32 master copy under bf16; a value head for PPO)."""
+        ...
+
+    def train_step(self, state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]],
+                   loss: str | Mapping[str, float], loss_config: Any, *,
+                   temperature: float = 1.0) -> tuple[TrainState, dict[str, float]]:
+        """One optimizer update from the gradient accumulated over ``microbatches`` (divided once) of a registered
+        loss (or a weighted mapping of them); returns the new state and the step's metrics."""
+        ...
+
+    def gradients(self, state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]],
+                  loss: str | Mapping[str, float], loss_config: Any, *,
+                  temperature: float = 1.0) -> tuple[dict[str, np.ndarray], float]:
+        """The full-batch gradient by canonical name and the loss, without updating: what parity compares."""
+        ...
+
+    def values(self, state: TrainState, tokens: Array, attention_mask: Array) -> Array:
+        """Value-head predictions ``[B, T - 1]`` (PPO old values); needs ``init_train_state(value_head=True)``."""
+        ...
+
+    def export_weights(self, state: TrainState) -> dict[str, np.ndarray]:
+        """Canonical HF-named float32 weights of a train state (the master weights, no value head)."""
+        ...
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, state: TrainState, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None,
+             keep_last: int | None = None) -> Path:
+        """Write ``state`` and the caller's JSON-able ``metadata`` atomically to the directory ``path``."""
+        ...
+
+    def restore(self, path: str | os.PathLike[str]) -> tuple[TrainState, dict[str, Any]]:
+        """Load a checkpoint written by :meth:`save`: ``(state, metadata)``; training continues exactly."""
+        ...
+
+
+PROTOCOL_METHODS: tuple[str, ...] = tuple(
+    n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_")
+)
+"""The names of the Backend methods, in declaration order."""
 
 
 @dataclass(frozen=True)
