@@ -1,25 +1,41 @@
-"""Run model-written code in a throwaway process that cannot hurt the trainer.
+"""Run model-written code in a throwaway jail that the operating system enforces.
 
-Code rewards execute whatever the policy wrote, and an RL policy will find every way to loop,
-fork, allocate or write that its environment allows. Each run therefore gets, in layers:
+Code rewards execute whatever the policy wrote, and an RL policy will find every way to loop, fork,
+allocate, write, read or connect that its environment allows. An in-Python guard (an audit hook)
+cannot hold it: the program can rewrite the guard's state or call what the hook never sees
+(``os.open(dir_fd=...)``, ``_posixsubprocess.fork_exec``, ``os.mkfifo``). So the default, ``strict``
+isolation is done by the kernel (see ``sandbox_launcher.py``, which builds it):
 
-- kernel limits (``resource`` rlimits): CPU seconds, address space, process count, file size (which
-  also caps captured output), no core dumps. They are set by a tiny launcher that we exec first and
-  that then execs the program, never in a ``preexec_fn``: Python code between fork and exec in a
-  multithreaded parent (JAX/XLA, torch, the reward thread pool) can deadlock on a lock some other
-  thread held at fork time, and JAX warns about exactly that. Without ``preexec_fn``, ``subprocess``
-  starts the child entirely in C (vfork/exec), running no Python and no at-fork hooks in the parent;
-- a new session, killed as a group on the wall-clock timeout, so the caller always gets control back;
-- a clean environment (no inherited variables, so no secrets) and a fresh temporary working directory;
-- where ``unshare`` allows (Linux): new network, PID and mount namespaces (no network, a private
-  ``/proc`` that hides the parent, every descendant dies with the sandbox), and when we run as root
-  a drop to user ``nobody`` (root ignores the process-count limit and can write anywhere);
-- inside Python, an audit hook that refuses writes outside the working directory, spawning
-  programs, and ``ctypes`` (the usual way around an audit hook).
+Guaranteed (strict):
+- fresh user, mount, PID, network, IPC and UTS namespaces; as root the program's uid maps to an
+  unprivileged uid of its own (one per concurrent sandbox, so RLIMIT_NPROC separates fork bombs);
+- the filesystem is a fresh tmpfs holding only read-only binds of the interpreter, its standard
+  library (site-packages masked), the system's shared libraries (``/usr/lib``...) and ``/dev/null``,
+  ``zero``, ``full``, ``random``, ``urandom``; the working directory and ``/tmp`` live in that tmpfs and
+  vanish with it. ``/etc``, ``/home``, ``/root``, the repo, the venv and ``/proc`` are not there;
+  ``/usr/bin`` (programs to run) only with ``allow_spawn=True`` or :func:`run_command`;
+- no network: the new network namespace has only a loopback that is down;
+- no capabilities after exec (empty bounding set), ``no_new_privs``, and on x86-64 a seccomp filter
+  refusing ptrace, mount, pivot_root, chroot, unshare/setns and namespace-creating clone, keyrings, bpf,
+  perf_event_open, userfaultfd, io_uring, kernel modules, kexec, process_vm_*, handle-based opens,
+  and sockets other than AF_UNIX;
+- rlimits (CPU seconds, address space, processes, file size, no core dumps), a wall-clock timeout
+  that kills the launcher's process group (and so, through the PID namespace, every descendant),
+  a clean environment.
 
-Best effort: without ``unshare`` (macOS, locked-down containers) there is no network isolation
-and no PID namespace; :func:`isolation` says what this machine enforces. Treat it as a fence for
-buggy and reward-hacking code, not a security boundary against a determined attacker.
+Not guaranteed: protection from kernel bugs (the program still talks to the host kernel, through a
+smaller door), from CPU/memory side channels, or from exhausting shared resources that have no rlimit
+here (disk is bounded by the tmpfs size, memory by RLIMIT_AS per process times the process limit).
+Whatever the program prints is untrusted data; callers must not act on it (see the code reward).
+
+Where the kernel cannot do this (no unprivileged user namespaces, macOS, a non-x86-64 machine) the
+sandbox REFUSES to run and says what is missing, unless the caller opts in to ``weak`` isolation
+(``SandboxLimits(isolation="weak")`` or ``DIPTYCH_SANDBOX=weak``): rlimits, ``unshare`` where it
+works, and the in-Python audit hook, which stops accidents but not a program that wants out.
+
+The launcher is a fresh interpreter we exec first, never a ``preexec_fn``: Python code between fork
+and exec in a multithreaded parent (JAX/XLA, torch, the reward thread pool) can deadlock on a lock
+some other thread held at fork time. Without ``preexec_fn``, ``subprocess`` starts the child in C.
 """
 
 from __future__ import annotations
@@ -27,18 +43,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+WEAK_ENV = "DIPTYCH_SANDBOX"  # set to "weak" to accept the in-Python guard where the kernel cannot isolate
+_LAUNCHER_FILE = Path(__file__).with_name("sandbox_launcher.py")
+_STRICT_ARCHES = ("x86_64",)
+_WORKDIR = "/sandbox"
 
 NOBODY = 65534
 # When we run as root each concurrent sandbox gets its own unprivileged uid from this range, because
@@ -47,7 +71,8 @@ _UID_POOL = range(64000, 64512)
 _uid_lock = threading.Lock()
 _uids_in_use: set[int] = set()
 
-# Installed before the user's program; runs inside the sandboxed interpreter (stdlib only).
+# Weak isolation only: installed before the user's program inside the sandboxed interpreter (stdlib only).
+# It stops accidents, not intent: the program can switch it off (see the module docstring).
 _GUARD = r'''
 import os, sys
 _root = os.path.realpath(os.getcwd())
@@ -85,8 +110,8 @@ _g = {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins_
 exec(compile(_src, "main.py", "exec"), _g)
 '''
 
-# The first program the sandbox starts (``python -I -S -c _LAUNCHER <limits json> <argv...>``): a fresh
-# single-threaded interpreter that applies the rlimits to itself and then becomes ``argv`` (the unshare
+# Weak isolation only: the first program the sandbox starts (``python -I -S -c _LAUNCHER <limits> <argv...>``):
+# a fresh single-threaded interpreter that applies the rlimits to itself and then becomes ``argv`` (the unshare
 # prefix, which does the namespaces and the drop to an unprivileged uid, then the program). Limits
 # survive exec, so this is exactly what a preexec_fn did, minus running Python in a forked parent.
 _LAUNCHER = r"""
@@ -114,10 +139,14 @@ class SandboxLimits:
     max_file_mb: int = 16  # largest file the program may write, stdout and stderr included
     max_output_bytes: int = 64_000  # stdout / stderr kept for the caller
     allow_spawn: bool = False  # let Python code start other programs (subprocess, os.system)
+    # "strict": kernel isolation or refuse; "weak": fall back to the in-Python guard where the kernel cannot
+    isolation: str = "strict"
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.memory_mb <= 0 or self.max_processes <= 0 or self.max_output_bytes <= 0:
             raise ValueError(f"SandboxLimits must be positive, got {self}.")
+        if self.isolation not in ("strict", "weak"):
+            raise ValueError(f"SandboxLimits.isolation must be 'strict' or 'weak', got {self.isolation!r}.")
 
 
 @dataclasses.dataclass
@@ -147,11 +176,13 @@ class SandboxResult:
 class Isolation:
     """What the kernel enforces here, found once by probing (see :func:`isolation`)."""
 
-    prefix: tuple[str, ...]  # the unshare command line put in front of the program (plus --setuid when dropping)
+    prefix: tuple[str, ...]  # weak: the unshare command line put in front of the program (plus --setuid)
     python: str  # an interpreter the sandbox user can execute
     network: bool
     pid_namespace: bool
     drops_root: bool
+    kind: str = "weak"  # "namespaces" (strict, kernel-enforced) or "weak"
+    seccomp: bool = False
 
 
 def _can_run(prefix: Sequence[str], exe: str) -> bool:
@@ -164,7 +195,7 @@ def _can_run(prefix: Sequence[str], exe: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def isolation() -> Isolation:
+def _weak_isolation() -> Isolation:
     """Probe, most isolated first: namespaces + drop to nobody (root), user namespaces, plain process."""
     unshare = shutil.which("unshare")
     exes = list(dict.fromkeys(p for p in (sys.executable, shutil.which("python3"), "/usr/bin/python3")
@@ -237,25 +268,159 @@ def _read_capped(path: Path, cap: int) -> tuple[str, bool]:
     return data[:cap].decode("utf-8", errors="replace"), len(data) > cap
 
 
-def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | None = None,
-                files: Mapping[str, str] | None = None) -> SandboxResult:
-    """Run ``argv`` (its first element is looked up on a minimal PATH) inside the sandbox.
+def _under(path: str, dirs: Sequence[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
 
-    ``files`` are written into the fresh working directory first (name -> text). The directory
-    is deleted afterwards. Never raises for anything the program does; only bad arguments raise.
+
+@functools.lru_cache(maxsize=2)
+def _view(spawn: bool) -> tuple[str, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """What the jail shows, read-only: ``(python, binds, symlinks, masks)``; binds are ``(path, dir|file|dev)``.
+
+    Only the interpreter, its standard library and the shared libraries; ``/usr/bin`` only when the
+    program may start others. Host paths keep their names (the interpreter finds its prefix and its
+    libpython by absolute path), but nothing else of their parents is visible.
     """
-    limits = limits or SandboxLimits()
-    if not argv:
-        raise ValueError("run_command needs a non-empty argv.")
-    iso = isolation()
+    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    dirs = [d for d in ("/usr/lib", "/usr/lib64", "/usr/lib32") if os.path.isdir(d) and not os.path.islink(d)]
+    top = ["/lib", "/lib64", "/lib32"] + (["/bin", "/sbin"] if spawn else [])
+    if spawn:
+        dirs += [d for d in ("/usr/bin", "/usr/sbin", "/usr/libexec") if os.path.isdir(d) and not os.path.islink(d)]
+    symlinks = []
+    for d in top:
+        if os.path.islink(d):
+            symlinks.append((d, os.readlink(d)))
+        elif os.path.isdir(d):
+            dirs.append(d)
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix, "installed_base": sys.base_prefix,
+            "installed_platbase": sys.base_exec_prefix}
+    paths = sysconfig.get_paths(vars=base)
+    libdir = sysconfig.get_config_var("LIBDIR") or os.path.join(sys.base_prefix, "lib")
+    stdlib = [os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")]
+    files = [python, *sorted(glob.glob(os.path.join(libdir, "libpython*.so*")))]
+    binds: list[tuple[str, str]] = [(d, "dir") for d in dirs]
+    for d in stdlib:
+        if not _under(d, [b for b, _ in binds]):
+            binds.append((d, "dir"))
+    for f in files:
+        if os.path.isfile(f) and not _under(f, [b for b, k in binds if k == "dir"]):
+            binds.append((f, "file"))
+    devices = ("null", "zero", "full", "random", "urandom")
+    binds += [(f"/dev/{d}", "dev") for d in devices if os.path.exists(f"/dev/{d}")]
+    site = {sysconfig.get_paths(vars=base)[k] for k in ("purelib", "platlib")} | {"/usr/lib/python3/dist-packages"}
+    masks = tuple(sorted(p for p in site if os.path.isdir(p) and _under(p, [b for b, k in binds if k == "dir"])))
+    return python, tuple(binds), tuple(symlinks), masks
+
+
+@functools.lru_cache(maxsize=1)
+def _namespace_problem() -> str | None:
+    """Why strict isolation cannot run here, or None; found once by starting a real jail."""
+    if not sys.platform.startswith("linux"):
+        return f"kernel namespaces and seccomp need Linux, this is {sys.platform}"
+    if platform.machine() not in _STRICT_ARCHES:
+        return f"the seccomp filter knows {', '.join(_STRICT_ARCHES)} syscalls only, this is {platform.machine()}"
+    r = _run_strict([_view(False)[0], "-I", "-S", "-c", "print('ok')"], "", SandboxLimits(timeout_s=20), {},
+                    spawn=False)
+    if r.returncode == 0 and r.stdout.strip() == "ok":
+        return None
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"the probe jail exited with {r.returncode}"
+
+
+def isolation(mode: str | None = None) -> Isolation:
+    """The isolation runs get here: kernel namespaces + seccomp, else (only if asked for) the weak guard.
+
+    Raises when the kernel cannot isolate and neither ``mode="weak"`` nor ``DIPTYCH_SANDBOX=weak`` allows less.
+    """
+    problem = _namespace_problem()
+    if problem is None:
+        return Isolation((), _view(False)[0], True, True, True, kind="namespaces", seccomp=True)
+    if mode == "weak" or os.environ.get(WEAK_ENV, "").strip().lower() == "weak":
+        return _weak_isolation()
+    raise RuntimeError(
+        f"sandbox: the kernel cannot isolate programs here ({problem}); refusing to run untrusted code. "
+        "Enable unprivileged user namespaces (sysctl user.max_user_namespaces>0, kernel.unprivileged_userns_clone=1"
+        f", no AppArmor userns restriction), or accept the bypassable in-Python guard with "
+        f"SandboxLimits(isolation='weak') or {WEAK_ENV}=weak.")
+
+
+def _check_files(files: Mapping[str, str] | None) -> None:
+    for name in files or {}:
+        norm = os.path.normpath(name)
+        if os.path.isabs(name) or norm == ".." or norm.startswith("../") or norm == ".":
+            raise ValueError(f"sandbox file name {name!r} escapes the working directory; use a relative name.")
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL whatever still runs as ``uid`` (belt and braces: the PID namespace should have taken it)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            uid_line = next(line for line in status.read_text().splitlines() if line.startswith("Uid:"))
+            if int(uid_line.split()[1]) == uid:
+                os.kill(int(status.parent.name), signal.SIGKILL)
+
+
+def _execute(cmd: list[str], stdin: str, limits: SandboxLimits, cwd: Path, env: Mapping[str, str],
+             io_dir: Path) -> SandboxResult:
+    """Start ``cmd`` in its own session, stop it at the timeout, and return its capped output."""
+    (io_dir / "stdin").write_text(stdin, encoding="utf-8")
+    start = time.monotonic()
+    timed_out = False
+    with open(io_dir / "stdin", "rb") as fin, open(io_dir / "stdout", "wb") as fout, \
+            open(io_dir / "stderr", "wb") as ferr:
+        # No preexec_fn (see the module docstring): setsid, cwd, env and fds are done by subprocess in C.
+        proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=dict(env),
+                                start_new_session=True, close_fds=True)
+        try:
+            proc.wait(timeout=limits.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            # Kill the whole group even after a normal exit: a daemonised grandchild must not outlive the run.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    duration = time.monotonic() - start
+    stdout, t1 = _read_capped(io_dir / "stdout", limits.max_output_bytes)
+    stderr, t2 = _read_capped(io_dir / "stderr", limits.max_output_bytes)
+    # util-linux 2.38 cannot re-raise some signals (SIGXCPU) after --fork and says so; that is our noise.
+    stderr = "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("unshare: sigprocmask"))
+    return SandboxResult(proc.returncode, stdout, stderr, timed_out, t1 or t2, duration)
+
+
+def _run_strict(argv: list[str], stdin: str, limits: SandboxLimits, files: Mapping[str, str],
+                spawn: bool) -> SandboxResult:
+    _, binds, symlinks, masks = _view(spawn)
+    uid = _take_uid() if os.geteuid() == 0 else -1
+    root = Path(tempfile.mkdtemp(prefix="diptych-sandbox-"))  # only the jail's mount point; stays empty here
+    io_dir = Path(tempfile.mkdtemp(prefix="diptych-sandbox-io-"))
+    try:
+        root.chmod(0o755)  # the jail's builder runs as the sandbox uid and must reach its mount point
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": _WORKDIR, "TMPDIR": "/tmp",
+               "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        size_mb = max(64, 4 * limits.max_file_mb) + sum(len(t.encode()) for t in files.values()) // 2**20 + 1
+        cfg = {"root": str(root), "workdir": _WORKDIR, "tmpfs_mb": size_mb, "binds": binds, "symlinks": symlinks,
+               "masks": masks, "files": dict(files), "argv": argv, "env": env, "seccomp": True,
+               "uid": uid if uid >= 0 else os.geteuid(), "gid": uid if uid >= 0 else os.getegid(),
+               "rlimits": _rlimits(limits, limits.max_processes)}
+        (io_dir / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        launcher = [os.path.realpath(sys.executable), "-I", "-S", str(_LAUNCHER_FILE), str(io_dir / "config.json")]
+        return _execute(launcher, stdin, limits, io_dir, env, io_dir)
+    finally:
+        if uid >= 0:
+            _kill_uid(uid)
+            _release_uid(uid)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(io_dir, ignore_errors=True)
+
+
+def _run_weak(argv: Sequence[str], stdin: str, limits: SandboxLimits, files: Mapping[str, str]) -> SandboxResult:
+    iso = _weak_isolation()
     uid = -1
     work = Path(tempfile.mkdtemp(prefix="diptych-sandbox-"))
     io_dir = Path(tempfile.mkdtemp(prefix="diptych-sandbox-io-"))  # outside the sandbox's reach
     try:
-        for name, text in (files or {}).items():
-            target = (work / name).resolve()
-            if work.resolve() not in target.parents:
-                raise ValueError(f"sandbox file name {name!r} escapes the working directory; use a relative name.")
+        for name, text in files.items():
+            target = work / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
         prefix = list(iso.prefix)
@@ -268,36 +433,10 @@ def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | No
         else:
             # Without a uid of its own the sandbox shares our user's count (threads included), so the
             # limit is what we already run plus the sandbox's allowance.
-            uid = -1
             nproc = limits.max_processes + (_tasks_of(os.geteuid()) if os.geteuid() != 0 else 0)
-        (io_dir / "stdin").write_text(stdin, encoding="utf-8")
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work),
                "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
-        start = time.monotonic()
-        timed_out = False
-        with open(io_dir / "stdin", "rb") as fin, open(io_dir / "stdout", "wb") as fout, \
-                open(io_dir / "stderr", "wb") as ferr:
-            # No preexec_fn (see the module docstring): setsid, cwd, env and fds are done by subprocess in C,
-            # the rlimits by the launcher in its own fresh process.
-            proc = subprocess.Popen(_launcher_argv(iso.python, limits, nproc, [*prefix, *argv]), stdin=fin,
-                                    stdout=fout, stderr=ferr, cwd=work, env=env, start_new_session=True,
-                                    close_fds=True)
-            try:
-                proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                # Kill the whole group even after a normal exit: a daemonised grandchild must not outlive the run.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        duration = time.monotonic() - start
-        stdout, t1 = _read_capped(io_dir / "stdout", limits.max_output_bytes)
-        stderr, t2 = _read_capped(io_dir / "stderr", limits.max_output_bytes)
-        # util-linux 2.38 cannot re-raise some signals (SIGXCPU) after --fork and says so; that is our noise.
-        stderr = "".join(line for line in stderr.splitlines(keepends=True)
-                         if not line.startswith("unshare: sigprocmask"))
-        return SandboxResult(proc.returncode, stdout, stderr, timed_out, t1 or t2, duration)
+        return _execute(_launcher_argv(iso.python, limits, nproc, [*prefix, *argv]), stdin, limits, work, env, io_dir)
     finally:
         if uid >= 0:
             _release_uid(uid)
@@ -305,12 +444,33 @@ def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | No
         shutil.rmtree(io_dir, ignore_errors=True)
 
 
+def run_command(argv: Sequence[str], stdin: str = "", limits: SandboxLimits | None = None,
+                files: Mapping[str, str] | None = None) -> SandboxResult:
+    """Run ``argv`` (its first element is looked up on a minimal PATH) inside the sandbox.
+
+    ``files`` are written into the fresh working directory first (name -> text). Never raises for
+    anything the program does; bad arguments raise ValueError, a machine that cannot isolate RuntimeError.
+    """
+    limits = limits or SandboxLimits()
+    if not argv:
+        raise ValueError("run_command needs a non-empty argv.")
+    _check_files(files)
+    if isolation(limits.isolation).kind == "namespaces":
+        return _run_strict(list(argv), stdin, limits, files or {}, spawn=True)
+    return _run_weak(argv, stdin, limits, files or {})
+
+
 def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
                files: Mapping[str, str] | None = None) -> SandboxResult:
-    """Run Python source as ``main.py`` in the sandbox (isolated mode, no site-packages, write guard on)."""
+    """Run Python source as ``main.py`` in the sandbox's working directory (isolated mode, no site-packages)."""
     limits = limits or SandboxLimits()
     if not isinstance(code, str):
         raise TypeError(f"run_python needs the program as a str, got {type(code).__name__}.")
+    _check_files(files)
+    iso = isolation(limits.isolation)
+    if iso.kind == "namespaces":
+        return _run_strict([iso.python, "-I", "-S", "-B", "main.py"], stdin, limits, {**(files or {}), "main.py": code},
+                           spawn=limits.allow_spawn)
     guard = f"ALLOW_SPAWN = {limits.allow_spawn!r}\n" + _GUARD
     all_files = {**(files or {}), "main.py": code, ".guard.py": guard}
-    return run_command([isolation().python, "-I", "-S", "-B", ".guard.py"], stdin, limits, all_files)
+    return _run_weak([iso.python, "-I", "-S", "-B", ".guard.py"], stdin, limits, all_files)

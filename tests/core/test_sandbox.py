@@ -13,16 +13,15 @@ from diptych.core.sandbox import SandboxLimits, isolation, run_command, run_pyth
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the sandbox needs a POSIX system")
 
 
-def _survivors(workdir: str) -> list[int]:
-    """Processes still sitting in the sandbox's (now deleted) working directory."""
-    pids = []
+def _pid_namespaces() -> dict[str, list[int]]:
+    """PID namespace -> its processes, as seen from here."""
+    spaces: dict[str, list[int]] = {}
     for p in Path("/proc").glob("[0-9]*"):
         try:
-            if os.readlink(p / "cwd").startswith(workdir):
-                pids.append(int(p.name))
+            spaces.setdefault(os.readlink(p / "ns" / "pid"), []).append(int(p.name))
         except OSError:
             continue
-    return pids
+    return spaces
 
 
 def test_runs_code_and_returns_output():
@@ -50,13 +49,17 @@ def test_fork_bomb_is_contained_and_leaves_no_process_behind():
         "import os\nprint(os.getcwd(), flush=True)\n"
         "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     )
+    before = set(_pid_namespaces())
     start = time.monotonic()
     r = run_python(code, limits=SandboxLimits(timeout_s=1.5, max_processes=16))
     assert r.timed_out and time.monotonic() - start < 4.0
-    workdir = r.stdout.split("\n")[0]
-    assert workdir.startswith("/") and "diptych-sandbox" in workdir
-    time.sleep(0.2)
-    assert _survivors(workdir) == []
+    assert r.stdout.split("\n")[0] == "/sandbox"
+    # everything the bomb forked lived in the sandbox's own PID namespace, which dies with it (the kernel
+    # reaps a namespace of many processes within moments, not at once)
+    deadline = time.monotonic() + 3.0
+    while (left := {ns: p for ns, p in _pid_namespaces().items() if ns not in before}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == {}
 
 
 def test_memory_bomb_fails_inside_the_sandbox():
@@ -64,16 +67,20 @@ def test_memory_bomb_fails_inside_the_sandbox():
     assert not r.ok and "allocated" not in r.stdout and "MemoryError" in r.stderr
 
 
-def test_writes_outside_the_working_directory_are_refused(tmp_path):
+def test_writes_outside_the_working_directory_never_reach_the_host(tmp_path):
+    # The host's tmp_path is not in the sandbox's view; its /tmp is a private tmpfs; its root is read-only.
     outside = [tmp_path / "escaped.txt", Path("/tmp") / f"diptych-escape-{os.getpid()}.txt"]
     code = "\n".join(
-        f"try:\n    open({str(p)!r}, 'w').write('x')\nexcept OSError as e:\n    print('refused', type(e).__name__)"
+        f"try:\n    open({str(p)!r}, 'w').write('x')\n    print('private')\n"
+        "except OSError as e:\n    print('refused', type(e).__name__)"
         for p in outside
-    ) + "\nimport os\ntry:\n    os.open('../up.txt', os.O_CREAT | os.O_WRONLY)\nexcept OSError:\n    print('refused')"
+    ) + "\nimport os\ntry:\n    os.open('../up.txt', os.O_CREAT | os.O_WRONLY)\n" \
+        "except OSError as e:\n    print('refused', e)"
     code += "\nopen('inside.txt', 'w').write('fine')\nprint(open('inside.txt').read())"
     r = run_python(code)
     assert r.ok, r.stderr
-    assert r.stdout.count("refused") == 3 and r.stdout.strip().endswith("fine")
+    assert r.stdout.splitlines() == ["refused FileNotFoundError", "private",
+                                     "refused [Errno 30] Read-only file system: '../up.txt'", "fine"]
     assert not any(p.exists() for p in outside)
 
 
@@ -95,8 +102,12 @@ def test_output_is_capped():
 
 
 def test_spawning_programs_is_refused_by_default():
+    # no programs but the interpreter are in the sandbox's view unless asked for
     r = run_python("import subprocess\nsubprocess.run(['true'])")
-    assert not r.ok and "not allowed" in r.stderr
+    assert not r.ok and "No such file or directory: 'true'" in r.stderr
+    shell = "import subprocess\nprint(subprocess.run(['sh', '-c', 'echo $((6 * 7))'], capture_output=True).stdout)"
+    r = run_python(shell, limits=SandboxLimits(allow_spawn=True))
+    assert r.ok and r.stdout == "b'42\\n'\n", r.stderr
 
 
 def test_network_is_unreachable_where_namespaces_exist():
@@ -195,3 +206,28 @@ def test_the_requested_rlimits_reach_the_program():
     mb = 1024 * 1024
     # CPU default: the timeout rounded up, plus one second
     assert r.stdout.strip() == str([(4, 5), (300 * mb, 300 * mb), (3 * mb, 3 * mb), (0, 0)])
+
+
+def test_without_kernel_isolation_the_sandbox_refuses_unless_weak_is_asked_for(monkeypatch):
+    from diptych.core import sandbox
+
+    monkeypatch.setattr(sandbox, "_namespace_problem", lambda: "unshare(user, ...) failed: Operation not permitted")
+    monkeypatch.delenv(sandbox.WEAK_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"cannot isolate.*Operation not permitted.*isolation='weak'"):
+        run_python("print('never runs')")
+    with pytest.raises(RuntimeError, match="cannot isolate"):
+        run_command(["true"])
+    # explicit opt-in, per call or per process: the in-Python guard, which still stops the plain mistakes
+    weak = run_python("print('weak')\nopen('/tmp/x-diptych-weak', 'w')", limits=SandboxLimits(isolation="weak"))
+    assert weak.stdout == "weak\n" and "writing outside the working directory is not allowed" in weak.stderr
+    assert isolation("weak").kind == "weak"
+    monkeypatch.setenv(sandbox.WEAK_ENV, "weak")
+    assert run_python("print(1 + 1)").stdout == "2\n"
+    with pytest.raises(ValueError, match="'strict' or 'weak'"):
+        SandboxLimits(isolation="none")
+
+
+def test_this_machine_gets_kernel_isolation():
+    """CI and dev machines allow unprivileged user namespaces; losing them must be loud, not a silent downgrade."""
+    iso = isolation()
+    assert iso.kind == "namespaces" and iso.network and iso.pid_namespace and iso.seccomp
