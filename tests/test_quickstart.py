@@ -8,9 +8,28 @@ import pytest
 
 from diptych.cli import main
 from diptych.commands.quickstart import QuickstartConfig, carry_free_sum, quickstart, warm_start_rows
+from diptych.core.plotting import moving_average
 from diptych.core.tasks import get_task
 
 BACKENDS = ["jax", "torch"]
+
+
+def tiny_config(**overrides) -> QuickstartConfig:
+    """A quickstart small enough for a test (~5 s on torch) that still learns some 1-digit sums (~10% held out)."""
+    base = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=64, n_train=400, n_test=40, sft_steps=120, sft_batch=32, grpo_steps=2,
+                prompts_per_step=4, group_size=4, task_knobs={"digits": (1, 1), "ops": ("+",)}, sft_carry_bug=0.0)
+    return QuickstartConfig(**{**base, **overrides})
+
+
+def run_tiny(name: str, out) -> dict:
+    from diptych.core.backend import get_backend
+
+    if name == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+    return quickstart(get_backend(name), tiny_config(), out=out, console=False)
 
 
 def test_carry_free_sum_drops_every_carry() -> None:
@@ -53,6 +72,58 @@ def test_quickstart_cli_writes_json_plot_and_metrics(name: str, tmp_path) -> Non
     grpo_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in grpo_rows] == [1, 2] and "reward" in grpo_rows[0]
     assert len((out / "sft" / "metrics.jsonl").read_text().splitlines()) == 3
+    # The run leaves a model to use: an HF folder with the char tokenizer, the native state inside it.
+    final = out / "final"
+    assert result["final"] == str(final)
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "diptych_eval.json"} <= {
+        p.name for p in final.iterdir()}
+    assert json.loads((final / "checkpoint" / "diptych.json").read_text())["backend"] == name
+    # The curve data: the moving average of the logged rewards, and the three held-out accuracies marked.
+    panels = {p["key"]: p for p in json.loads((out / "curves.json").read_text())}
+    assert panels["reward"]["raw"] == [r["reward"] for r in grpo_rows]
+    assert panels["reward"]["smooth"] == moving_average(panels["reward"]["raw"], panels["reward"]["window"])
+    assert [(m["x"], m["y"]) for m in panels["reward"]["markers"]] == [
+        (0.0, result["accuracy_initial"]), (0.0, result["accuracy_before"]), (2.0, result["accuracy_after"])]
+    assert panels["reward"]["ylabel"] == "reward (fraction of sums right)"
+
+
+def test_quickstart_prints_the_commands_to_use_its_model(tmp_path, capsys) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "run"
+    assert main(["quickstart", "--backend", "torch", "--sft-steps", "1", "--grpo-steps", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    final = out / "final"
+    assert f'diptych sample --backend torch --checkpoint {final} --prompt "12+7=" --temperature 0' in text
+    assert f"diptych evaluate --backend torch --checkpoint {final}" in text
+    assert f"diptych convert {final / 'checkpoint'} {out / 'final-jax'} --to jax" in text
+
+
+def _reloaded_accuracy(trained_on: str, tmp_path) -> None:
+    from diptych.commands.evaluate import evaluate_checkpoint
+    from diptych.commands.sample import eval_settings
+    from diptych.core.backend import get_backend
+
+    result = run_tiny(trained_on, tmp_path / "run")
+    final = tmp_path / "run" / "final"
+    settings = eval_settings(final)
+    assert settings["accuracy"] == result["accuracy_after"] and settings["n"] == 40
+    for name in BACKENDS:
+        pytest.importorskip("torch" if name == "torch" else "flax")
+        for folder in (final, final / "checkpoint"):           # the HF folder and the native checkpoint
+            figures = evaluate_checkpoint(get_backend(name), folder, settings)
+            assert figures["accuracy"] == pytest.approx(result["accuracy_after"], abs=1e-9), (name, folder)
+
+
+def test_saved_model_reloads_on_both_backends_with_the_printed_accuracy(tmp_path) -> None:
+    pytest.importorskip("torch")
+    _reloaded_accuracy("torch", tmp_path)
+
+
+@pytest.mark.slow
+def test_jax_trained_model_reloads_on_both_backends(tmp_path) -> None:
+    pytest.importorskip("flax")
+    _reloaded_accuracy("jax", tmp_path)
 
 
 def test_quickstart_rejects_unknown_backend(capsys) -> None:
