@@ -126,16 +126,72 @@ def compile_chat_template(source: str) -> Any:
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _namespace_class()
     return env.from_string(source)
 
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
+class _TemplateDict:
+    # transformers' `dict` global: building dicts in a template without exposing the dict type itself
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+@lru_cache(maxsize=1)
+def _namespace_class() -> type:
+    """transformers' ``namespace``: jinja's, refusing underscore-prefixed names (a sandbox escape route)."""
+    import jinja2
+    import jinja2.utils
+
+    def check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}. "
+                "Please rename the attribute.")
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    return TemplateNamespace
+
+
+def _check_tools(tools: Sequence[Mapping[str, Any]] | None, documents: Sequence[Mapping[str, Any]] | None) -> None:
+    if tools is not None:
+        for t in tools:
+            if not isinstance(t, Mapping):
+                raise ValueError(f"Each tool must be a JSON-schema dict ({{'type': 'function', 'function': ...}}), "
+                                 f"got {type(t).__name__}; convert functions with transformers.utils.get_json_schema.")
+    if documents is not None:
+        for d in documents:
+            if not isinstance(d, Mapping):
+                raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
+
+
 def render_chat_template(source: str, messages: Sequence[Message], add_generation_prompt: bool = True,
-                         **variables: Any) -> str:
-    """Render like ``transformers``: None-valued keys dropped, reasoning aliases filled, specials as variables."""
+                         tools: Sequence[Mapping[str, Any]] | None = None,
+                         documents: Sequence[Mapping[str, Any]] | None = None, **variables: Any) -> str:
+    """Render like ``transformers``: None-valued keys dropped, reasoning aliases filled, specials as variables.
+
+    ``tools`` are JSON-schema dicts and ``documents`` dicts, passed to the template as transformers passes
+    them (``tools`` stays ``None`` when not given, which templates test with ``tools is not none``).
+    """
     _check_messages(messages)
+    _check_tools(tools, documents)
     chat = []
     for m in messages:
         m = {k: v for k, v in m.items() if v is not None}
@@ -144,8 +200,14 @@ def render_chat_template(source: str, messages: Sequence[Message], add_generatio
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         chat.append(m)
     return compile_chat_template(source).render(
-        messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
+        messages=chat, tools=None if tools is None else list(tools),
+        documents=None if documents is None else list(documents), add_generation_prompt=add_generation_prompt,
+        **variables,
     )
+
+
+# the named special tokens transformers passes to every chat template (its SPECIAL_TOKENS_ATTRIBUTES)
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _token_text(value: Any) -> str | None:
@@ -162,7 +224,7 @@ class HFTokenizer:
         self._tok = backend
         self.config = dict(config or {})
         self.chat_template = chat_template
-        self.special_tokens = {k: t for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+        self.special_tokens = {k: t for k in _SPECIAL_TOKEN_NAMES
                                if (t := _token_text(self.config.get(k))) is not None}
         self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
         self.bos_id = self._id_of(self.special_tokens.get("bos_token"))
@@ -219,11 +281,11 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-                            **variables: Any) -> str:
+                            tools: Sequence[Mapping[str, Any]] | None = None, **variables: Any) -> str:
         if not self.chat_template:
             raise ValueError("This tokenizer has no chat_template; add one to tokenizer_config.json "
                              "or pass plain prompts instead of messages.")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, tools=tools,
                                     **{**self.special_tokens, **variables})
 
     def __repr__(self) -> str:
