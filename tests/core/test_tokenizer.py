@@ -193,6 +193,12 @@ def test_llama31_template_renders_and_tokenizes_exactly_as_transformers(tmp_path
         assert "Today Date: 26 Jul 2024" in text
         header = hf.convert_tokens_to_ids("<|start_header_id|>")
         assert ours.encode(text).count(header) == text.count("<|start_header_id|>")  # specials stay atomic
+    # Meta's documented Llama 3.1 prompt format, written out by hand
+    assert ours.apply_chat_template(TURNS[0], add_generation_prompt=True) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
     _assert_same(hf, ours, TURNS[2], gen, date_string="01 Dec 2026")
     tool_turns = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Paris?"},
                   {"role": "assistant", "tool_calls": [{"type": "function", "function": {
@@ -224,7 +230,9 @@ def test_mistral_v03_template_renders_and_tokenizes_exactly_as_transformers(tmp_
     for conv in TURNS:
         text = _assert_same(hf, ours, conv, gen)
         assert text.startswith("<s>[INST] ")
-    # the system prompt joins the last user turn, and the assistant turn ends in eos
+    # Mistral's documented v3 format: no space after [/INST], the system prompt joins the last user turn,
+    # and the assistant turn ends in eos
+    assert ours.apply_chat_template(TURNS[0]) == "<s>[INST] What is 2+2?[/INST]"
     assert ours.apply_chat_template(TURNS[2]) == "<s>[INST] Hi[/INST] Hello</s>[INST] Be terse.\n\nünïcode & <html> " \
                                                  "{\"a\": 1}[/INST]"
     tool_turns = [{"role": "user", "content": "Weather in Paris?"},
