@@ -108,6 +108,41 @@ def loss_inputs(batch: Mapping[str, Array], quantities: Mapping[str, Array], nam
     return inputs
 
 
+def model_outputs(outputs: frozenset[str], batch: Mapping[str, Any], *, logprobs: Callable[[Any, Any, Any], Array],
+                  hidden_states: Callable[[Any, Any], Array], logprobs_and_entropy: Callable[[Array, Any], tuple],
+                  values: Callable[[Array], Array]) -> dict[str, Array]:
+    """Compute the declared model ``outputs`` with the backend's primitives, running the model as few times as
+    both backends agree on: one ``logprobs`` call per side of a preference pair; on ``tokens``, the plain
+    ``logprobs`` seam when only log-probs are wanted, else one ``hidden_states`` pass shared by log-probs,
+    entropy (one fused kernel call) and the value head.
+
+    Primitives: ``logprobs(tokens, attention_mask, targets)``, ``hidden_states(tokens, attention_mask)``,
+    ``logprobs_and_entropy(hidden, targets)`` and ``values(hidden)``; inputs are ``[B, T - 1]`` slices.
+    """
+    out: dict[str, Array] = {}
+    for side in ("chosen", "rejected"):
+        if f"{side}_logprobs" in outputs:
+            tok, am = batch[f"{side}_tokens"], batch[f"{side}_attention_mask"]
+            out[f"{side}_logprobs"] = logprobs(tok[:, :-1], am[:, :-1], tok[:, 1:])
+    need_lp, need_entropy, need_values = ("logprobs" in outputs, "entropy" in outputs, "values" in outputs)
+    if not (need_lp or need_entropy or need_values):
+        return out
+    tok, am = batch["tokens"], batch["attention_mask"]
+    if need_lp and not (need_entropy or need_values):
+        out["logprobs"] = logprobs(tok[:, :-1], am[:, :-1], tok[:, 1:])
+        return out
+    hidden = hidden_states(tok[:, :-1], am[:, :-1])
+    if need_lp or need_entropy:
+        lp, entropy = logprobs_and_entropy(hidden, tok[:, 1:])
+        if need_lp:
+            out["logprobs"] = lp
+        if need_entropy:
+            out["entropy"] = entropy
+    if need_values:
+        out["values"] = values(hidden)
+    return out
+
+
 def run_losses(inputs: Mapping[str, Array], names: Sequence[str],
                configs: Mapping[str, Any]) -> list[tuple[Array, Array, dict[str, Array]]]:
     """Each term's ``(unreduced sum, denominator, metrics)`` in the order of ``names``."""

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from diptych.kernels.checks import check_selective_logprobs_inputs
+
 KERNEL_MODES = ("auto", "fused", "chunked", "reference")
 
 __all__ = ["KERNEL_MODES", "resolve_kernels", "rms_norm", "selective_logprobs"]
@@ -68,7 +70,7 @@ def selective_logprobs(
     traced scalar (e.g. an argument of the caller's ``jit``); it gets no gradient.
     """
     lead = hidden.shape[:-1]
-    _check_inputs(hidden, weight, targets, temperature, chunk_size)
+    check_selective_logprobs_inputs(hidden, weight, targets, temperature, chunk_size)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1).astype(jnp.int32)
     mode = resolve_kernels(kernels)
@@ -81,22 +83,6 @@ def selective_logprobs(
 
         logp, ent = fused_selective_logprobs(h2, weight, y, temperature)
     return logp.reshape(lead), ent.reshape(lead)
-
-
-def _check_inputs(hidden: Any, weight: Any, targets: Any, temperature: Any, chunk_size: int) -> None:
-    if weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"selective_logprobs wants hidden [..., H] and weight [V, H] with the same H; got hidden "
-            f"{tuple(hidden.shape)} and weight {tuple(weight.shape)} (pass lm_head.weight, not its transpose)."
-        )
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}; got {tuple(targets.shape)}."
-        )
-    if isinstance(temperature, int | float) and not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}.")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
 
 
 def _chunk_stats(h: jax.Array, w: jax.Array, y: jax.Array, temperature: Any):

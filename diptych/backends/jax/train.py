@@ -262,31 +262,16 @@ def _micro_fn(graphdef: Any, names: tuple[str, ...], configs: tuple[Any, ...], t
 
 def _model_quantities(model: nnx.Module, head: Any, batch: Mapping[str, jax.Array], outputs: frozenset[str],
                       temperature: float) -> dict[str, jax.Array]:
-    """The differentiable inputs of the losses: the declared ``outputs`` among log-probs, entropy, values."""
+    """The declared differentiable outputs (log-probs, entropy, values) from this model's JAX primitives."""
     lib = _lib(model)
-    out: dict[str, jax.Array] = {}
-    for side in ("chosen", "rejected"):
-        if f"{side}_logprobs" in outputs:
-            tok, am = batch[f"{side}_tokens"], batch[f"{side}_attention_mask"]
-            out[f"{side}_logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
-    need_lp, need_entropy, need_values = ("logprobs" in outputs, "entropy" in outputs, "values" in outputs)
-    if not (need_lp or need_entropy or need_values):
-        return out
-    tok, am = batch["tokens"], batch["attention_mask"]
-    if need_lp and not (need_entropy or need_values):
-        out["logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
-        return out
-    hidden = lib.hidden_states(model, tok[:, :-1], am[:, :-1])
-    if need_lp or need_entropy:
-        lp, entropy = logprobs_and_entropy(hidden, lib.lm_head_weight(model), tok[:, 1:], temperature,
-                                           kernels=getattr(model, "kernels", "auto"))
-        if need_lp:
-            out["logprobs"] = lp
-        if need_entropy:
-            out["entropy"] = entropy
-    if need_values:
-        out["values"] = (hidden.astype(jnp.float32) @ head["weight"].T + head["bias"])[..., 0]
-    return out
+    return TS.model_outputs(
+        outputs, batch,
+        logprobs=lambda tok, am, y: lib.logprobs(model, tok, am, y, temperature),
+        hidden_states=lambda tok, am: lib.hidden_states(model, tok, am),
+        logprobs_and_entropy=lambda h, y: logprobs_and_entropy(h, lib.lm_head_weight(model), y, temperature,
+                                                               kernels=getattr(model, "kernels", "auto")),
+        values=lambda h: (h.astype(jnp.float32) @ head["weight"].T + head["bias"])[..., 0],
+    )
 
 
 def logprobs_and_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array, temperature: float | jax.Array,

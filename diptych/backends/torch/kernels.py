@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from diptych.kernels.checks import check_selective_logprobs_inputs
+
 KERNEL_MODES = ("auto", "fused", "chunked", "reference")
 
 __all__ = ["KERNEL_MODES", "resolve_kernels", "rms_norm", "selective_logprobs"]
@@ -62,14 +64,13 @@ def selective_logprobs(
     kernels: str = "auto",
     chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log_softmax(hidden @ weight.T / temperature)[targets]`` and the entropy, both float32.
+    """Target log-probs of ``softmax(hidden @ weight.T / temperature)`` and its entropy, float32, in torch.
 
-    ``hidden`` is ``[..., H]`` (typically ``[N, H]``), ``weight`` is the LM head ``[V, H]`` and
-    ``targets`` has ``hidden``'s leading shape. Differentiable w.r.t. ``hidden`` and ``weight``.
-    Logits are always computed in float32 whatever the input dtype.
+    Shapes as in the JAX twin: ``hidden [..., H]``, LM head ``weight [V, H]``, ``targets`` of ``hidden``'s
+    leading shape; gradients flow to ``hidden`` and ``weight``; the logits are float32 for any input dtype.
     """
     lead = hidden.shape[:-1]
-    _check_inputs(hidden, weight, targets, temperature, chunk_size)
+    check_selective_logprobs_inputs(hidden, weight, targets, temperature, chunk_size)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1).long()
     mode = resolve_kernels(kernels, hidden.device)
@@ -82,22 +83,6 @@ def selective_logprobs(
 
         logp, ent = fused_selective_logprobs(h2, weight, y, float(temperature))
     return logp.reshape(lead), ent.reshape(lead)
-
-
-def _check_inputs(hidden, weight, targets, temperature: float, chunk_size: int) -> None:
-    if weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"selective_logprobs wants hidden [..., H] and weight [V, H] with the same H; got hidden "
-            f"{tuple(hidden.shape)} and weight {tuple(weight.shape)} (pass lm_head.weight, not its transpose)."
-        )
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}; got {tuple(targets.shape)}."
-        )
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}.")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
 
 
 def _chunk_stats(h: torch.Tensor, w32: torch.Tensor, y: torch.Tensor, temperature: float):

@@ -225,37 +225,26 @@ def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarra
 
 def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], outputs: frozenset[str],
                       temperature: float) -> dict[str, torch.Tensor]:
-    """The differentiable inputs of the losses: the declared ``outputs`` among log-probs, entropy, values.
+    """The declared differentiable outputs (log-probs, entropy, values) from this model's torch primitives.
 
     A recurrent model runs at the depth last given to ``set_depth(state.model, r, k)``: the first
     r - k iterations without gradient (truncated backprop).
     """
     model = state.model
     lib = _lib(model)
-    out: dict[str, torch.Tensor] = {}
-    for side in ("chosen", "rejected"):
-        if f"{side}_logprobs" in outputs:
-            tok, am = mb[f"{side}_tokens"], mb[f"{side}_attention_mask"]
-            out[f"{side}_logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
-    need_lp, need_entropy, need_values = ("logprobs" in outputs, "entropy" in outputs, "values" in outputs)
-    if not (need_lp or need_entropy or need_values):
-        return out
-    tok, am = mb["tokens"], mb["attention_mask"]
-    if need_lp and not (need_entropy or need_values):
-        out["logprobs"] = lib.logprobs(model, tok[:, :-1], am[:, :-1], tok[:, 1:], temperature)
-        return out
-    hidden = lib.hidden_states(model, tok[:, :-1], am[:, :-1])
-    if need_lp or need_entropy:
-        targets = torch.as_tensor(np.asarray(tok[:, 1:]), device=hidden.device, dtype=torch.long)
-        lp, entropy = logprobs_and_entropy(hidden, lib.lm_head_weight(model), targets, temperature,
-                                           kernels=getattr(model, "kernels", "auto"))
-        if need_lp:
-            out["logprobs"] = lp
-        if need_entropy:
-            out["entropy"] = entropy
-    if need_values:
-        out["values"] = state.value_head(hidden.float())[..., 0]
-    return out
+    weight = lib.lm_head_weight(model)
+
+    def fused(hidden: torch.Tensor, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = torch.as_tensor(np.asarray(targets), device=hidden.device, dtype=torch.long)
+        return logprobs_and_entropy(hidden, weight, targets, temperature, kernels=getattr(model, "kernels", "auto"))
+
+    return TS.model_outputs(
+        outputs, mb,
+        logprobs=lambda tok, am, y: lib.logprobs(model, tok, am, y, temperature),
+        hidden_states=lambda tok, am: lib.hidden_states(model, tok, am),
+        logprobs_and_entropy=fused,
+        values=lambda h: state.value_head(h.float())[..., 0],
+    )
 
 
 def logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
