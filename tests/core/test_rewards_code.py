@@ -40,3 +40,29 @@ def test_an_infinite_loop_scores_zero_within_the_timeout():
 def test_malformed_tests_raise_a_clear_error():
     with pytest.raises(ValueError, match="assert strings"):
         get_reward("code")([""], [GOOD], tests=[[42]])
+
+
+def test_assert_forms_are_judged_on_plain_data_outside_the_sandbox():
+    prog = "```python\ndef f(xs):\n    return sorted(xs)\ndef g(x):\n    return (x, x)\ndef h():\n    return None\n```"
+    tests = [
+        "assert f([3, 1, 2]) == [1, 2, 3]",
+        "xs = [5, 4]\nassert f(xs) == sorted(xs) and len(f(xs)) == 2",
+        "assert abs(f([0.1])[0] - 0.1) < 1e-9",
+        "assert 0 < f([2, 1])[0] <= 1 and 3 not in f([1, 2])",
+        "assert g(1) == (1, 1) and g(1) != [1, 1]",  # a tuple is not a list, as in Python
+        "assert h() is None",
+        "assert not f([])",
+        "assert f([1]) == [2]",  # wrong on purpose: the only failing test
+    ]
+    assert get_reward("code", partial=True)([""], [prog], tests=[tests]) == [pytest.approx(7 / 8)]
+
+
+def test_a_test_without_an_assert_is_rejected():
+    with pytest.raises(ValueError, match="no assert"):
+        get_reward("code")([""], [GOOD], tests=[["square(2)"]])
+
+
+def test_a_bool_is_not_an_integer_answer():
+    yes = "```python\ndef square(x):\n    return True\n```"
+    assert get_reward("code", partial=True)([""], [yes], tests=[["assert square(1) == 1", "assert square(1)"]]) == [
+        pytest.approx(0.5)]
