@@ -208,6 +208,9 @@ def generate_stream(backend: Any, model: Any, prompts: Sequence[Sequence[int]], 
         raise ValueError(f"--stream-tokens must be >= 1, got {chunk}.")
     if sampling.stop_sequences:
         raise ValueError("streaming does not support stop_sequences (a match could span two chunks).")
+    from diptych.core.sampling import prepare_prompts
+
+    prepare_prompts(prompts, sampling, model.spec)  # the whole budget must fit, as in one call
     n = sampling.n
     rows = [list(p) for p in prompts for _ in range(n)]
     out = [Completion(r // n, r % n, [], []) for r in range(len(rows))]
