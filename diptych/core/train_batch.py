@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from diptych.core.losses.registry import LOSS_SPECS, BatchLayout, loss_spec, merge_layouts
+from diptych.core.losses.registry import DETACHED, LOSS_SPECS, BatchLayout, loss_spec, merge_layouts
 
 INT_KEYS = frozenset({"tokens", "attention_mask", "chosen_tokens", "chosen_attention_mask",
                       "rejected_tokens", "rejected_attention_mask"})
@@ -79,8 +79,9 @@ def int_keys(terms: Iterable[str]) -> frozenset[str]:
 
 def needed_outputs(terms: Iterable[str], configs: Mapping[str, Any],
                    batch_keys: Iterable[str] | None = None) -> frozenset[str]:
-    """The model outputs the backend must compute: what each term declares under its config, plus the source of
-    every detached default whose key ``batch_keys`` lacks (``logprobs`` for an omitted ``old_logprobs``)."""
+    """The model outputs the backend must compute: what each term declares under its config (with the source of
+    each ``detached_<output>``), plus the source of every detached default whose key ``batch_keys`` lacks
+    (``logprobs`` for an omitted ``old_logprobs``)."""
     terms = list(terms)
     out = set()
     for t in terms:
@@ -88,6 +89,7 @@ def needed_outputs(terms: Iterable[str], configs: Mapping[str, Any],
     if batch_keys is not None:
         present = set(batch_keys)
         out |= {src for key, src in layout(terms).detached_defaults.items() if key not in present}
+    out |= {n[len(DETACHED):] for n in out if n.startswith(DETACHED)}
     return frozenset(out)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from diptych.core import xp as X
-from diptych.core.losses.registry import loss_spec
+from diptych.core.losses.registry import DETACHED, loss_spec
 from diptych.core.train_batch import int_keys, layout, loss_terms, needed_outputs, reduce_metrics, validate_microbatch
 
 Array = Any
@@ -97,11 +97,15 @@ def host_batch(mb: Mapping[str, np.ndarray], plan: StepPlan) -> dict[str, np.nda
 
 
 def loss_inputs(batch: Mapping[str, Array], quantities: Mapping[str, Array], names: Sequence[str],
-                stop_gradient: Callable[[Array], Array]) -> dict[str, Array]:
-    """What the losses read: the batch's constants, the model outputs and, for each absent key with a detached
-    default, ``stop_gradient`` of its source output (``old_logprobs = sg(logprobs)``)."""
+                stop_gradient: Callable[[Array], Array], outputs: Iterable[str] = ()) -> dict[str, Array]:
+    """What the losses read: the batch's constants, the model outputs, ``stop_gradient`` of the source of each
+    ``detached_<output>`` among ``outputs`` and, for each absent key with a detached default, ``stop_gradient``
+    of its source output (``old_logprobs = sg(logprobs)``)."""
     ints = int_keys(names)
     inputs = {**{k: v for k, v in batch.items() if k not in ints}, **quantities}
+    for name in outputs:
+        if name.startswith(DETACHED) and name not in inputs:
+            inputs[name] = stop_gradient(quantities[name[len(DETACHED):]])
     for key, src in layout(names).detached_defaults.items():
         if key not in inputs and src in quantities:
             inputs[key] = stop_gradient(quantities[src])

@@ -243,7 +243,7 @@ def _micro_fn(graphdef: Any, names: tuple[str, ...], configs: tuple[Any, ...], t
         model = nnx.merge(graphdef, _cast(params["model"], compute_dtype), rest)
         outputs = needed_outputs(names, cfg, batch.keys())
         quantities = _model_quantities(model, params["value_head"], batch, outputs, temperature)
-        inputs = TS.loss_inputs(batch, quantities, names, jax.lax.stop_gradient)
+        inputs = TS.loss_inputs(batch, quantities, names, jax.lax.stop_gradient, outputs)
         outs = TS.run_losses(inputs, names, cfg)
         sums = jnp.stack([jnp.asarray(o[0], jnp.float32) for o in outs])
         dens = jnp.stack([jnp.asarray(o[1], jnp.float32) for o in outs])

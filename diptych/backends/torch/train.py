@@ -207,7 +207,7 @@ def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarra
         device = state.master[0].device
         constants = {k: torch.as_tensor(v, device=device) for k, v in TS.host_batch(mb, plan).items()
                      if k not in plan.int_keys}
-        inputs = TS.loss_inputs(constants, quantities, names, torch.Tensor.detach)
+        inputs = TS.loss_inputs(constants, quantities, names, torch.Tensor.detach, outputs)
         outs = TS.run_losses(inputs, names, plan.configs)
         for i, (s, d, _) in enumerate(outs):
             grads = torch.autograd.grad(s, params, retain_graph=i + 1 < len(names), allow_unused=True)

@@ -33,6 +33,7 @@ from diptych.core.losses.common import (
 from diptych.core.losses.policy import POLICY_PRESETS, PolicyLossConfig, kl_estimate, policy_loss, policy_preset
 from diptych.core.losses.preference import PREFERENCE_KINDS, PreferenceLossConfig, preference_loss
 from diptych.core.losses.registry import (
+    DETACHED,
     LOSS_CONFIGS,
     LOSS_SPECS,
     LOSSES,
@@ -55,6 +56,7 @@ from diptych.core.losses.value import ValueLossConfig, value_loss
 
 __all__ = [
     "AGGREGATIONS",
+    "DETACHED",
     "LOSSES",
     "LOSS_CONFIGS",
     "LOSS_SPECS",

@@ -3,12 +3,12 @@
 A train step runs a registered loss it has never heard of: the loss's :class:`LossSpec` names the
 batch layout (required and optional micro-batch keys, which of them are per-token and against which
 token array, which are integer model inputs) and the model outputs it needs (``logprobs``,
-``entropy``, ``values``, ``chosen_logprobs``, ``rejected_logprobs``), possibly depending on its
-config (entropy only when ``entropy_coef != 0``). ``diptych.core.train_batch`` validates micro-batches
-from these declarations and the backends compute exactly the declared outputs, so adding a loss is
-one decorated function::
+``entropy``, ``values``, ``chosen_logprobs``, ``rejected_logprobs``, or a ``detached_`` copy of one),
+possibly depending on its config (entropy only when ``entropy_coef != 0``). ``diptych.core.train_batch``
+validates micro-batches from these declarations and the backends compute exactly the declared outputs,
+so adding a loss is one decorated function::
 
-    @register_loss("cispo", config=CISPOConfig, layout=POLICY_LAYOUT, needs=("logprobs",))
+    @register_loss("cispo", config=CISPOConfig, layout=POLICY_LAYOUT, needs=("logprobs", "detached_logprobs"))
     def cispo_loss(batch, cfg): ...
 
 This module imports nothing from the loss modules (they import it to register themselves).
@@ -32,6 +32,16 @@ MODEL_OUTPUTS: Mapping[str, str] = MappingProxyType({
 })
 """Every differentiable quantity a backend can compute for a loss, and the token array it is computed on
 (``[B, T - 1]`` each, position ``t`` scoring target ``tokens[:, t + 1]``)."""
+
+DETACHED = "detached_"
+"""A loss may also need ``detached_<output>`` (e.g. ``detached_logprobs``): the same values with no gradient,
+for the clipped importance weights some losses hold constant (CISPO's ``sg(min(r, 1 + eps))``). The Array API
+has no stop-gradient, so the backend applies its own and the loss stays framework-free."""
+
+
+def is_model_output(name: str) -> bool:
+    """Whether ``name`` is a model output a loss may declare (one of :data:`MODEL_OUTPUTS` or its detached copy)."""
+    return name in MODEL_OUTPUTS or (name.startswith(DETACHED) and name[len(DETACHED):] in MODEL_OUTPUTS)
 
 
 def _frozen(m: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -142,10 +152,10 @@ class LossSpec:
         """The model outputs this loss needs under ``cfg``."""
         needs = self.needs(cfg) if callable(self.needs) else self.needs
         out = frozenset(needs)
-        unknown = out - set(MODEL_OUTPUTS)
+        unknown = {n for n in out if not is_model_output(n)}
         if unknown:
             raise ValueError(f"Loss {self.name!r} needs unknown model outputs {', '.join(sorted(unknown))}; "
-                             f"choose from {', '.join(MODEL_OUTPUTS)}.")
+                             f"choose from {', '.join(MODEL_OUTPUTS)} (or {DETACHED}<one of them>).")
         return out
 
 
@@ -167,10 +177,10 @@ def register_loss(name: str, config: type | None = None, *, layout: BatchLayout 
         )
     if not callable(needs):
         needs = tuple(needs)
-        unknown = set(needs) - set(MODEL_OUTPUTS)
+        unknown = {n for n in needs if not is_model_output(n)}
         if unknown:
             raise ValueError(f"register_loss({name!r}): unknown model outputs {', '.join(sorted(unknown))}; "
-                             f"choose from {', '.join(MODEL_OUTPUTS)}.")
+                             f"choose from {', '.join(MODEL_OUTPUTS)} (or {DETACHED}<one of them>).")
 
     def deco(fn: LossFn) -> LossFn:
         if name in LOSS_SPECS and not replace:
