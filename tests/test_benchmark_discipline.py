@@ -137,3 +137,35 @@ def test_bad_threads_is_a_clear_error(load):
     with pytest.raises(SystemExit, match="--threads must be >= 1"):
         D.pin_threads_early(["--threads", "0"])
     assert D.threads_from_argv(["--x", "1", "--threads", "3"]) == 3
+
+
+def test_threads_re_pinned_before_each_contender(load):
+    torch = pytest.importorskip("torch")
+    seen: list[int] = []
+
+    def greedy():  # a library that raises the thread count behind the benchmark's back
+        seen.append(torch.get_num_threads())
+        torch.set_num_threads(2)
+        return {"x": 1.0}
+
+    def polite():
+        seen.append(torch.get_num_threads())
+        return {"x": 1.0}
+
+    bench = D.Bench("b", _args(rounds=2))
+    bench.run({"greedy": greedy, "polite": polite}, "x")
+    assert seen == [1, 1, 1, 1]
+    assert bench.contender_threads["greedy"]["changed_by_contender"] is True
+    assert bench.contender_threads["polite"]["changed_by_contender"] is False
+
+
+def test_every_script_uses_the_discipline():
+    root = Path(D.__file__).parent
+    scripts = sorted(p for p in root.glob("*.py") if p.name not in ("discipline.py", "__init__.py"))
+    assert len(scripts) >= 7
+    for path in scripts:
+        text = path.read_text()
+        assert "discipline.Bench(" in text and ".finish(" in text, f"{path.name} does not run under the discipline"
+        pin = text.index("discipline.pin_threads_early()")
+        for lib in ("\nimport numpy", "\nimport torch", "\nimport jax"):  # module-level imports only
+            assert text.find(lib) == -1 or text.find(lib) > pin, f"{path.name} imports {lib.strip()} before the pin"
