@@ -152,3 +152,17 @@ def test_the_program_has_no_capabilities_and_cannot_create_namespaces():
     r = run_python(code)
     assert r.ok, r.stderr
     assert "unshare -1 mount -1" in r.stdout
+
+
+def test_the_seccomp_filter_refuses_internet_sockets_and_ptrace_but_not_unix_sockets():
+    code = (
+        "import ctypes, errno, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "try:\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    print('inet allowed')\n"
+        "except OSError as e:\n    print('inet', errno.errorcode[e.errno])\n"
+        "a, b = socket.socketpair()\na.sendall(b'unix ok')\nprint(b.recv(7).decode())\n"
+        "print('ptrace', libc.ptrace(0, 0, 0, 0), errno.errorcode[ctypes.get_errno()])\n"
+    )
+    r = run_python(code)
+    assert r.ok, r.stderr
+    # in a fresh network namespace an AF_INET socket is allowed by the kernel; only the filter says EAFNOSUPPORT
+    assert r.stdout.splitlines() == ["inet EAFNOSUPPORT", "unix ok", "ptrace -1 EPERM"]
