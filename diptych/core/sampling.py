@@ -57,7 +57,6 @@ class SamplingConfig:
     eos_ids: tuple[int, ...] | None = None
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     pad_id: int | None = None
-    compile: bool = False  # torch only: wrap the decode step in torch.compile
 
     def __post_init__(self) -> None:
         if int(self.max_new_tokens) < 1:
@@ -175,10 +174,14 @@ def trim_prompt(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
     return tokens[:, tokens.shape[1] - width:], mask[:, mask.shape[1] - width:]
 
 
+UNIFORM_LO, UNIFORM_HI = 1e-12, 1 - 2**-24
+"""Where uniforms are clipped before ``-log(-log(u))``: the parity noise here and the backends' own draws."""
+
+
 def parity_noise(rows: int, max_new_tokens: int, vocab_size: int, seed: int) -> np.ndarray:
     """Uniforms in (0, 1), float32 ``[rows, max_new_tokens, vocab]``, from one numpy stream."""
     u = np.random.default_rng(seed).random((rows, max_new_tokens, vocab_size), dtype=np.float32)
-    return np.clip(u, np.float32(1e-12), np.float32(1 - 2**-24)).astype(np.float32)
+    return np.clip(u, np.float32(UNIFORM_LO), np.float32(UNIFORM_HI)).astype(np.float32)
 
 
 def gumbel_from_uniform(u: np.ndarray) -> np.ndarray:
@@ -198,6 +201,27 @@ def check_noise(noise: np.ndarray, rows: int, sampling: SamplingConfig, vocab: i
             f"(N = len(prompts) * n). Make it with diptych.core.sampling.parity_noise(*{want}, seed)."
         )
     return noise
+
+
+def parity_gumbel(noise: np.ndarray | None, rows: int, sampling: SamplingConfig, vocab: int) -> np.ndarray | None:
+    """The Gumbel noise of parity mode (checked uniforms -> ``g``), or None: no noise given, or greedy
+    (which draws nothing). Backends move it onto their device and use it instead of their own draws."""
+    if noise is None or sampling.greedy:
+        return None
+    return gumbel_from_uniform(check_noise(noise, rows, sampling, vocab))
+
+
+def finished_rollout(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, completion_tokens: Any,
+                     completion_mask: Any, logprobs: Any, done: Any) -> Rollout:
+    """A sampler's numpy results as a :class:`Rollout`: bucket columns trimmed, lengths counted, and
+    rows that never stopped marked truncated."""
+    ptok, pmask = trim_prompt(prompt_tokens, prompt_mask)
+    cm = np.asarray(completion_mask, np.int32)
+    return Rollout(
+        prompt_tokens=ptok, prompt_mask=pmask, completion_tokens=np.asarray(completion_tokens, np.int32),
+        completion_mask=cm, logprobs=np.asarray(logprobs, np.float32), lengths=cm.sum(1).astype(np.int32),
+        truncated=~np.asarray(done, bool),
+    )
 
 
 # -- the token-choice rule (numpy reference) -------------------------------------------------------

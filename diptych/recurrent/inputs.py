@@ -76,3 +76,24 @@ def reject_arguments(kw: dict[str, Any]) -> None:
     """Keyword arguments of a decoder-API call that a recurrent model does not take."""
     if kw:
         raise TypeError(f"Unexpected argument(s) for a recurrent model: {', '.join(sorted(kw))}.")
+
+
+def call_depth(model: Any, num_steps: Any, num_grad_steps: int | None) -> tuple[int, int, bool]:
+    """A call's depth: its own, else the model's ``set_depth`` default.
+
+    Returns ``(n_no_grad, n_grad, truncated)``; ``truncated`` (a backprop depth was given)
+    is what turns rematerialisation on.
+    """
+    if num_steps is None and num_grad_steps is None:
+        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    n_no_grad, n_grad = split_steps(model.spec, num_steps, num_grad_steps)
+    return n_no_grad, n_grad, num_grad_steps is not None
+
+
+def check_logprob_arguments(temperature: float, kw: dict[str, Any]) -> None:
+    """``logprobs`` takes the decoder API's ``kernels`` (recurrent models have no fused kernel) and a
+    temperature > 0; anything else is an error."""
+    kw.pop("kernels", None)
+    reject_arguments(kw)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")

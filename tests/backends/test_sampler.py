@@ -185,10 +185,9 @@ def test_jax_prompt_buckets_keep_recompiles_rare():
 
 @needs_torch
 @pytest.mark.slow
-def test_torch_compile_flag_gives_the_same_tokens():
+def test_torch_compile_option_gives_the_same_tokens():
     cfg = S.SamplingConfig(temperature=0, max_new_tokens=8, eos_ids=())
     backend, model = get_backend("torch"), built("torch")
     eager = backend.generate(model, PROMPTS, cfg)
-    compiled = backend.generate(model, PROMPTS, S.SamplingConfig(temperature=0, max_new_tokens=8, eos_ids=(),
-                                                                 compile=True))
+    compiled = backend.generate(model, PROMPTS, cfg, compile=True)  # a torch sampler keyword, not a config field
     np.testing.assert_array_equal(compiled.completion_tokens, eager.completion_tokens)

@@ -39,9 +39,11 @@ from diptych.backends.jax.recurrent_layers import (  # noqa: F401  (re-exported:
 from diptych.core.recurrent_spec import RecurrentSpec
 from diptych.recurrent.generate import generate as neutral_generate
 from diptych.recurrent.inputs import (
+    call_depth,
     check_dtype,
     check_host_tokens,
     check_init_state,
+    check_logprob_arguments,
     reject_arguments,
     reject_build_options,
     split_steps,
@@ -104,13 +106,11 @@ _latent_forward_jit = jax.jit(latent_forward_params, static_argnames=("spec", "n
 
 def latent_forward(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
                    num_grad_steps: int | None = None, init_state: Any = None, remat: bool = True):
-    if num_steps is None and num_grad_steps is None:
-        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    n_no_grad, n_grad, truncated = call_depth(model, num_steps, num_grad_steps)
     tokens, mask = _inputs(model.spec, tokens, attention_mask)
-    n_no_grad, n_grad = split_steps(model.spec, num_steps, num_grad_steps)
     init = None if init_state is None else jnp.asarray(init_state)
     return _latent_forward_jit(model.param_dict(), model.spec, tokens, mask, init, jnp.asarray(n_no_grad, jnp.int32),
-                               n_grad=n_grad, remat=remat and num_grad_steps is not None)
+                               n_grad=n_grad, remat=remat and truncated)
 
 
 def forward(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
@@ -135,13 +135,11 @@ def hidden_states(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *
                   num_grad_steps: int | None = None, init_state: Any = None, **kw: Any) -> jax.Array:
     """[B, T, H] after the final norm (the decoder API's seam for fused log-prob kernels)."""
     _reject(kw)
-    if num_steps is None and num_grad_steps is None:
-        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    n_no_grad, n_grad, truncated = call_depth(model, num_steps, num_grad_steps)
     tokens, mask = _inputs(model.spec, tokens, attention_mask)
-    n_no_grad, n_grad = split_steps(model.spec, num_steps, num_grad_steps)
     P = model.param_dict()
     ctx = _prelude(P, model.spec, tokens, mask)
-    x = _loop(P, model.spec, ctx, _initial_state(ctx, init_state), n_no_grad, n_grad, num_grad_steps is not None)
+    x = _loop(P, model.spec, ctx, _initial_state(ctx, init_state), n_no_grad, n_grad, truncated)
     return _final_hidden(P, model.spec, ctx, x)
 
 
@@ -154,10 +152,7 @@ def logprobs(model: RecurrentLM, tokens: Any, attention_mask: Any, targets: Any,
              num_steps: Any = None, num_grad_steps: int | None = None, init_state: Any = None,
              **kw: Any) -> jax.Array:
     """``log_softmax(logits / temperature)[targets]`` [B, T] float32 over the full vocabulary."""
-    kw.pop("kernels", None)
-    _reject(kw)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_logprob_arguments(temperature, kw)
     logits = forward(model, tokens, attention_mask, num_steps=num_steps, num_grad_steps=num_grad_steps,
                      init_state=init_state)
     lp = jax.nn.log_softmax(logits / temperature, axis=-1)

@@ -24,10 +24,9 @@ from diptych.backends.jax import model as M
 from diptych.core.sampling import (
     Rollout,
     SamplingConfig,
-    check_noise,
-    gumbel_from_uniform,
+    finished_rollout,
+    parity_gumbel,
     prepare_prompts,
-    trim_prompt,
 )
 
 MIN_BUCKET = 16
@@ -141,24 +140,17 @@ def generate(
     spec = model.spec
     sampling = sampling.resolve(spec)
     ptok, pmask = prepare_prompts(prompts, sampling, spec, bucket=MIN_BUCKET)
-    rows = ptok.shape[0]
-    gumbel = None
-    if noise is not None and not sampling.greedy:
-        gumbel = jnp.asarray(gumbel_from_uniform(check_noise(noise, rows, sampling, spec.vocab_size)))
+    gumbel = parity_gumbel(noise, ptok.shape[0], sampling, spec.vocab_size)
+    gumbel = None if gumbel is None else jnp.asarray(gumbel)
     if seed is None:
         seed = int(np.random.default_rng().integers(1 << 31))
     graphdef, state = nnx.split(model)
     static = _static_config(sampling)
     out, lps, cmask, done = _generate_jit(graphdef, static, state, jnp.asarray(ptok), jnp.asarray(pmask),
                                           gumbel, jax.random.key(int(seed)))
-    cm = np.asarray(cmask)
-    ptok, pmask = trim_prompt(ptok, pmask)
-    return Rollout(
-        prompt_tokens=ptok, prompt_mask=pmask, completion_tokens=np.asarray(out), completion_mask=cm,
-        logprobs=np.asarray(lps), lengths=cm.sum(1).astype(np.int32), truncated=~np.asarray(done),
-    )
+    return finished_rollout(ptok, pmask, np.asarray(out), np.asarray(cmask), np.asarray(lps), np.asarray(done))
 
 
 def _static_config(sampling: SamplingConfig) -> SamplingConfig:
-    """The fields that shape the program; ``n`` and ``compile`` only change the batch or nothing."""
-    return replace(sampling, n=1, compile=False)
+    """The fields that shape the program; ``n`` only changes the batch."""
+    return replace(sampling, n=1)

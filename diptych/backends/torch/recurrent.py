@@ -38,7 +38,14 @@ from diptych.backends.torch.recurrent_layers import (  # noqa: F401  (re-exporte
 from diptych.core.recurrent_spec import RecurrentSpec
 from diptych.core.spec import SpecError
 from diptych.recurrent.generate import generate as neutral_generate
-from diptych.recurrent.inputs import check_dtype, reject_arguments, reject_build_options, split_steps
+from diptych.recurrent.inputs import (
+    call_depth,
+    check_dtype,
+    check_logprob_arguments,
+    reject_arguments,
+    reject_build_options,
+    split_steps,
+)
 
 
 # -- public API (the facade calls these) ------------------------------------------------------
@@ -95,12 +102,9 @@ def _iterate(model: RecurrentLM, ctx: Context, x: torch.Tensor, n_no_grad: int, 
 def latent_forward(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *, num_steps: Any = None,
                    num_grad_steps: int | None = None, init_state: Any = None, remat: bool = True):
     """(logits, final latent state): the r - k no-grad iterations, then k checkpointed ones."""
-    if num_steps is None and num_grad_steps is None:
-        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    n_no_grad, n_grad, truncated = call_depth(model, num_steps, num_grad_steps)
     ctx = prelude(model, tokens, attention_mask)
-    x = initial_state(model, ctx, init_state)
-    n_no_grad, n_grad = split_steps(model.spec, num_steps, num_grad_steps)
-    x = _iterate(model, ctx, x, n_no_grad, n_grad, remat and num_grad_steps is not None)
+    x = _iterate(model, ctx, initial_state(model, ctx, init_state), n_no_grad, n_grad, remat and truncated)
     return readout(model, ctx, x), x
 
 
@@ -126,12 +130,9 @@ def hidden_states(model: RecurrentLM, tokens: Any, attention_mask: Any = None, *
                   num_grad_steps: int | None = None, init_state: Any = None, **kw: Any) -> torch.Tensor:
     """[B, T, H] after the final norm (the decoder API's seam for fused log-prob kernels)."""
     _reject(kw)
-    if num_steps is None and num_grad_steps is None:
-        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+    n_no_grad, n_grad, truncated = call_depth(model, num_steps, num_grad_steps)
     ctx = prelude(model, tokens, attention_mask)
-    x = initial_state(model, ctx, init_state)
-    n_no_grad, n_grad = split_steps(model.spec, num_steps, num_grad_steps)
-    x = _iterate(model, ctx, x, n_no_grad, n_grad, num_grad_steps is not None)
+    x = _iterate(model, ctx, initial_state(model, ctx, init_state), n_no_grad, n_grad, truncated)
     return final_hidden(model, ctx, x)
 
 
@@ -144,10 +145,7 @@ def logprobs(model: RecurrentLM, tokens: Any, attention_mask: Any, targets: Any,
              num_steps: Any = None, num_grad_steps: int | None = None, init_state: Any = None,
              **kw: Any) -> torch.Tensor:
     """``log_softmax(logits / temperature)[targets]`` [B, T] float32 over the full vocabulary."""
-    kw.pop("kernels", None)
-    _reject(kw)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_logprob_arguments(temperature, kw)
     logits = forward(model, tokens, attention_mask, num_steps=num_steps, num_grad_steps=num_grad_steps,
                      init_state=init_state)
     targets = to_model(model, targets, torch.long)

@@ -16,14 +16,14 @@ import torch
 
 from diptych.backends.torch import model as M
 from diptych.core.sampling import (
+    UNIFORM_HI,
+    UNIFORM_LO,
     Rollout,
     SamplingConfig,
-    check_noise,
-    gumbel_from_uniform,
+    finished_rollout,
+    parity_gumbel,
     prepare_prompts,
 )
-
-_UNIFORM_LO, _UNIFORM_HI = 1e-12, 1 - 2**-24
 
 
 def filter_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
@@ -89,11 +89,14 @@ def generate(
     *,
     noise: np.ndarray | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> Rollout:
     """Sample ``sampling.n`` completions per prompt; see :class:`diptych.core.sampling.Rollout`.
 
     ``noise``: parity-mode uniforms ``[len(prompts) * n, max_new_tokens, vocab]``; otherwise
     Gumbel noise comes from a ``torch.Generator`` seeded with ``seed`` (random when None).
+    ``compile`` (torch only, so not a field of the neutral config) wraps the decode step in
+    ``torch.compile``.
     """
     spec = model.spec
     sampling = sampling.resolve(spec)
@@ -101,13 +104,11 @@ def generate(
     rows, plen = ptok_np.shape
     steps, pad = sampling.max_new_tokens, sampling.pad_id
     device = M.lm_head_weight(model).device
-    gumbel = None
-    if noise is not None and not sampling.greedy:
-        g = gumbel_from_uniform(check_noise(noise, rows, sampling, spec.vocab_size))
-        gumbel = torch.from_numpy(g).to(device)
+    gumbel = parity_gumbel(noise, rows, sampling, spec.vocab_size)
+    gumbel = None if gumbel is None else torch.from_numpy(gumbel).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed) if seed is not None else int(torch.seed()))
-    step_fn = torch.compile(decode_step, dynamic=True) if sampling.compile else decode_step
+    step_fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
     eos = torch.tensor(sampling.eos_ids or (-1,), dtype=torch.long, device=device)
 
     with torch.inference_mode():
@@ -131,7 +132,7 @@ def generate(
                 if gumbel is not None:
                     g = gumbel[:, t]
                 else:
-                    u = torch.rand(logits.shape, generator=gen, device=device).clamp_(_UNIFORM_LO, _UNIFORM_HI)
+                    u = torch.rand(logits.shape, generator=gen, device=device).clamp_(UNIFORM_LO, UNIFORM_HI)
                     g = -torch.log(-torch.log(u))
             tok, lp = choose_tokens(logits, sampling, g)
             tok = torch.where(done, pad, tok)
@@ -144,10 +145,6 @@ def generate(
             key_mask[:, plen + t] = True
             logits = step_fn(model, tok[:, None], next_pos + t, cache, plen + t, key_mask)
 
-    cm = cmask.cpu().numpy()
-    return Rollout(
-        prompt_tokens=ptok_np, prompt_mask=pmask_np,
-        completion_tokens=out.cpu().numpy().astype(np.int32), completion_mask=cm,
-        logprobs=lps.cpu().numpy(), lengths=cm.sum(1).astype(np.int32), truncated=~done.cpu().numpy(),
-    )
+    return finished_rollout(ptok_np, pmask_np, out.cpu().numpy(), cmask.cpu().numpy(), lps.cpu().numpy(),
+                            done.cpu().numpy())
 
