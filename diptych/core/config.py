@@ -63,6 +63,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be true or false, got {value!r}.")
         return bool(value)
     if tp in (int, float, str):
+        if isinstance(value, (dict, list, tuple)):
+            raise ConfigError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}.")
         try:
             out = tp(value)
         except (TypeError, ValueError) as e:

@@ -7,8 +7,9 @@ One step (DeepSeekMath; DESIGN.md "Data flow of one GRPO step"):
 3. group advantages from ``diptych.core.advantages`` (``grpo`` z-score by default), with
    zero-variance groups optionally dropped (DAPO dynamic sampling);
 4. reference log-probs only when ``beta > 0``;
-5. ``num_iterations`` optimizer passes over the batch with the ``policy`` loss; old
-   log-probs are recomputed by the trainer on the first pass's weights.
+5. ``num_iterations`` optimizer passes over the batch with the ``policy`` loss; with more than
+   one pass the old log-probs are recomputed by the trainer on the first pass's weights, with one
+   pass they are the train step's own detached log-probs (no extra forward).
 
 The loop owns no framework code: swapping ``backend`` swaps the panel, not the algorithm.
 """
@@ -24,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from diptych.core.advantages import ESTIMATORS, compute_advantages, filter_zero_variance_groups, get_estimator
-from diptych.core.config import from_dict, renamed_keys, with_renamed_fields
+from diptych.core.config import from_dict, with_renamed_fields
 from diptych.core.losses import POLICY_PRESETS, PolicyLossConfig, policy_preset
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
@@ -150,8 +151,8 @@ class GRPOConfig:
             over.pop("allow_empty_sequences", None)
             known = {**{f.name: getattr(self.loss, f.name) for f in dataclasses.fields(GRPOLoss)
                         if getattr(self.loss, f.name) is not None}}
-            self.loss = from_dict(GRPOLoss, {**known, **renamed_keys(over, GRPOLoss._renamed, "loss_overrides.")},
-                                  prefix="loss_overrides.")
+            over = {GRPOLoss._renamed.get(k, k): v for k, v in over.items()}  # PolicyLossConfig's names
+            self.loss = from_dict(GRPOLoss, {**known, **over}, prefix="loss_overrides.")
         if self.beta is None:
             self.beta = POLICY_PRESETS[self.loss_type].beta
         if self.beta < 0:
@@ -250,7 +251,8 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
     with timer.phase("score"):
         completions = decode_completions(tokenizer, rollout)
         rewards, components = score(reward, [p for p in prompts for _ in range(g)], completions,
-                                    columns_of(rows, exclude=("prompt",), repeat=g))
+                                    {**columns_of(rows, exclude=("prompt",), repeat=g),
+                                     "completion_lengths": [int(x) for x in rollout.lengths]})
         advantages = compute_advantages(cfg.advantage, rewards, g, **cfg.advantage_kwargs()).astype(np.float32)
         batch = rollout_batch(rollout, cfg.max_prompt_length)
         dropped = 0
@@ -273,9 +275,15 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
         if ref_model is not None:
             backend.set_depth(ref_model, r)
     with timer.phase("train"):
-        lp_old = sequence_logprobs(backend, state.model, batch["tokens"], batch["attention_mask"], batch["mask"],
-                                   cfg.temperature)
-        batch["old_logprobs"] = lp_old
+        gap = None
+        if cfg.num_iterations > 1:
+            # Later passes need the first pass's log-probs; with one pass the train step's own detached
+            # log-probs are the old ones (same loss and gradient, one forward fewer; TRL does the same).
+            lp_old = sequence_logprobs(backend, state.model, batch["tokens"], batch["attention_mask"], batch["mask"],
+                                       cfg.temperature)
+            batch["old_logprobs"] = lp_old
+            diff = np.abs(lp_old - batch["sampler_logprobs"])[batch["mask"] > 0]
+            gap = float(diff.max()) if diff.size else 0.0
         if cfg.needs_reference:
             if ref_model is None:
                 raise TrainerError(f"beta={cfg.beta} (> 0) needs a reference model: pass ref_model, use GRPOTrainer "
@@ -286,10 +294,9 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
         for _ in range(cfg.num_iterations):
             state, train_metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches),
                                                       "policy", loss_cfg, temperature=cfg.temperature)
-    mask = batch["mask"] > 0
-    gap = np.abs(lp_old - batch["sampler_logprobs"])[mask]
-    metrics["sampler_logprob_gap"] = float(gap.max()) if gap.size else 0.0
     metrics.update(train_metrics)
+    if gap is not None:  # the gap at the weights that sampled, not after the last pass
+        metrics["sampler_logprob_gap"] = gap
     metrics.update(timer.metrics())
     total_time = sum(timer.seconds.values())
     metrics["tokens_per_s"] = float(batch["attention_mask"].sum()) / max(total_time, 1e-9)

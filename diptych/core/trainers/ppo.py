@@ -133,7 +133,8 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
     with timer.phase("score"):
         completions = decode_completions(tokenizer, rollout)
         rewards, components = score(reward, [p for p in prompts for _ in range(n)], completions,
-                                    columns_of(rows, exclude=("prompt",), repeat=n))
+                                    {**columns_of(rows, exclude=("prompt",), repeat=n),
+                                     "completion_lengths": [int(x) for x in rollout.lengths]})
         batch = rollout_batch(rollout, cfg.max_prompt_length)
         mask = batch["mask"]
     metrics: dict[str, float] = {
