@@ -9,11 +9,12 @@ isolation is done by the kernel (see ``sandbox_launcher.py``, which builds it):
 Guaranteed (strict):
 - fresh user, mount, PID, network, IPC and UTS namespaces; as root the program's uid maps to an
   unprivileged uid of its own (one per concurrent sandbox, so RLIMIT_NPROC separates fork bombs);
-- the filesystem is a fresh tmpfs holding only read-only binds of the interpreter, its standard
-  library (site-packages masked), the system's shared libraries (``/usr/lib``...) and ``/dev/null``,
-  ``zero``, ``full``, ``random``, ``urandom``; the working directory and ``/tmp`` live in that tmpfs and
-  vanish with it. ``/etc``, ``/home``, ``/root``, the repo, the venv and ``/proc`` are not there;
-  ``/usr/bin`` (programs to run) only with ``allow_spawn=True`` or :func:`run_command`;
+- the filesystem is a fresh, read-only tmpfs holding only read-only binds of the interpreter, its
+  standard library (site-packages masked), the system's shared libraries (``/usr/lib``...) and
+  ``/dev/null``, ``zero``, ``full``, ``random``, ``urandom``; the working directory (``/sandbox``) and
+  ``/tmp`` are private size-capped tmpfs mounts that vanish with the run. ``/etc``, ``/home``, ``/root``
+  (beyond the interpreter's own files), the repo, the venv and ``/proc`` are not there; ``/usr/bin``
+  (programs to run) only with ``allow_spawn=True`` or :func:`run_command`;
 - no network: the new network namespace has only a loopback that is down;
 - no capabilities after exec (empty bounding set), ``no_new_privs``, and on x86-64 a seccomp filter
   refusing ptrace, mount, pivot_root, chroot, unshare/setns and namespace-creating clone, keyrings, bpf,
