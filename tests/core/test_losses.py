@@ -274,6 +274,20 @@ def test_preference_losses_by_hand(kind):
     assert m["rewards_accuracy"] == float(m["rewards_margin"] > 0)
 
 
+def test_orpo_metrics_follow_trl_names_and_scale():
+    """TRL's ORPO logs nll_loss, log_odds_chosen (the log odds ratio) and log_odds_ratio (its log-sigmoid), with
+    rewards = lambda * mean log-prob (TRL's ORPO beta is ORPO's lambda); our beta must not enter."""
+    ac, ar = -1.5, -2.0  # mean log-probs of _pair()'s chosen (2 tokens) and rejected (3 tokens)
+    log_odds = math.log(math.exp(ac) / (1 - math.exp(ac))) - math.log(math.exp(ar) / (1 - math.exp(ar)))
+    for beta in (0.1, 5.0):
+        m = finalize_metrics(preference_loss(_pair(), PreferenceLossConfig(kind="orpo", beta=beta, orpo_lambda=0.2))[2])
+        assert m["nll_loss"] == pytest.approx(-ac)
+        assert m["log_odds_chosen"] == pytest.approx(log_odds)
+        assert m["log_odds_ratio"] == pytest.approx(_ls(log_odds))
+        assert (m["rewards_chosen"], m["rewards_rejected"]) == (pytest.approx(0.2 * ac), pytest.approx(0.2 * ar))
+        assert "nll" not in m
+
+
 def test_dpo_rewards_and_reference_free_kinds_need_no_reference():
     m = finalize_metrics(preference_loss(_pair(), PreferenceLossConfig(kind="sigmoid", beta=0.1))[2])
     assert (m["rewards_chosen"], m["rewards_rejected"]) == (pytest.approx(0.05), pytest.approx(-0.1))
@@ -290,10 +304,21 @@ def test_sft_is_token_mean_nll():
 
 
 def test_registry():
-    assert set(LOSSES) == {"policy", "value", "preference", "sft"}
+    from diptych.core.losses import LOSS_SPECS, POLICY_LAYOUT, PREFERENCE_LAYOUT, SFT_LAYOUT, VALUE_LAYOUT
+
+    # other test modules may register more (tests/train/test_register_loss.py adds "cispo")
+    assert {"policy", "value", "preference", "sft"} <= set(LOSSES) == set(LOSS_SPECS)
     assert get_loss("policy") is policy_loss
     with pytest.raises(KeyError, match="registered losses"):
         get_loss("dpo")
+    layouts = {n: LOSS_SPECS[n].layout for n in ("policy", "value", "preference", "sft")}
+    assert layouts == {"policy": POLICY_LAYOUT, "value": VALUE_LAYOUT, "preference": PREFERENCE_LAYOUT,
+                       "sft": SFT_LAYOUT}
+    assert LOSS_SPECS["policy"].outputs(PolicyLossConfig()) == {"logprobs"}
+    assert LOSS_SPECS["policy"].outputs(PolicyLossConfig(entropy_coef=0.01)) == {"logprobs", "entropy"}
+    assert LOSS_SPECS["value"].outputs(None) == {"values"}
+    assert LOSS_SPECS["preference"].outputs(None) == {"chosen_logprobs", "rejected_logprobs"}
+    assert "old_logprobs" in POLICY_LAYOUT.optional and POLICY_LAYOUT.detached_defaults["old_logprobs"] == "logprobs"
 
 
 # ---- bad input: clear errors, never NaN ----

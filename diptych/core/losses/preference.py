@@ -19,8 +19,13 @@ divided by its length, and label smoothing ``e``:
 
 Each pair is one unit: ``(sum over pairs, number of pairs)``. Metrics (sums with ``_count`` pairs):
 ``rewards_chosen``, ``rewards_rejected``, ``rewards_margin``, ``rewards_accuracy`` (implicit rewards:
-``beta (pi - ref)``, length-normalised for ipo / sigmoid_norm, ``beta a`` for simpo / orpo),
-``logps_chosen``, ``logps_rejected``, and ``nll`` / ``log_odds_ratio`` for orpo.
+``beta (pi - ref)``, length-normalised for ipo / sigmoid_norm, ``beta a`` for simpo, ``lambda a`` for
+orpo), ``logps_chosen``, ``logps_rejected``. ORPO adds TRL's ORPO metrics under TRL's names:
+``nll_loss`` (``-a_c``), ``log_odds_chosen`` (the log odds ratio
+``log(e^a_c / (1 - e^a_c)) - log(e^a_r / (1 - e^a_r))``, despite its name) and ``log_odds_ratio``
+(its ``log sigmoid``, the term ``lambda`` weighs). Before issue 12 these were ``nll`` and
+``log_odds_ratio`` (the log odds ratio) and ORPO's rewards were scaled by ``beta``, which the ORPO
+loss does not use; they now follow TRL, whose ORPO ``beta`` is this ``orpo_lambda``.
 """
 
 from __future__ import annotations
@@ -109,10 +114,13 @@ def preference_loss(batch: Mapping[str, Array], cfg: PreferenceLossConfig) -> tu
         pi_c, pi_r = X.safe_divide(pi_c, n_c), X.safe_divide(pi_r, n_r)
         if with_ref:
             ref_c, ref_r = X.safe_divide(ref_c, n_c), X.safe_divide(ref_r, n_r)
+    # ORPO's implicit reward is scaled by its own weight orpo_lambda (TRL's ORPO calls it beta); beta plays no
+    # part in the ORPO loss, so scaling its rewards by beta would report a margin the loss never saw.
+    scale = cfg.orpo_lambda if cfg.kind == "orpo" else beta
     if with_ref:
         reward_c, reward_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
     else:
-        reward_c, reward_r = beta * pi_c, beta * pi_r
+        reward_c, reward_r = scale * pi_c, scale * pi_r
     h = reward_c - reward_r
     metrics: dict[str, Array] = {}
     kind = cfg.kind
@@ -136,9 +144,12 @@ def preference_loss(batch: Mapping[str, Array], cfg: PreferenceLossConfig) -> tu
         a_c, a_r = xp.minimum(pi_c, cap), xp.minimum(pi_r, cap)
         log_odds = (a_c - a_r) - (xp.log(-xp.expm1(a_c)) - xp.log(-xp.expm1(a_r)))
         nll = -pi_c
-        loss = nll - cfg.orpo_lambda * X.log_sigmoid(log_odds)
-        row_metric(metrics, "nll", nll, weight)
-        row_metric(metrics, "log_odds_ratio", log_odds, weight)
+        log_sig = X.log_sigmoid(log_odds)
+        loss = nll - cfg.orpo_lambda * log_sig
+        # TRL's names: log_odds_chosen is the log odds ratio itself, log_odds_ratio its log-sigmoid.
+        row_metric(metrics, "nll_loss", nll, weight)
+        row_metric(metrics, "log_odds_chosen", log_odds, weight)
+        row_metric(metrics, "log_odds_ratio", log_sig, weight)
     else:  # unreachable: the config validated kind
         raise LossInputError(f"Unknown preference kind {kind!r}.")
     row_metric(metrics, "rewards_chosen", reward_c, weight)
