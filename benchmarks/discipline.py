@@ -228,8 +228,11 @@ class Bench:
                 rec["round"] = i
                 records[name].append(rec)
                 state = thread_state()
-                state["changed_by_contender"] = state.get("torch_num_threads", self.threads) != self.threads
-                self.contender_threads[f"{tag}:{name}" if tag else name] = state
+                key = f"{tag}:{name}" if tag else name
+                changed = state.get("torch_num_threads", self.threads) != self.threads
+                state["changed_by_contender"] = changed or self.contender_threads.get(key, {}).get(
+                    "changed_by_contender", False)  # in any round
+                self.contender_threads[key] = state
             self.read_load("after", i)
             self.loads[-1]["order"] = order
         out = {}
