@@ -39,11 +39,11 @@ _LOCKED = {2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME, 2048: MS_N
 # Syscall numbers by machine; the filter and pivot_root need them. Elsewhere the sandbox refuses strict mode.
 ARCH = {"x86_64": {"audit": 0xC000003E, "pivot_root": 155, "socket": 41, "clone": 56, "clone3": 435, "x32": True,
                    "deny": [101, 165, 166, 155, 161, 272, 308, 248, 249, 250, 321, 298, 323, 303, 304, 310, 311,
-                            246, 320, 175, 313, 176, 425, 428, 429, 430, 431, 432, 442, 163, 167, 168, 169, 172,
+                            246, 320, 175, 313, 176, 425, 428, 429, 430, 431, 432, 433, 442, 163, 167, 168, 169, 172,
                             173, 103, 179, 153]}}
 # ptrace mount umount2 pivot_root chroot unshare setns add_key request_key keyctl bpf perf_event_open userfaultfd
 # name_to_handle_at open_by_handle_at process_vm_readv/writev kexec_load kexec_file_load init_module
-# finit_module delete_module io_uring_setup open_tree move_mount fsopen fsconfig fsmount mount_setattr acct
+# finit_module delete_module io_uring_setup open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr acct
 # swapon swapoff reboot iopl ioperm syslog quotactl vhangup
 
 libc = ctypes.CDLL(None, use_errno=True)

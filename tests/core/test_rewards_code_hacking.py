@@ -21,6 +21,7 @@ HACKS = {
     "shadow exec": "def exec(*a, **k):\n    pass",
     "shadow print": "import builtins\n_p = builtins.print\ndef print(*a, **k):\n    _p('__PASSED__', 3)",
     "forged count then os._exit": "import os\nprint('__PASSED__', 3, flush=True)\nos._exit(0)",
+    "sys.exit early": "import sys\nsys.exit(0)\ndef square(x):\n    return x * x",
     "forged count then sys.exit": "import sys\nprint('__PASSED__', 3)\nsys.exit(0)",
     "monkeypatch builtins.exec": "import builtins\nbuiltins.exec = lambda *a, **k: None",
     "monkeypatch builtins.AssertionError": "import builtins\nbuiltins.AssertionError = type('X', (BaseException,), {})"

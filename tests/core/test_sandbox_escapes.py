@@ -148,10 +148,12 @@ def test_the_program_has_no_capabilities_and_cannot_create_namespaces():
         " if __import__('os').path.exists('/proc/self/status') else 'no proc')\n"
         "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         "print('unshare', libc.unshare(0x10000000), 'mount', libc.mount(b'none', b'/tmp', b'tmpfs', 0, None))\n"
+        "pid = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)\n"  # clone(CLONE_NEWUSER | SIGCHLD)
+        "if pid == 0:\n    __import__('os')._exit(0)\nprint('clone', pid)\n"
     )
     r = run_python(code)
     assert r.ok, r.stderr
-    assert "unshare -1 mount -1" in r.stdout
+    assert "unshare -1 mount -1" in r.stdout and "clone -1" in r.stdout
 
 
 def test_the_seccomp_filter_refuses_internet_sockets_and_ptrace_but_not_unix_sockets():
