@@ -288,8 +288,9 @@ def add_arguments(p: argparse.ArgumentParser, rounds: int = 3) -> None:
     """The options every benchmark shares."""
     p.add_argument("--threads", type=int, default=1,
                    help="threads for every contender: torch, BLAS (OMP/MKL/OpenBLAS) and XLA (PJRT_NPROC) (default 1)")
-    p.add_argument("--rounds", type=int, default=rounds,
-                   help=f"alternating rounds; the median round is reported (default {rounds})")
+    p.add_argument("--rounds", "--repeats", type=int, default=rounds, dest="rounds",
+                   help=f"alternating rounds; the median round is reported (default {rounds}; --repeats is the old "
+                        "name)")
     p.add_argument("--allow-noisy", action="store_true",
                    help="report even when the load average exceeds the core count (the JSON says noisy: true)")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the figures here")

@@ -169,3 +169,10 @@ def test_every_script_uses_the_discipline():
         pin = text.index("discipline.pin_threads_early()")
         for lib in ("\nimport numpy", "\nimport torch", "\nimport jax"):  # module-level imports only
             assert text.find(lib) == -1 or text.find(lib) > pin, f"{path.name} imports {lib.strip()} before the pin"
+
+
+def test_old_repeats_option_still_sets_rounds():
+    p = argparse.ArgumentParser()
+    D.add_arguments(p)
+    assert p.parse_args(["--repeats", "5"]).rounds == 5
+    assert p.parse_args([]).threads == 1 and p.parse_args([]).allow_noisy is False
