@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from diptych.core.model_types import HUGINN, MODEL_TYPES
-from diptych.core.spec import SpecError, validate_weights
+from diptych.core.spec import SpecError, count_params, eos_tuple, validate_weights
 
 MODEL_TYPE = HUGINN
 
@@ -123,10 +123,7 @@ class RecurrentSpec:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        e = self.eos_token_id
-        if e is None:
-            return ()
-        return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
+        return eos_tuple(self.eos_token_id)
 
     def layer_prefixes(self) -> list[str]:
         """Every sandwich block's name prefix, in data-flow order (prelude, core block, coda)."""
@@ -162,7 +159,7 @@ class RecurrentSpec:
         return shapes
 
     def num_params(self) -> int:
-        return int(sum(np.prod(s) for s in self.param_shapes().values()))
+        return count_params(self.param_shapes())
 
     def init_weights(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Huginn's "takase" init in numpy: small normals, scaled-down output projections, unit norms."""

@@ -90,10 +90,7 @@ class DecoderSpec:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        e = self.eos_token_id
-        if e is None:
-            return ()
-        return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
+        return eos_tuple(self.eos_token_id)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's Hugging Face name and shape, in a fixed order (the init order)."""
@@ -123,7 +120,7 @@ class DecoderSpec:
         return shapes
 
     def num_params(self) -> int:
-        return int(sum(np.prod(s) for s in self.param_shapes().values()))
+        return count_params(self.param_shapes())
 
     def init_weights(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Float32 weights from one numpy stream: normals for matrices, ones for norms, zeros for biases."""
@@ -196,6 +193,18 @@ class DecoderSpec:
         elif not self.attention_bias:
             raise SpecError("Qwen2 always has q/k/v biases; a qwen2 spec needs attention_bias=True.")
         return cfg
+
+
+def eos_tuple(eos_token_id: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
+    """A config's ``eos_token_id`` (None, one id or a list, as HF writes it) as a tuple of ids."""
+    if eos_token_id is None:
+        return ()
+    return tuple(int(e) for e in eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
+
+
+def count_params(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The number of scalars in a spec's parameters."""
+    return int(sum(np.prod(s) for s in shapes.values()))
 
 
 def init_from_shapes(shapes: dict[str, tuple[int, ...]], seed: int, std: float) -> dict[str, np.ndarray]:

@@ -53,8 +53,8 @@ def generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_steps: int
              record_logits: bool = False) -> Rollout:
     """Sample completions; ``extras["depth"]`` is the iterations each generated token used ``[N, max_new]``.
 
-    ``num_steps`` is the fixed depth, or the cap with ``exit_criterion`` (a name from
-    ``diptych.recurrent.exit.CRITERIA``). ``init_scale`` scales Huginn's random s0 (0 = zeros),
+    ``num_steps`` is the fixed depth, or the cap with ``exit_criterion`` (a name registered in
+    ``diptych.recurrent.exit.CRITERIA``, or an ``ExitCriterion``). ``init_scale`` scales Huginn's random s0 (0 = zeros),
     drawn from ``numpy.random.default_rng(state_seed)``; ``warm_start`` starts each new token
     from the previous token's final state (continuous CoT). ``cache=False`` selects the
     uncached reference path. ``record_logits`` adds ``extras["logits"]`` ``[N, max_new, V]``
@@ -179,8 +179,10 @@ def _iterate(ops: Any, ctx: Any, x: Any, steps: int, crit: ExitCriterion | None,
         x = ops.select(exited, x_new, x) if exited.any() else x_new
         if crit is None:
             continue
+        # the criterion's contract says what to compute: no readout for a latent-only criterion
         logits = ops.logits_last(ctx, x) if crit.needs_logits else None
-        _, passed = crit.update(logits, ops.latent_last(x))
+        latent = ops.latent_last(x) if crit.needs_latent else None
+        _, passed = crit.update(logits, latent)
         new = passed & ~exited
         used[new] = i
         exited |= new

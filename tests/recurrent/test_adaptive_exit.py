@@ -76,7 +76,7 @@ def test_unknown_criterion_and_bad_thresholds_raise():
         get_exit_criterion("cosine-ish")
     with pytest.raises(ExitError, match="finite number >= 0"):
         get_exit_criterion("kl", -1)
-    with pytest.raises(ExitError, match="count >= 1"):
+    with pytest.raises(ExitError, match=r"'argmax-stability' needs a threshold >= 1 \(a count of stable iterations\)"):
         get_exit_criterion("argmax-stability", 0)
     assert {n: get_exit_criterion(n).threshold for n in CRITERIA if n != "none"} == {
         "kl": 5e-4, "entropy-diff": 1e-3, "latent-diff": 0.03, "argmax-stability": 5}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diptych.core.sampling import SamplingConfig, parity_noise
-from diptych.recurrent.exit import ExitCriterion
+from diptych.recurrent.exit import ExitContract, ExitCriterion
 from tests.conftest import needs_jax, needs_torch
 from tests.recurrent.helpers import spec_and_weights
 from tests.recurrent.huginn_numpy_ref import huginn_generate_latest
@@ -20,13 +20,13 @@ def scripted_exit(depths: np.ndarray) -> ExitCriterion:
     """Row b exits generated token t at iteration ``depths[b, t]``: different depths per row, no thresholds."""
     seen = {"token": 0}
 
-    def fn(c, logits, latent):
-        if "it" not in c._prev:
+    def fn(state, inputs):
+        if "it" not in state:
             seen["token"] += 1  # first iteration of the next generated token (prefill never asks)
-        c._prev["it"] = c._prev.get("it", 0) + 1
-        return (c._prev["it"] >= depths[:, seen["token"]]).astype(np.float64)
+        state["it"] = state.get("it", 0) + 1
+        return (state["it"] >= depths[:, seen["token"]]).astype(np.float64)
 
-    return ExitCriterion("scripted", 0.5, False, fn, greater_exits=True)
+    return ExitCriterion(ExitContract("scripted", fn, 0.5, needs=(), exits_when="at_least"))
 
 
 DEPTHS = np.array([[6, 1, 4, 2, 6],  # column 0 (prefill) is ignored: it always runs the cap
