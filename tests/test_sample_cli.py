@@ -183,3 +183,31 @@ def test_too_many_new_tokens_for_the_context_is_an_error(quickstart_final, capsy
     rc, _, err = run_cli(capsys, "--backend", "torch", "--checkpoint", str(quickstart_final), "--prompt", "1+1=",
                          "--max-new-tokens", "500")
     assert rc == 2 and "lower max_new_tokens" in err
+
+
+def test_saved_char_tokenizer_reads_back_and_a_bad_marker_is_named(tmp_path):
+    from diptych.core.tokenizer import BUILTIN_TOKENIZER_KEY, CharTokenizer, load_tokenizer, save_tokenizer
+
+    save_tokenizer(CharTokenizer(), tmp_path / "m")
+    tok = load_tokenizer(tmp_path / "m")
+    text = "".join(CharTokenizer.CHARS)
+    assert isinstance(tok, CharTokenizer)
+    assert tok.encode(text, add_special_tokens=True) == [1, *range(3, 3 + len(text))]
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({BUILTIN_TOKENIZER_KEY: "bpe"}))
+    with pytest.raises(ValueError, match="only built-in one is 'char'"):
+        load_tokenizer(tmp_path / "m")
+
+
+def test_saved_hf_tokenizer_round_trips(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from diptych.core.tokenizer import HFTokenizer, load_tokenizer, save_tokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "a": 2, "b": 3, "ab": 4}
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = HFTokenizer(raw, {"eos_token": "<eos>", "pad_token": "<pad>"}, chat_template="{{ messages[0].content }}")
+    back = load_tokenizer(save_tokenizer(tok, tmp_path / "hf"))
+    assert isinstance(back, HFTokenizer)
+    assert back.encode("ab a b") == tok.encode("ab a b") == [4, 2, 3]
+    assert (back.eos_id, back.pad_id) == (1, 0)
+    assert back.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
