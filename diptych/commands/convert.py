@@ -9,11 +9,15 @@ saved on one backend resumes on the other. ``--to hf`` writes the policy weights
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
 
 from diptych.core import checkpointing as ckpt
+from diptych.core.backend import backend_names
+from diptych.core.hf import load_hf_folder, save_hf_folder
+from diptych.core.optim import OptimConfig
 
 HELP = "convert a checkpoint between backends and Hugging Face folders"
 
@@ -21,7 +25,7 @@ HELP = "convert a checkpoint between backends and Hugging Face folders"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="a diptych checkpoint folder (jax or torch) or a Hugging Face folder")
     parser.add_argument("dst", help="output folder (written atomically)")
-    parser.add_argument("--to", required=True, choices=("jax", "torch", "hf"), help="output format")
+    parser.add_argument("--to", required=True, choices=[*backend_names(), "hf"], help="output format")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _modules(backend: str, *concerns: str) -> list[Any]:
+    """A backend's modules by name: only the framework of the backend asked for gets imported."""
+    return [importlib.import_module(f"diptych.backends.{backend}.{c}") for c in concerns]
+
+
 def load_portable(src: str | Path) -> dict[str, Any]:
     """Read any supported checkpoint into a backend-neutral dict of numpy arrays and settings.
 
@@ -43,19 +52,15 @@ def load_portable(src: str | Path) -> dict[str, Any]:
     """
     src = Path(src)
     if not (src / ckpt.METADATA_FILE).is_file():
-        from diptych.core.hf import load_hf_folder
-
         spec, weights = load_hf_folder(src)
         return {"spec": spec, "weights": weights, "value_head": None, "optimizer": None, "optim": None,
                 "step": 0, "metadata": {}, "kernels": "auto"}
     meta = ckpt.read_metadata(src)
     backend = meta["backend"]
-    if backend == "jax":
-        from diptych.backends.jax import checkpoint, train
-    elif backend == "torch":
-        from diptych.backends.torch import checkpoint, train
-    else:
-        raise ckpt.CheckpointError(f"{src} was written by unknown backend {backend!r}.")
+    if backend not in backend_names():
+        raise ckpt.CheckpointError(f"{src} was written by unknown backend {backend!r}; "
+                                   f"known: {', '.join(backend_names())}.")
+    checkpoint, train = _modules(backend, "checkpoint", "train")
     state, user = checkpoint.restore(src)
     return {"spec": ckpt.spec_from_metadata(meta), "weights": train.export_weights(state),
             "value_head": train.export_value_head(state), "optimizer": train.export_optimizer(state),
@@ -66,23 +71,11 @@ def convert(src: str | Path, dst: str | Path, to: str) -> Path:
     """Convert ``src`` into ``dst`` in format ``to`` (``"jax"``, ``"torch"`` or ``"hf"``); return ``dst``."""
     p = load_portable(src)
     if to == "hf":
-        from diptych.core.hf import save_hf_folder
-
         return save_hf_folder(dst, p["spec"], p["weights"])
-    if to == "jax":
-        from diptych.backends.jax import checkpoint, train
-        from diptych.backends.jax import model as model_lib
-
-        model = model_lib.build(p["spec"], p["weights"], kernels=p["kernels"])
-    elif to == "torch":
-        from diptych.backends.torch import checkpoint, train
-        from diptych.backends.torch import model as model_lib
-
-        model = model_lib.build(p["spec"], p["weights"], kernels=p["kernels"])
-    else:
-        raise ValueError(f"--to must be jax, torch or hf, got {to!r}.")
-    from diptych.core.optim import OptimConfig
-
+    if to not in backend_names():
+        raise ValueError(f"--to must be one of {', '.join([*backend_names(), 'hf'])}, got {to!r}.")
+    checkpoint, train, model_lib = _modules(to, "checkpoint", "train", "model")
+    model = model_lib.build(p["spec"], p["weights"], kernels=p["kernels"])
     state = train.init_train_state(model, p["optim"] or OptimConfig(), value_head=p["value_head"] is not None)
     if p["value_head"] is not None:
         state = train.load_weights(state, p["value_head"])

@@ -12,6 +12,14 @@ import json
 import sys
 from pathlib import Path
 
+from diptych.core.backend import backend_names, resolve_backend_name
+from diptych.core.hf import load_hf_folder
+from diptych.core.model_types import RECURRENT_MODEL_TYPES, is_recurrent
+from diptych.core.tasks import get_task
+from diptych.recipes.recurrent_pretrain import CharCodec, _encode
+from diptych.recurrent.exit import CRITERIA
+from diptych.recurrent.sweep import depth_sweep, plot_sweep
+
 HELP = "accuracy vs recurrence depth for a recurrent model"
 
 
@@ -20,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=None, help="built-in task name (default: the one the checkpoint was trained on)")
     p.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated depths")
     p.add_argument("--criteria", default="kl,latent-diff", help="comma-separated exit criteria ('' for none)")
-    p.add_argument("--backend", default=None, choices=["jax", "torch"])
+    p.add_argument("--backend", default=None, choices=backend_names())
     p.add_argument("--n", type=int, default=512, help="held-out problems")
     p.add_argument("--length", default=None, help="override the task's length knob, e.g. 7,10 (harder than training)")
     p.add_argument("--seed", type=int, default=0)
@@ -39,13 +47,6 @@ def _depths(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diptych.core.backend import resolve_backend_name
-    from diptych.core.hf import load_hf_folder
-    from diptych.core.tasks import get_task
-    from diptych.recipes.recurrent_pretrain import CharCodec, _encode
-    from diptych.recurrent.exit import CRITERIA
-    from diptych.recurrent.sweep import depth_sweep, plot_sweep
-
     try:
         steps = _depths(args.steps)
         criteria = [c for c in args.criteria.split(",") if c]
@@ -53,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"unknown exit criteria {unknown}; choose from {', '.join(CRITERIA)}.")
         spec, weights = load_hf_folder(args.checkpoint)
-        if getattr(spec, "model_type", None) != "huginn_raven":
-            raise ValueError(f"{args.checkpoint} holds a {spec.model_type} model; depth sweeps need a recurrent one.")
+        if not is_recurrent(spec):
+            raise ValueError(f"{args.checkpoint} holds a {spec.model_type} model; depth sweeps need a recurrent one "
+                             f"({', '.join(RECURRENT_MODEL_TYPES)}).")
         codec, meta = CharCodec.load(args.checkpoint)
         name = args.task or meta["task"]
         knobs = meta.get("knobs", {}) if name == meta["task"] else {}

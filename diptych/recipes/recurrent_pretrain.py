@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from diptych.core.backend import backend_names
 from diptych.core.hf import save_hf_folder
 from diptych.core.recurrent_spec import RecurrentSpec, initial_state_noise, tiny_recurrent_spec
+from diptych.core.tasks import get_task
 from diptych.recurrent.schedule import DepthSchedule
 from diptych.recurrent.sweep import depth_sweep, plot_by_length, plot_sweep, score
 
@@ -108,8 +110,6 @@ TASKS: dict[str, dict[str, Any]] = {
 
 
 def _task(cfg: RecipeConfig, length: tuple[int, int] | None = None):
-    from diptych.core.tasks import get_task
-
     if cfg.task not in TASKS:
         raise ValueError(f"recipe task must be one of {sorted(TASKS)}, got {cfg.task!r}.")
     return get_task(cfg.task, length=tuple(length or cfg.length), **TASKS[cfg.task]["knobs"])
@@ -196,7 +196,7 @@ def accuracy_by_length(ops: Any, codec: CharCodec, rows: list[dict[str, Any]], a
 
 def _set_threads(cfg: RecipeConfig) -> None:
     if cfg.backend == "torch" and cfg.threads > 0:
-        import torch
+        import torch  # lazy: only the torch backend needs it
 
         torch.set_num_threads(cfg.threads)
 
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = RecipeConfig()
     p.add_argument("--task", default=d.task, choices=sorted(TASKS))
-    p.add_argument("--backend", default=d.backend, choices=["jax", "torch"])
+    p.add_argument("--backend", default=d.backend, choices=backend_names())
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
