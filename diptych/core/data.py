@@ -1,20 +1,18 @@
-"""Datasets for RL prompts, preference pairs and SFT, plus padding, packing and a resumable loader.
+"""Datasets for RL prompts, preference pairs and SFT: reading and validating rows.
 
 Everything is offline and framework-free: rows are plain dicts read from JSONL, JSON, Parquet,
-in-memory lists or a ``datasets.Dataset``; batches are numpy int32 arrays. The loader's order
-is a pure function of (seed, epoch), so ``state_dict()`` is three integers and a resumed run
-sees exactly the batches an uninterrupted one would have.
+in-memory lists or a ``datasets.Dataset``. Batching is the trainers' one pipeline
+(``diptych.core.trainers.base``: ``batch_iterator`` for the seeded, resumable order and
+``pack_sequences`` / ``rollout_batch`` for fixed-width arrays).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
-
-import numpy as np
 
 Row = dict[str, Any]
 
@@ -246,137 +244,3 @@ class SFTDataset(_Rows):
                 ids, mask = ids[:max_length], mask[:max_length]
             out.append({"input_ids": ids, "loss_mask": mask})
         return out
-
-
-# ----------------------------------------------------------------------------- batching
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"] = "left",
-              max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pad to one length: ``(tokens int32 [B, T], mask int32 [B, T])``; prompts go left, training rows right."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
-    if len(seqs) == 0:
-        raise ValueError("pad_batch needs at least one sequence.")
-    longest = max(len(s) for s in seqs)
-    width = longest if max_len is None else max_len
-    if longest > width:
-        raise ValueError(f"a sequence has {longest} tokens but max_len is {width}; truncate it first.")
-    tokens = np.full((len(seqs), width), pad_id, dtype=np.int32)
-    mask = np.zeros((len(seqs), width), dtype=np.int32)
-    for i, s in enumerate(seqs):
-        n = len(s)
-        if n == 0:
-            continue
-        sl = slice(width - n, width) if side == "left" else slice(0, n)
-        tokens[i, sl] = np.asarray(s, dtype=np.int32)
-        mask[i, sl] = 1
-    return tokens, mask
-
-
-def pack(seqs: Sequence[Sequence[int]], max_len: int, pad_id: int = 0,
-         aligned: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, ...]:
-    """Pack sequences into rows of ``max_len`` (first fit, longest first, ties in input order).
-
-    Returns ``(tokens, segment_ids, positions)`` int32 ``[rows, max_len]``: segment ids count 1, 2, ...
-    within a row (0 marks padding) so attention can be masked block-diagonally, and positions
-    restart at 0 for each segment. ``aligned`` (e.g. loss masks, same lengths as ``seqs``) is
-    packed the same way and returned fourth.
-    """
-    if max_len <= 0:
-        raise ValueError(f"max_len must be positive, got {max_len}.")
-    too_long = [i for i, s in enumerate(seqs) if len(s) > max_len]
-    if too_long:
-        raise ValueError(f"sequence {too_long[0]} has {len(seqs[too_long[0]])} tokens > max_len {max_len}; "
-                         "truncate before packing.")
-    if aligned is not None and [len(a) for a in aligned] != [len(s) for s in seqs]:
-        raise ValueError("pack: every aligned sequence must have the same length as its token sequence.")
-    order = sorted((i for i in range(len(seqs)) if len(seqs[i])), key=lambda i: -len(seqs[i]))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        for b, free in enumerate(room):
-            if len(seqs[i]) <= free:
-                bins[b].append(i)
-                room[b] -= len(seqs[i])
-                break
-        else:
-            bins.append([i])
-            room.append(max_len - len(seqs[i]))
-    n = len(bins)
-    tokens = np.full((n, max_len), pad_id, dtype=np.int32)
-    segments = np.zeros((n, max_len), dtype=np.int32)
-    positions = np.zeros((n, max_len), dtype=np.int32)
-    extra = np.zeros((n, max_len), dtype=np.int32)
-    for row, members in enumerate(bins):
-        start = 0
-        for seg, i in enumerate(sorted(members), 1):
-            L = len(seqs[i])
-            tokens[row, start: start + L] = seqs[i]
-            segments[row, start: start + L] = seg
-            positions[row, start: start + L] = np.arange(L)
-            if aligned is not None:
-                extra[row, start: start + L] = aligned[i]
-            start += L
-    return (tokens, segments, positions, extra) if aligned is not None else (tokens, segments, positions)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-class DataLoader:
-    """Batches of rows in a seeded order, forever (``num_epochs=None``) or for ``num_epochs``.
-
-    Epoch ``e`` visits rows in ``default_rng([seed, e]).permutation(n)`` order, so the position
-    ``(epoch, index)`` fully describes the loader: ``state_dict()`` / ``load_state_dict()`` resume
-    exactly. Batches never straddle epochs; ``drop_last`` drops each epoch's short tail.
-    """
-
-    def __init__(self, dataset: Sequence[Any], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, num_epochs: int | None = None,
-                 collate: Callable[[list[Any]], Any] | None = None) -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        if len(dataset) == 0:
-            raise DataError("DataLoader got an empty dataset.")
-        if drop_last and len(dataset) < batch_size:
-            raise DataError(f"drop_last with batch_size {batch_size} > {len(dataset)} rows would yield nothing.")
-        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
-        self.drop_last, self.num_epochs, self.collate = drop_last, num_epochs, collate
-        self.epoch, self.index = 0, 0
-        self._order: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order is None:
-            n = len(self.dataset)
-            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
-                           else np.arange(n))
-        return self._order
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        n = len(self.dataset)
-        left = n - self.index
-        if left == 0 or (self.drop_last and left < self.batch_size):
-            self.epoch, self.index, self._order = self.epoch + 1, 0, None
-        if self.num_epochs is not None and self.epoch >= self.num_epochs:
-            raise StopIteration
-        idx = self._epoch_order()[self.index: self.index + self.batch_size]
-        self.index += len(idx)
-        batch = [self.dataset[int(i)] for i in idx]
-        return self.collate(batch) if self.collate else batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "size": len(self.dataset)}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        if state.get("size") != len(self.dataset) or state.get("seed") != self.seed:
-            raise DataError(f"loader state is for {state.get('size')} rows with seed {state.get('seed')}, but this "
-                            f"loader has {len(self.dataset)} rows with seed {self.seed}; resume with the same data.")
-        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None

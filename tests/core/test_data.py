@@ -1,4 +1,5 @@
-"""Datasets, padding, packing and the resumable loader, including the bad inputs users actually have."""
+"""Datasets (reading and validating rows) and the trainers' batching pipeline, including the bad inputs users
+actually have."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import pytest
 
 from diptych.core.data import (
     DataError,
-    DataLoader,
     PreferenceDataset,
     PromptDataset,
     SFTDataset,
-    pack,
-    pad_batch,
     read_rows,
     to_columns,
 )
@@ -120,63 +118,37 @@ def test_sft_messages_mask_every_assistant_turn():
         SFTDataset([{"messages": [{"role": "user", "content": "x"}]}])
 
 
-def test_pad_batch_left_and_right():
-    tokens, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
-    np.testing.assert_array_equal(tokens, [[5, 6, 7], [0, 0, 8]])
-    np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
-    tokens, mask = pad_batch([[5, 6, 7], [8]], pad_id=9, side="right", max_len=4)
-    np.testing.assert_array_equal(tokens, [[5, 6, 7, 9], [8, 9, 9, 9]])
-    assert tokens.dtype == np.int32 and mask.sum() == 4
-    # positions convention: cumsum(mask) - 1 clipped at 0 starts each left-padded prompt at 0
-    _, m = pad_batch([[1, 2], [3]], 0)
-    np.testing.assert_array_equal(np.clip(np.cumsum(m, 1) - 1, 0, None), [[0, 1], [0, 0]])
-    with pytest.raises(ValueError, match="max_len"):
-        pad_batch([[1, 2, 3]], 0, max_len=2)
-    with pytest.raises(ValueError, match="side"):
-        pad_batch([[1]], 0, side="middle")
+def test_pack_sequences_left_and_right_padding():
+    """The trainers' one packer: the target mask covers exactly the completion on either side."""
+    from diptych.core.trainers.base import TrainerError, pack_sequences
+
+    left = pack_sequences([[1, 2], [3]], [[7, 8], [9]], width=5, pad_id=0)
+    np.testing.assert_array_equal(left["tokens"], [[0, 1, 2, 7, 8], [0, 0, 0, 3, 9]])
+    np.testing.assert_array_equal(left["attention_mask"], [[0, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(left["mask"], [[0, 0, 1, 1], [0, 0, 0, 1]])  # mask[t] scores tokens[t + 1]
+    right = pack_sequences([[1, 2], [3]], [[7, 8], [9]], width=5, pad_id=0, padding_side="right")
+    np.testing.assert_array_equal(right["tokens"], [[1, 2, 7, 8, 0], [3, 9, 0, 0, 0]])
+    np.testing.assert_array_equal(right["attention_mask"], [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(right["mask"], [[0, 1, 1, 0], [1, 0, 0, 0]])
+    for packed in (left, right):  # each masked target is a completion token
+        assert sorted(packed["tokens"][:, 1:][packed["mask"] > 0].tolist()) == [7, 8, 9]
+    with pytest.raises(TrainerError, match="does not fit"):
+        pack_sequences([[1, 2, 3]], [[4, 5, 6]], width=5, pad_id=0)
+    with pytest.raises(TrainerError, match="padding_side"):
+        pack_sequences([[1]], [[2]], width=3, pad_id=0, padding_side="middle")
 
 
-def test_pack_segments_positions_and_aligned_masks():
-    seqs = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
-    tokens, seg, pos, masks = pack(seqs, max_len=5, aligned=[[0, 1, 1], [1, 1], [0, 0, 1, 1], [1]])
-    # every token appears exactly once, with its segment's positions restarting at 0
-    assert sorted(tokens[seg > 0].tolist()) == list(range(1, 11))
-    for row in range(tokens.shape[0]):
-        for s in set(seg[row].tolist()) - {0}:
-            sel = seg[row] == s
-            toks = tokens[row, sel].tolist()
-            assert toks in seqs and pos[row, sel].tolist() == list(range(len(toks)))
-    assert tokens.shape == (2, 5) and (tokens[seg == 0] == 0).all()
-    assert masks.sum() == 7
-    with pytest.raises(ValueError, match="truncate"):
-        pack([[1] * 6], max_len=5)
+def test_batch_iterator_is_seeded_covers_each_epoch_and_resumes_exactly():
+    from diptych.core.trainers.base import TrainerError, batch_iterator
 
-
-def test_loader_is_seeded_and_covers_each_epoch_once():
-    ds = PromptDataset(ROWS)
-    a = DataLoader(ds, batch_size=3, seed=1, num_epochs=2)
-    batches = list(a)
-    assert [len(b) for b in batches] == [3, 3, 3, 1] * 2 and len(a) == 4
-    first = [r["prompt"] for b in batches[:4] for r in b]
-    assert sorted(first) == sorted(r["prompt"] for r in ROWS)
-    assert first != [r["prompt"] for b in batches[4:] for r in b]  # reshuffled per epoch
-    assert [r["prompt"] for b in DataLoader(ds, 3, seed=1, num_epochs=2) for r in b] == \
-        [r["prompt"] for b in batches for r in b]
-    assert [len(b) for b in DataLoader(ds, 3, drop_last=True, num_epochs=1)] == [3, 3, 3]
-
-
-def test_loader_resumes_exactly_from_its_state():
-    ds = PromptDataset(ROWS)
-    ref = DataLoader(ds, batch_size=4, seed=7, collate=to_columns)
-    want = [next(ref)["prompt"] for _ in range(7)]
-    run = DataLoader(ds, batch_size=4, seed=7, collate=to_columns)
-    got = [next(run)["prompt"] for _ in range(3)]
-    state = json.loads(json.dumps(run.state_dict()))  # survives a checkpoint round trip
-    resumed = DataLoader(ds, batch_size=4, seed=7, collate=to_columns)
-    resumed.load_state_dict(state)
-    got += [next(resumed)["prompt"] for _ in range(4)]
-    assert got == want
-    with pytest.raises(DataError, match="same data"):
-        DataLoader(ds, batch_size=4, seed=8).load_state_dict(state)
-    with pytest.raises(DataError, match="empty"):
-        DataLoader([], batch_size=1)
+    rows = list(PromptDataset(ROWS))
+    it = batch_iterator(rows, 5, seed=1)
+    batches = [next(it)[1] for _ in range(4)]
+    first, second = [r["prompt"] for b in batches[:2] for r in b], [r["prompt"] for b in batches[2:] for r in b]
+    assert sorted(first) == sorted(second) == sorted(r["prompt"] for r in ROWS)  # one epoch = every row once
+    assert first != second  # reshuffled per epoch
+    resumed = batch_iterator(rows, 5, seed=1, start=3)
+    assert next(resumed) == (3, batches[3])  # position k depends only on (seed, k)
+    assert [r["prompt"] for r in next(batch_iterator(rows, 5, seed=2))[1]] != first[:5]
+    with pytest.raises(TrainerError, match="empty"):
+        next(batch_iterator([], 1, seed=0))

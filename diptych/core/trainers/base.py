@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -58,11 +58,17 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_len: int) 
 
 
 def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], width: int,
-                   pad_id: int) -> dict[str, np.ndarray]:
-    """Left-pad ``prompt + completion`` rows to ``width``: tokens, attention_mask and the target mask.
+                   pad_id: int, padding_side: Literal["left", "right"] = "left") -> dict[str, np.ndarray]:
+    """Pad ``prompt + completion`` rows to ``width``: tokens, attention_mask and the target mask.
 
-    ``mask[:, t]`` scores target ``tokens[:, t + 1]`` and is 1 exactly on completion tokens.
+    ``mask[:, t]`` scores target ``tokens[:, t + 1]`` and is 1 exactly on completion tokens. Left
+    padding (the default) puts every completion at the end, where generation leaves it; right
+    padding starts every row at position 0.
     """
+    if padding_side not in ("left", "right"):
+        raise TrainerError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    if len(prompts) != len(completions):
+        raise TrainerError(f"pack_sequences got {len(prompts)} prompts but {len(completions)} completions.")
     n = len(prompts)
     tokens = np.full((n, width), pad_id, np.int32)
     attn = np.zeros((n, width), np.int32)
@@ -71,10 +77,10 @@ def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Seque
         row = list(p) + list(c)
         if len(row) > width:
             raise TrainerError(f"Sequence of {len(row)} tokens does not fit the batch width {width}.")
-        start = width - len(row)
-        tokens[i, start:] = row
-        attn[i, start:] = 1
-        mask[i, start + len(p) - 1: width - 1] = 1.0
+        start = width - len(row) if padding_side == "left" else 0
+        tokens[i, start:start + len(row)] = row
+        attn[i, start:start + len(row)] = 1
+        mask[i, start + len(p) - 1: start + len(row) - 1] = 1.0
     return {"tokens": tokens, "attention_mask": attn, "mask": mask}
 
 
