@@ -69,3 +69,17 @@ def test_a_backend_that_fails_to_start_is_reported_not_raised(monkeypatch) -> No
     monkeypatch.setitem(env.DEVICE_PROBES, "jax", broken)
     text = env.render(env.collect())
     assert "jax: installed but failed to start: RuntimeError: libcuda.so not found" in text
+
+
+def test_gpus_are_counted_with_their_memory(monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="NVIDIA H200", total_memory=140 * 2**30))
+    report = env.collect()
+    gpus = [d for d in report["backends"]["torch"]["devices"] if d["kind"] == "GPU"]
+    assert gpus == [{"kind": "GPU", "name": "NVIDIA H200", "memory_gib": 140.0}] * 2
+    assert "2 x GPU NVIDIA H200 (140.0 GiB)" in env.render(report)
