@@ -104,11 +104,12 @@ def eval_settings(checkpoint: Path) -> dict[str, Any] | None:
     """How the model in ``checkpoint`` was evaluated when it was saved (``diptych_eval.json``), if recorded."""
     from diptych.commands.quickstart import EVAL_FILE
 
-    for folder in (checkpoint, checkpoint.parent):
+    native = _is_native(checkpoint)
+    for folder in (checkpoint, checkpoint.parent) if native else (checkpoint,):  # final/checkpoint -> final/
         f = folder / EVAL_FILE
         if f.is_file():
             return json.loads(f.read_text())
-    if _is_native(checkpoint):
+    if native:
         from diptych.core.checkpointing import read_metadata
 
         return (read_metadata(checkpoint).get("metadata") or {}).get("eval")
