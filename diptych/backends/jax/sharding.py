@@ -1,0 +1,180 @@
+"""JAX sharding: a ``jax.sharding.Mesh`` from a :class:`diptych.core.mesh.MeshConfig` and the placement of a
+train state by the core's partition rules.
+
+Parameters and AdamW moments get a ``NamedSharding`` each (by canonical parameter name, the rules of
+:mod:`diptych.core.mesh`); batches are split over ``data x fsdp``. The train step is then the ordinary jitted
+step of :mod:`diptych.backends.jax.train`: XLA's SPMD partitioner inserts the all-gathers, reduce-scatters and
+all-reduces that the shardings imply (no hand-written collectives), and the outputs are pinned to the same
+shardings so a state stays laid out the same way step after step. Multi-host runs call :func:`initialize`
+(``jax.distributed.initialize``) first, then build the same mesh over every host's devices.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diptych.core import mesh as M
+from diptych.core.mesh import MeshConfig, MeshError
+
+_COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def initialize() -> bool:
+    """Start multi-host JAX (``jax.distributed.initialize``) when the environment describes a multi-host job.
+
+    Cloud TPU pods and SLURM are detected by JAX itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Returns whether it initialised. Call it before any other JAX
+    call; a single-host run needs nothing.
+    """
+    if not any(os.environ.get(k) for k in (*_COORDINATOR_ENV, "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")):
+        return False
+    kwargs: dict[str, Any] = {}
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+                  "num_processes": int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+                  "process_id": int(os.environ.get("JAX_PROCESS_ID", "0"))}
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: every device of the job).
+
+    The mesh must use exactly the given devices, so a wrong ``--mesh`` fails here, before anything compiles.
+    """
+    cfg = MeshConfig.coerce(cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    M.check_devices(cfg, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(cfg.shape), M.MESH_AXES)
+
+
+def mesh_config(mesh: Mesh) -> MeshConfig:
+    """The :class:`MeshConfig` of a mesh built by :func:`make_mesh`."""
+    return MeshConfig(**{a: int(mesh.shape[a]) for a in M.MESH_AXES})
+
+
+def param_sharding(mesh: Mesh, name: str, shape: Sequence[int], *, recurrent: bool = False) -> NamedSharding:
+    """Where parameter ``name`` lives: the core's rule for it on this mesh."""
+    return NamedSharding(mesh, PartitionSpec(*M.mesh_axes(name, shape, mesh_config(mesh), recurrent=recurrent)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows split over ``data x fsdp``; every other dimension whole."""
+    return NamedSharding(mesh, PartitionSpec(M.BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Place a micro-batch's arrays split by rows (every array's first dimension is the batch)."""
+    cfg = mesh_config(mesh)
+    out = {}
+    for k, v in batch.items():
+        a = np.asarray(v)
+        if a.ndim == 0:
+            out[k] = jax.device_put(a, replicated(mesh))
+            continue
+        M.check_batch(cfg, a.shape[0], what=f"micro-batch ({k!r})")
+        out[k] = jax.device_put(a, batch_sharding(mesh, a.ndim))
+    return out
+
+
+# -- the train state --------------------------------------------------------------------------------
+def _key(entry: Any) -> str:
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+
+
+def params_shardings(params: Any, mesh: Mesh, *, recurrent: bool) -> list[NamedSharding]:
+    """One sharding per leaf of a params tree (``TrainState.params``), in flatten order."""
+    from diptych.backends.jax.train import named_leaves
+
+    leaves = named_leaves(params)
+    return [param_sharding(mesh, n, np.shape(v), recurrent=recurrent) for n, v in leaves.items()]
+
+
+def tree_shardings(params: Any, tree: Any, mesh: Mesh, *, recurrent: bool) -> list[NamedSharding]:
+    """One sharding per leaf of ``tree`` (an optimizer state): a leaf whose path ends with a parameter's path
+    (AdamW's ``mu`` / ``nu``) is laid out as that parameter; anything else (step counts, learning rate)
+    is replicated."""
+    by_path = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                params_shardings(params, mesh, recurrent=recurrent)):
+        by_path[tuple(_key(k) for k in path)] = (np.shape(leaf), sh)
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = tuple(_key(k) for k in path)
+        found = None
+        for n in lengths:
+            hit = by_path.get(keys[-n:]) if len(keys) >= n else None
+            if hit is not None and hit[0] == np.shape(leaf):
+                found = hit[1]
+                break
+        out.append(found or replicated(mesh))
+    return out
+
+
+def place(tree: Any, shardings: Sequence[NamedSharding]) -> Any:
+    """``tree`` with leaf ``i`` put on ``shardings[i]``."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if len(leaves) != len(shardings):
+        raise MeshError(f"Internal: {len(leaves)} leaves but {len(shardings)} shardings.")
+    return jax.tree_util.tree_unflatten(treedef, [jax.device_put(x, s) for x, s in zip(leaves, shardings)])
+
+
+def shard_state(state: Any, mesh: Mesh | MeshConfig) -> Any:
+    """``state`` (a ``diptych.backends.jax.train.TrainState``) with its parameters and optimizer state placed
+    on ``mesh`` by the partition rules, and the mesh recorded on it so that each train step splits its
+    micro-batches over ``data x fsdp`` and keeps the layout. Checks the model against the mesh first."""
+    from diptych.core.model_types import is_recurrent
+
+    if isinstance(mesh, MeshConfig):
+        mesh = make_mesh(mesh)
+    cfg = mesh_config(mesh)
+    spec = state.spec
+    M.check_all(cfg, backend="jax", n_devices=mesh.devices.size, spec=spec)
+    rec = is_recurrent(spec)
+    state.params = place(state.params, params_shardings(state.params, mesh, recurrent=rec))
+    state.opt_state = place(state.opt_state, tree_shardings(state.params, state.opt_state, mesh, recurrent=rec))
+    state.mesh = mesh
+    state._merged = None
+    return state
+
+
+def state_shardings(state: Any) -> tuple[Any, Any]:
+    """``(params shardings tree, opt_state shardings tree)`` of a sharded state, for ``jit`` ``out_shardings``."""
+    from diptych.core.model_types import is_recurrent
+
+    rec = is_recurrent(state.spec)
+    ps = params_shardings(state.params, state.mesh, recurrent=rec)
+    os_ = tree_shardings(state.params, state.opt_state, state.mesh, recurrent=rec)
+    return (jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.params), ps),
+            jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.opt_state), os_))
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def bytes_per_device(*trees: Any) -> dict[Any, int]:
+    """Bytes each device holds for ``trees``, summed over the addressable shards actually stored there
+    (what the layout really costs, not what the config promises)."""
+    out: dict[Any, int] = {}
+    for tree in trees:
+        for leaf in jax.tree_util.tree_leaves(tree):
+            if not isinstance(leaf, jax.Array):
+                continue
+            for shard in leaf.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+def total_bytes(*trees: Any) -> int:
+    """Logical bytes of ``trees`` (each array once, whatever its layout)."""
+    return int(sum(leaf.nbytes for tree in trees for leaf in jax.tree_util.tree_leaves(tree)
+                   if hasattr(leaf, "nbytes")))

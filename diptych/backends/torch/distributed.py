@@ -1,0 +1,328 @@
+"""torch distributed training: process group from ``torchrun``, FSDP2 / HSDP / tensor parallelism from the
+core's mesh config and partition rules, and the sharded train step.
+
+Layout of a :class:`diptych.core.mesh.MeshConfig` on ``data x fsdp x tensor`` processes (``tensor`` fastest):
+
+- ``tensor > 1``: DTensor tensor parallelism (``parallelize_module``) of every decoder layer, with a
+  column-wise plan for each ``nn.Linear`` whose output dimension the rules put on ``heads`` / ``kv_heads`` /
+  ``mlp`` and a row-wise plan for each whose input dimension they put there; each rank then holds whole heads.
+- ``data x fsdp > 1``: FSDP2 ``fully_shard`` per decoder layer (per prelude / coda block of a recurrent model)
+  and on the root, on the 2-D ``(data, fsdp)`` mesh: sharded over ``fsdp``, replicated over ``data`` (HSDP;
+  with ``fsdp=1`` that is plain data parallelism).
+
+The step (:func:`train_step`) is :func:`diptych.backends.torch.train.train_step`'s algorithm with
+``.backward()`` instead of ``autograd.grad`` (FSDP2 reduce-scatters in its backward hooks): each rank runs its
+rows of every micro-batch, the engines sum the gradients, the denominators are summed across ranks, and each
+term is divided once by its global denominator, so the update equals the one-device update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from diptych.backends.torch import train as T
+from diptych.core import mesh as M
+from diptych.core import train_step as TS
+from diptych.core.mesh import MeshConfig, MeshError
+from diptych.core.model_types import is_recurrent
+from diptych.core.optim import lr_at
+
+CALL = "diptych_call"
+"""The root method every computation on a sharded model goes through, so FSDP2's root hooks gather it."""
+
+
+# -- process group --------------------------------------------------------------------------------
+def init_process_group(backend: str | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: join the ``torchrun`` job (NCCL on GPU, gloo on CPU); one process without one."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    """Whether this process logs, draws progress bars and writes plots (only rank 0 does)."""
+    return rank() == 0
+
+
+def on_rank0(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` that runs only on rank 0 (returns None elsewhere): wrap loggers, progress bars, plotters."""
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if is_rank0() else None
+    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@contextmanager
+def rank0_output() -> Iterator[None]:
+    """Silence stdout on every rank but 0 (stderr stays: errors of any rank are seen)."""
+    if is_rank0():
+        yield
+        return
+    saved = sys.stdout
+    with open(os.devnull, "w") as null:
+        sys.stdout = null
+        try:
+            yield
+        finally:
+            sys.stdout = saved
+
+
+def device_mesh(cfg: MeshConfig, device_type: str | None = None) -> Any:
+    """A 3-D ``DeviceMesh`` named ``("data", "fsdp", "tensor")`` over the job's processes (checked first)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    M.check_backend(cfg, "torch")
+    M.check_devices(cfg, world_size(), what="processes (torchrun --nproc-per-node)")
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device_type, cfg.shape, mesh_dim_names=M.MESH_AXES)
+
+
+# -- sharding a model ----------------------------------------------------------------------------
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The FSDP units below the root: decoder layers, or a recurrent model's prelude and coda blocks (its core
+    block runs r times per step and stays in the root unit, gathered once per step)."""
+    if is_recurrent(model.spec):
+        return [*model.transformer.prelude, *model.transformer.coda]
+    return list(model.model.layers)
+
+
+def tensor_plan(model: nn.Module) -> dict[str, Any]:
+    """The DTensor plan of one decoder layer from the core's rules: ``{submodule: Colwise|RowwiseParallel}``."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    split = {"heads", "kv_heads", "mlp"}
+    plan: dict[str, Any] = {}
+    prefix = "model.layers.0."
+    for name, mod in model.model.layers[0].named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        out_axis, in_axis = M.logical_axes(prefix + name + ".weight")
+        if out_axis in split:
+            plan[name] = ColwiseParallel()
+        elif in_axis in split:
+            plan[name] = RowwiseParallel()
+    return plan
+
+
+def shard_model(model: nn.Module, cfg: MeshConfig, mesh: Any = None) -> nn.Module:
+    """Shard ``model`` in place over this job's processes (see the module docstring); returns it.
+
+    Every later computation on it must go through :func:`call` (the train step, :func:`generate` and
+    :func:`export_weights` do), so the root's parameters are gathered first.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    M.check_all(cfg, backend="torch", n_devices=world_size(), spec=model.spec)
+    if getattr(model, "dtype_name", getattr(model, "dtype", "float32")) != "float32":
+        raise MeshError("Sharded torch training runs float32 weights; build the model in float32.")
+    mesh = device_mesh(cfg) if mesh is None else mesh
+    if cfg.tensor > 1:
+        plan = tensor_plan(model)
+        for layer in model.model.layers:
+            parallelize_module(layer, mesh["tensor"], plan)
+            # each rank now computes its own heads: the attention reshapes use the local counts
+            layer.self_attn.num_heads //= cfg.tensor
+            layer.self_attn.num_kv_heads //= cfg.tensor
+    if cfg.batch_shards > 1:
+        dp = mesh["data", "fsdp"]
+        for block in _blocks(model):
+            fully_shard(block, mesh=dp)
+        fully_shard(model, mesh=dp)
+    model.diptych_call = types.MethodType(lambda self, fn, *a, **k: fn(*a, **k), model)
+    if cfg.batch_shards > 1:
+        register_fsdp_forward_method(model, CALL)
+    model.diptych_mesh = (cfg, mesh)
+    return model
+
+
+def mesh_of(model: nn.Module) -> tuple[MeshConfig, Any]:
+    found = getattr(model, "diptych_mesh", None)
+    if found is None:
+        raise MeshError("This model is not sharded; call diptych.backends.torch.distributed.shard_model first.")
+    return found
+
+
+def call(model: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with the sharded model's root gathered (through FSDP2's hooks)."""
+    return getattr(model, CALL)(fn, *args, **kwargs)
+
+
+def generate(model: nn.Module, prompts: Any, sampling: Any, **kwargs: Any) -> Any:
+    """Generation on a sharded model: the backend's own sampler, run with the root gathered."""
+    from diptych.backends.facade import model_module
+
+    lib = model_module("diptych.backends.torch", model)
+    gen = lib.generate if hasattr(lib, "generate") else __import__(
+        "diptych.backends.torch.sampler", fromlist=["generate"]).generate
+    return call(model, gen, model, prompts, sampling, **kwargs)
+
+
+# -- the train step ----------------------------------------------------------------------------
+def local_rows(mb: Mapping[str, np.ndarray], cfg: MeshConfig) -> dict[str, np.ndarray]:
+    """This rank's rows of a micro-batch (``data x fsdp`` shards; tensor peers get the same rows)."""
+    out = {}
+    for k, v in mb.items():
+        a = np.asarray(v)
+        out[k] = a if a.ndim == 0 else a[M.batch_slice(a.shape[0], cfg, M.batch_shard_of(rank(), cfg))]
+    return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _sq_norm(g: torch.Tensor) -> float:
+    return float(_full(torch.sum(g.float() * g.float())))
+
+
+def _all_sum(values: Sequence[float], cfg: MeshConfig) -> list[float]:
+    """Sum per-rank scalars over the batch shards (tensor peers computed the same rows: counted once)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64)
+    dist.all_reduce(t)
+    return [float(x) / cfg.tensor for x in t]
+
+
+def train_step(state: T.TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
+               loss_config: Any, *, temperature: float = 1.0) -> tuple[T.TrainState, dict[str, float]]:
+    """One AdamW update of a sharded state from the global ``microbatches`` (every rank passes all of them).
+
+    Returns the metrics of :func:`diptych.backends.torch.train.train_step`, reduced over ranks: ``loss``,
+    ``grad_norm``, ``denominator``, ``tokens`` are global; per-loss metrics are averaged over the shards.
+    """
+    cfg, _ = mesh_of(state.model)
+    plan = TS.prepare_step(microbatches, loss, loss_config, has_value_head=state.value_head is not None)
+    for mb in microbatches:
+        for k, v in mb.items():
+            if np.ndim(v):
+                M.check_batch(cfg, np.shape(v)[0], what=f"micro-batch ({k!r})")
+    if state.value_head is not None:
+        raise MeshError("Sharded training with a value head (PPO) is not supported yet; use one device.")
+    names = plan.names
+    params = list(state.model.parameters())
+    local = [local_rows(mb, cfg) for mb in microbatches]
+    scale = float(cfg.batch_shards)  # FSDP2 averages gradients over its ranks; the step wants their sum
+    sums, dens = [0.0] * len(names), [0.0] * len(names)
+    loss_rows: list[dict[str, float]] = []
+    extra_rows: list[dict[str, float]] = []
+    acc: list[list[torch.Tensor]] = []
+    for i in range(len(names)):
+        for mb, outputs in zip(local, plan.outputs):
+            outs, extra = call(state.model, _losses, state, mb, plan, outputs, temperature)
+            (outs[i][0] * scale).backward()
+            sums[i] += float(outs[i][0].detach())
+            dens[i] += T._f(outs[i][1])
+            if i == 0:
+                loss_rows += TS.metric_row(names, [o[2] for o in outs], T._f)
+                extra_rows.append({k: T._f(v) for k, v in extra.items()})
+        acc.append([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+        for p in params:
+            p.grad = None
+    sums = _all_sum(sums, cfg)
+    dens = _all_sum(dens, cfg)
+    TS.check_denominators(names, dens)
+    tokens = sum(TS.count_tokens(mb) for mb in microbatches)
+    loss_rows, extra_rows = _gather_rows(loss_rows), _gather_rows(extra_rows)
+    total = TS.combined_loss(plan.weights, sums, dens)
+    lr = lr_at(state.step, state.optim)
+    with torch.no_grad():
+        grads = T._divide_once(plan.weights, dens, acc)
+        norm = math.sqrt(sum(_sq_norm(g) for g in grads))
+        metrics = TS.step_metrics(total=total, grad_norm=norm, lr=lr, denominator=dens[0], tokens=tokens,
+                                  loss_rows=loss_rows, extra_rows=extra_rows)
+        if TS.skip_step(state.step, total, norm):
+            return state, {**metrics, "skipped": 1.0}
+        if state.optim.max_grad_norm > 0 and norm >= state.optim.max_grad_norm:
+            grads = [g * (state.optim.max_grad_norm / norm) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return state, {**metrics, "skipped": 0.0}
+
+
+def _losses(state: T.TrainState, mb: Mapping[str, np.ndarray], plan: TS.StepPlan, outputs: frozenset[str],
+            temperature: float) -> tuple[list[tuple[Any, Any, dict[str, Any]]], dict[str, Any]]:
+    """Each term's ``(sum, denominator, metrics)`` of one micro-batch and its extra metrics (run in :func:`call`)."""
+    quantities = T._model_quantities(state, mb, outputs, temperature)
+    device = next(iter(quantities.values())).device
+    constants = {k: torch.as_tensor(v, device=device) for k, v in TS.host_batch(mb, plan).items()
+                 if k not in plan.int_keys}
+    inputs = TS.loss_inputs(constants, quantities, plan.names, torch.Tensor.detach, outputs)
+    return TS.run_losses(inputs, plan.names, plan.configs), TS.extra_metrics(inputs)
+
+
+def _gather_rows(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    if world_size() == 1:
+        return rows
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, rows)
+    return [r for part in everyone for r in part]
+
+
+# -- weights out ---------------------------------------------------------------------------------
+def export_weights(state_or_model: Any) -> dict[str, np.ndarray]:
+    """Full canonical float32 weights of a sharded model on every rank (a collective: every rank calls it)."""
+    model = getattr(state_or_model, "model", state_or_model)
+    with torch.no_grad():
+        return {n: _full(p.detach()).float().cpu().numpy().copy() for n, p in model.named_parameters()}
+
+
+def export_optimizer(state: T.TrainState) -> dict[str, Any]:
+    """AdamW moments by canonical name, gathered (the format of ``train.export_optimizer``; a collective)."""
+    mu, nu, count = {}, {}, 0
+    for name, p in zip(state.names, state.master):
+        st = state.optimizer.state.get(p, {})
+        if "exp_avg" in st:
+            mu[name] = _full(st["exp_avg"]).float().cpu().numpy().copy()
+            nu[name] = _full(st["exp_avg_sq"]).float().cpu().numpy().copy()
+            count = int(float(_full(st["step"]) if isinstance(st["step"], torch.Tensor) else st["step"]))
+        else:
+            mu[name] = np.zeros(tuple(p.shape), np.float32)
+            nu[name] = np.zeros(tuple(p.shape), np.float32)
+    return {"count": count, "mu": mu, "nu": nu}
+
+
+def local_bytes(state: T.TrainState) -> int:
+    """Bytes this rank stores for parameters and AdamW moments (local DTensor shards, not logical sizes)."""
+    def nbytes(t: torch.Tensor) -> int:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        return local.numel() * local.element_size()
+
+    total = sum(nbytes(p) for p in state.model.parameters())
+    for st in state.optimizer.state.values():
+        total += sum(nbytes(v) for v in st.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
+    return total
