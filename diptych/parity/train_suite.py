@@ -14,9 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from diptych.core.advantages import compute_advantages
 from diptych.core.backend import get_backend
+from diptych.core.losses import PreferenceLossConfig, policy_preset
 from diptych.core.model_types import DECODER_MODEL_TYPES
 from diptych.core.optim import OptimConfig
+from diptych.core.train_batch import split_microbatches
+from diptych.core.trainers.base import pack_sequences
 from diptych.parity.harness import Case, Context, compare, register_suite
 
 STEPS = 10
@@ -37,9 +41,6 @@ def optim_for(dtype: str) -> OptimConfig:
 def grpo_rollouts(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Fixed GRPO rollouts: ``PROMPTS`` left-padded prompts x ``GROUP`` completions of uneven length,
     group z-scored advantages from fixed rewards, and the per-token completion mask."""
-    from diptych.core.advantages import compute_advantages
-    from diptych.core.trainers.base import pack_sequences
-
     rng = np.random.default_rng(seed)
     prompts, completions = [], []
     for p in range(PROMPTS):
@@ -57,8 +58,6 @@ def grpo_rollouts(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def dpo_rows(vocab: int, seed: int = 1, n: int = 8) -> dict[str, np.ndarray]:
     """Fixed preference pairs in the ``preference`` layout (prompt shared by chosen and rejected)."""
-    from diptych.core.trainers.base import pack_sequences
-
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, vocab, size=int(rng.integers(2, PROMPT_LEN + 1))).tolist() for _ in range(n)]
     out: dict[str, np.ndarray] = {}
@@ -97,9 +96,6 @@ def _gradients(be: Any, state: Any, mbs: list[dict[str, np.ndarray]], loss: str,
 
 def run_case(name: str, be: Any, spec: Any, weights: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
     """Run ``STEPS`` updates of case ``grpo`` or ``dpo`` on backend ``be``; record loss, grads, weights."""
-    from diptych.core.losses import PreferenceLossConfig, policy_preset
-    from diptych.core.train_batch import split_microbatches
-
     state = be.init_train_state(be.build(spec, weights), optim_for(dtype))
     if name == "grpo":
         batch = grpo_rollouts(spec.vocab_size)

@@ -57,7 +57,7 @@ def depth_sweep(ops: Any, tokens: np.ndarray, mask: np.ndarray, answers: np.ndar
 def _plot(draw: Any, path: str | Path, xlabel: str, title: str, log_x: bool = False,
           figsize: tuple[float, float] = (5, 3.5)) -> Path | None:
     """One accuracy figure: ``draw(ax)`` adds the lines; None when matplotlib is missing."""
-    try:
+    try:  # lazy: matplotlib is optional, and only plotting needs it
         import matplotlib
 
         matplotlib.use("Agg")

@@ -222,7 +222,7 @@ class TruncatedTrainer:
     """
 
     def __init__(self, model: RecurrentLM, lr: float = 1e-3, weight_decay: float = 0.0, clip: float = 1.0) -> None:
-        import optax
+        import optax  # lazy: only this minimal trainer needs it
 
         self.model = model
         self.tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(lr, b1=0.9, b2=0.95,
