@@ -1,0 +1,42 @@
+"""Pick and start a rollout engine by name (the trainers' ``rollout: native | vllm`` field)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from diptych.core.sampling import SamplingConfig
+from diptych.rollout.base import ENGINES, NativeEngine, RolloutEngine, RolloutEngineError, VLLMConfig
+
+
+def make_engine(name: str, backend: Any, model: Any, *, sampling: SamplingConfig | None = None,
+                vllm: VLLMConfig | Mapping[str, Any] | None = None, version: int = 0,
+                max_model_len: int | None = None, **native_kwargs: Any) -> RolloutEngine:
+    """The engine a trainer or ``diptych sample`` asked for by name, started on ``model``'s current weights.
+
+    ``sampling`` is the run's sampling (it picks vLLM's log-prob mode); ``vllm`` its engine block.
+    """
+    if name not in ENGINES:
+        raise RolloutEngineError(f"rollout engine must be one of {', '.join(ENGINES)}, got {name!r}.")
+    if name == "native":
+        return NativeEngine(backend, model, version, **native_kwargs)
+    from diptych.core.model_types import is_recurrent
+
+    if is_recurrent(model):
+        raise RolloutEngineError(
+            "vLLM cannot serve recurrent-depth models (huginn_raven): their depth loop is not a vLLM architecture; "
+            "use rollout: native.")
+    if native_kwargs:
+        raise RolloutEngineError(f"vLLM cannot honour the native sampler option(s) {', '.join(sorted(native_kwargs))} "
+                                 "(parity noise, depth); use rollout: native for them.")
+    cfg = vllm if isinstance(vllm, VLLMConfig) else VLLMConfig(**dict(vllm or {}))
+    weights = backend.export(model)
+    if cfg.mode == "server":
+        from diptych.rollout.server import ServerEngine
+
+        return ServerEngine.start(model.spec, weights, sampling=sampling, config=cfg, version=version,
+                                  max_model_len=max_model_len)
+    from diptych.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model.spec, weights, sampling=sampling, config=cfg, version=version,
+                      max_model_len=max_model_len)

@@ -1,0 +1,289 @@
+"""Server mode: a vLLM engine in another process (or on other GPUs), reached over loopback HTTP.
+
+The wire format needs no pickling: requests and rollouts are JSON, weights are safetensors bytes
+(``POST /weights`` with the version in ``X-Weight-Version``), which a receiver parses as plain
+arrays. Trainer and server agree on a weight version: the trainer sends the version it believes the
+server holds with every ``/generate``, the server refuses a mismatch (HTTP 409) instead of sampling
+with stale weights, and every rollout records the version it was sampled with.
+
+Endpoints: ``GET /health``, ``POST /generate``, ``POST /weights``, ``POST /shutdown``. The server
+handles one request at a time (vLLM's ``LLM`` is not re-entrant); it binds loopback by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diptych.core.sampling import Rollout, SamplingConfig, SamplingError
+from diptych.rollout.base import (
+    RolloutEngineError,
+    VLLMConfig,
+    WeightsLike,
+    check_version,
+    resolve_logprobs_mode,
+    sampling_from_dict,
+    sampling_to_dict,
+    weight_items,
+)
+
+VERSION_HEADER = "X-Weight-Version"
+ROLLOUT_FIELDS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "logprobs", "lengths",
+                  "truncated")
+_DTYPES = {"logprobs": np.float32, "truncated": bool}
+
+
+def rollout_to_json(rollout: Rollout) -> dict[str, Any]:
+    out: dict[str, Any] = {k: np.asarray(getattr(rollout, k)).tolist() for k in ROLLOUT_FIELDS}
+    out["extras"] = {k: v for k, v in rollout.extras.items() if isinstance(v, (int, float, str, bool))}
+    return out
+
+
+def rollout_from_json(d: dict[str, Any]) -> Rollout:
+    arrays = {k: np.asarray(d[k], dtype=_DTYPES.get(k, np.int32)) for k in ROLLOUT_FIELDS}
+    for k in ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "logprobs"):
+        if arrays[k].ndim != 2:  # an empty row list decodes to 1-D
+            arrays[k] = arrays[k].reshape(len(d["lengths"]), -1)
+    return Rollout(**arrays, extras=dict(d.get("extras", {})))
+
+
+# -- the server --------------------------------------------------------------------------------
+class _Handler(BaseHTTPRequestHandler):
+    engine: Any = None
+    server_version = "diptych-rollout"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: the trainer's log is the log
+        pass
+
+    def _reply(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def do_GET(self) -> None:
+        if self.path != "/health":
+            return self._reply(404, {"error": f"no GET {self.path}; try /health"})
+        eng = self.engine
+        self._reply(200, {"status": "ok", "weight_version": eng.weight_version, "model_type": eng.spec.model_type,
+                          "logprobs_mode": eng.mode, "max_model_len": eng.max_model_len, "pid": os.getpid()})
+
+    def do_POST(self) -> None:
+        eng = self.engine
+        try:
+            if self.path == "/generate":
+                req = json.loads(self._body() or b"{}")
+                want = req.get("version")
+                if want is not None and int(want) != eng.weight_version:
+                    msg = (f"weight version mismatch: the trainer expects {want}, the server holds "
+                           f"{eng.weight_version}; sync the weights first.")
+                    return self._reply(409, {"error": msg, "weight_version": eng.weight_version})
+                sampling = sampling_from_dict(req.get("sampling") or {})
+                rollout = eng.generate(req["prompts"], sampling, seed=req.get("seed"))
+                return self._reply(200, {"weight_version": eng.weight_version, "rollout": rollout_to_json(rollout)})
+            if self.path == "/weights":
+                from safetensors.numpy import load
+
+                version = self.headers.get(VERSION_HEADER)
+                if version is None:
+                    return self._reply(400, {"error": f"POST /weights needs the {VERSION_HEADER} header."})
+                eng.sync_weights(load(self._body()), int(version))
+                return self._reply(200, {"weight_version": eng.weight_version})
+            if self.path == "/shutdown":
+                self._reply(200, {"status": "stopping"})
+                threading.Thread(target=self.server.shutdown, daemon=True).start()
+                return None
+            return self._reply(404, {"error": f"no POST {self.path}; try /generate, /weights or /shutdown"})
+        except (RolloutEngineError, SamplingError, KeyError, ValueError, TypeError) as e:
+            return self._reply(400, {"error": f"{type(e).__name__}: {e}"})
+        except Exception as e:  # keep serving; the client reports it
+            return self._reply(500, {"error": f"{type(e).__name__}: {e}"})
+
+
+def serve(engine: Any, host: str = "127.0.0.1", port: int = 0, port_file: str | os.PathLike | None = None,
+          log: Any = print) -> None:
+    """Serve ``engine`` until ``POST /shutdown``; ``port`` 0 takes a free one, written to ``port_file``
+    (atomically) once the server listens, so a parent knows when and where to connect."""
+    handler = type("Handler", (_Handler,), {"engine": engine})
+    httpd = HTTPServer((host, int(port)), handler)
+    url = f"http://{host}:{httpd.server_address[1]}"
+    if port_file is not None:
+        tmp = Path(f"{port_file}.tmp")
+        tmp.write_text(url + "\n")
+        tmp.replace(port_file)
+    log(f"diptych rollout-server: listening on {url} (weight version {engine.weight_version})")
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+        engine.close()
+
+
+# -- the client --------------------------------------------------------------------------------
+class ServerEngine:
+    """The engine protocol over HTTP to a ``diptych rollout-server``; see the module docstring.
+
+    ``process`` is the server this client started (it is shut down on :meth:`close`); a client of a
+    server somebody else started (``vllm.url``) leaves it running.
+    """
+
+    name = "vllm"
+
+    def __init__(self, url: str, *, version: int = 0, timeout_s: float = 600.0,
+                 process: subprocess.Popen | None = None, workdir: Any = None) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = float(timeout_s)
+        self.process, self._workdir = process, workdir
+        self._version = check_version(version, 0)
+        self.closed = False
+
+    @classmethod
+    def start(cls, spec: Any, weights: WeightsLike, *, sampling: SamplingConfig | None = None,
+              config: VLLMConfig | None = None, version: int = 0, max_model_len: int | None = None) -> ServerEngine:
+        """Connect to ``config.url`` and push the weights, or start a server on loopback from them."""
+        from diptych.rollout.vllm_engine import check_servable
+
+        cfg = config or VLLMConfig(mode="server")
+        check_servable(spec)
+        if cfg.url is not None:
+            eng = cls(cfg.url, timeout_s=cfg.timeout_s)
+            eng.health()
+            eng.sync_weights(weights, version)
+            return eng
+        from diptych.core.hf import save_hf_folder
+
+        work = tempfile.TemporaryDirectory(prefix="diptych-rollout-server-")
+        folder = save_hf_folder(Path(work.name) / "model", spec, dict(weight_items(weights)))
+        port_file = Path(work.name) / "url"
+        log_path = Path(work.name) / "server.log"
+        mode = resolve_logprobs_mode(cfg.logprobs, sampling)
+        cmd = [sys.executable, "-m", "diptych.commands.rollout_server", "--model", str(folder), "--host", "127.0.0.1",
+               "--port", "0", "--port-file", str(port_file), "--logprobs", mode, "--version", str(int(version)),
+               "--dtype", cfg.dtype, "--seed", str(cfg.seed)]
+        if cfg.kv_cache_memory_bytes is not None:
+            cmd += ["--kv-cache-memory-bytes", str(int(cfg.kv_cache_memory_bytes))]
+        elif cfg.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+        if max_model_len or cfg.max_model_len:
+            cmd += ["--max-model-len", str(int(max_model_len or cfg.max_model_len))]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + cfg.timeout_s
+        while not port_file.is_file():
+            if proc.poll() is not None:
+                tail = _tail(log_path)
+                work.cleanup()
+                raise RolloutEngineError(f"the rollout server exited with status {proc.returncode} before it "
+                                         f"listened; its log ends:\n{tail}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                work.cleanup()
+                raise RolloutEngineError(f"the rollout server did not start within {cfg.timeout_s:.0f} s "
+                                         "(vllm.timeout_s); is the machine overloaded?")
+            time.sleep(0.2)
+        eng = cls(port_file.read_text().strip(), version=version, timeout_s=cfg.timeout_s, process=proc,
+                  workdir=work)
+        eng.log_path = log_path
+        eng.health()
+        return eng
+
+    # -- protocol ----------------------------------------------------------------------------
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                 seed: int | None = None) -> Rollout:
+        body = json.dumps({"prompts": [[int(t) for t in p] for p in prompts], "sampling": sampling_to_dict(sampling),
+                           "seed": seed, "version": self._version}).encode()
+        reply = self._request("POST", "/generate", body, {"Content-Type": "application/json"})
+        rollout = rollout_from_json(reply["rollout"])
+        if int(rollout.extras.get("weight_version", -1)) != self._version:
+            raise RolloutEngineError(f"the rollout server sampled with weight version "
+                                     f"{rollout.extras.get('weight_version')}, the trainer expected {self._version}.")
+        return rollout
+
+    def sync_weights(self, weights: WeightsLike, version: int) -> None:
+        """Send the canonical weights as one safetensors blob; the server adopts ``version`` once loaded."""
+        from safetensors.numpy import save
+
+        version = check_version(version, self._version)
+        blob = save(dict(weight_items(weights)))
+        reply = self._request("POST", "/weights", blob, {"Content-Type": "application/octet-stream",
+                                                         VERSION_HEADER: str(version)})
+        if int(reply.get("weight_version", -1)) != version:
+            raise RolloutEngineError(f"the rollout server reports weight version {reply.get('weight_version')} after "
+                                     f"a sync to {version}.")
+        self._version = version
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.process is not None:
+            with contextlib.suppress(RolloutEngineError):
+                self._request("POST", "/shutdown", b"", timeout=10)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    # -- transport ---------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                 timeout: float | None = None) -> dict[str, Any]:
+        if self.closed and path != "/shutdown":
+            raise RolloutEngineError("this rollout-server client was closed; make a new engine.")
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read()).get("error", "")
+            except Exception:
+                msg = ""
+            raise RolloutEngineError(f"the rollout server at {self.url} refused {method} {path} (HTTP {e.code}): "
+                                     f"{msg}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            dead = ""
+            if self.process is not None and self.process.poll() is not None:
+                dead = f" (the server process exited with status {self.process.returncode})"
+            raise RolloutEngineError(
+                f"the rollout server at {self.url} stopped answering {method} {path}: {reason}{dead}. It died or was "
+                "shut down; restart it (diptych rollout-server) and resume from the last checkpoint.") from None
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
