@@ -33,6 +33,36 @@ def model_module(package: str, spec_or_model: Any) -> ModuleType:
     return importlib.import_module(f"{package}.{'recurrent' if is_recurrent(spec_or_model) else 'model'}")
 
 
+def model_dtype(model: Any) -> str:
+    """A model's dtype name (``"float32"`` / ``"bfloat16"``): a decoder keeps it as ``dtype``, a recurrent model as
+    ``dtype_name`` (its ``dtype`` is the framework's)."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, str) else model.dtype_name
+
+
+# -- what both panels' checkpoint modules share -----------------------------------------------
+def read_checkpoint(path: Path, backend: str) -> tuple[dict[str, Any], Any, OptimConfig, dict[str, Any]]:
+    """``(metadata, spec, optim, build options)`` of a checkpoint ``backend`` wrote, refusing the other backend's
+    with the ``diptych convert`` line that turns it into this one. A decoder is rebuilt with its kernels mode; a
+    recurrent-depth model has none (its depth is set per step)."""
+    from diptych.core import checkpointing as ckpt
+
+    meta = ckpt.read_metadata(path)
+    if meta["backend"] != backend:
+        raise ckpt.CheckpointError(
+            f"{path} is a {meta['backend']} checkpoint; restore it with that backend, or convert it first: "
+            f"diptych convert {path} OUT --to {backend}")
+    kernels = meta.get("kernels")
+    return meta, ckpt.spec_from_metadata(meta), ckpt.optim_from_metadata(meta), ({"kernels": kernels} if kernels
+                                                                                 else {})
+
+
+def checkpoint_extra(model: Model, value_head: bool) -> dict[str, Any]:
+    """What ``restore`` needs besides spec and optimizer to rebuild the state: whether a value head is stored and
+    the decoder's kernels mode."""
+    return {"value_head": value_head, "kernels": getattr(model, "kernels", None)}
+
+
 class Facade:
     """Every Backend method except the array boundary, delegated to ``{package}.{concern}``."""
 

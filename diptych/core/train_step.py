@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -199,7 +199,7 @@ def skip_step(step: int, total: float, grad_norm: float) -> bool:
     if math.isfinite(total) and math.isfinite(grad_norm):
         return False
     warnings.warn(f"Skipping optimizer step {step}: non-finite loss ({total}) or gradient norm ({grad_norm}); "
-                  "weights and optimizer state are unchanged.", RuntimeWarning, stacklevel=3)
+                  "weights and optimizer state are unchanged.", RuntimeWarning, stacklevel=4)
     return True
 
 
@@ -213,3 +213,50 @@ def step_metrics(*, total: float, grad_norm: float, lr: float, denominator: floa
         for k, v in row.items():
             out[k] = max(out.get(k, -math.inf), float(v)) if k in MAX_METRICS else float(v)
     return out
+
+
+@dataclass
+class StepTotals:
+    """What a step accumulates besides gradients: per-term loss sums and denominators, metric rows, tokens.
+
+    A backend calls :meth:`add` once per micro-batch and :meth:`close` after the last, then reads
+    :attr:`loss` and :meth:`report`; its own code keeps only the gradient sums and the optimizer.
+    """
+
+    plan: StepPlan
+    sums: list[float] = field(default_factory=list)
+    dens: list[float] = field(default_factory=list)
+    loss_rows: list[dict[str, float]] = field(default_factory=list)
+    extra_rows: list[dict[str, float]] = field(default_factory=list)
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.plan.names)
+        self.sums, self.dens = [0.0] * n, [0.0] * n
+
+    def add(self, mb: Mapping[str, np.ndarray], sums: Sequence[Any], dens: Sequence[Any],
+            term_metrics: Sequence[Mapping[str, Any]], extra: Mapping[str, Any],
+            to_float: Callable[[Any], float] = float) -> None:
+        """Record one micro-batch: its per-term sums, denominators and metrics and its step-level extras."""
+        for i, (s, d) in enumerate(zip(sums, dens)):
+            self.sums[i] += to_float(s)
+            self.dens[i] += to_float(d)
+        self.loss_rows += metric_row(self.plan.names, term_metrics, to_float)
+        self.extra_rows.append({k: to_float(v) for k, v in extra.items()})
+        self.tokens += count_tokens(mb)
+
+    def close(self) -> StepTotals:
+        """Check the totals (every term has something to average over) once the last micro-batch is in."""
+        check_denominators(self.plan.names, self.dens)
+        return self
+
+    @property
+    def loss(self) -> float:
+        return combined_loss(self.plan.weights, self.sums, self.dens)
+
+    def report(self, step: int, grad_norm: float, lr: float) -> dict[str, float]:
+        """The step's metrics, ``skipped`` included (1.0, with a warning, when the update must be skipped)."""
+        metrics = step_metrics(total=self.loss, grad_norm=grad_norm, lr=lr, denominator=self.dens[0],
+                               tokens=self.tokens, loss_rows=self.loss_rows, extra_rows=self.extra_rows)
+        metrics["skipped"] = 1.0 if skip_step(step, self.loss, grad_norm) else 0.0
+        return metrics

@@ -7,12 +7,9 @@ file for file by ``diptych.backends.torch`` (see ``diptych.backends.facade``).
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Any
-
 import numpy as np
 
-from diptych.backends.facade import Facade, model_module
+from diptych.backends.facade import Facade
 from diptych.core.backend import Array
 
 
@@ -33,7 +30,3 @@ class JaxBackend(Facade):
 
         return jnp.asarray(a, dtype=None if dtype is None else jnp.dtype(dtype))
 
-
-def _impl(spec_or_model: Any) -> ModuleType:
-    """This package's module for a spec or model (``recurrent`` or ``model``)."""
-    return model_module(__name__, spec_or_model)

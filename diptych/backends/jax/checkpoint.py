@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diptych.backends.facade import checkpoint_extra, read_checkpoint
 from diptych.backends.jax import train
 from diptych.core import checkpointing as ckpt
 
@@ -35,8 +36,7 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
         checkpointer.wait_until_finished()
         checkpointer.close()
         ckpt.write_metadata(tmp, backend="jax", step=state.step, spec=spec, optim=state.optim,
-                            extra={"value_head": state.params["value_head"] is not None,
-                                   "kernels": getattr(state.model, "kernels", None)},
+                            extra=checkpoint_extra(state.model, state.params["value_head"] is not None),
                             user=metadata)
     if keep_last is not None:
         ckpt.prune(path.parent, keep_last)
@@ -46,17 +46,11 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
 def restore(path: str | os.PathLike) -> tuple[train.TrainState, dict[str, Any]]:
     """Load a checkpoint written by :func:`save`: ``(state, metadata)``; training continues exactly."""
     path = Path(path)
-    meta = ckpt.read_metadata(path)
-    if meta["backend"] != "jax":
-        raise ckpt.CheckpointError(
-            f"{path} is a {meta['backend']} checkpoint; restore it with that backend, or convert it first: "
-            f"diptych convert {path} OUT --to jax")
+    meta, spec, optim, options = read_checkpoint(path, "jax")
     if not (path / "state").is_dir():
         raise ckpt.CheckpointError(f"{path} lacks state/ (the Orbax tree); the checkpoint is incomplete.")
-    spec = ckpt.spec_from_metadata(meta)
-    optim = ckpt.optim_from_metadata(meta)
     zeros = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
-    model = train._lib(spec).build(spec, zeros, **_build_options(meta))
+    model = train._lib(spec).build(spec, zeros, **options)
     state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": state.params, "opt_state": state.opt_state})
     checkpointer = ocp.StandardCheckpointer()
@@ -66,8 +60,3 @@ def restore(path: str | os.PathLike) -> tuple[train.TrainState, dict[str, Any]]:
     state.step = int(meta["step"])
     return state, meta["metadata"]
 
-
-def _build_options(meta: dict[str, Any]) -> dict[str, Any]:
-    """A decoder is rebuilt with its kernels mode; a recurrent-depth model has none (its depth is set per step)."""
-    kernels = meta.get("kernels")
-    return {"kernels": kernels} if kernels else {}

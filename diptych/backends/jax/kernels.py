@@ -21,9 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diptych.kernels.checks import check_selective_logprobs_inputs
-
-KERNEL_MODES = ("auto", "fused", "chunked", "reference")
+from diptych.kernels.checks import KERNEL_MODES, check_selective_logprobs_inputs
 
 __all__ = ["KERNEL_MODES", "resolve_kernels", "rms_norm", "selective_logprobs"]
 

@@ -28,6 +28,7 @@ from flax import nnx
 
 from diptych.backends.jax import kernels as kernels_mod
 from diptych.core.spec import DecoderSpec
+from diptych.kernels.checks import check_build_args, check_cache_write, check_kernels_mode
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 KERNELS = kernels_mod.KERNEL_MODES
@@ -242,11 +243,7 @@ def build(spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float
     The module skeleton is made with ``nnx.eval_shape`` and the weights assigned into its
     state, so building a large model never pays for a throwaway init.
     """
-    if not isinstance(spec, DecoderSpec):
-        raise TypeError(f"build needs a DecoderSpec, got {type(spec).__name__}.")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    _check_kernels(kernels)
+    check_build_args(spec, dtype, kernels, DTYPES, "Pallas")
     spec.validate_weights(weights)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(spec, dtype, kernels)))
     flat = nnx.to_flat_state(abstract)
@@ -330,17 +327,9 @@ def forward_cached(model: Decoder, tokens: Any, positions: Any, cache: KVCache, 
     step) and must not be used again: keep the returned one.
     """
     tokens, positions, key_mask = _as_tokens(model, tokens), _as_int(positions), _as_mask(key_mask)
-    b, t = tokens.shape
-    if positions.shape != (b, t):
-        raise ValueError(f"positions shape {tuple(positions.shape)} must equal tokens shape {(b, t)}.")
-    if key_mask.shape != (b, cache.max_len) or cache.k.shape[1] != b:
-        raise ValueError(f"key_mask must be [batch, max_len] = {(cache.k.shape[1], cache.max_len)} to match the "
-                         f"cache, got {tuple(key_mask.shape)} (tokens batch {b}).")
-    if not isinstance(write_index, jax.core.Tracer):
-        wi = int(write_index)
-        if wi < 0 or wi + t > cache.max_len:
-            raise ValueError(f"Writing {t} tokens at slot {wi} overflows the cache of max_len {cache.max_len}; "
-                             "allocate a longer cache with init_cache.")
+    concrete = None if isinstance(write_index, jax.core.Tracer) else int(write_index)
+    check_cache_write(tuple(tokens.shape), tuple(positions.shape), tuple(key_mask.shape), cache.k.shape[1],
+                      cache.max_len, concrete)
     graphdef, state = nnx.split(model)
     return _forward_cached_jit(graphdef, state, tokens, positions, cache, jnp.asarray(write_index, jnp.int32),
                                key_mask)
@@ -388,9 +377,7 @@ def _forward_cached_jit(graphdef: Any, state: Any, tokens: jax.Array, positions:
 
 # -- input handling -----------------------------------------------------------------------------
 def _check_kernels(kernels: Any) -> None:
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r} (reference = full logits, "
-                         "chunked = chunks of tokens, fused = Pallas, auto = fused on GPU else chunked).")
+    check_kernels_mode(kernels, "Pallas")
 
 
 def _hf_name(path: tuple[Any, ...]) -> str:

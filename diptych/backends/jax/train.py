@@ -1,21 +1,17 @@
-"""One optimizer update on JAX: micro-batch accumulation, divide once, clip, AdamW.
+"""The JAX half of a train step: ``jax.vjp`` of each loss term's unreduced sum, ``optax.adamw``.
 
-``diptych.backends.torch.train`` is the same text in torch. A train step computes, per
-micro-batch, the model quantities a loss needs (per-token log-probs through the model's
-``logprobs`` seam, entropy, values from an optional value head; log-probs and entropy take the
-model's ``kernels`` path), calls the backend-neutral
-loss from ``diptych.core.losses``, and accumulates the gradient of each loss term's
-*unreduced sum* together with its denominator. Only after the last micro-batch is each
-term divided by its total denominator, so the update equals the full-batch update whatever
-the split (DESIGN.md rule 3). The optimizer is ``optax.adamw`` (chained after
-``clip_by_global_norm``) with the learning rate of :func:`diptych.core.optim.lr_at`
-injected as a number each step.
+What a step checks, computes and reports is backend-neutral and lives in :mod:`diptych.core.train_step`;
+this module holds only what JAX does differently: one jitted micro-batch function (per loss, config,
+temperature, dtype, depth and batch structure) returning sums, denominators and the accumulated
+float32 gradient trees, and one jitted ``_apply`` that divides each term once by its total
+denominator (DESIGN.md rule 3), clips by global norm and steps ``optax.adamw`` with the learning rate
+of :func:`diptych.core.optim.lr_at` injected as a number.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -26,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diptych.backends.facade import model_module
+from diptych.backends.facade import model_dtype, model_module
 from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
 from diptych.core import train_step as TS
@@ -112,15 +108,9 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
                       compute_dtype=compute)
 
 
-
-def _lib(spec_or_model: Any) -> ModuleType:
-    """The model module for a spec or model: ``recurrent`` for recurrent-depth models, else ``model``."""
-    return model_module("diptych.backends.jax", spec_or_model)
-
-
-def _model_dtype(model: Any) -> str:
-    dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, str) else model.dtype_name
+_lib: Callable[[Any], ModuleType] = functools.partial(model_module, "diptych.backends.jax")
+"""The model module for a spec or model: ``recurrent`` for recurrent-depth models, else ``model``."""
+_model_dtype = model_dtype
 
 
 def _build_options(model: Any) -> dict[str, Any]:
@@ -152,54 +142,35 @@ def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
 # -- the step -----------------------------------------------------------------------------------
 def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
                loss_config: Any, *, temperature: float = 1.0) -> tuple[TrainState, dict[str, float]]:
-    """Apply one AdamW update from the accumulated gradient of ``loss`` over ``microbatches``.
+    """:meth:`diptych.core.backend.Backend.train_step` on JAX: returns a new (immutable) state.
 
-    ``loss`` is a registered loss name (``diptych.core.losses``: ``"sft"``, ``"policy"``,
-    ``"value"``, ``"preference"`` or any added with ``register_loss``) with ``loss_config`` its
-    config, or a weighted mapping such as ``{"policy": 1.0, "value": 0.1}`` with ``loss_config`` a
-    mapping of configs by name (PPO with a value head). Micro-batch layouts: each loss's registered
-    layout (:mod:`diptych.core.train_batch`); the neutral checks and metrics: :mod:`diptych.core.train_step`.
-
-    Returns ``(new_state, metrics)``: ``loss`` (the weighted sum of the terms' means),
-    ``grad_norm`` (before clipping), ``lr``, ``denominator`` (of the first term),
-    ``skipped`` (1 when a non-finite loss or gradient left weights and optimizer untouched),
-    ``tokens`` (non-pad input tokens), ``sampler_logprob_gap`` (when the batch has
-    ``sampler_logprobs``) and each loss's metrics (prefixed ``term/`` when there are several terms).
+    The gradient sums are divided once and clipped inside one jitted ``_apply``; a skipped step returns
+    ``state`` itself. Metrics: :func:`diptych.core.train_step.step_metrics`.
     """
     graphdef = _current_graphdef(state)
-    plan, acc, sums, dens, loss_rows, extra_rows, tokens = _accumulate(state, graphdef, microbatches, loss,
-                                                                       loss_config, temperature)
-    total = TS.combined_loss(plan.weights, sums, dens)
+    acc, totals = _accumulate(state, graphdef, microbatches, loss, loss_config, temperature)
     lr = lr_at(state.step, state.optim)
-    params, opt_state, norm = _apply(state.optim, plan.weights, state.params, state.opt_state, acc,
-                                     jnp.asarray(dens, jnp.float32), jnp.float32(lr))
-    norm = float(norm)
-    metrics = TS.step_metrics(total=total, grad_norm=norm, lr=lr, denominator=dens[0], tokens=tokens,
-                              loss_rows=loss_rows, extra_rows=extra_rows)
-    if TS.skip_step(state.step, total, norm):
-        return state, {**metrics, "skipped": 1.0}
-    new = TrainState(graphdef=graphdef, rest=state.rest, params=params, opt_state=opt_state, optim=state.optim,
-                     compute_dtype=state.compute_dtype, step=state.step + 1)
-    return new, {**metrics, "skipped": 0.0}
+    params, opt_state, norm = _apply(state.optim, totals.plan.weights, state.params, state.opt_state, acc,
+                                     jnp.asarray(totals.dens, jnp.float32), jnp.float32(lr))
+    metrics = totals.report(state.step, float(norm), lr)
+    if metrics["skipped"]:
+        return state, metrics
+    return TrainState(graphdef=graphdef, rest=state.rest, params=params, opt_state=opt_state, optim=state.optim,
+                      compute_dtype=state.compute_dtype, step=state.step + 1), metrics
 
 
 def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
               loss_config: Any, *, temperature: float = 1.0) -> tuple[dict[str, np.ndarray], float]:
-    """The full-batch gradient (divided once, before clipping) by canonical name, and the loss; no update.
-
-    The parity harness compares these across backends; trainers call :func:`train_step`.
-    """
-    plan, acc, sums, dens, _, _, _ = _accumulate(state, _current_graphdef(state), microbatches, loss, loss_config,
-                                                 temperature)
-    w = plan.weights
+    """:meth:`diptych.core.backend.Backend.gradients` on JAX: the divided gradient as one tree map, no update."""
+    acc, totals = _accumulate(state, _current_graphdef(state), microbatches, loss, loss_config, temperature)
+    w, dens = totals.plan.weights, totals.dens
     grads = jax.tree.map(lambda *gs: sum(wi / di * g for wi, di, g in zip(w, dens, gs)), *acc)
-    return ({n: np.array(v, dtype=np.float32) for n, v in named_leaves(grads).items()},
-            TS.combined_loss(w, sums, dens))
+    return {n: np.array(v, dtype=np.float32) for n, v in named_leaves(grads).items()}, totals.loss
 
 
 def _accumulate(state: TrainState, graphdef: Any, microbatches: Sequence[Mapping[str, np.ndarray]],
-                loss: str | Mapping[str, float], loss_config: Any, temperature: float) -> tuple[Any, ...]:
-    """Per-term float32 gradient sums of the unreduced losses, their sums and denominators, metrics."""
+                loss: str | Mapping[str, float], loss_config: Any, temperature: float) -> tuple[Any, TS.StepTotals]:
+    """Per-term float32 gradient sums of the unreduced losses (a tuple of params-shaped trees) and the totals."""
     plan = TS.prepare_step(microbatches, loss, loss_config, has_value_head=state.params["value_head"] is not None)
     names = plan.names
     depth = getattr(state.model, "depth", None)
@@ -211,21 +182,12 @@ def _accumulate(state: TrainState, graphdef: Any, microbatches: Sequence[Mapping
     else:
         micro = _micro_fn(*key)
     acc = tuple(jax.tree.map(jnp.zeros_like, state.params) for _ in names)
-    sums = np.zeros(len(names))
-    dens = np.zeros(len(names))
-    loss_rows: list[dict[str, float]] = []
-    extra_rows: list[dict[str, float]] = []
-    tokens = 0
+    totals = TS.StepTotals(plan)
     for mb in microbatches:
-        batch = {k: jnp.asarray(v) for k, v in TS.host_batch(mb, plan).items()}
-        s, d, m, extra, acc = micro(state.params, state.rest, acc, batch)
-        sums += np.asarray(s, dtype=np.float64)
-        dens += np.asarray(d, dtype=np.float64)
-        loss_rows += TS.metric_row(names, m)
-        extra_rows.append({k: float(v) for k, v in extra.items()})
-        tokens += TS.count_tokens(mb)
-    TS.check_denominators(names, dens)
-    return plan, acc, sums, dens, loss_rows, extra_rows, tokens
+        s, d, m, extra, acc = micro(state.params, state.rest, acc, {k: jnp.asarray(v) for k, v in
+                                                                   TS.host_batch(mb, plan).items()})
+        totals.add(mb, list(np.asarray(s, np.float64)), list(np.asarray(d, np.float64)), m, extra)
+    return acc, totals.close()
 
 
 @functools.lru_cache(maxsize=64)

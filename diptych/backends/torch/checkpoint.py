@@ -19,17 +19,15 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from diptych.backends.facade import checkpoint_extra, read_checkpoint
 from diptych.backends.torch import train
 from diptych.core import checkpointing as ckpt
 
 
 def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
          keep_last: int | None = None) -> Path:
-    """Write ``state`` to the directory ``path`` atomically; with ``keep_last``, prune older ``step_*`` siblings.
-
-    ``metadata`` is the caller's JSON-able dict (run config, data position, RNG state via
-    :func:`diptych.core.checkpointing.rng_state`); :func:`restore` returns it unchanged.
-    """
+    """:meth:`diptych.core.backend.Backend.save` on torch: safetensors weights (a Hugging Face folder too),
+    the AdamW state dict and ``diptych.json`` with the caller's ``metadata``, in one atomic rename."""
     path = Path(path)
     spec = state.model.spec
     with ckpt.atomic_dir(path) as tmp:
@@ -42,8 +40,7 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
             save_file(head, str(tmp / "value_head.safetensors"))
         torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
         ckpt.write_metadata(tmp, backend="torch", step=state.step, spec=spec, optim=state.optim,
-                            extra={"value_head": head is not None, "kernels": getattr(state.model, "kernels", None)},
-                            user=metadata)
+                            extra=checkpoint_extra(state.model, head is not None), user=metadata)
     if keep_last is not None:
         ckpt.prune(path.parent, keep_last)
     return path
@@ -52,16 +49,10 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
 def restore(path: str | os.PathLike, *, device: str | None = None) -> tuple[train.TrainState, dict[str, Any]]:
     """Load a checkpoint written by :func:`save`: ``(state, metadata)``; training continues exactly."""
     path = Path(path)
-    meta = ckpt.read_metadata(path)
-    if meta["backend"] != "torch":
-        raise ckpt.CheckpointError(
-            f"{path} is a {meta['backend']} checkpoint; restore it with that backend, or convert it first: "
-            f"diptych convert {path} OUT --to torch")
+    meta, spec, optim, options = read_checkpoint(path, "torch")
     from diptych.core.hf import read_safetensors
 
-    spec = ckpt.spec_from_metadata(meta)
-    optim = ckpt.optim_from_metadata(meta)
-    model = train._lib(spec).build(spec, read_safetensors(path), device=device, **_build_options(meta))
+    model = train._lib(spec).build(spec, read_safetensors(path), device=device, **options)
     state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
     if meta.get("value_head"):
         train.load_weights(state, load_file(str(path / "value_head.safetensors")))
@@ -72,8 +63,3 @@ def restore(path: str | os.PathLike, *, device: str | None = None) -> tuple[trai
     state.step = int(meta["step"])
     return state, meta["metadata"]
 
-
-def _build_options(meta: dict[str, Any]) -> dict[str, Any]:
-    """A decoder is rebuilt with its kernels mode; a recurrent-depth model has none (its depth is set per step)."""
-    kernels = meta.get("kernels")
-    return {"kernels": kernels} if kernels else {}

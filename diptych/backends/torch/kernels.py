@@ -19,9 +19,7 @@ import os
 
 import torch
 
-from diptych.kernels.checks import check_selective_logprobs_inputs
-
-KERNEL_MODES = ("auto", "fused", "chunked", "reference")
+from diptych.kernels.checks import KERNEL_MODES, check_selective_logprobs_inputs
 
 __all__ = ["KERNEL_MODES", "resolve_kernels", "rms_norm", "selective_logprobs"]
 

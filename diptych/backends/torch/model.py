@@ -25,6 +25,7 @@ from torch import nn
 
 from diptych.backends.torch import kernels as kernels_mod
 from diptych.core.spec import DecoderSpec
+from diptych.kernels.checks import check_build_args, check_cache_write, check_kernels_mode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 KERNELS = kernels_mod.KERNEL_MODES
@@ -79,12 +80,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Grouped-query softmax attention.
-
-    ``q [B, H, Tq, D]``, ``k``/``v [B, KVH, S, D]``, ``allowed [B, Tq, S]`` bool. Query head
-    ``h`` reads kv head ``h // (H // KVH)`` (HF's ``repeat_kv``), done by a broadcast view
-    instead of materialising repeated keys.
-    """
+    """Grouped-query softmax attention as in the JAX twin (shapes and HF's ``repeat_kv`` head mapping), with the
+    kv heads broadcast through a view of ``k`` / ``v`` rather than copied."""
     b, h, tq, d = q.shape
     kvh = k.shape[1]
     q = q.reshape(b, kvh, h // kvh, tq, d)
@@ -212,11 +209,7 @@ def build(spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float
     ``kernels`` is resolved against ``device`` now, so ``fused`` where Triton cannot run fails
     here, with what to use instead, rather than at the first forward.
     """
-    if not isinstance(spec, DecoderSpec):
-        raise TypeError(f"build needs a DecoderSpec, got {type(spec).__name__}.")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    _check_kernels(kernels)
+    check_build_args(spec, dtype, kernels, DTYPES, "Triton")
     spec.validate_weights(weights)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -255,11 +248,11 @@ def lm_head_weight(model: Decoder) -> torch.Tensor:
 
 def logprobs(model: Decoder, tokens: Any, attention_mask: Any, targets: Any, temperature: float = 1.0, *,
              kernels: str | None = None) -> torch.Tensor:
-    """``log_softmax(logits / temperature)[targets]`` over the full vocabulary, ``[B, T]`` float32.
+    """Full-vocabulary target log-probs ``[B, T]`` (float32) of ``softmax(logits / temperature)``.
 
-    ``kernels`` (default: the model's) picks the path of :func:`diptych.backends.torch.kernels.selective_logprobs`;
-    under ``auto`` on CPU that is ``chunked``, so the ``[B, T, V]`` logits never exist at once,
-    in the forward or the backward.
+    The path is ``kernels`` (default: the model's) of :func:`diptych.backends.torch.kernels.selective_logprobs`,
+    resolved against the weights' device before the forward; on CPU ``auto`` is ``chunked``: no ``[B, T, V]``
+    logits, forward or backward.
     """
     kernels = model.kernels if kernels is None else kernels
     _check_kernels(kernels)
@@ -301,16 +294,10 @@ def forward_cached(model: Decoder, tokens: Any, positions: Any, cache: KVCache, 
     device = lm_head_weight(model).device
     tokens, positions = _as_long(tokens, device), _as_long(positions, device)
     key_mask = _as_mask(key_mask, device)
-    b, t = tokens.shape
+    t = tokens.shape[1]
     write_index = int(write_index)
-    if positions.shape != (b, t):
-        raise ValueError(f"positions shape {tuple(positions.shape)} must equal tokens shape {(b, t)}.")
-    if key_mask.shape != (b, cache.max_len) or cache.k.shape[1] != b:
-        raise ValueError(f"key_mask must be [batch, max_len] = {(cache.k.shape[1], cache.max_len)} to match the "
-                         f"cache, got {tuple(key_mask.shape)} (tokens batch {b}).")
-    if write_index < 0 or write_index + t > cache.max_len:
-        raise ValueError(f"Writing {t} tokens at slot {write_index} overflows the cache of max_len {cache.max_len}; "
-                         "allocate a longer cache with init_cache.")
+    check_cache_write(tuple(tokens.shape), tuple(positions.shape), tuple(key_mask.shape), cache.k.shape[1],
+                      cache.max_len, write_index)
     query_slots = write_index + torch.arange(t, device=device)
     key_slots = torch.arange(cache.max_len, device=device)
     allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
@@ -320,9 +307,7 @@ def forward_cached(model: Decoder, tokens: Any, positions: Any, cache: KVCache, 
 
 # -- input handling -----------------------------------------------------------------------------
 def _check_kernels(kernels: Any) -> None:
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r} (reference = full logits, "
-                         "chunked = chunks of tokens, fused = Triton, auto = fused on CUDA else chunked).")
+    check_kernels_mode(kernels, "Triton")
 
 
 def _as_long(x: Any, device: torch.device) -> torch.Tensor:

@@ -1,20 +1,16 @@
-"""One optimizer update on torch: micro-batch accumulation, divide once, clip, AdamW.
+"""The torch half of a train step: ``torch.autograd.grad`` of each loss term's unreduced sum, ``AdamW``.
 
-``diptych.backends.jax.train`` is the same text in JAX. A train step computes, per
-micro-batch, the model quantities a loss needs (per-token log-probs through the model's
-``logprobs`` seam, entropy, values from an optional value head; log-probs and entropy take the
-model's ``kernels`` path), calls the backend-neutral
-loss from ``diptych.core.losses``, and accumulates the gradient of each loss term's
-*unreduced sum* together with its denominator. Only after the last micro-batch is each
-term divided by its total denominator, so the update equals the full-batch update whatever
-the split (DESIGN.md rule 3). The optimizer is ``torch.optim.AdamW`` with the learning
-rate of :func:`diptych.core.optim.lr_at`, after clipping the global gradient norm.
+Checks, model-output dispatch, loss inputs, totals and metrics are backend-neutral
+(:mod:`diptych.core.train_step`); here are the eager autograd calls per micro-batch and term, the
+float32 gradient sums, the single division by each term's total denominator (DESIGN.md rule 3),
+global-norm clipping and ``torch.optim.AdamW`` at the rate of :func:`diptych.core.optim.lr_at`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -23,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diptych.backends.facade import model_module
+from diptych.backends.facade import model_dtype, model_module
 from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
 from diptych.core import train_step as TS
@@ -94,15 +90,9 @@ def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool =
                       value_head=head)
 
 
-
-def _lib(spec_or_model: Any) -> ModuleType:
-    """The model module for a spec or model: ``recurrent`` for recurrent-depth models, else ``model``."""
-    return model_module("diptych.backends.torch", spec_or_model)
-
-
-def _model_dtype(model: Any) -> str:
-    dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, str) else model.dtype_name
+_lib: Callable[[Any], ModuleType] = functools.partial(model_module, "diptych.backends.torch")
+"""The model module for a spec or model: ``recurrent`` for recurrent-depth models, else ``model``."""
+_model_dtype = model_dtype
 
 
 def _rebuild(model: nn.Module, dtype: str) -> nn.Module:
@@ -128,34 +118,21 @@ def _adamw(params: list[torch.Tensor], optim: OptimConfig) -> torch.optim.AdamW:
 # -- the step -----------------------------------------------------------------------------------
 def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
                loss_config: Any, *, temperature: float = 1.0) -> tuple[TrainState, dict[str, float]]:
-    """Apply one AdamW update from the accumulated gradient of ``loss`` over ``microbatches``.
+    """:meth:`diptych.core.backend.Backend.train_step` on torch: updates ``state`` in place and returns it.
 
-    ``loss`` is a registered loss name (``diptych.core.losses``: ``"sft"``, ``"policy"``,
-    ``"value"``, ``"preference"`` or any added with ``register_loss``) with ``loss_config`` its
-    config, or a weighted mapping such as ``{"policy": 1.0, "value": 0.1}`` with ``loss_config`` a
-    mapping of configs by name (PPO with a value head). Micro-batch layouts: each loss's registered
-    layout (:mod:`diptych.core.train_batch`); the neutral checks and metrics: :mod:`diptych.core.train_step`.
-
-    Returns ``(state, metrics)``: ``loss`` (the weighted sum of the terms' means),
-    ``grad_norm`` (before clipping), ``lr``, ``denominator`` (of the first term),
-    ``skipped`` (1 when a non-finite loss or gradient left weights and optimizer untouched),
-    ``tokens`` (non-pad input tokens), ``sampler_logprob_gap`` (when the batch has
-    ``sampler_logprobs``) and each loss's metrics (prefixed ``term/`` when there are several terms).
+    Clipping scales the divided gradient before ``AdamW.step``; under bf16 the updated float32 master
+    weights are copied back into the model. Metrics: :func:`diptych.core.train_step.step_metrics`.
     """
-    plan, params, acc, sums, dens, loss_rows, extra_rows, tokens = _accumulate(state, microbatches, loss, loss_config,
-                                                                               temperature)
-    total = TS.combined_loss(plan.weights, sums, dens)
+    params, acc, totals = _accumulate(state, microbatches, loss, loss_config, temperature)
     lr = lr_at(state.step, state.optim)
     with torch.no_grad():
-        grads = _divide_once(plan.weights, dens, acc)
+        grads = _divide_once(totals.plan.weights, totals.dens, acc)
         norm = math.sqrt(sum(float(torch.sum(g * g)) for g in grads))
-        metrics = TS.step_metrics(total=total, grad_norm=norm, lr=lr, denominator=dens[0], tokens=tokens,
-                                  loss_rows=loss_rows, extra_rows=extra_rows)
-        if TS.skip_step(state.step, total, norm):
-            return state, {**metrics, "skipped": 1.0}
+        metrics = totals.report(state.step, norm, lr)
+        if metrics["skipped"]:
+            return state, metrics
         if state.optim.max_grad_norm > 0 and norm >= state.optim.max_grad_norm:
-            scale = state.optim.max_grad_norm / norm
-            grads = [g * scale for g in grads]
+            grads = [g * (state.optim.max_grad_norm / norm) for g in grads]
         for p, g in zip(state.master, grads):
             p.grad = g.to(p.dtype)
         for group in state.optimizer.param_groups:
@@ -168,20 +145,16 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
         for p in params:
             p.grad = None
     state.step += 1
-    return state, {**metrics, "skipped": 0.0}
+    return state, metrics
 
 
 def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
               loss_config: Any, *, temperature: float = 1.0) -> tuple[dict[str, np.ndarray], float]:
-    """The full-batch gradient (divided once, before clipping) by canonical name, and the loss; no update.
-
-    The parity harness compares these across backends; trainers call :func:`train_step`.
-    """
-    plan, _, acc, sums, dens, _, _, _ = _accumulate(state, microbatches, loss, loss_config, temperature)
+    """:meth:`diptych.core.backend.Backend.gradients` on torch: the divided gradient of each master weight."""
+    _, acc, totals = _accumulate(state, microbatches, loss, loss_config, temperature)
     with torch.no_grad():
-        grads = _divide_once(plan.weights, dens, acc)
-    return ({name: g.cpu().numpy() for name, g in zip(state.names, grads)},
-            TS.combined_loss(plan.weights, sums, dens))
+        grads = _divide_once(totals.plan.weights, totals.dens, acc)
+    return {name: g.cpu().numpy() for name, g in zip(state.names, grads)}, totals.loss
 
 
 def _divide_once(weights: Sequence[float], dens: Sequence[float], acc: Sequence[list[torch.Tensor]],
@@ -191,36 +164,29 @@ def _divide_once(weights: Sequence[float], dens: Sequence[float], acc: Sequence[
 
 
 def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
-                loss_config: Any, temperature: float) -> tuple[Any, ...]:
-    """Per-term float32 gradient sums of the unreduced losses, their sums and denominators, metrics."""
+                loss_config: Any, temperature: float) -> tuple[list[torch.Tensor], list[list[torch.Tensor]],
+                                                               TS.StepTotals]:
+    """The module parameters, per-term float32 gradient sums of the unreduced losses, and the totals."""
     plan = TS.prepare_step(microbatches, loss, loss_config, has_value_head=state.value_head is not None)
     names = plan.names
     params = [p for p in (*state.model.parameters(), *(state.value_head.parameters() if state.value_head else ()))]
     acc = [[torch.zeros_like(m, dtype=torch.float32) for m in state.master] for _ in names]
-    sums = [0.0] * len(names)
-    dens = [0.0] * len(names)
-    loss_rows: list[dict[str, float]] = []
-    extra_rows: list[dict[str, float]] = []
-    tokens = 0
+    totals = TS.StepTotals(plan)
+    device = state.master[0].device
     for mb, outputs in zip(microbatches, plan.outputs):
         quantities = _model_quantities(state, mb, outputs, temperature)
-        device = state.master[0].device
         constants = {k: torch.as_tensor(v, device=device) for k, v in TS.host_batch(mb, plan).items()
                      if k not in plan.int_keys}
         inputs = TS.loss_inputs(constants, quantities, names, torch.Tensor.detach, outputs)
         outs = TS.run_losses(inputs, names, plan.configs)
-        for i, (s, d, _) in enumerate(outs):
+        for i, (s, _, _) in enumerate(outs):
             grads = torch.autograd.grad(s, params, retain_graph=i + 1 < len(names), allow_unused=True)
             for a, g in zip(acc[i], grads):
                 if g is not None:
                     a.add_(g.float())
-            sums[i] += float(s.detach())
-            dens[i] += _f(d)
-        loss_rows += TS.metric_row(names, [o[2] for o in outs], _f)
-        extra_rows.append({k: _f(v) for k, v in TS.extra_metrics(inputs).items()})
-        tokens += TS.count_tokens(mb)
-    TS.check_denominators(names, dens)
-    return plan, params, acc, sums, dens, loss_rows, extra_rows, tokens
+        totals.add(mb, [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs], TS.extra_metrics(inputs),
+                   _f)
+    return params, acc, totals.close()
 
 
 def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], outputs: frozenset[str],
@@ -250,11 +216,8 @@ def _model_quantities(state: TrainState, mb: Mapping[str, np.ndarray], outputs: 
 def logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                          kernels: str = "auto", chunk_tokens: int = model_lib.LOGPROB_CHUNK_TOKENS,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target log-probs and the full-vocabulary entropy of ``softmax(logits / temperature)``, float32.
-
-    One call of the kernels module (the model's ``kernels`` mode), so the entropy costs no second
-    pass over the logits and ``chunked`` / ``fused`` never hold ``[tokens, V]`` logits.
-    """
+    """Float32 target log-probs and entropy in one ``selective_logprobs`` call (chunked / Triton never hold the
+    ``[tokens, V]`` logits); the torch twin of ``diptych.backends.jax.train.logprobs_and_entropy``."""
     return kernels_mod.selective_logprobs(hidden, weight, targets, temperature, kernels=kernels,
                                           chunk_size=chunk_tokens)
 
