@@ -240,13 +240,17 @@ class ServerEngine:
                                      f"a sync to {version}.")
         self._version = version
 
+    def shutdown(self) -> None:
+        """Ask the server to stop (a server this client started is also stopped by :meth:`close`)."""
+        self._request("POST", "/shutdown", b"", timeout=10)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         if self.process is not None:
             with contextlib.suppress(RolloutEngineError):
-                self._request("POST", "/shutdown", b"", timeout=10)
+                self.shutdown()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
