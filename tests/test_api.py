@@ -221,3 +221,35 @@ def test_one_iteration_skips_the_old_logprob_forward_with_the_same_update(backen
     got, want = backend.export_weights(state), backend.export_weights(ref_state)
     for k in want:  # Adam's first step is about lr * sign(g): near-zero gradients flip at 1e-3 of lr
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-3 * cfg.optim.lr, err_msg=k)
+
+
+@needs_torch
+@pytest.mark.parametrize(("trainer", "knob", "needs_ref"), [
+    ("grpo", {"beta": 0.0}, False), ("ppo", {"kl_coef": 0.0}, False), ("ppo", {"kl_coef": 0.05}, True),
+    ("dpo", {"loss_type": "simpo"}, False), ("dpo", {"loss_type": "sigmoid"}, True),
+])
+def test_the_reference_exists_exactly_when_the_kl_weight_needs_it(trainer, knob, needs_ref, tmp_path):
+    import diptych
+    from diptych.core.backend import get_backend
+    from diptych.core.spec import tiny_spec
+    from diptych.core.tokenizer import CharTokenizer
+
+    backend, tok = get_backend("torch"), CharTokenizer()
+    spec = tiny_spec("llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    sizes = {"max_prompt_length": 4, "max_completion_length": 3, "steps": 1}
+    if trainer == "dpo":
+        args = diptych.DPOConfig(batch_size=2, **sizes, **knob)
+        rows, reward = [{"prompt": f"{c}>", "chosen": "ab", "rejected": "ba"} for c in "xyzw"], None
+    else:
+        cls = diptych.GRPOConfig if trainer == "grpo" else diptych.PPOConfig
+        args = cls(prompts_per_step=2, num_generations=2, **sizes, **knob)
+        rows, reward = [{"prompt": f"{c}>"} for c in "xyzw"], (lambda p, c, **kw: [float(len(x)) for x in c])
+    cls = getattr(diptych, f"{trainer.upper()}Trainer")
+    t = cls(backend.build(spec, spec.init_weights(0)), reward, args=args, train_dataset=rows, backend=backend,
+            tokenizer=tok, out_dir=tmp_path)
+    t.train()
+    if trainer == "dpo":
+        assert (t.ref_cache is not None) == needs_ref == (tmp_path / "checkpoints" / "ref_logprobs.npz").is_file()
+    else:
+        assert (t.ref_model is not None) == needs_ref == (tmp_path / "checkpoints" / "reference").is_dir()
+    assert len(t.history) == 1 and (tmp_path / "checkpoints" / "step_00000001").is_dir()
