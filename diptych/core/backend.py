@@ -97,8 +97,17 @@ class Backend(Protocol):
     def train_step(self, state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]],
                    loss: str | Mapping[str, float], loss_config: Any, *,
                    temperature: float = 1.0) -> tuple[TrainState, dict[str, float]]:
-        """One optimizer update from the gradient accumulated over ``microbatches`` (divided once) of a registered
-        loss (or a weighted mapping of them); returns the new state and the step's metrics."""
+        """One AdamW update from the gradient accumulated over ``microbatches`` and divided once (DESIGN.md rule 3).
+
+        ``loss`` is a registered loss name (``diptych.core.losses.register_loss``; built in: ``sft``, ``policy``,
+        ``value``, ``preference``) with ``loss_config`` its config, or a weighted mapping such as
+        ``{"policy": 1.0, "value": 0.1}`` with ``loss_config`` a mapping of configs by name. Each micro-batch
+        follows its losses' registered layout (:mod:`diptych.core.train_batch`); a ``policy`` micro-batch may
+        omit ``old_logprobs`` (the detached current log-probs stand in). Returns ``(state, metrics)``:
+        ``loss``, ``grad_norm`` (before clipping), ``lr``, ``denominator`` (of the first term), ``tokens``,
+        ``skipped`` (1 when a non-finite loss or gradient left weights and optimizer untouched),
+        ``sampler_logprob_gap`` (max ``|logprobs - sampler_logprobs|`` over the mask, when given) and each
+        loss's metrics (prefixed ``term/`` when there are several terms). Callers use the returned state."""
         ...
 
     def gradients(self, state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]],
