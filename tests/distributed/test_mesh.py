@@ -78,7 +78,7 @@ def test_axes_of_size_one_and_non_dividing_axes_are_dropped():
 
 
 def test_a_parameter_without_a_rule_names_itself():
-    with pytest.raises(MeshError, match="model.layers.0.mystery.weight"):
+    with pytest.raises(MeshError, match=r"model\.layers\.0\.mystery\.weight"):
         M.logical_axes("model.layers.0.mystery.weight")
 
 

@@ -24,6 +24,7 @@ import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,7 +145,8 @@ def shard_model(model: nn.Module, cfg: MeshConfig, mesh: Any = None) -> nn.Modul
     M.check_all(cfg, backend="torch", n_devices=world_size(), spec=model.spec)
     if getattr(model, "dtype_name", getattr(model, "dtype", "float32")) != "float32":
         raise MeshError("Sharded torch training runs float32 weights; build the model in float32.")
-    mesh = device_mesh(cfg) if mesh is None else mesh
+    if mesh is None and not cfg.is_single:
+        mesh = device_mesh(cfg)
     if cfg.tensor > 1:
         plan = tensor_plan(model)
         for layer in model.model.layers:
@@ -326,3 +328,112 @@ def local_bytes(state: T.TrainState) -> int:
     for st in state.optimizer.state.values():
         total += sum(nbytes(v) for v in st.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
     return total
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+DCP_DIR = "dcp"
+"""The ``torch.distributed.checkpoint`` folder of a sharded checkpoint (one file per rank, plus its index)."""
+
+
+def _barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def _atomic_dir_all_ranks(path: Path) -> Iterator[Path]:
+    """Rank 0 makes the temporary sibling and renames it into place once every rank has written its part, so a
+    killed save never replaces the last good checkpoint; every rank gets the temporary path."""
+    from diptych.core.fsio import atomic_dir
+
+    cm = atomic_dir(path) if is_rank0() else None
+    tmp = _broadcast(str(cm.__enter__()) if cm is not None else None)
+    try:
+        yield Path(tmp)
+        _barrier()
+    except BaseException as e:
+        if cm is not None:
+            cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    if cm is not None:
+        cm.__exit__(None, None, None)
+    _barrier()
+
+
+def _state_dicts(state: T.TrainState) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(state.model),
+            "optim": get_optimizer_state_dict(state.model, state.optimizer)}
+
+
+def save(state: T.TrainState, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> Path:
+    """Write a sharded checkpoint: each rank its own shards of weights and AdamW state (``dcp/``), rank 0 the
+    ``diptych.json`` metadata; atomic across ranks. Restore it on any mesh (or one process) with :func:`restore`."""
+    import torch.distributed.checkpoint as dcp
+
+    from diptych.core import checkpointing as ckpt
+
+    path = Path(path)
+    cfg = getattr(state.model, "diptych_mesh", (MeshConfig(), None))[0]
+    with _atomic_dir_all_ranks(path) as tmp:
+        dcp.save(_state_dicts(state), checkpoint_id=str(tmp / DCP_DIR))
+        if is_rank0():
+            ckpt.write_metadata(tmp, backend="torch", step=state.step, spec=state.model.spec, optim=state.optim,
+                                extra={"value_head": False, "kernels": getattr(state.model, "kernels", None),
+                                       "sharded": True, "mesh": cfg.as_dict()},
+                                user=metadata)
+    return path
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def restore(path: str | os.PathLike, mesh: MeshConfig | None = None) -> tuple[T.TrainState, dict[str, Any]]:
+    """Load a sharded checkpoint onto ``mesh`` (default: one process, unsharded): ``(state, metadata)``.
+
+    The layout it was saved with does not matter: ``torch.distributed.checkpoint`` reads each rank's new
+    shards from whatever files hold them (saved at fsdp=4, resumed at fsdp=2 or on one process).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    from diptych.backends.facade import read_checkpoint
+    from diptych.core import checkpointing as ckpt
+
+    path = Path(path)
+    meta, spec, optim, options = read_checkpoint(path, "torch")
+    if not is_sharded_checkpoint(path):
+        raise ckpt.CheckpointError(f"{path} has no {DCP_DIR}/ (not a sharded checkpoint); use "
+                                   "diptych.backends.torch.checkpoint.restore.")
+    zeros = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
+    model = T._lib(spec).build(spec, zeros, device="cpu" if not torch.cuda.is_available() else None, **options)
+    mesh = MeshConfig() if mesh is None else MeshConfig.coerce(mesh)
+    if not mesh.is_single or world_size() > 1:
+        model = shard_model(model, mesh)
+    state = T.init_train_state(model, optim)
+    sd = _state_dicts(state)
+    dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
+    set_model_state_dict(state.model, sd["model"])
+    set_optimizer_state_dict(state.model, state.optimizer, sd["optim"])
+    state.step = int(meta["step"])
+    return state, meta["metadata"]
+
+
+def save_hf(state: T.TrainState, path: str | os.PathLike) -> Path | None:
+    """A Hugging Face folder (``config.json`` + safetensors) of a sharded state: gathered, written by rank 0."""
+    from diptych.core.hf import save_hf_folder
+
+    weights = export_weights(state)
+    out = save_hf_folder(path, state.model.spec, weights) if is_rank0() else None
+    _barrier()
+    return out

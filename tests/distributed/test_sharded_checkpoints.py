@@ -1,0 +1,86 @@
+"""Sharded checkpoints: saved on one mesh, restored on another, training continues as if it never stopped.
+
+torch: ``torch.distributed.checkpoint`` (each rank writes its own shards), saved at fsdp=4 after 2 of 5 steps and
+resumed at fsdp=2 (2 processes) and on one plain process; the HF folder exported from the sharded state holds
+the weights of the uninterrupted run at the save step. A save that fails leaves the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from tests.distributed import cases
+from tests.distributed.conftest import HERE, load, run_worker, torchrun, weights
+from tests.train.helpers import needs_torch
+
+SAVED_AT = 2
+
+
+@pytest.fixture(scope="module")
+def torch_saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("torch_ckpt")
+    run_worker(torchrun(4, str(HERE / "torch_ckpt_worker.py"), "save", str(root / "step"), "fsdp=4", str(SAVED_AT)),
+               timeout=600)
+    return root
+
+
+@needs_torch
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["fsdp=2", "one"])
+def test_torch_checkpoint_saved_at_fsdp4_resumes_elsewhere_like_the_uninterrupted_run(torch_saved, mesh, tmp_path):
+    out = tmp_path / "resumed.npz"
+    args = [str(HERE / "torch_ckpt_worker.py"), "resume", str(torch_saved / "step"), mesh, str(out)]
+    run_worker(torchrun(2, *args) if mesh != "one" else [sys.executable, *args], timeout=600)
+    r = load(out)
+    assert int(r["step"][0]) == cases.STEPS
+    assert np.max(np.abs(r["loss"] - r["ref_loss"]) / np.abs(r["ref_loss"])) <= cases.TOL
+    got = {k[2:]: v for k, v in r.items() if k.startswith("w/")}
+    assert cases.rel_err(got, weights({f"x/w/{k[4:]}": v for k, v in r.items() if k.startswith("ref/")}, "x"))\
+        <= cases.TOL
+
+
+@needs_torch
+@pytest.mark.slow
+def test_torch_hf_export_from_a_sharded_state_holds_the_full_weights(torch_saved, tmp_path):
+    from diptych.core.hf import load_hf_folder
+
+    out = tmp_path / "resumed.npz"
+    run_worker([sys.executable, str(HERE / "torch_ckpt_worker.py"), "resume", str(torch_saved / "step"), "one",
+                str(out)], timeout=600)
+    at_save = {k[len("at_save/"):]: v for k, v in load(out).items() if k.startswith("at_save/")}
+    spec, hf = load_hf_folder(torch_saved / "hf")
+    assert spec == cases.spec()
+    assert set(hf) == set(at_save)
+    assert cases.rel_err(hf, at_save) <= cases.TOL
+
+
+@needs_torch
+def test_torch_failed_sharded_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from diptych.backends.torch import distributed as D
+    from diptych.backends.torch import model as model_lib
+    from diptych.backends.torch import train as T
+    from diptych.core.mesh import MeshConfig
+
+    spec = cases.spec()
+    st = T.init_train_state(D.shard_model(model_lib.build(spec, spec.init_weights(0), device="cpu"), MeshConfig()),
+                            cases.optim())
+    path = tmp_path / "step_00000001"
+    D.save(st, path, metadata={"good": True})
+    before = sorted(p.name for p in (path / D.DCP_DIR).iterdir())
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(dcp, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        D.save(st, path, metadata={"good": False})
+    assert sorted(p.name for p in (path / D.DCP_DIR).iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary folder left behind
+    restored, meta = D.restore(path)
+    assert meta == {"good": True}
+    assert cases.rel_err(T.export_weights(restored), spec.init_weights(0)) == 0.0
