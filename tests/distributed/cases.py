@@ -54,6 +54,16 @@ def case(name: str, steps: int = STEPS) -> tuple[Any, OptimConfig, str, Any, lis
     return spec(name), optim(), loss, cfg, steps_mbs
 
 
+PROMPTS = [[5, 9, 13, 2], [7, 7, 1], [3, 30, 12, 40, 8], [11]]
+
+
+def greedy(max_new_tokens: int = 6) -> Any:
+    """Greedy decoding: the tokens of a sharded model must be exactly the one-device tokens."""
+    from diptych.core.sampling import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+
+
 def rel_err(a: dict, b: dict) -> float:
     """Global relative error ||a - b|| / ||b|| over all parameters."""
     import numpy as np

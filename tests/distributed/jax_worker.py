@@ -43,6 +43,10 @@ def run(name: str, mesh_text: str | None, results: dict, steps_to_run: int | Non
     results[f"{key}/total"] = np.asarray([S.total_bytes(st.params, st.opt_state)])
     for k, v in T.export_weights(st).items():
         results[f"{key}/w/{k}"] = v
+    if name == "sft" and steps_to_run is None:  # generation on the trained (sharded) model
+        from diptych.backends.jax import sampler
+
+        results[f"{key}/gen"] = np.asarray(sampler.generate(st.model, cases.PROMPTS, cases.greedy()).tokens)
 
 
 def main() -> None:

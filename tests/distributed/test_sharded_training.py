@@ -75,3 +75,24 @@ def test_torch_fsdp_bytes_per_rank_are_total_over_n(torch_runs, key):
     assert len(per_rank) == 4
     assert per_rank.max() <= 1.05 * total / 4
     assert per_rank.sum() >= total
+
+
+@needs_jax
+@pytest.mark.parametrize("mesh", cases.MESHES)
+def test_jax_greedy_generation_on_a_sharded_model_equals_one_device(jax_runs, mesh):
+    got, want = jax_runs[f"sft/{mesh}/gen"], jax_runs["sft/one/gen"]
+    assert got.shape == want.shape == (len(cases.PROMPTS), 5 + cases.greedy().max_new_tokens)
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_torch
+@pytest.mark.parametrize("mesh", [m for m in cases.MESHES if "tensor" not in m])
+def test_torch_greedy_generation_on_a_sharded_model_equals_one_process(torch_runs, mesh):
+    res = torch_runs(mesh)
+    np.testing.assert_array_equal(res[f"sft/{mesh}/gen"], res["sft/one/gen"])
+
+
+@needs_jax
+@needs_torch
+def test_sharded_generation_is_the_same_on_both_backends(jax_runs, torch_runs):
+    np.testing.assert_array_equal(jax_runs["sft/fsdp=4/gen"], torch_runs("fsdp=4")["sft/fsdp=4/gen"])

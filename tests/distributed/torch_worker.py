@@ -40,6 +40,9 @@ def main() -> None:
             st, m = D.train_step(st, mbs, loss, loss_cfg)
             got.append(m["loss"])
         weights = D.export_weights(st)
+        gen = None
+        if name == "sft" and cfg.tensor == 1:  # generation on the trained sharded model
+            gen = np.asarray(D.generate(st.model, cases.PROMPTS, cases.greedy()).tokens)
         everyone: list = [None] * D.world_size()
         dist.all_gather_object(everyone, D.local_bytes(st))
         if not D.is_rank0():
@@ -55,6 +58,11 @@ def main() -> None:
         for mbs in steps:
             ref, m = T.train_step(ref, mbs, loss, loss_cfg)
             want.append(m["loss"])
+        if gen is not None:
+            from diptych.backends.torch import sampler
+
+            results[f"{key}/gen"] = gen
+            results[f"{name}/one/gen"] = np.asarray(sampler.generate(ref.model, cases.PROMPTS, cases.greedy()).tokens)
         results[f"{name}/one/loss"] = np.asarray(want)
         for k, v in T.export_weights(ref).items():
             results[f"{name}/one/w/{k}"] = v
