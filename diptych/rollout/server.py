@@ -165,10 +165,16 @@ class ServerEngine:
 
         cfg = config or VLLMConfig(mode="server")
         check_servable(spec)
-        if cfg.url is not None:
+        if cfg.url is not None:  # somebody else's server: adopt its version, check its basis, push our weights
             eng = cls(cfg.url, timeout_s=cfg.timeout_s)
-            eng.health()
-            eng.sync_weights(weights, version)
+            health = eng.health()
+            eng._version = int(health["weight_version"])
+            want = resolve_logprobs_mode(cfg.logprobs, sampling)
+            if health.get("logprobs_mode") != want:
+                raise RolloutEngineError(
+                    f"the rollout server at {cfg.url} returns {health.get('logprobs_mode')} log-probs but this run "
+                    f"needs {want} ones; restart it with --logprobs {want}.")
+            eng.sync_weights(weights, max(int(version), eng._version + 1))
             return eng
         from diptych.core.hf import save_hf_folder
 

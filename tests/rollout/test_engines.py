@@ -26,7 +26,7 @@ from diptych.rollout.server import ServerEngine, rollout_from_json, rollout_to_j
 
 pytest.importorskip("torch")
 
-SPEC = tiny_spec("llama", eos_token_id=1, pad_token_id=0)
+SPEC = tiny_spec("llama", num_attention_heads=2, num_key_value_heads=1, eos_token_id=1, pad_token_id=0)  # head_dim 32
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13]]
 GREEDY = SamplingConfig(max_new_tokens=6, temperature=0, eos_ids=())
 
@@ -166,6 +166,16 @@ def test_server_protocol_generate_sync_version_check_shutdown(torch_backend, tmp
         stale.generate(PROMPTS, GREEDY)
     with pytest.raises(RolloutEngineError, match=r"HTTP 400.*outside the vocabulary"):
         client.generate([[SPEC.vocab_size + 5]], GREEDY)
+    # a trainer joining this running server (vllm.url) adopts its version and pushes its weights as the next one
+    joined = ServerEngine.start(SPEC, w0, config=VLLMConfig(mode="server", url=client.url))
+    assert joined.weight_version == 4 and joined.process is None
+    assert (joined.generate(PROMPTS, GREEDY).completion_tokens
+            == b.generate(b.build(SPEC, w0), PROMPTS, GREEDY).completion_tokens).all()
+    with pytest.raises(RolloutEngineError, match="returns processed log-probs but this run needs raw"):
+        ServerEngine.start(SPEC, w0, sampling=SamplingConfig(top_p=0.5), config=VLLMConfig(mode="server",
+                                                                                           url=client.url))
+    joined.close()  # a server it did not start keeps running
+    assert client.health()["weight_version"] == 4
     client.shutdown()
     thread.join(10)
     assert not thread.is_alive()
