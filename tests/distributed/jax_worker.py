@@ -43,7 +43,7 @@ def run(name: str, mesh_text: str | None, results: dict, steps_to_run: int | Non
     results[f"{key}/total"] = np.asarray([S.total_bytes(st.params, st.opt_state)])
     for k, v in T.export_weights(st).items():
         results[f"{key}/w/{k}"] = v
-    if name == "sft" and steps_to_run is None:  # generation on the trained (sharded) model
+    if name == "sft" and steps_to_run != 0:  # generation on the trained (sharded) model
         from diptych.backends.jax import sampler
 
         results[f"{key}/gen"] = np.asarray(sampler.generate(st.model, cases.PROMPTS, cases.greedy()).tokens)
@@ -52,12 +52,13 @@ def run(name: str, mesh_text: str | None, results: dict, steps_to_run: int | Non
 def main() -> None:
     results: dict[str, np.ndarray] = {}
     for item in sys.argv[2:]:
+        item, _, k = item.partition("#")  # CASE@MESH#K: only the first K steps
         name, _, mesh_text = item.partition("@")
         mesh_text = None if mesh_text == "one" else mesh_text
         if name == "memory":
             run("sft", mesh_text, results, steps_to_run=0)
         else:
-            run(name, mesh_text, results)
+            run(name, mesh_text, results, steps_to_run=int(k) if k else None)
     np.savez(sys.argv[1], **results)
 
 
