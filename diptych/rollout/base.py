@@ -32,8 +32,10 @@ WeightsLike = Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]
 """Canonical weights as a dict or as an iterator of ``(hf_name, array)`` pairs (streamed, one at a time)."""
 
 
-class RolloutEngineError(RuntimeError):
-    """An engine that cannot start, cannot serve this model or sampling option, or stopped answering."""
+class RolloutEngineError(RuntimeError, ValueError):
+    """An engine that cannot start, cannot serve this model or sampling option, or stopped answering.
+
+    Also a ValueError, so the commands report it in one line like every other user-facing error."""
 
 
 @runtime_checkable
