@@ -135,8 +135,8 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
         return evaluate(backend, m, tok, task, test_rows, cfg.max_prompt_len, cfg.max_new_tokens)["accuracy"]
 
     acc_initial = accuracy(model)
-    sft_cfg = SFTConfig(steps=cfg.sft_steps, batch_size=cfg.sft_batch, max_prompt_len=cfg.max_prompt_len,
-                        max_completion_len=cfg.max_new_tokens, seed=cfg.seed,
+    sft_cfg = SFTConfig(steps=cfg.sft_steps, batch_size=cfg.sft_batch, max_prompt_length=cfg.max_prompt_len,
+                        max_completion_length=cfg.max_new_tokens, seed=cfg.seed,
                         optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=min(10, cfg.sft_steps // 10),
                                           total_steps=cfg.sft_steps, min_lr_ratio=0.1,
                                           schedule="cosine" if cfg.sft_steps > 0 else "constant"))
@@ -148,9 +148,10 @@ def quickstart(backend: Any, cfg: QuickstartConfig, out: Path | None = None, con
     log.close()
     acc_before = accuracy(state.model)
 
-    grpo_cfg = GRPOConfig(steps=cfg.grpo_steps, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-                          max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, loss=cfg.loss, beta=cfg.beta, seed=cfg.seed,
+    grpo_cfg = GRPOConfig(steps=cfg.grpo_steps, prompts_per_step=cfg.prompts_per_step,
+                          num_generations=cfg.group_size, max_prompt_length=cfg.max_prompt_len,
+                          max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+                          loss_type=cfg.loss, beta=cfg.beta, seed=cfg.seed,
                           num_iterations=cfg.num_iterations,
                           optim=OptimConfig(lr=cfg.grpo_lr, max_grad_norm=1.0, warmup_steps=cfg.grpo_warmup))
     log = MetricsLogger.for_run(out_dir, cfg.grpo_steps, "GRPO", console=console)
