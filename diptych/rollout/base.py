@@ -249,3 +249,45 @@ class NativeEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+def check_rollout_config(rollout: str, vllm: VLLMConfig | Mapping[str, Any] | None, *, parity: bool = False,
+                         depth: Any = None) -> VLLMConfig:
+    """Validate a trainer config's ``rollout`` / ``vllm`` pair; returns the ``vllm`` block as a VLLMConfig.
+
+    Refused up front, not at the first step: an unknown engine, and vLLM with options only the native
+    sampler honours (parity noise, a recurrent model's depth).
+    """
+    if rollout not in ENGINES:
+        raise RolloutEngineError(f"rollout must be one of {', '.join(ENGINES)}, got {rollout!r}.")
+    cfg = vllm if isinstance(vllm, VLLMConfig) else VLLMConfig(**dict(vllm or {}))
+    if rollout == "vllm":
+        if parity:
+            raise RolloutEngineError("parity: true needs the native sampler (vLLM draws its own noise); set "
+                                     "rollout: native or parity: false.")
+        if depth is not None:
+            raise RolloutEngineError("depth is for recurrent-depth models, which vLLM cannot serve; set "
+                                     "rollout: native.")
+    return cfg
+
+
+def sample_with(engine: RolloutEngine, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                seed: int | None) -> Rollout:
+    """A trainer's rollout from ``engine``: checked to come from the weights the trainer last pushed, then the
+    engine is put to sleep (GPU vLLM frees its memory for the train phase; other engines ignore it)."""
+    rollout = engine.generate(prompts, sampling, seed=seed)
+    got = rollout.extras.get("weight_version")
+    if got != engine.weight_version:
+        raise RolloutEngineError(f"the rollout was sampled with weight version {got}, but the trainer pushed "
+                                 f"{engine.weight_version}; the engine did not load the last sync.")
+    sleep = getattr(engine, "sleep", None)
+    if callable(sleep):
+        sleep()
+    return rollout
+
+
+def push_weights(engine: RolloutEngine, backend: Any, state: Any) -> int:
+    """Push a train state's canonical weights as the engine's next version (after every optimizer step)."""
+    version = engine.weight_version + 1
+    engine.sync_weights(backend.export_weights(state), version)
+    return version

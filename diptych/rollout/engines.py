@@ -40,3 +40,12 @@ def make_engine(name: str, backend: Any, model: Any, *, sampling: SamplingConfig
 
     return VLLMEngine(model.spec, weights, sampling=sampling, config=cfg, version=version,
                       max_model_len=max_model_len)
+
+
+def trainer_engine(cfg: Any, backend: Any, model: Any, sampling: SamplingConfig) -> RolloutEngine | None:
+    """The engine a GRPO / PPO config asks for, started on ``model``'s weights; None for ``rollout: native``
+    (the loops then call ``backend.generate`` on the live model, exactly as before the seam existed)."""
+    if getattr(cfg, "rollout", "native") == "native":
+        return None
+    return make_engine(cfg.rollout, backend, model, sampling=sampling, vllm=cfg.vllm,
+                       max_model_len=int(cfg.max_prompt_length) + int(cfg.max_completion_length))
