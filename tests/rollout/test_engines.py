@@ -181,3 +181,40 @@ def test_server_protocol_generate_sync_version_check_shutdown(torch_backend, tmp
     assert not thread.is_alive()
     with pytest.raises(RolloutEngineError, match=r"stopped answering POST /generate.*resume from the last checkpoint"):
         client.generate(PROMPTS, GREEDY)
+
+
+def test_trainer_helpers_check_config_versions_and_sleep(torch_backend):
+    from diptych.core.optim import OptimConfig
+    from diptych.rollout.base import check_rollout_config, push_weights, sample_with
+
+    assert check_rollout_config("vllm", {"mode": "server"}).mode == "server"
+    with pytest.raises(RolloutEngineError, match="native, vllm"):
+        check_rollout_config("tgi", None)
+    with pytest.raises(RolloutEngineError, match="parity: true needs the native sampler"):
+        check_rollout_config("vllm", None, parity=True)
+    with pytest.raises(RolloutEngineError, match="recurrent-depth"):
+        check_rollout_config("vllm", None, depth=object())
+    assert check_rollout_config("native", None, parity=True).mode == "colocated"  # native honours both
+
+    b = torch_backend
+    state = b.init_train_state(b.build(SPEC, SPEC.init_weights(0)), OptimConfig(lr=1e-2))
+    slept = []
+
+    class Sleepy(NativeEngine):
+        def sleep(self):
+            slept.append(self.weight_version)
+
+    eng = Sleepy(b, b.build(SPEC, SPEC.init_weights(1)), version=2)
+    assert push_weights(eng, b, state) == 3 and eng.weight_version == 3
+    r = sample_with(eng, PROMPTS, GREEDY, seed=0)
+    assert slept == [3] and r.extras["weight_version"] == 3
+    assert (r.completion_tokens == b.generate(state.model, PROMPTS, GREEDY).completion_tokens).all()  # the state's
+
+    class Stale(NativeEngine):
+        def generate(self, *a, **k):
+            r = super().generate(*a, **k)
+            r.extras["weight_version"] -= 1  # an engine that did not load the last sync
+            return r
+
+    with pytest.raises(RolloutEngineError, match="sampled with weight version 2, but the trainer pushed 3"):
+        sample_with(Stale(b, state.model, version=3), PROMPTS, GREEDY, seed=0)
