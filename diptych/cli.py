@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "parity": ("diptych.parity.cli", "compare backends (and transformers) on the same weights and inputs"),
     "convert": ("diptych.commands.convert", "convert a checkpoint between backends and Hugging Face folders"),
     "depth-sweep": ("diptych.commands.depth_sweep", "accuracy vs recurrence depth for a recurrent model"),
+    "evaluate": ("diptych.commands.evaluate", "held-out greedy accuracy of a checkpoint on a built-in task"),
     "env": ("diptych.commands.env", "versions, backends, devices and thread settings, to paste into a bug report"),
 }
 
