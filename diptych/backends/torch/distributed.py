@@ -234,36 +234,28 @@ def train_step(state: T.TrainState, microbatches: Sequence[Mapping[str, np.ndarr
     params = list(state.model.parameters())
     local = [local_rows(mb, cfg) for mb in microbatches]
     scale = float(cfg.batch_shards)  # FSDP2 averages gradients over its ranks; the step wants their sum
-    sums, dens = [0.0] * len(names), [0.0] * len(names)
-    loss_rows: list[dict[str, float]] = []
-    extra_rows: list[dict[str, float]] = []
+    totals = TS.StepTotals(plan)
     acc: list[list[torch.Tensor]] = []
-    for i in range(len(names)):
+    for i in range(len(names)):  # one backward per term, so each term's gradient sum stays separate
         for mb, outputs in zip(local, plan.outputs):
             outs, extra = call(state.model, _losses, state, mb, plan, outputs, temperature)
             (outs[i][0] * scale).backward()
-            sums[i] += float(outs[i][0].detach())
-            dens[i] += T._f(outs[i][1])
             if i == 0:
-                loss_rows += TS.metric_row(names, [o[2] for o in outs], T._f)
-                extra_rows.append({k: T._f(v) for k, v in extra.items()})
+                totals.add(mb, [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs], extra, T._f)
         acc.append([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         for p in params:
             p.grad = None
-    sums = _all_sum(sums, cfg)
-    dens = _all_sum(dens, cfg)
-    TS.check_denominators(names, dens)
-    tokens = sum(TS.count_tokens(mb) for mb in microbatches)
-    loss_rows, extra_rows = _gather_rows(loss_rows), _gather_rows(extra_rows)
-    total = TS.combined_loss(plan.weights, sums, dens)
+    totals.sums, totals.dens = _all_sum(totals.sums, cfg), _all_sum(totals.dens, cfg)
+    totals.tokens = sum(TS.count_tokens(mb) for mb in microbatches)
+    totals.loss_rows, totals.extra_rows = _gather_rows(totals.loss_rows), _gather_rows(totals.extra_rows)
+    totals.close()
     lr = lr_at(state.step, state.optim)
     with torch.no_grad():
-        grads = T._divide_once(plan.weights, dens, acc)
+        grads = T._divide_once(plan.weights, totals.dens, acc)
         norm = math.sqrt(sum(_sq_norm(g) for g in grads))
-        metrics = TS.step_metrics(total=total, grad_norm=norm, lr=lr, denominator=dens[0], tokens=tokens,
-                                  loss_rows=loss_rows, extra_rows=extra_rows)
-        if TS.skip_step(state.step, total, norm):
-            return state, {**metrics, "skipped": 1.0}
+        metrics = totals.report(state.step, norm, lr)
+        if metrics["skipped"]:
+            return state, metrics
         if state.optim.max_grad_norm > 0 and norm >= state.optim.max_grad_norm:
             grads = [g * (state.optim.max_grad_norm / norm) for g in grads]
         for p, g in zip(params, grads):
@@ -273,7 +265,7 @@ def train_step(state: T.TrainState, microbatches: Sequence[Mapping[str, np.ndarr
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    return state, {**metrics, "skipped": 0.0}
+    return state, metrics
 
 
 def _losses(state: T.TrainState, mb: Mapping[str, np.ndarray], plan: TS.StepPlan, outputs: frozenset[str],
