@@ -43,9 +43,20 @@ def lowercase(prompts, completions, **columns):
 
 @pytest.fixture(scope="module")
 def engine():
+    import torch
+
+    before = (torch.get_num_threads(), np.random.get_state()[1].copy(), torch.random.get_rng_state().clone())
     eng = VLLMEngine(SPEC, SPEC.init_weights(0), sampling=SamplingConfig(temperature=1.0), max_model_len=MAX_LEN)
+    eng.globals_before = before
+    eng.globals_after = (torch.get_num_threads(), np.random.get_state()[1].copy(), torch.random.get_rng_state().clone())
     yield eng
     eng.close()
+
+
+def test_starting_vllm_leaves_the_trainers_threads_and_rngs_alone(engine):
+    """vLLM in-process pins torch to one thread and seeds the global RNGs; the engine undoes both."""
+    (t0, np0, torch0), (t1, np1, torch1) = engine.globals_before, engine.globals_after
+    assert t1 == t0 and np.array_equal(np1, np0) and bool((torch1 == torch0).all())
 
 
 def push(engine, weights):
