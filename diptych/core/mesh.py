@@ -109,6 +109,27 @@ class MeshConfig:
         raise MeshError(f"mesh must be a mapping like {{fsdp: 4}} or a string like 'fsdp=4', got {value!r}.")
 
 
+def resolve(value: Any, n_devices: int, *, what: str = "devices") -> MeshConfig:
+    """The mesh a run uses: ``None`` (no mesh configured) is every device on the ``fsdp`` axis, so a plain run
+    uses all local devices (JAX) or the whole ``torchrun`` job; anything else must match the device count."""
+    if value is None:
+        return MeshConfig(fsdp=max(int(n_devices), 1))
+    mesh = MeshConfig.coerce(value)
+    check_devices(mesh, n_devices, what=what)
+    return mesh
+
+
+REMAT = ("none", "layer")
+"""Activation checkpointing: ``layer`` recomputes each decoder layer (and each recurrent core iteration) in the
+backward instead of storing its activations."""
+
+
+def check_remat(remat: Any) -> str:
+    if remat not in REMAT:
+        raise MeshError(f"remat must be one of {', '.join(REMAT)}, got {remat!r}.")
+    return remat
+
+
 # -- partition rules ------------------------------------------------------------------------------
 _DECODER_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"model\.embed_tokens\.weight", ("vocab", "embed")),

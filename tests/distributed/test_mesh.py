@@ -137,3 +137,17 @@ def test_ranks_cover_the_batch_once_and_tensor_peers_share_rows(cfg):
             peer = int(grid[d, f, 0])
             assert np.array_equal(part, rows[M.batch_slice(16, cfg, M.batch_shard_of(peer, cfg))])
     assert np.array_equal(np.sort(np.concatenate(seen)), rows)
+
+
+def test_no_mesh_means_every_device_on_fsdp_and_an_explicit_one_must_match():
+    assert M.resolve(None, 8) == MeshConfig(fsdp=8)
+    assert M.resolve(None, 1).is_single
+    assert M.resolve({"data": 2, "fsdp": 4}, 8) == MeshConfig(data=2, fsdp=4)
+    with pytest.raises(MeshError, match="4 devices but the run has 8"):
+        M.resolve("fsdp=4", 8)
+
+
+def test_remat_modes():
+    assert [M.check_remat(m) for m in M.REMAT] == ["none", "layer"]
+    with pytest.raises(MeshError, match="remat must be one of none, layer"):
+        M.check_remat("full")
