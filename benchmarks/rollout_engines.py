@@ -56,21 +56,27 @@ def vllm_runner(spec, weights, prompts, cfg: SamplingConfig, max_len: int, kv_by
     return engine, start, lambda: engine.generate(prompts, cfg, seed=0)
 
 
-def sync_contenders(engine, spec, weights, backend_name: str) -> dict:
-    """Seconds of one full weight sync: into the running vLLM engine, and a native rebuild from the same arrays."""
+def sync_contenders(engine, spec, weights, backend_name: str, server=None) -> dict:
+    """Seconds of one full weight sync: into the running vLLM engine, into a rollout server (safetensors bytes
+    over loopback HTTP) when given, and a native rebuild from the same arrays."""
     from diptych.core.backend import get_backend
 
     backend = get_backend(backend_name)
 
-    def vllm_sync() -> dict:
-        seconds, _ = discipline.timed(lambda: engine.sync_weights(weights, engine.weight_version + 1))
-        return {"seconds": seconds}
+    def sync(eng):
+        def run() -> dict:
+            seconds, _ = discipline.timed(lambda: eng.sync_weights(weights, eng.weight_version + 1))
+            return {"seconds": seconds}
+        return run
 
     def native_rebuild() -> dict:
         seconds, _ = discipline.timed(lambda: backend.build(spec, weights))
         return {"seconds": seconds}
 
-    return {"vllm": vllm_sync, f"native-{backend_name}": native_rebuild}
+    out = {"vllm": sync(engine), f"native-{backend_name}": native_rebuild}
+    if server is not None:
+        out["vllm-server"] = sync(server)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="sample", choices=["greedy", "sample"],
                    help="sample: temperature 1, no filter (the RL setting; vLLM's processed log-probs)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=256 << 20)
+    p.add_argument("--server", action="store_true", help="also time the weight sync into a loopback rollout server")
     discipline.add_arguments(p)
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
@@ -125,7 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         results["decode"] = rows
         if vllm_engine is not None:
             backend = next((e for e in engines if e in ("torch", "jax")), "torch")
-            sync = bench.run(sync_contenders(vllm_engine, spec, weights, backend), "seconds", tag="sync")
+            server = None
+            if args.server:
+                from diptych.rollout import VLLMConfig
+                from diptych.rollout.server import ServerEngine
+
+                server = ServerEngine.start(spec, weights, sampling=cfg, max_model_len=prompt_len + new,
+                                            config=VLLMConfig(mode="server",
+                                                              kv_cache_memory_bytes=args.kv_cache_memory_bytes))
+            try:
+                sync = bench.run(sync_contenders(vllm_engine, spec, weights, backend, server), "seconds", tag="sync")
+            finally:
+                if server is not None:
+                    server.close()
             results["sync"] = {k: {"seconds": v["seconds"], "rounds_s": [x["seconds"] for x in v["rounds"]]}
                                for k, v in sync.items()}
             vllm_engine.close()
