@@ -46,7 +46,9 @@ def engine():
     import torch
 
     before = (torch.get_num_threads(), np.random.get_state()[1].copy(), torch.random.get_rng_state().clone())
-    eng = VLLMEngine(SPEC, SPEC.init_weights(0), sampling=SamplingConfig(temperature=1.0), max_model_len=MAX_LEN)
+    # block_size 32 (CPU default 128): prompts of 40 tokens then fill a cached prefix block
+    eng = VLLMEngine(SPEC, SPEC.init_weights(0), sampling=SamplingConfig(temperature=1.0), max_model_len=MAX_LEN,
+                     block_size=32)
     eng.globals_before = before
     eng.globals_after = (torch.get_num_threads(), np.random.get_state()[1].copy(), torch.random.get_rng_state().clone())
     yield eng
@@ -118,6 +120,20 @@ def test_after_grpo_steps_a_sync_puts_vllm_logprobs_on_the_trainers(engine, name
     lp, sampler = trainer_logprobs(backend, state.model, engine.generate(ids, tempered, seed=1),
                                    cfg.max_prompt_length, 0.7)
     assert np.abs(lp - sampler).max() <= 1e-5
+
+
+def test_a_sync_resets_the_prefix_cache(engine):
+    """A 40-token prompt fills a cached KV block; after a sync it must be recomputed with the new weights."""
+    backend = get_backend("torch")
+    long_prompts = [[1, *range(10, 49)], [1, *range(10, 49)]]
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=())
+    push(engine, SPEC.init_weights(21))
+    engine.generate(long_prompts, cfg)  # caches the shared 32-token prefix under the old weights
+    model = backend.build(SPEC, SPEC.init_weights(22))
+    push(engine, backend.export(model))
+    got, ref = engine.generate(long_prompts, cfg), backend.generate(model, long_prompts, cfg)
+    assert np.array_equal(got.completion_tokens, ref.completion_tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
 
 
 def test_server_mode_on_loopback_with_raw_logprobs():
