@@ -119,6 +119,19 @@ def resolve(value: Any, n_devices: int, *, what: str = "devices") -> MeshConfig:
     return mesh
 
 
+def is_main_process() -> bool:
+    """Whether this process logs, draws progress bars and writes plots: rank 0 of a ``torchrun`` job (``RANK``),
+    process 0 of a multi-host JAX job (``JAX_PROCESS_ID``), or a plain single process. Read from the
+    environment, so the neutral trainers can ask without importing a framework."""
+    import os
+
+    for var in ("RANK", "JAX_PROCESS_ID"):
+        value = os.environ.get(var)
+        if value not in (None, ""):
+            return int(value) == 0
+    return True
+
+
 REMAT = ("none", "layer")
 """Activation checkpointing: ``layer`` recomputes each decoder layer (and each recurrent core iteration) in the
 backward instead of storing its activations."""

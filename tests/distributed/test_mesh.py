@@ -151,3 +151,16 @@ def test_remat_modes():
     assert [M.check_remat(m) for m in M.REMAT] == ["none", "layer"]
     with pytest.raises(MeshError, match="remat must be one of none, layer"):
         M.check_remat("full")
+
+
+def test_only_rank_zero_is_the_main_process(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    assert M.is_main_process()
+    monkeypatch.setenv("RANK", "3")
+    assert not M.is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert M.is_main_process()
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert not M.is_main_process()

@@ -54,6 +54,15 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     return Mesh(np.asarray(devices, dtype=object).reshape(cfg.shape), M.MESH_AXES)
 
 
+def resolve_mesh(mesh: Any) -> Mesh | None:
+    """The mesh a state goes on, or None for one device: a ``Mesh`` as is; ``"auto"`` every device on ``fsdp``;
+    a ``MeshConfig`` / mapping / ``"fsdp=4"`` checked against the devices; None (and any one-device mesh): None."""
+    if mesh is None or isinstance(mesh, Mesh):
+        return mesh
+    cfg = M.resolve(None if mesh == "auto" else mesh, jax.device_count())
+    return None if cfg.is_single else make_mesh(cfg)
+
+
 def mesh_config(mesh: Mesh) -> MeshConfig:
     """The :class:`MeshConfig` of a mesh built by :func:`make_mesh`."""
     return MeshConfig(**{a: int(mesh.shape[a]) for a in M.MESH_AXES})

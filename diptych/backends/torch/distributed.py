@@ -166,6 +166,24 @@ def shard_model(model: nn.Module, cfg: MeshConfig, mesh: Any = None) -> nn.Modul
     return model
 
 
+def shard_for_training(model: nn.Module, mesh: Any, optim: Any = None) -> nn.Module:
+    """What ``train.init_train_state(mesh=...)`` does first: join the ``torchrun`` job and shard ``model`` on
+    ``mesh`` (``"auto"``: the whole job on ``fsdp``; a one-process mesh leaves the model as it is)."""
+    init_process_group()
+    cfg = M.resolve(None if mesh == "auto" else mesh, world_size(), what="processes (torchrun --nproc-per-node)")
+    if cfg.is_single:
+        return model
+    if optim is not None and getattr(optim, "mixed_precision", None) == "bf16":
+        raise MeshError("Sharded torch training runs float32 (FSDP2 mixed precision is not wired yet); use "
+                        "optim.mixed_precision='no', or the jax backend for bf16.")
+    return shard_model(model, cfg)
+
+
+def is_sharded(state_or_model: Any) -> bool:
+    model = getattr(state_or_model, "model", state_or_model)
+    return getattr(model, "diptych_mesh", None) is not None
+
+
 def mesh_of(model: nn.Module) -> tuple[MeshConfig, Any]:
     found = getattr(model, "diptych_mesh", None)
     if found is None:
