@@ -1,9 +1,9 @@
 """Activation checkpointing (``remat: none | layer``): the same gradients, with each decoder layer recomputed.
 
 Oracles: the gradients without remat (equal to 1e-6), and the recomputation itself: torch runs each layer's
-forward twice per step under ``layer`` (once more in the backward), JAX's differentiated program contains
-the ``jax.checkpoint`` (remat) primitive. The recurrent core block is rematerialised per iteration under truncated backprop
-on both backends already (``tests/recurrent``).
+forward twice per step under ``layer`` (once more in the backward), JAX's program contains the
+``jax.checkpoint`` (remat) primitive. The recurrent core block is rematerialised per iteration under truncated
+backprop on both backends already (``tests/recurrent``).
 """
 
 from __future__ import annotations
