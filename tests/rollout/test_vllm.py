@@ -136,6 +136,19 @@ def test_a_sync_resets_the_prefix_cache(engine):
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
 
 
+def test_closing_a_second_engine_leaves_the_first_working(engine):
+    """In-process engines share vLLM's global parallel groups; closing one must not tear them down under another."""
+    backend = get_backend("torch")
+    model = backend.build(SPEC, SPEC.init_weights(31))
+    push(engine, backend.export(model))
+    second = VLLMEngine(SPEC, SPEC.init_weights(32), max_model_len=MAX_LEN)
+    other = backend.generate(backend.build(SPEC, SPEC.init_weights(32)), PROMPTS, GREEDY)
+    assert np.array_equal(second.generate(PROMPTS, GREEDY).completion_tokens, other.completion_tokens)
+    second.close()
+    assert np.array_equal(engine.generate(PROMPTS, GREEDY).completion_tokens,
+                          backend.generate(model, PROMPTS, GREEDY).completion_tokens)
+
+
 def test_server_mode_on_loopback_with_raw_logprobs():
     """Start, generate, sync, version check, shutdown; a top-p run gets the raw (full-vocabulary) basis, which at
     T = 1 is the trainer's."""
