@@ -3,6 +3,9 @@
 Each subcommand module exposes ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``. Importing lazily keeps ``diptych --help`` instant and lets a command
 whose framework is missing fail with its own clear message instead of breaking the others.
+
+An error reaches the user as one line (what was wrong and how to fix it) and exit status 2 for bad
+input, 1 for a run that failed; ``--debug`` (before or after the command) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def _load(name: str):
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diptych", description="One post-training algorithm on JAX or PyTorch.")
     parser.add_argument("--version", action="version", version="diptych 0.1.0")
+    parser.add_argument("--debug", action="store_true", dest="global_debug",
+                        help="show the traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -71,11 +76,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mod is None:
         print(f"diptych {args.command}: not available in this build.", file=sys.stderr)
         return 2
+    args.debug = bool(args.global_debug or getattr(args, "debug", None))
     try:
         return int(mod.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        return report_error(args.command, e)
+
+
+INPUT_ERRORS = (ValueError, KeyError, LookupError, OSError, TypeError, ImportError)
+"""Exceptions meaning the input (config, data, files, environment) was wrong: exit 2; anything else exits 1."""
+
+
+def report_error(command: str, error: BaseException) -> int:
+    """Print ``error`` as one line plus the --debug hint on stderr; the exit status (2 bad input, 1 otherwise)."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error
+    lines = str(text).strip().splitlines()
+    first = lines[0] if lines else type(error).__name__
+    known = type(error).__module__.startswith("diptych")
+    line = first if known else f"{type(error).__name__}: {first}"
+    print(f"diptych {command}: {line}\n(rerun with --debug for the traceback)", file=sys.stderr)
+    return 2 if isinstance(error, INPUT_ERRORS) else 1
 
 
 if __name__ == "__main__":

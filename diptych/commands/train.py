@@ -78,6 +78,9 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the latest checkpoint under out/checkpoints")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an earlier run in out (its checkpoints and metrics) instead of refusing")
+    p.add_argument("--debug", action="store_true", default=None, help="show the traceback of an error")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,7 +98,7 @@ def parse_rest(args: argparse.Namespace) -> argparse.Namespace:
     _options(second)
     second.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ns = second.parse_intermixed_args(getattr(args, "rest", None) or [])
-    for key in ("backend", "config", "resume", "quiet"):
+    for key in ("backend", "config", "resume", "quiet", "overwrite", "debug"):
         if getattr(ns, key) is None:
             setattr(ns, key, getattr(args, key, None))
     ns.overrides = list(getattr(args, "overrides", None) or []) + list(ns.overrides)
@@ -106,15 +109,25 @@ def parse_rest(args: argparse.Namespace) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     from diptych.core.backend import BackendError, get_backend
     from diptych.core.config import ConfigError, load_config
+    from diptych.core.trainers.base import DivergenceError
 
     args = parse_rest(args)
+    debug = bool(getattr(args, "debug", False))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", DeprecationWarning)  # old config names: tell the user, once per key
             cfg = load_config(RUN_CONFIGS[args.trainer], args.config, args.overrides)
         backend = get_backend(args.backend)
-        result = train(args.trainer, backend, cfg, resume=bool(args.resume), console=not args.quiet)
+        result = train(args.trainer, backend, cfg, resume=bool(args.resume), console=not args.quiet,
+                       overwrite=bool(args.overwrite))
+    except DivergenceError as e:  # the run itself failed (not its input): exit 1
+        if debug:
+            raise
+        print(f"diptych train {args.trainer}: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, BackendError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        if debug:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"diptych train {args.trainer}: {msg}", file=sys.stderr)
         return 2
@@ -219,7 +232,8 @@ def build_reward(cfg: Any, task: Any) -> Any:
 
 
 # -- the run --------------------------------------------------------------------------------------
-def train(kind: str, backend: Any, cfg: Any, resume: bool = False, console: bool = True) -> dict[str, Any]:
+def train(kind: str, backend: Any, cfg: Any, resume: bool = False, console: bool = True,
+          overwrite: bool = False) -> dict[str, Any]:
     """Run trainer ``kind`` on ``backend`` with run config ``cfg``: build the pieces, call the trainer class."""
     from diptych.core import checkpointing as ckpt
     from diptych.core.tokenizer import load_tokenizer
@@ -233,5 +247,6 @@ def train(kind: str, backend: Any, cfg: Any, resume: bool = False, console: bool
     model = None if restoring else build_model(backend, cfg, tokenizer)
     trainer = cls(model, reward, args=_trainer_cfg(cfg), train_dataset=train_rows, backend=backend,
                   tokenizer=tokenizer, out_dir=cfg.out, eval_task=task, eval_dataset=test_rows,
-                  checkpoint=cfg.checkpoint, resume_from_checkpoint=resume, console=console, run_config=cfg)
+                  checkpoint=cfg.checkpoint, resume_from_checkpoint=resume, console=console, run_config=cfg,
+                  overwrite=overwrite)
     return trainer.train()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 import warnings
@@ -22,8 +24,29 @@ class ConfigError(ValueError):
     """A config value or key that is wrong, with what to do about it."""
 
 
+ALIASES: dict[str, str] = {
+    "learning_rate": "lr", "lr_rate": "lr", "learn_rate": "lr", "adam_beta1": "betas", "adam_beta2": "betas",
+    "adam_epsilon": "eps", "lr_scheduler_type": "schedule", "warmup": "warmup_steps", "max_steps": "steps",
+    "num_steps": "steps", "gradient_accumulation_steps": "micro_batches", "per_device_train_batch_size": "batch_size",
+    "max_new_tokens": "max_completion_length", "max_length": "max_completion_length", "kl_coef": "beta",
+    "clip_grad_norm": "max_grad_norm", "group_size": "num_generations", "random_seed": "seed",
+}
+"""Other tools' names for diptych's keys (HF Trainer, TRL, common spellings): a typo of one of them suggests the
+diptych key (``lerning_rate`` -> ``lr``), which string similarity alone would not find."""
+
+
 def _closest(key: str, valid: list[str]) -> str:
+    """The did-you-mean of an unknown key: a known alias (or a near-typo of one), a near-typo of a valid key,
+    or a valid key that contains the typed one or is contained in it."""
+    low = key.lower()
+    alias = ALIASES.get(low) or next((ALIASES[m] for m in difflib.get_close_matches(low, list(ALIASES), n=3,
+                                                                                   cutoff=0.8)
+                                      if ALIASES[m] in valid), None)
+    if alias in valid:
+        return f" Did you mean {alias!r}?"
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not match:
+        match = [v for v in sorted(valid, key=len) if len(v) >= 3 and len(low) >= 3 and (v in low or low in v)][:1]
     return f" Did you mean {match[0]!r}?" if match else f" Valid keys: {', '.join(sorted(valid))}."
 
 
@@ -71,6 +94,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}.") from e
         if tp is int and isinstance(value, float) and value != out:
             raise ConfigError(f"{where} must be an integer, got {value!r}.")
+        if tp is float and not math.isfinite(out):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}: a NaN or infinite setting would "
+                              "poison the weights at the first step.")
         return out
     return value
 
@@ -137,6 +163,23 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{cls.__name__}: {e}") from e
+    except ValueError as e:
+        raise _with_prefix(e, prefix, fields) from None
+
+
+def _with_prefix(e: ValueError, prefix: str, fields: dict[str, Any]) -> ValueError:
+    """A config class's own check names its field first (``temperature must be > 0``); give it the full key
+    (``grpo.temperature must be > 0``) so the user knows which section of the run config to fix."""
+    msg = str(e)
+    first = re.match(r"\w+", msg)
+    if not prefix or first is None or first.group(0) not in fields or msg.startswith(prefix):
+        return e
+    try:
+        out = type(e)(prefix + msg)
+    except TypeError:
+        out = ConfigError(prefix + msg)
+    out.__cause__ = e.__cause__
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

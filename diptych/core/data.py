@@ -27,8 +27,9 @@ class DataError(ValueError):
 def read_jsonl(path: str | Path) -> list[Row]:
     """One JSON object per line; blank lines are skipped; a bad line names the file and line number."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -42,6 +43,26 @@ def read_jsonl(path: str | Path) -> list[Row]:
     return rows
 
 
+def _decode_line(raw: bytes, path: str | Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid UTF-8; "
+                        "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8, or an error naming the line and column of the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {column} is not valid UTF-8; "
+                        "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+
+
 def read_rows(source: str | Path | Sequence[Mapping[str, Any]] | Any) -> tuple[list[Row], str]:
     """Rows and a description of where they came from (used in error messages)."""
     if isinstance(source, (str, Path)):
@@ -52,7 +73,10 @@ def read_rows(source: str | Path | Sequence[Mapping[str, Any]] | Any) -> tuple[l
         if suffix in (".jsonl", ".ndjson"):
             return read_jsonl(path), str(path)
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(_read_text(path))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}).") from None
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise DataError(f"{path}: a .json dataset must be a list of objects; use .jsonl for one per line.")
             return data, str(path)

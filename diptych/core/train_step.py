@@ -100,16 +100,29 @@ def loss_inputs(batch: Mapping[str, Array], quantities: Mapping[str, Array], nam
                 stop_gradient: Callable[[Array], Array], outputs: Iterable[str] = ()) -> dict[str, Array]:
     """What the losses read: the batch's constants, the model outputs, ``stop_gradient`` of the source of each
     ``detached_<output>`` among ``outputs`` and, for each absent key with a detached default, ``stop_gradient``
-    of its source output (``old_logprobs = sg(logprobs)``)."""
+    of its source output (``old_logprobs = sg(logprobs)``).
+
+    A detached copy is made finite (:func:`finite_detached`): the losses check non-model inputs for NaN, which
+    on an eager backend (torch) would turn a diverged model into an input error, while under tracing (JAX)
+    the NaN would flow into the loss; the source output stays as it is, so a diverged model still gives a
+    non-finite loss on both backends and the step is skipped alike.
+    """
     ints = int_keys(names)
     inputs = {**{k: v for k, v in batch.items() if k not in ints}, **quantities}
     for name in outputs:
         if name.startswith(DETACHED) and name not in inputs:
-            inputs[name] = stop_gradient(quantities[name[len(DETACHED):]])
+            inputs[name] = finite_detached(stop_gradient(quantities[name[len(DETACHED):]]))
     for key, src in layout(names).detached_defaults.items():
         if key not in inputs and src in quantities:
-            inputs[key] = stop_gradient(quantities[src])
+            inputs[key] = finite_detached(stop_gradient(quantities[src]))
     return inputs
+
+
+def finite_detached(x: Array) -> Array:
+    """``x`` with NaN and infinities replaced by 0 (no gradient flows through a detached copy, so nothing else
+    changes: where ``x`` is finite the value is exactly ``x``)."""
+    xp = X.namespace(x)
+    return xp.where(xp.isfinite(x), x, xp.zeros_like(x))
 
 
 def model_outputs(outputs: frozenset[str], batch: Mapping[str, Any], *, logprobs: Callable[[Any, Any, Any], Array],

@@ -13,17 +13,30 @@ they need a reward, which metrics to plot and whether a task's held-out accuracy
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from diptych.core.trainers.base import TrainerError, evaluate
+from diptych.core.trainers.base import DivergenceError, DivergenceGuard, TrainerError, evaluate, validate_rows
 from diptych.core.trainers.dpo import DPOConfig, ReferenceCache, train_dpo
 from diptych.core.trainers.grpo import GRPOConfig, check_columns, train_grpo
 from diptych.core.trainers.ppo import PPOConfig, train_ppo
-from diptych.core.trainers.runner import CheckpointConfig, Checkpointer, run_segments, with_steps
+from diptych.core.trainers.runner import (
+    CheckpointConfig,
+    Checkpointer,
+    RunLock,
+    clean_orphans,
+    clear_run,
+    clear_stale_references,
+    previous_run,
+    run_segments,
+    say,
+    with_steps,
+)
 from diptych.core.trainers.sft import SFTConfig, train_sft
 
 TRAINERS: dict[str, type[Trainer]] = {}
@@ -58,12 +71,15 @@ class Trainer:
     evaluates: ClassVar[bool] = False
     """Greedy accuracy under a task's verifier is meaningful before and after training."""
     plot_keys: ClassVar[tuple[str, ...]] = ("loss",)
+    text_columns: ClassVar[tuple[str, ...]] = ("prompt",)
+    """Columns every training row must have (checked for all rows before the first step)."""
 
     def __init__(self, model: Any = None, reward_funcs: Any = None, args: Any = None,
                  train_dataset: Sequence[dict[str, Any]] | None = None, backend: Any = None, tokenizer: Any = None,
                  out_dir: str | Path | None = None, eval_task: Any = None,
                  eval_dataset: Sequence[dict[str, Any]] | None = None, checkpoint: CheckpointConfig | None = None,
-                 resume_from_checkpoint: bool = False, console: bool = False, run_config: Any = None) -> None:
+                 resume_from_checkpoint: bool = False, console: bool = False, run_config: Any = None,
+                 overwrite: bool = False) -> None:
         from diptych.core.backend import get_backend
         from diptych.core.tokenizer import load_tokenizer
 
@@ -71,11 +87,13 @@ class Trainer:
         if not isinstance(self.args, self.config_cls):
             raise TrainerError(f"{type(self).__name__} needs args={self.config_cls.__name__}(...), got "
                                f"{type(self.args).__name__}.")
+        check_finite(self.args, self.name)
         self.backend = backend if backend is not None and not isinstance(backend, str) else get_backend(backend)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer("char")
         if train_dataset is None or not len(train_dataset):
             raise TrainerError(f"{type(self).__name__} needs train_dataset: a non-empty list of row dicts.")
         self.train_dataset = list(train_dataset)
+        validate_rows(self.train_dataset, self.tokenizer, self.args.max_prompt_length, self.text_columns, self.name)
         self.reward = _reward(reward_funcs) if reward_funcs is not None else None
         if self.needs_reward:
             if self.reward is None:
@@ -87,10 +105,12 @@ class Trainer:
         self.eval_task, self.eval_dataset = eval_task, list(eval_dataset or [])
         self.checkpoint = checkpoint or CheckpointConfig()
         self.resume = bool(resume_from_checkpoint)
+        self.overwrite = bool(overwrite)
         self.console = console
         self.run_config = run_config if run_config is not None else {self.name: self.args}
         self.history: list[dict[str, float]] = []
         self.state: Any = None
+        self.guard = DivergenceGuard(self.args.max_consecutive_skips)
 
     # -- what subclasses provide ----------------------------------------------------------------
     def init_state(self, model: Any) -> Any:
@@ -109,22 +129,59 @@ class Trainer:
             return Path(self.checkpoint.dir)
         return self.out_dir / "checkpoints" if self.out_dir is not None else None
 
+    @property
+    def run_dir(self) -> Path | None:
+        """The folder the run lock lives in: ``out_dir``, else the checkpoint root."""
+        return self.out_dir if self.out_dir is not None else self.checkpoint_root
+
     def train(self) -> dict[str, Any]:
         """Train to ``args.steps`` (resuming when asked) and return the final figures (last loss / reward,
-        accuracy before and after when an eval task is given, the plot path)."""
+        accuracy before and after when an eval task is given, the plot path).
+
+        The run holds its directory's lock (:class:`RunLock`) throughout: a second run on the same ``out`` fails
+        at once. A fresh run into a directory holding an earlier run's checkpoints or metrics is refused
+        unless ``overwrite`` (which clears them first). A run whose steps keep diverging stops with
+        :class:`DivergenceError` (``self.state`` is then the state at the stop).
+        """
+        lock = RunLock(self.run_dir) if self.run_dir is not None else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            with warnings.catch_warnings():
+                # The divergence guard reports every skipped step (with the trainer step); the backend's own
+                # once-per-location warning would repeat the first of them.
+                warnings.filterwarnings("ignore", message="Skipping optimizer step", category=RuntimeWarning)
+                return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict[str, Any]:
         from diptych.core.metrics import MetricsLogger, plot_curves
 
         root = self.checkpoint_root
+        clean_orphans(root)
+        if not self.resume:
+            used = previous_run(self.out_dir, root)
+            if used and not self.overwrite:
+                raise TrainerError(f"{self.run_dir} already holds a run ({'; '.join(used)}). Continue it with "
+                                   "--resume (resume_from_checkpoint=True), replace it with --overwrite "
+                                   "(overwrite=True), or choose another out.")
+            if used:
+                clear_run(self.out_dir, root)
+                say(f"overwrite: cleared the earlier run in {self.run_dir}.")
         ckpt = (Checkpointer(self.backend, root, self.run_config, every=self.checkpoint.every,
                              keep_last=self.checkpoint.keep_last) if root is not None else None)
         start, state = 0, None
         if self.resume:
             restored = ckpt.restore_latest() if ckpt is not None else None
             if restored is None:
-                print(f"resume: no checkpoint under {root}; starting fresh.", file=sys.stderr)
+                say(f"resume: no checkpoint under {root}; starting fresh.")
             else:
                 state, meta = restored
                 start = int(meta["step"])
+        if start == 0:
+            clear_stale_references(root)
         if state is None:
             if self.model is None:
                 raise TrainerError(f"{type(self).__name__} needs a model (backend.build(...)) unless it resumes "
@@ -140,9 +197,13 @@ class Trainer:
         logger = MetricsLogger.for_run(self.out_dir, self.args.steps, f"{self.name} [{self.backend.name}]",
                                        console=self.console, append=start > 0)
         logger.history[:0] = earlier
+        self.guard = DivergenceGuard(self.args.max_consecutive_skips)
         try:
             state = run_segments(lambda st, a, b: self.run(st, a, b, logger), state, start, self.args.steps, ckpt,
                                  self.args.seed)
+        except DivergenceError as e:
+            self.state, self.history = e.state if e.state is not None else state, logger.history
+            raise
         finally:
             logger.close()
         self.state, self.history = state, logger.history
@@ -187,16 +248,18 @@ class Trainer:
 class SFTTrainer(Trainer):
     config_cls = SFTConfig
     evaluates = True
+    text_columns = ("prompt", "completion")
 
     def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
         return train_sft(self.backend, state, self.tokenizer, self.train_dataset, with_steps(self.args, end), logger,
-                         start_step=start)
+                         start_step=start, guard=self.guard)
 
 
 @register_trainer("dpo")
 class DPOTrainer(Trainer):
     config_cls = DPOConfig
     plot_keys = ("loss", "rewards_accuracy")
+    text_columns = ("prompt", "chosen", "rejected")
     ref_cache: ReferenceCache | None = None
 
     def prepare(self, state: Any, start: int) -> None:
@@ -219,7 +282,7 @@ class DPOTrainer(Trainer):
 
     def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
         return train_dpo(self.backend, state, self.tokenizer, self.train_dataset, with_steps(self.args, end), logger,
-                         ref_cache=self.ref_cache, start_step=start)
+                         ref_cache=self.ref_cache, start_step=start, guard=self.guard)
 
 
 @register_trainer("grpo")
@@ -235,7 +298,8 @@ class GRPOTrainer(Trainer):
 
     def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
         return train_grpo(self.backend, state, self.tokenizer, self.reward, self.train_dataset,
-                          with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start)
+                          with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start,
+                          guard=self.guard)
 
 
 @register_trainer("ppo")
@@ -254,7 +318,8 @@ class PPOTrainer(Trainer):
 
     def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
         return train_ppo(self.backend, state, self.tokenizer, self.reward, self.train_dataset,
-                         with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start)
+                         with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start,
+                         guard=self.guard)
 
 
 def _reward(reward_funcs: Any) -> Any:
@@ -275,6 +340,23 @@ def _reward(reward_funcs: Any) -> Any:
         return CombinedReward(named)
     raise TrainerError(f"reward_funcs must be a task, a callable, a registered reward name or a list of those; got "
                        f"{type(reward_funcs).__name__}.")
+
+
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float setting of a trainer config must be finite (a NaN ``lr`` poisons the weights at the first step);
+    ``from_dict`` checks YAML and flags, this checks configs built in Python too."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_finite(value, key)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise TrainerError(f"{key} must hold finite numbers, got {value!r}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise TrainerError(f"{key} must be a finite number, got {value!r}: a NaN or infinite setting would "
+                               "poison the weights at the first step.")
 
 
 def _keep_logged_steps(path: Path, start: int) -> list[dict[str, float]]:

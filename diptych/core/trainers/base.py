@@ -8,8 +8,10 @@ follow them, and the per-token ``mask`` marks completion targets only.
 
 from __future__ import annotations
 
+import math
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +23,84 @@ from diptych.core.sampling import Rollout, SamplingConfig
 
 class TrainerError(ValueError):
     """A trainer setting or dataset that cannot work, with what to change."""
+
+
+class DivergenceError(RuntimeError):
+    """The run diverged: ``max_consecutive_skips`` steps in a row had a non-finite loss or gradient.
+
+    A runtime failure, not bad input (the CLI exits 1, not 2). ``state`` is the train state at the stop: the
+    skipped steps left it as the last finite update made it, so it can be inspected or saved elsewhere.
+    """
+
+    def __init__(self, message: str, step: int = 0, state: Any = None) -> None:
+        super().__init__(message)
+        self.step, self.state = step, state
+
+
+def check_loop_fields(cfg: Any) -> None:
+    """Refuse loop settings that cannot run (shared by every trainer config's ``__post_init__``).
+
+    Each message starts with the field name, so ``from_dict`` can name the full key (``grpo.temperature``).
+    """
+    if cfg.steps < 1:
+        raise TrainerError(f"steps must be >= 1, got {cfg.steps}.")
+    for name in ("max_prompt_length", "max_completion_length"):
+        value = getattr(cfg, name, None)
+        if value is not None and value < 1:
+            raise TrainerError(f"{name} must be >= 1, got {value}: every sequence needs at least one token.")
+    temperature = getattr(cfg, "temperature", None)
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise TrainerError(f"temperature must be a finite number > 0, got {temperature}: it divides the logits of "
+                           "both sampling and the train step's log-probs (greedy sampling cannot train).")
+    if cfg.max_consecutive_skips < 1:
+        raise TrainerError(f"max_consecutive_skips must be >= 1, got {cfg.max_consecutive_skips}.")
+
+
+def divergence_reason(metrics: Mapping[str, Any]) -> str | None:
+    """Why a step was skipped as divergent (a non-finite loss or gradient norm), or None.
+
+    A step skipped for another reason (GRPO's filter dropped every group) has no loss and is not divergence.
+    """
+    if not metrics.get("skipped"):
+        return None
+    bad = [f"{k} {float(metrics[k])}" for k in ("loss", "grad_norm")
+           if k in metrics and not math.isfinite(float(metrics[k]))]
+    return "non-finite " + " and ".join(bad) if bad else None
+
+
+@dataclass
+class DivergenceGuard:
+    """The one divergence policy of every loop, on every backend.
+
+    The backend's train step already skips a non-finite update (weights and optimizer state untouched); the
+    guard says so for EVERY skipped step (one line on stderr: the trainer step and the reason) and stops the
+    run with :class:`DivergenceError` after ``max_consecutive_skips`` skips in a row: a model that keeps
+    producing NaN will not recover, and a run that ends "done" on NaN weights hides it.
+    """
+
+    max_consecutive_skips: int = 3
+    consecutive: int = 0
+    skipped: int = 0
+
+    def check(self, step: int, metrics: Mapping[str, Any], state: Any = None) -> None:
+        reason = divergence_reason(metrics)
+        if reason is None:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.skipped += 1
+        print(f"warning: step {step} skipped ({reason}); weights and optimizer state unchanged "
+              f"[{self.consecutive} in a row, the run stops at {self.max_consecutive_skips}]", file=sys.stderr)
+        if self.consecutive >= self.max_consecutive_skips:
+            raise DivergenceError(
+                f"the run diverged: {self.consecutive} steps in a row (through step {step}) had a non-finite loss or "
+                f"gradient ({reason}). Lower the learning rate (optim.lr) or clip harder (a smaller "
+                "optim.max_grad_norm), then resume from the last checkpoint (--resume) or start over.", step=step, state=state)
+
+
+def loop_guard(guard: DivergenceGuard | None, cfg: Any) -> DivergenceGuard:
+    """The caller's guard (a trainer keeps one across segments), else a fresh one from the config."""
+    return guard if guard is not None else DivergenceGuard(cfg.max_consecutive_skips)
 
 
 @dataclass
@@ -55,6 +135,37 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_len: int) 
             )
         out.append(ids)
     return out
+
+
+def validate_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, max_prompt_length: int,
+                  text_columns: Sequence[str] = ("prompt",), section: str = "") -> None:
+    """Check every row before the first step: the text columns exist and are strings, and every prompt encodes
+    to 1..``max_prompt_length`` tokens. A bad row found mid-run (when its batch is drawn) wastes the steps
+    before it; found here it costs one pass of the tokenizer."""
+    key = f"{section}.max_prompt_length" if section else "max_prompt_length"
+    too_long: list[tuple[int, int]] = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, Mapping):
+            raise TrainerError(f"train_dataset row {i} is a {type(r).__name__}, not a dict of columns.")
+        for c in text_columns:
+            if c not in r:
+                raise TrainerError(f"train_dataset row {i} has no column {c!r} (it has {', '.join(sorted(r))}); "
+                                   f"this trainer needs {', '.join(text_columns)}.")
+            if c in ("prompt", "completion") and not isinstance(r[c], str):
+                raise TrainerError(f"train_dataset row {i} column {c!r} must be a string, got {type(r[c]).__name__}"
+                                   " (render chat messages with the tokenizer's chat template first).")
+        n = len(tokenizer.encode(r["prompt"]))
+        if n == 0:
+            raise TrainerError(f"train_dataset row {i}: the prompt {r['prompt']!r} encodes to no tokens.")
+        if n > max_prompt_length:
+            too_long.append((i, n))
+    if too_long:
+        i, n = too_long[0]
+        more = f" ({len(too_long) - 1} more rows too)" if len(too_long) > 1 else ""
+        longest = max(m for _, m in too_long)
+        raise TrainerError(f"train_dataset row {i}: the prompt is {n} tokens, over {key}={max_prompt_length}"
+                           f"{more}: {str(rows[i]['prompt'])[:60]!r}. Raise {key} to {longest} or shorten or drop "
+                           "those rows.")
 
 
 def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], width: int,

@@ -27,7 +27,16 @@ from diptych.core.losses.preference import PREFERENCE_KINDS, REFERENCE_FREE
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
 from diptych.core.train_batch import split_microbatches
-from diptych.core.trainers.base import TrainerError, batch_iterator, encode_prompts, pack_sequences, sequence_logprobs
+from diptych.core.trainers.base import (
+    DivergenceGuard,
+    TrainerError,
+    batch_iterator,
+    check_loop_fields,
+    encode_prompts,
+    loop_guard,
+    pack_sequences,
+    sequence_logprobs,
+)
 
 INDEX = "_row"
 """Column the loop adds to each row: its index into the reference cache."""
@@ -53,6 +62,8 @@ class DPOConfig:
     precompute_ref_batch_size: int = 64
     """Rows per forward pass while precomputing the reference cache."""
     seed: int = 0
+    max_consecutive_skips: int = 3
+    """Stop the run (DivergenceError) after this many steps in a row skipped for a non-finite loss or gradient."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
 
     _renamed: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length",
@@ -60,6 +71,7 @@ class DPOConfig:
                                           "gamma": "simpo_gamma", "ref_batch_size": "precompute_ref_batch_size"}
 
     def __post_init__(self) -> None:
+        check_loop_fields(self)
         if self.loss_type not in PREFERENCE_KINDS:
             raise TrainerError(f"loss_type must be one of {', '.join(PREFERENCE_KINDS)}, got {self.loss_type!r}.")
         if self.batch_size < 1 or self.batch_size % self.micro_batches:
@@ -203,13 +215,15 @@ def index_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def train_dpo(backend: Any, state: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: DPOConfig,
               logger: MetricsLogger | None = None, ref_cache: ReferenceCache | None = None, start_step: int = 0,
-              on_step: Callable[[int, Any, dict[str, float]], None] | None = None) -> Any:
+              on_step: Callable[[int, Any, dict[str, float]], None] | None = None,
+              guard: DivergenceGuard | None = None) -> Any:
     """Run DPO from ``start_step`` to ``cfg.steps`` and return the state.
 
     Without ``ref_cache`` the reference is the policy as it is now (standard DPO: the SFT
     model), computed once here; a resumed run must pass the cache saved at the start.
     """
     check_rows(rows)
+    guard = loop_guard(guard, cfg)
     if cfg.needs_reference and ref_cache is None:
         if start_step > 0:
             raise TrainerError("Resuming DPO needs the reference cache computed at step 0 (ref_cache=...); "
@@ -222,6 +236,7 @@ def train_dpo(backend: Any, state: Any, tokenizer: Any, rows: Sequence[dict[str,
         state, metrics = dpo_step(backend, state, tokenizer, chunk, cfg, ref_cache)
         if logger is not None:
             logger.log(step + 1, metrics)
+        guard.check(step + 1, metrics, state)
         if on_step is not None:
             on_step(step + 1, state, metrics)
     return state

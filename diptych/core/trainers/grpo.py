@@ -32,12 +32,15 @@ from diptych.core.optim import OptimConfig
 from diptych.core.sampling import SamplingConfig, parity_noise
 from diptych.core.train_batch import split_microbatches
 from diptych.core.trainers.base import (
+    DivergenceGuard,
     StepTimer,
     TrainerError,
     batch_iterator,
+    check_loop_fields,
     columns_of,
     decode_completions,
     encode_prompts,
+    loop_guard,
     rollout_batch,
     sequence_logprobs,
 )
@@ -123,6 +126,8 @@ class GRPOConfig:
     parity: bool = False
     """Draw sampling noise from one numpy stream so both backends sample identical tokens."""
     seed: int = 0
+    max_consecutive_skips: int = 3
+    """Stop the run (DivergenceError) after this many steps in a row skipped for a non-finite loss or gradient."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
     depth: DepthPolicy | None = None
     """Recurrent-depth models only: the train depth schedule (truncated backprop) and the sampling depth."""
@@ -133,6 +138,7 @@ class GRPOConfig:
                                           "max_new_tokens": "max_completion_length"}
 
     def __post_init__(self) -> None:
+        check_loop_fields(self)
         if isinstance(self.loss, str):
             warnings.warn("GRPOConfig.loss as a preset name is deprecated; use loss_type (TRL's name); loss now "
                           "holds field-by-field overrides.", DeprecationWarning, stacklevel=4)
@@ -311,15 +317,18 @@ def state_vocab(state: Any) -> int:
 
 def train_grpo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]],
                cfg: GRPOConfig, logger: MetricsLogger | None = None, ref_model: Any = None,
-               start_step: int = 0, on_step: Callable[[int, Any, dict[str, float]], None] | None = None) -> Any:
+               start_step: int = 0, on_step: Callable[[int, Any, dict[str, float]], None] | None = None,
+               guard: DivergenceGuard | None = None) -> Any:
     """Run GRPO from ``start_step`` to ``cfg.steps``; ``on_step`` may checkpoint or evaluate."""
     check_columns(reward, rows)
+    guard = loop_guard(guard, cfg)
     batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed, start=start_step)
     for step in range(start_step, cfg.steps):
         _, chunk = next(batches)
         state, metrics = grpo_step(backend, state, tokenizer, reward, chunk, cfg, step, ref_model)
         if logger is not None:
             logger.log(step + 1, metrics)
+        guard.check(step + 1, metrics, state)
         if on_step is not None:
             on_step(step + 1, state, metrics)
     return state

@@ -33,12 +33,15 @@ from diptych.core.optim import OptimConfig
 from diptych.core.sampling import SamplingConfig, parity_noise
 from diptych.core.train_batch import split_microbatches
 from diptych.core.trainers.base import (
+    DivergenceGuard,
     StepTimer,
     TrainerError,
     batch_iterator,
+    check_loop_fields,
     columns_of,
     decode_completions,
     encode_prompts,
+    loop_guard,
     rollout_batch,
     sequence_logprobs,
 )
@@ -73,6 +76,8 @@ class PPOConfig:
     value_warmup_steps: int = 0
     parity: bool = False
     seed: int = 0
+    max_consecutive_skips: int = 3
+    """Stop the run (DivergenceError) after this many steps in a row skipped for a non-finite loss or gradient."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
 
     _renamed: ClassVar[dict[str, str]] = {"samples_per_prompt": "num_generations", "ppo_epochs": "num_ppo_epochs",
@@ -80,6 +85,7 @@ class PPOConfig:
                                           "max_new_tokens": "max_completion_length", "value_clip": "cliprange_value"}
 
     def __post_init__(self) -> None:
+        check_loop_fields(self)
         rows = self.prompts_per_step * self.num_generations
         if rows % self.micro_batches:
             raise TrainerError(f"prompts_per_step x num_generations = {rows} rollouts do not split into "
@@ -180,15 +186,18 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
 
 def train_ppo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]], cfg: PPOConfig,
               logger: MetricsLogger | None = None, ref_model: Any = None, start_step: int = 0,
-              on_step: Callable[[int, Any, dict[str, float]], None] | None = None) -> Any:
+              on_step: Callable[[int, Any, dict[str, float]], None] | None = None,
+              guard: DivergenceGuard | None = None) -> Any:
     """Run PPO from ``start_step`` to ``cfg.steps``; ``state`` must carry a value head."""
     check_columns(reward, rows)
+    guard = loop_guard(guard, cfg)
     batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed, start=start_step)
     for step in range(start_step, cfg.steps):
         _, chunk = next(batches)
         state, metrics = ppo_step(backend, state, tokenizer, reward, chunk, cfg, step, ref_model)
         if logger is not None:
             logger.log(step + 1, metrics)
+        guard.check(step + 1, metrics, state)
         if on_step is not None:
             on_step(step + 1, state, metrics)
     return state

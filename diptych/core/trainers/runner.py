@@ -16,13 +16,156 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import socket
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from diptych.core import checkpointing as ckpt
 from diptych.core.trainers.base import TrainerError
+
+LOCK_FILE = ".diptych.lock"
+"""The run lock's file in a run directory; it records the holder (pid, host, start time) as JSON."""
+RUN_FILES = ("metrics.jsonl", "curves.png", "tb")
+"""What a run writes directly in ``out`` (besides its checkpoint root): cleared by ``overwrite``."""
+CHECKPOINT_ROOT_FILES = ("reference", "ref_logprobs.npz")
+"""What a run writes in its checkpoint root besides ``step_*``: valid only for that run (its starting policy)."""
+
+
+class RunLockError(TrainerError):
+    """Another live process holds the run directory."""
+
+
+class RunLock:
+    """One owner per run directory: an advisory ``fcntl.flock`` on ``<folder>/.diptych.lock`` held for the run's life.
+
+    Two runs writing one ``out`` replace each other's checkpoints and interleave ``metrics.jsonl``; the second
+    one fails here at once, naming the holder. The kernel drops the lock when the holder's process ends
+    (``kill -9`` included), so a stale lock file never blocks a later run. Where ``fcntl`` does not exist
+    (Windows) the lock is a no-op.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._f: IO[str] | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115  (held open for the run's life)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise RunLockError(f"{self.folder} is in use by another run ({_describe_holder(holder)}); wait for it to "
+                               "finish, stop it, or give this run another out.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def release(self) -> None:
+        if self._f is not None:
+            self._f.close()  # closing the file drops the flock
+            self._f = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def previous_run(out_dir: Path | None, root: Path | None) -> list[str]:
+    """What an earlier run left that a fresh run would clobber: its checkpoints and its metrics."""
+    found = []
+    steps = sorted(p.name for p in root.iterdir() if _STEP_DIR.match(p.name)) if root and root.is_dir() else []
+    if steps:
+        found.append(f"{len(steps)} checkpoint(s) in {root} (newest {steps[-1]})")
+    metrics = out_dir / "metrics.jsonl" if out_dir is not None else None
+    if metrics is not None and metrics.is_file() and metrics.stat().st_size:
+        found.append(f"{metrics}")
+    return found
+
+
+def clear_run(out_dir: Path | None, root: Path | None) -> None:
+    """Remove an earlier run's checkpoints, references and metrics (``overwrite``), each via a rename first so a
+    kill midway leaves nothing that looks like a checkpoint."""
+    if root is not None and root.is_dir():
+        for p in list(root.iterdir()):
+            if _STEP_DIR.match(p.name) or p.name in CHECKPOINT_ROOT_FILES:
+                _remove_atomically(p)
+    if out_dir is not None:
+        for name in RUN_FILES:
+            p = out_dir / name
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+
+
+def clear_stale_references(root: Path | None) -> None:
+    """A run starting at step 0 computes its own reference from its own starting policy: drop any left behind."""
+    if root is not None and root.is_dir():
+        for name in CHECKPOINT_ROOT_FILES:
+            if (root / name).exists():
+                _remove_atomically(root / name)
+
+
+_STEP_DIR = ckpt._STEP_DIR
+
+
+def _remove_atomically(path: Path) -> None:
+    """Rename to a hidden trash name, then delete: a kill midway never leaves a half-deleted ``step_*``."""
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+    path.rename(trash)
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink()
+
+
+def clean_orphans(root: Path | None) -> list[Path]:
+    """Remove what killed saves and prunes left under ``root`` (hidden ``.NAME.tmp-*`` / ``.trash-*`` / ``.old-*``
+    folders); only safe while holding the run lock, since a live run's save is such a folder too."""
+    removed: list[Path] = []
+    if root is None or not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        if p.name.startswith(".") and any(tag in p.name for tag in (".tmp-", ".trash-", ".old-")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def say(message: str) -> None:
+    """A one-line notice on stderr (resume fallbacks, skipped checkpoints)."""
+    print(message, file=sys.stderr)
 
 RESUME_MUTABLE = ("steps", "out", "checkpoint", "quiet")
 """Config keys a resumed run may change (extend the run, move outputs); anything else must match."""
@@ -63,6 +206,15 @@ class Checkpointer:
         }
 
     def save(self, step: int, state: Any, seed: int, extra: dict[str, Any] | None = None) -> Path:
+        """Write the checkpoint of ``step``; a state with a non-finite weight is never saved (a resume from it
+        could only skip every step)."""
+        bad = first_nonfinite(self.backend.export_weights(state))
+        if bad is not None:
+            from diptych.core.trainers.base import DivergenceError
+
+            raise DivergenceError(f"refusing to save the step-{step} checkpoint: parameter {bad} is not finite. "
+                                  "Lower the learning rate (optim.lr) and resume from the last checkpoint "
+                                  "(--resume).", step=step, state=state)
         path = ckpt.step_dir(self.root, step)
         return self.backend.save(state, path, metadata=self.metadata(step, seed, extra), keep_last=self.keep_last)
 
@@ -70,22 +222,66 @@ class Checkpointer:
         return ckpt.latest_checkpoint(self.root)
 
     def restore_latest(self) -> tuple[Any, dict[str, Any]] | None:
-        """``(state, metadata)`` of the newest complete checkpoint, or None when there is none.
+        """``(state, metadata)`` of the newest intact checkpoint, or None when there is none.
 
-        A checkpoint written with a different config (other than :data:`RESUME_MUTABLE` keys)
+        A checkpoint that cannot be read (truncated by a full disk, half-deleted by a killed prune) is skipped,
+        saying which and why, and the previous one is tried. A checkpoint of the other backend, one written
+        with a different config (other than :data:`RESUME_MUTABLE` keys) or one holding a non-finite weight
         is refused: resuming it would not continue the same run.
         """
-        path = self.latest()
-        if path is None:
-            return None
-        state, meta = self.backend.restore(path)
-        check_same_run(meta.get("config", {}), self.config, path)
-        return state, meta
+        skipped: list[str] = []
+        for path in reversed(ckpt.list_checkpoints(self.root)):
+            try:
+                info = ckpt.read_metadata(path)
+            except (ckpt.CheckpointError, ValueError, OSError) as e:
+                skipped.append(_skip(path, e))
+                continue
+            saved = info.get("backend")
+            if saved != self.backend.name:
+                raise TrainerError(f"{path} is a {saved} checkpoint, and this run uses --backend {self.backend.name}; "
+                                   f"resume with --backend {saved}, or convert it first: diptych convert {path} "
+                                   f"OUT --to {self.backend.name}.")
+            check_same_run((info.get("metadata") or {}).get("config", {}), self.config, path)
+            try:
+                state, meta = self.backend.restore(path)
+            except Exception as e:  # any reader's failure means: not intact, try the previous one
+                skipped.append(_skip(path, e))
+                continue
+            bad = first_nonfinite(self.backend.export_weights(state))
+            if bad is not None:
+                raise TrainerError(f"{path} holds a non-finite weight (parameter {bad}); training cannot continue "
+                                   "from it. Delete it to resume from an earlier checkpoint, or start over.")
+            if skipped:
+                say(f"resume: from {path.name}, the newest intact checkpoint.")
+            return state, meta
+        if skipped:
+            raise TrainerError(f"No intact checkpoint under {self.root} to resume from (all {len(skipped)} skipped); "
+                               "start over with --overwrite instead of --resume.")
+        return None
 
     def save_points(self, start: int, total: int) -> list[int]:
         """Steps after which to save: every ``every`` steps, and always the last step."""
         points = list(range(start - start % self.every + self.every, total, self.every)) if self.every else []
         return [p for p in points if p > start] + [total]
+
+
+def _skip(path: Path, error: BaseException) -> str:
+    lines = str(error).strip().splitlines() or [""]
+    reason = f"{type(error).__name__}: {lines[0][:200]}"
+    say(f"resume: skipping {path.name}, it cannot be read ({reason}); trying the previous checkpoint.")
+    return f"{path.name} ({reason})"
+
+
+def first_nonfinite(weights: dict[str, Any]) -> str | None:
+    """The name (and what is wrong) of the first parameter holding a NaN or infinity, or None."""
+    import numpy as np
+
+    for name, w in weights.items():
+        a = np.asarray(w)
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            n = int(np.sum(~np.isfinite(a)))
+            return f"{name!r} ({n} of {a.size} values NaN or inf)"
+    return None
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path | str) -> None:

@@ -16,7 +16,15 @@ from diptych.core.losses import SFTLossConfig
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
 from diptych.core.train_batch import split_microbatches
-from diptych.core.trainers.base import TrainerError, batch_iterator, encode_prompts, pack_sequences
+from diptych.core.trainers.base import (
+    DivergenceGuard,
+    TrainerError,
+    batch_iterator,
+    check_loop_fields,
+    encode_prompts,
+    loop_guard,
+    pack_sequences,
+)
 
 
 @with_renamed_fields
@@ -30,12 +38,15 @@ class SFTConfig:
     max_prompt_length: int = 32
     max_completion_length: int = 32
     seed: int = 0
+    max_consecutive_skips: int = 3
+    """Stop the run (DivergenceError) after this many steps in a row skipped for a non-finite loss or gradient."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=0))
 
     _renamed: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length",
                                           "max_completion_len": "max_completion_length"}
 
     def __post_init__(self) -> None:
+        check_loop_fields(self)
         if self.batch_size % self.micro_batches:
             raise TrainerError(f"batch_size ({self.batch_size}) must be divisible by micro_batches "
                                f"({self.micro_batches}).")
@@ -53,8 +64,9 @@ def sft_rows_to_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: SFTCo
 
 
 def train_sft(backend: Any, state: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: SFTConfig,
-              logger: MetricsLogger | None = None, start_step: int = 0) -> Any:
-    """Run ``cfg.steps`` SFT updates on ``state`` and return it."""
+              logger: MetricsLogger | None = None, start_step: int = 0, guard: DivergenceGuard | None = None) -> Any:
+    """Run ``cfg.steps`` SFT updates on ``state`` and return it (``guard``: the divergence policy)."""
+    guard = loop_guard(guard, cfg)
     batches = batch_iterator(rows, cfg.batch_size, cfg.seed, start=start_step)
     for step in range(start_step, cfg.steps):
         _, chunk = next(batches)
@@ -63,4 +75,5 @@ def train_sft(backend: Any, state: Any, tokenizer: Any, rows: Sequence[dict[str,
                                             SFTLossConfig())
         if logger is not None:
             logger.log(step + 1, metrics)
+        guard.check(step + 1, metrics, state)
     return state
