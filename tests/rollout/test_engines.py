@@ -218,3 +218,19 @@ def test_trainer_helpers_check_config_versions_and_sleep(torch_backend):
 
     with pytest.raises(RolloutEngineError, match="sampled with weight version 2, but the trainer pushed 3"):
         sample_with(Stale(b, state.model, version=3), PROMPTS, GREEDY, seed=0)
+
+
+def test_rollout_server_command_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from diptych.commands.rollout_server import main
+    from diptych.core.hf import save_hf_folder
+
+    assert main(["--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    rec = tiny_recurrent_spec()
+    folder = save_hf_folder(tmp_path / "huginn", rec, rec.init_weights(0))
+    if importlib.util.find_spec("vllm") is None:
+        assert main(["--model", str(folder)]) == 2
+        assert "not installed; install it with pip install 'diptych[vllm]'" in capsys.readouterr().err
+    else:
+        assert main(["--model", str(folder)]) == 2
+        assert "recurrent-depth" in capsys.readouterr().err
