@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mod is None:
         print(f"diptych {args.command}: not available in this build.", file=sys.stderr)
         return 2
-    args.debug = bool(args.global_debug or getattr(args, "debug", None))
+    # --debug may come before the command or among a command's own options (train re-parses those itself)
+    args.debug = bool(args.global_debug or getattr(args, "debug", None) or "--debug" in argv)
     try:
         return int(mod.run(args) or 0)
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from diptych.cli import COMMANDS, _load, main
+from diptych.core.config import ConfigError
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -44,3 +45,25 @@ def test_backend_argument_choices_come_from_the_registry(monkeypatch):
     assert parser.parse_args([]).backend is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--backend", "tensorflow"])
+
+
+@pytest.mark.parametrize("error, code, shown", [
+    (ValueError("model.path: bad file\nsecond line"), 2, "diptych env: ValueError: model.path: bad file"),
+    (ConfigError("grpo.x: wrong"), 2, "diptych env: grpo.x: wrong"),
+    (FileNotFoundError("no such file x.jsonl"), 2, "diptych env: FileNotFoundError: no such file x.jsonl"),
+    (RuntimeError("kernel exploded"), 1, "diptych env: RuntimeError: kernel exploded"),
+])
+def test_an_uncaught_error_is_one_line_plus_the_debug_hint(monkeypatch, capsys, error, code, shown):
+    """A command's unexpected failure: its first line and the --debug hint (2 for bad input, 1 otherwise);
+    with --debug the traceback instead."""
+    mod = _load("env")
+
+    def boom(args):
+        raise error
+
+    monkeypatch.setattr(mod, "run", boom)
+    assert main(["env"]) == code
+    err = capsys.readouterr().err
+    assert err.splitlines() == [shown, "(rerun with --debug for the traceback)"]
+    with pytest.raises(type(error)):
+        main(["--debug", "env"])
