@@ -37,12 +37,17 @@ def build_options(name: str) -> dict[str, Any]:
     return {"num_steps": DEPTH[0], "num_grad_steps": DEPTH[1]} if name == "recurrent" else {}
 
 
+def remat(name: str) -> str | None:
+    """The ``remat`` mode a case trains with (``init_train_state(remat=...)``)."""
+    return "layer" if name == "remat" else None
+
+
 def case(name: str, steps: int = STEPS) -> tuple[Any, OptimConfig, str, Any, list[list[dict]]]:
     """``(spec, optim, loss, loss config, [micro-batches of each step])`` of ``name``."""
     from diptych.core.losses import PolicyLossConfig, PreferenceLossConfig, SFTLossConfig
     from tests.train import batches as B
 
-    if name in ("sft", "recurrent"):
+    if name in ("sft", "recurrent", "remat"):  # remat: sft with every decoder layer recomputed in the backward
         loss, cfg, make = "sft", SFTLossConfig(), B.sft_batch
     elif name == "dpo":
         loss, cfg, make = "preference", PreferenceLossConfig(beta=0.1), B.dpo_batch

@@ -57,7 +57,8 @@ def weights(results: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
 
 
 JAX_ITEMS = ([f"{c}@{m}" for c in cases.LOSSES for m in ("one", *cases.MESHES)]
-             + ["recurrent@one", "recurrent@fsdp=4", "recurrent@data=2,fsdp=2", "memory@fsdp=8"])
+             + ["recurrent@one", "recurrent@fsdp=4", "recurrent@data=2,fsdp=2", "remat@fsdp=4",
+                "memory@fsdp=8"])
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +75,7 @@ def torch_runs(tmp_path_factory: pytest.TempPathFactory):
 
     def get(mesh: str) -> dict[str, np.ndarray]:
         if mesh not in done:
-            names = list(cases.LOSSES) + (["recurrent"] if mesh == "fsdp=4" else [])
+            names = list(cases.LOSSES) + (["recurrent", "remat"] if mesh == "fsdp=4" else [])
             out = tmp_path_factory.mktemp("torch_runs") / "runs.npz"
             cfg_size = 1
             for part in mesh.split(","):

@@ -29,7 +29,7 @@ def run(name: str, mesh_text: str | None, results: dict, steps_to_run: int | Non
 
     spec, optim, loss, loss_cfg, steps = cases.case(name)
     model = T._lib(spec).build(spec, spec.init_weights(0), **cases.build_options(name))
-    st = T.init_train_state(model, optim)
+    st = T.init_train_state(model, optim, remat=cases.remat(name))
     key = f"{name}/{mesh_text or 'one'}"
     if mesh_text:
         cfg = MeshConfig.parse(mesh_text)

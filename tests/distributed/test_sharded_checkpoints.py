@@ -14,7 +14,7 @@ import pytest
 
 from tests.distributed import cases
 from tests.distributed.conftest import HERE, load, run_worker, torchrun, weights
-from tests.train.helpers import needs_torch
+from tests.train.helpers import needs_jax, needs_torch
 
 SAVED_AT = 2
 
@@ -84,3 +84,22 @@ def test_torch_failed_sharded_save_keeps_the_last_good_checkpoint(tmp_path, monk
     restored, meta = D.restore(path)
     assert meta == {"good": True}
     assert cases.rel_err(T.export_weights(restored), spec.init_weights(0)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def jax_resumed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jax_ckpt")
+    run_worker([sys.executable, str(HERE / "jax_ckpt_worker.py"), str(root), str(root / "out.npz")], timeout=900)
+    return load(root / "out.npz")
+
+
+@needs_jax
+@pytest.mark.slow
+@pytest.mark.parametrize(("mesh", "devices"), [("fsdp=2", 2), ("one", 1)])
+def test_jax_checkpoint_saved_at_fsdp4_resumes_elsewhere_like_the_uninterrupted_run(jax_resumed, mesh, devices):
+    r = jax_resumed
+    assert int(r[f"{mesh}/devices"][0]) == devices  # restored straight into the new layout
+    assert len(r[f"{mesh}/bytes"]) == devices
+    assert int(r[f"{mesh}/step"][0]) == cases.STEPS
+    assert np.max(np.abs(r[f"{mesh}/loss"] - r["ref/loss"]) / np.abs(r["ref/loss"])) <= cases.TOL
+    assert cases.rel_err(weights(r, mesh), weights(r, "ref")) <= cases.TOL

@@ -409,7 +409,8 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def restore(path: str | os.PathLike, mesh: MeshConfig | None = None) -> tuple[T.TrainState, dict[str, Any]]:
-    """Load a sharded checkpoint onto ``mesh`` (default: one process, unsharded): ``(state, metadata)``.
+    """Load a sharded checkpoint onto ``mesh`` (default: one process, unsharded; ``"auto"``: the whole job on
+    ``fsdp``): ``(state, metadata)``.
 
     The layout it was saved with does not matter: ``torch.distributed.checkpoint`` reads each rank's new
     shards from whatever files hold them (saved at fsdp=4, resumed at fsdp=2 or on one process).
@@ -427,9 +428,10 @@ def restore(path: str | os.PathLike, mesh: MeshConfig | None = None) -> tuple[T.
                                    "diptych.backends.torch.checkpoint.restore.")
     zeros = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
     model = T._lib(spec).build(spec, zeros, device="cpu" if not torch.cuda.is_available() else None, **options)
-    mesh = MeshConfig() if mesh is None else MeshConfig.coerce(mesh)
-    if not mesh.is_single or world_size() > 1:
-        model = shard_model(model, mesh)
+    cfg = MeshConfig() if mesh is None else M.resolve(None if mesh == "auto" else mesh, world_size(),
+                                                        what="processes (torchrun --nproc-per-node)")
+    if not cfg.is_single:
+        model = shard_model(model, cfg)
     state = T.init_train_state(model, optim)
     sd = _state_dicts(state)
     dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
