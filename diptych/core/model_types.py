@@ -2,6 +2,8 @@
 what each one is. Everything that dispatches on a model type reads it here (spec validation,
 HF folder loading in ``diptych.core.hf``, the backends' facade, parity, the CLI and its error
 messages), so adding a family is one entry here plus its spec class in ``core.hf.SPEC_CLASSES``.
+A decoder entry also says how its ``config.json`` differs from Llama's (the flags below), which is
+all ``DecoderSpec`` and the backends need; docs/model_families.md walks through adding one.
 
 This module imports nothing from diptych, so any module may import it without a cycle; the
 spec classes are bound to families by ``diptych.core.hf``, which imports both spec modules.
@@ -24,6 +26,18 @@ class ModelType:
     family: Family
     architecture: str
     in_transformers: bool
+    default_rope_theta: float = 10000.0
+    """``rope_theta`` when the config has none (transformers' per-class ``default_theta``)."""
+    qkv_bias: bool | None = None
+    """q/k/v biases regardless of the config (Qwen2: True); None: the config's ``attention_bias``."""
+    o_bias: bool = True
+    """Whether ``attention_bias`` also puts a bias on ``o_proj`` (Llama, Mistral, Qwen3, SmolLM3; not Qwen2)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k (Qwen3)."""
+    sliding_window: bool = False
+    """The config's ``sliding_window`` applies to every layer (Mistral), without a ``use_sliding_window``."""
+    no_rope_layers: bool = False
+    """Some layers skip RoPE, named by ``no_rope_layers`` / ``no_rope_layer_interval`` (SmolLM3)."""
 
     @property
     def recurrent(self) -> bool:
@@ -41,8 +55,11 @@ MODEL_TYPES: dict[str, ModelType] = {
     t.name: t
     for t in (
         ModelType("llama", "decoder", "LlamaForCausalLM", True),
-        ModelType("qwen2", "decoder", "Qwen2ForCausalLM", True),
-        ModelType("qwen3", "decoder", "Qwen3ForCausalLM", True),
+        ModelType("qwen2", "decoder", "Qwen2ForCausalLM", True, qkv_bias=True, o_bias=False),
+        ModelType("qwen3", "decoder", "Qwen3ForCausalLM", True, qk_norm=True),
+        ModelType("mistral", "decoder", "MistralForCausalLM", True, sliding_window=True),
+        ModelType("smollm3", "decoder", "SmolLM3ForCausalLM", True, default_rope_theta=2_000_000.0,
+                  no_rope_layers=True),
         ModelType(HUGINN, "recurrent", "RavenForCausalLM", False),
     )
 }

@@ -8,13 +8,16 @@ else about a model's shape lives anywhere else.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from diptych.core.model_types import DECODER_MODEL_TYPES, MODEL_TYPES, RECURRENT_MODEL_TYPES, supported_text
+from diptych.core.rope import ignored_rope_keys, rope_parameters, standardized_rope_dict
 
 SUPPORTED_MODEL_TYPES = DECODER_MODEL_TYPES
 """The model types :class:`DecoderSpec` builds (an alias of ``model_types.DECODER_MODEL_TYPES``)."""
@@ -24,13 +27,53 @@ class SpecError(ValueError):
     """A model config that diptych cannot build, with what was wrong and how to fix it."""
 
 
+ROPE_TYPES_SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn")
+"""The ``rope_type`` values the decoders apply (frequencies from ``diptych.core.rope``)."""
+
+_CONSUMED_KEYS = frozenset({
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "intermediate_size", "rope_theta", "rope_parameters", "rope_scaling",
+    "rms_norm_eps", "tie_word_embeddings", "attention_bias", "max_position_embeddings", "initializer_range",
+    "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act", "mlp_bias", "use_sliding_window",
+    "sliding_window", "max_window_layers", "layer_types", "no_rope_layers", "no_rope_layer_interval",
+    "partial_rotary_factor", "original_max_position_embeddings",
+})
+"""config.json keys :meth:`DecoderSpec.from_hf_config` reads (or checks and refuses)."""
+
+_INERT_KEYS = frozenset({
+    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "return_dict",
+    "output_hidden_states", "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
+    "label2id", "problem_type", "tokenizer_class", "_name_or_path", "name_or_path", "auto_map",
+    "pretraining_tp", "tf_legacy_loss", "use_bfloat16", "torchscript", "pruned_heads", "finetuning_task",
+    "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params", "_attn_implementation_autoset",
+    "attn_implementation",
+})
+"""config.json keys that do not change the model's function (metadata, runtime switches)."""
+
+_INERT_AT = {"attention_dropout": 0.0}
+"""Keys that are inert only at this value (diptych trains without attention dropout)."""
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (and dicts) as tuples, so a spec holding a RoPE dict stays hashable."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class DecoderSpec:
-    """A Llama / Qwen2 / Qwen3 family decoder (pre-norm, RoPE, GQA, SwiGLU, RMSNorm).
+    """A Llama-style decoder (pre-norm, RoPE, GQA, SwiGLU, RMSNorm): llama, qwen2, qwen3, mistral, smollm3.
 
-    Field names follow Hugging Face ``config.json`` so a config round-trips unchanged.
-    ``attention_bias`` adds q/k/v biases (Qwen2 always has them); ``qk_norm`` adds the
-    per-head RMSNorm on q and k (Qwen3).
+    Field names follow Hugging Face ``config.json`` so a config round-trips unchanged; what differs
+    between the families is read from their ``model_types`` entry. ``attention_bias`` adds q/k/v
+    biases (and an ``o_proj`` bias where transformers does: not Qwen2); ``qk_norm`` adds the per-head
+    RMSNorm on q and k (Qwen3). ``rope_parameters`` holds the standardized RoPE dict beyond the type
+    and theta (``factor``, ``original_max_position_embeddings``, ...) as sorted ``(key, value)`` pairs
+    so the spec stays hashable; ``sliding_window`` (Mistral) limits each query to the last that many
+    keys; ``no_rope_layers`` (SmolLM3) has a 1 for each layer that applies RoPE.
     """
 
     model_type: str = "llama"
@@ -51,6 +94,10 @@ class DecoderSpec:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    rope_type: str = "default"
+    rope_parameters: Any = ()
+    sliding_window: int | None = None
+    no_rope_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -78,6 +125,23 @@ class DecoderSpec:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.head_dim % 2:
             raise SpecError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if isinstance(self.rope_parameters, dict):
+            object.__setattr__(self, "rope_parameters", _frozen(self.rope_parameters))
+        if self.rope_type not in ROPE_TYPES_SUPPORTED:
+            raise SpecError(f"RoPE scaling type {self.rope_type!r} is not supported; diptych applies "
+                            f"{', '.join(ROPE_TYPES_SUPPORTED)}. Fix rope_scaling / rope_parameters in config.json.")
+        if self.sliding_window is not None:
+            if not MODEL_TYPES[self.model_type].sliding_window:
+                raise SpecError(f"sliding_window is set on a {self.model_type} spec; only "
+                                f"{', '.join(n for n, t in MODEL_TYPES.items() if t.sliding_window)} use it.")
+            if int(self.sliding_window) < 1:
+                raise SpecError(f"sliding_window must be >= 1 (or null for full attention), got {self.sliding_window}.")
+        if self.no_rope_layers is not None:
+            object.__setattr__(self, "no_rope_layers", tuple(int(x) for x in self.no_rope_layers))
+            if len(self.no_rope_layers) != self.num_hidden_layers or set(self.no_rope_layers) - {0, 1}:
+                raise SpecError(f"no_rope_layers must hold one 0 or 1 per layer ({self.num_hidden_layers}), "
+                                f"got {list(self.no_rope_layers)}.")
+        self.rope()  # a RoPE dict that cannot give frequencies fails here, not inside a backend
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -91,6 +155,35 @@ class DecoderSpec:
     @property
     def eos_ids(self) -> tuple[int, ...]:
         return eos_tuple(self.eos_token_id)
+
+    @property
+    def o_bias(self) -> bool:
+        """``o_proj`` has a bias: ``attention_bias`` on every family but Qwen2 (transformers' definition)."""
+        return self.attention_bias and MODEL_TYPES[self.model_type].o_bias
+
+    def layer_uses_rope(self, layer: int) -> bool:
+        """SmolLM3 drops RoPE on the layers ``no_rope_layers`` marks 0; every other layer rotates."""
+        return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
+
+    def rope_dict(self) -> dict[str, Any]:
+        """The standardized RoPE dict (``rope_type``, ``rope_theta`` and the type's own fields)."""
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_parameters}
+        return {**fields, "rope_type": self.rope_type, "rope_theta": self.rope_theta}
+
+    def rope(self) -> Any:
+        """The layer's :class:`diptych.core.rope.RopeParams` (computed once per spec)."""
+        cached = self.__dict__.get("_rope")
+        if cached is None:
+            try:
+                cached = rope_parameters({"rope_parameters": self.rope_dict(), "head_dim": self.head_dim,
+                                          "max_position_embeddings": self.max_position_embeddings})
+            except (ValueError, TypeError) as e:
+                raise SpecError(f"{self.model_type} RoPE: {e}") from None
+            if cached.rotated_width != self.head_dim:
+                raise SpecError(f"partial_rotary_factor below 1 is not supported (rotates {cached.rotated_width} "
+                                f"of {self.head_dim} channels).")
+            object.__setattr__(self, "_rope", cached)
+        return cached
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's Hugging Face name and shape, in a fixed order (the init order)."""
@@ -107,6 +200,8 @@ class DecoderSpec:
                 shapes[p + "self_attn.k_proj.bias"] = (self.kv_dim,)
                 shapes[p + "self_attn.v_proj.bias"] = (self.kv_dim,)
             shapes[p + "self_attn.o_proj.weight"] = (h, self.q_dim)
+            if self.o_bias:
+                shapes[p + "self_attn.o_proj.bias"] = (h,)
             if self.qk_norm:
                 shapes[p + "self_attn.q_norm.weight"] = (self.head_dim,)
                 shapes[p + "self_attn.k_norm.weight"] = (self.head_dim,)
@@ -127,7 +222,7 @@ class DecoderSpec:
         return init_from_shapes(self.param_shapes(), seed, self.initializer_range)
 
     def validate_weights(self, weights: dict[str, np.ndarray]) -> None:
-        validate_weights(self.param_shapes(), weights, self.model_type)
+        validate_weights(self.param_shapes(), weights, self.model_type, _explain_unexpected)
 
     # -- Hugging Face config ------------------------------------------------------------------
     @classmethod
@@ -141,28 +236,66 @@ class DecoderSpec:
                 f"Unsupported model_type {model_type!r} in config.json for DecoderSpec; supported: "
                 f"{supported_text()} (load a folder with diptych.core.hf.load_hf_folder to dispatch on it)."
             )
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
-        if rope_type not in ("default", None):
-            raise SpecError(f"RoPE scaling type {rope_type!r} is not supported yet; only default RoPE is.")
-        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        entry = MODEL_TYPES[model_type]
+        try:
+            rope = standardized_rope_dict(config, default_theta=entry.default_rope_theta)
+        except (ValueError, TypeError) as e:
+            raise SpecError(f"config.json RoPE: {e}") from None
+        rope_type = rope.pop("rope_type")
+        rope.pop("type", None)
+        theta = rope.pop("rope_theta")
+        prf = rope.pop("partial_rotary_factor", None)
+        if prf not in (None, 1, 1.0):
+            raise SpecError(f"partial_rotary_factor={prf} is not supported (diptych rotates whole heads).")
         if config.get("use_sliding_window"):
-            raise SpecError("Sliding-window attention (use_sliding_window=true) is not supported.")
+            raise SpecError(f"Sliding-window attention (use_sliding_window=true) is not supported for "
+                            f"{model_type}; only {', '.join(n for n, t in MODEL_TYPES.items() if t.sliding_window)} "
+                            "apply a sliding window.")
+        partial = [t for t in (config.get("layer_types") or ()) if t != "full_attention"]
+        if partial:
+            raise SpecError(f"layer_types {sorted(set(partial))} are not supported; every layer must be "
+                            "full_attention.")
         if config.get("hidden_act", "silu") != "silu":
             raise SpecError(f"hidden_act {config.get('hidden_act')!r} is not supported; only silu (SwiGLU) is.")
         if config.get("mlp_bias"):
             raise SpecError("mlp_bias=true is not supported.")
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: config[k] for k in known if k in config and k != "model_type"}
-        kwargs.pop("rope_theta", None)
-        kwargs.pop("attention_bias", None)
+        skip = {"model_type", "rope_theta", "attention_bias", "qk_norm", "rope_type", "rope_parameters",
+                "sliding_window", "no_rope_layers"}
+        kwargs = {k: config[k] for k in known - skip if config.get(k) is not None}
+        if config.get("num_key_value_heads") is None and "num_attention_heads" in config:
+            kwargs["num_key_value_heads"] = config["num_attention_heads"]  # transformers' default: MHA
+        bias = entry.qkv_bias if entry.qkv_bias is not None else bool(config.get("attention_bias", False))
+        no_rope = None
+        if entry.no_rope_layers:
+            no_rope = config.get("no_rope_layers")
+            if no_rope is None:  # SmolLM3Config's default: every interval-th layer skips RoPE
+                interval = int(config.get("no_rope_layer_interval", 4))
+                no_rope = [int((i + 1) % interval != 0) for i in range(int(config["num_hidden_layers"]))]
         return cls(
             model_type=model_type,
             rope_theta=float(theta),
-            attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
-            qk_norm=model_type == "qwen3",
+            rope_type=rope_type,
+            rope_parameters=rope,
+            attention_bias=bias,
+            qk_norm=entry.qk_norm,
+            sliding_window=config.get("sliding_window") if entry.sliding_window else None,
+            no_rope_layers=no_rope,
             **kwargs,
         )
+
+    @staticmethod
+    def ignored_config_fields(config: dict[str, Any]) -> list[str]:
+        """config.json fields :meth:`from_hf_config` neither reads nor knows to be inert, for parity's report.
+
+        A field listed here may change what transformers computes while diptych never sees it
+        (a new architecture switch, a quantization config), so the parity table names it.
+        """
+        out = [k for k in config if k not in _CONSUMED_KEYS and k not in _INERT_KEYS and k not in _INERT_AT]
+        out += [f"{k}={config[k]!r}" for k, v in _INERT_AT.items() if k in config and config[k] not in (None, v)]
+        with contextlib.suppress(ValueError, TypeError):
+            out += [f"rope: {k}" for k in ignored_rope_keys(config)]
+        return sorted(out)
 
     def to_hf_config(self) -> dict[str, Any]:
         """A ``config.json`` dict that ``transformers.AutoConfig`` reads back to the same model."""
@@ -179,7 +312,7 @@ class DecoderSpec:
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": self.rope_dict(),
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": self.initializer_range,
@@ -188,11 +321,43 @@ class DecoderSpec:
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
         }
-        if self.model_type != "qwen2":
+        entry = MODEL_TYPES[self.model_type]
+        if entry.qkv_bias is None:
             cfg["attention_bias"] = self.attention_bias
-        elif not self.attention_bias:
-            raise SpecError("Qwen2 always has q/k/v biases; a qwen2 spec needs attention_bias=True.")
+        elif self.attention_bias != entry.qkv_bias:
+            raise SpecError(f"{self.model_type} always has attention_bias={entry.qkv_bias}; a {self.model_type} "
+                            f"spec needs attention_bias={entry.qkv_bias}.")
+        if entry.sliding_window:
+            cfg["sliding_window"] = self.sliding_window
+        if entry.no_rope_layers:
+            cfg["no_rope_layers"] = list(self.no_rope_layers) if self.no_rope_layers is not None \
+                else [1] * self.num_hidden_layers
+            cfg["use_sliding_window"] = False
         return cfg
+
+
+_UNEXPECTED_HINTS = (
+    ("self_attn.o_proj.bias", "attention_bias=true on a family whose o_proj has a bias (llama, mistral, qwen3, "
+                              "smollm3); qwen2 never has one"),
+    ("_proj.bias", "attention_bias=true (q/k/v/o biases)"),
+    ("q_norm.weight", "per-head q/k norms, i.e. model_type qwen3"),
+    ("k_norm.weight", "per-head q/k norms, i.e. model_type qwen3"),
+    ("lm_head.weight", "tie_word_embeddings=false"),
+    ("mlp.", "mlp_bias=true or a different MLP (diptych builds SwiGLU gate/up/down without bias)"),
+)
+
+
+def _explain_unexpected(names: list[str]) -> str:
+    """What config field would explain unexpected parameter names: usually the config, not the weights, is off."""
+    hints = []
+    for suffix, why in _UNEXPECTED_HINTS:
+        if any(suffix in n for n in names) and why not in hints:
+            hints.append(why)
+            if suffix == "self_attn.o_proj.bias":
+                break
+    if not hints:
+        return ""
+    return "; config.json would explain them with " + " or ".join(hints) + " (check config.json matches the weights)"
 
 
 def eos_tuple(eos_token_id: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
@@ -221,8 +386,12 @@ def init_from_shapes(shapes: dict[str, tuple[int, ...]], seed: int, std: float) 
     return out
 
 
-def validate_weights(shapes: dict[str, tuple[int, ...]], weights: dict[str, np.ndarray], what: str) -> None:
-    """Fail with the parameter name and both shapes on any mismatch; name missing and unknown keys."""
+def validate_weights(shapes: dict[str, tuple[int, ...]], weights: dict[str, np.ndarray], what: str,
+                     explain: Callable[[list[str]], str] | None = None) -> None:
+    """Fail with the parameter name and both shapes on any mismatch; name missing and unknown keys.
+
+    ``explain`` turns the unexpected names into a hint about the config field that would account for them.
+    """
     missing = [k for k in shapes if k not in weights]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -230,7 +399,8 @@ def validate_weights(shapes: dict[str, tuple[int, ...]], weights: dict[str, np.n
     unknown = [k for k in weights if k not in shapes]
     if unknown:
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise SpecError(f"Weights for {what} have unexpected parameters {', '.join(unknown[:5])}{more}.")
+        hint = explain(unknown) if explain is not None else ""
+        raise SpecError(f"Weights for {what} have unexpected parameters {', '.join(unknown[:5])}{more}{hint}.")
     for name, shape in shapes.items():
         got = tuple(np.shape(weights[name]))
         if got != tuple(shape):
@@ -248,10 +418,11 @@ def value_head_init(spec: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def tiny_spec(model_type: str = "llama", **overrides: Any) -> DecoderSpec:
     """The embedded tiny model used by tests, `diptych parity` and the quickstart."""
+    entry = MODEL_TYPES.get(model_type)
     base: dict[str, Any] = dict(
         model_type=model_type, vocab_size=128, hidden_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+        attention_bias=bool(entry and entry.qkv_bias), qk_norm=bool(entry and entry.qk_norm),
         max_position_embeddings=512,
     )
     base.update(overrides)

@@ -1,8 +1,9 @@
-"""The Llama / Qwen2 / Qwen3 decoder in Flax NNX, with a preallocated KV cache for generation.
+"""The Llama / Qwen2 / Qwen3 / Mistral / SmolLM3 decoder in Flax NNX, with a preallocated KV cache.
 
 The math follows transformers' own implementation line for line (RMSNorm in float32 then
 cast back before the weight, rotate-half RoPE, softmax in float32), so logits match
-``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` to 1e-5 in fp32. Module
+each family's ``*ForCausalLM`` to 1e-5 in fp32. RoPE frequencies (every scaling type) come from
+``diptych.core.rope`` through the spec; Mistral's sliding window is part of the attention mask. Module
 attribute names are the Hugging Face parameter names, so the flattened ``nnx.Param`` state
 *is* the canonical weight dict. ``diptych.backends.torch.model`` is the same text in torch.nn.
 
@@ -81,12 +82,25 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight[...], tokens, axis=0)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """cos / sin ``[B, T, head_dim]`` computed in float32 (as HF does), cast to the compute dtype."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+def rope_inv_freq(spec: DecoderSpec, positions: jax.Array) -> jax.Array:
+    """The spec's frequencies (float32); dynamic NTK raises the base from ``max(positions) + 1`` of
+    this call, as transformers' ``dynamic_rope_update`` does per forward (and per decode step)."""
+    rope = spec.rope()
+    if not rope.dynamic:
+        return jnp.asarray(rope.inv_freq, jnp.float32)
+    factor, max_pos, dim = float(rope.fields["factor"]), float(rope.max_position_embeddings), rope.rotary_dim
+    length = jnp.maximum(jnp.max(positions).astype(jnp.float32) + 1.0, max_pos)
+    base = rope.theta * ((factor * length / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32) / dim))
+
+
+def rope_cos_sin(positions: jax.Array, spec: DecoderSpec, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos / sin ``[B, T, head_dim]`` in float32 times the RoPE type's attention scaling (YaRN's
+    factor), cast to the compute dtype, in transformers' order."""
+    scaling = spec.rope().attention_scaling
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(spec, positions)
     emb = jnp.concatenate((freqs, freqs), axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -117,14 +131,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> j
 
 
 class Attention(nnx.Module):
-    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32, fused: bool = False) -> None:
+    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32, fused: bool = False, use_rope: bool = True
+                 ) -> None:
         h, bias = spec.hidden_size, spec.attention_bias
         self.num_heads, self.num_kv_heads = spec.num_attention_heads, spec.num_key_value_heads
-        self.head_dim = spec.head_dim
+        self.head_dim, self.use_rope = spec.head_dim, use_rope
         self.q_proj = Linear(h, spec.q_dim, bias, dtype)
         self.k_proj = Linear(h, spec.kv_dim, bias, dtype)
         self.v_proj = Linear(h, spec.kv_dim, bias, dtype)
-        self.o_proj = Linear(spec.q_dim, h, False, dtype)
+        self.o_proj = Linear(spec.q_dim, h, spec.o_bias, dtype)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, fused)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, fused)
@@ -145,7 +160,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_rope:  # SmolLM3's NoPE layers skip it
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if cache is not None:
             k_slots, v_slots, write_index = cache
@@ -168,9 +184,10 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32, fused: bool = False) -> None:
+    def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32, fused: bool = False, use_rope: bool = True
+                 ) -> None:
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, fused)
-        self.self_attn = Attention(spec, dtype, fused)
+        self.self_attn = Attention(spec, dtype, fused, use_rope)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, fused)
         self.mlp = MLP(spec, dtype)
 
@@ -187,7 +204,8 @@ class DecoderStack(nnx.Module):
 
     def __init__(self, spec: DecoderSpec, dtype: Any = jnp.float32, fused: bool = False) -> None:
         self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size, dtype)
-        self.layers = nnx.List([DecoderLayer(spec, dtype, fused) for _ in range(spec.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(spec, dtype, fused, spec.layer_uses_rope(i))
+                                for i in range(spec.num_hidden_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, fused)
 
 
@@ -208,7 +226,7 @@ class Decoder(nnx.Module):
             cache: KVCache | None = None, write_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         """Hidden states after the final norm; with ``cache``, new k/v go to slots from ``write_index``."""
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.spec, x.dtype)
         ks, vs = [], []
         for i, layer in enumerate(self.model.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], write_index)
@@ -336,21 +354,34 @@ def forward_cached(model: Decoder, tokens: Any, positions: Any, cache: KVCache, 
 
 
 # -- compiled pure functions of (graphdef, state, arrays) ---------------------------------------
-def _causal_allowed(mask: jax.Array) -> jax.Array:
-    t = mask.shape[1]
-    slots = jnp.arange(t)
-    return (slots[None, :] <= slots[:, None])[None] & mask[:, None, :]
+def causal_allowed(query_slots: jax.Array, key_slots: jax.Array, key_mask: jax.Array,
+                   sliding_window: int | None = None) -> jax.Array:
+    """``[B, Tq, S]``: key slot at or before the query slot, unmasked, and (Mistral) within the window.
+
+    The window counts slots, as transformers' ``sliding_window_overlay`` does; on a left-padded batch
+    a row's real tokens sit in consecutive slots, so that is the same as counting positions.
+    """
+    ok = key_slots[None, :] <= query_slots[:, None]
+    if sliding_window is not None:
+        ok = ok & (key_slots[None, :] > query_slots[:, None] - sliding_window)
+    return ok[None] & key_mask[:, None, :]
+
+
+def _causal_allowed(mask: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    slots = jnp.arange(mask.shape[1])
+    return causal_allowed(slots, slots, mask, sliding_window)
 
 
 @partial(jax.jit, static_argnums=0)
 def _hidden_jit(graphdef: Any, state: Any, tokens: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state).run(tokens, positions, _causal_allowed(mask))[0]
+    model = nnx.merge(graphdef, state)
+    return model.run(tokens, positions, _causal_allowed(mask, model.spec.sliding_window))[0]
 
 
 @partial(jax.jit, static_argnums=0)
 def _forward_jit(graphdef: Any, state: Any, tokens: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    hidden = model.run(tokens, positions, _causal_allowed(mask))[0]
+    hidden = model.run(tokens, positions, _causal_allowed(mask, model.spec.sliding_window))[0]
     return _project(hidden, lm_head_weight(model)).astype(jnp.float32)
 
 
@@ -358,7 +389,7 @@ def _forward_jit(graphdef: Any, state: Any, tokens: jax.Array, mask: jax.Array, 
 def _logprobs_jit(graphdef: Any, state: Any, tokens: jax.Array, mask: jax.Array, positions: jax.Array,
                   targets: jax.Array, temperature: jax.Array, mode: str) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    hidden = model.run(tokens, positions, _causal_allowed(mask))[0]
+    hidden = model.run(tokens, positions, _causal_allowed(mask, model.spec.sliding_window))[0]
     return kernels_mod.selective_logprobs(hidden, lm_head_weight(model), targets, temperature, kernels=mode,
                                           chunk_size=LOGPROB_CHUNK_TOKENS)[0]
 
@@ -368,9 +399,8 @@ def _forward_cached_jit(graphdef: Any, state: Any, tokens: jax.Array, positions:
                         write_index: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, KVCache]:
     model = nnx.merge(graphdef, state)
     t = tokens.shape[1]
-    query_slots = write_index + jnp.arange(t)
-    key_slots = jnp.arange(cache.max_len)
-    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
+    allowed = causal_allowed(write_index + jnp.arange(t), jnp.arange(cache.max_len), key_mask,
+                             model.spec.sliding_window)
     hidden, cache = model.run(tokens, positions, allowed, cache, write_index)
     return _project(hidden, lm_head_weight(model)).astype(jnp.float32), cache
 

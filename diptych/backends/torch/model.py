@@ -1,8 +1,9 @@
-"""The Llama / Qwen2 / Qwen3 decoder in torch.nn, with a preallocated KV cache for generation.
+"""The Llama / Qwen2 / Qwen3 / Mistral / SmolLM3 decoder in torch.nn, with a preallocated KV cache.
 
 The math follows transformers' own implementation line for line (RMSNorm in float32 then
 cast back before the weight, rotate-half RoPE, softmax in float32), so logits match
-``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` to 1e-5 in fp32. Module
+each family's ``*ForCausalLM`` to 1e-5 in fp32. RoPE frequencies (every scaling type) come from
+``diptych.core.rope`` through the spec; Mistral's sliding window is part of the attention mask. Module
 attribute names are the Hugging Face parameter names, so the canonical weight dict *is*
 the state dict. ``diptych.backends.jax.model`` is the same text translated to Flax NNX.
 
@@ -59,13 +60,25 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """cos / sin ``[B, T, head_dim]`` computed in float32 (as HF does), cast to the compute dtype."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
-                                / head_dim))
-    freqs = positions.float()[..., None] * inv_freq
+def rope_inv_freq(spec: DecoderSpec, positions: torch.Tensor) -> torch.Tensor:
+    """The spec's frequencies (float32); dynamic NTK raises the base from ``max(positions) + 1`` of
+    this call, as transformers' ``dynamic_rope_update`` does per forward (and per decode step)."""
+    rope = spec.rope()
+    if not rope.dynamic:
+        return torch.as_tensor(rope.inv_freq, dtype=torch.float32, device=positions.device)
+    factor, max_pos, dim = float(rope.fields["factor"]), float(rope.max_position_embeddings), rope.rotary_dim
+    length = torch.clamp(positions.max().float() + 1.0, min=max_pos)
+    base = rope.theta * ((factor * length / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, spec: DecoderSpec, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos / sin ``[B, T, head_dim]`` in float32 times the RoPE type's attention scaling (YaRN's
+    factor), cast to the compute dtype, in transformers' order."""
+    scaling = spec.rope().attention_scaling
+    freqs = positions.float()[..., None] * rope_inv_freq(spec, positions)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -92,15 +105,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec, fused: bool = False) -> None:
+    def __init__(self, spec: DecoderSpec, fused: bool = False, use_rope: bool = True) -> None:
         super().__init__()
         h, bias = spec.hidden_size, spec.attention_bias
         self.num_heads, self.num_kv_heads = spec.num_attention_heads, spec.num_key_value_heads
-        self.head_dim = spec.head_dim
+        self.head_dim, self.use_rope = spec.head_dim, use_rope
         self.q_proj = nn.Linear(h, spec.q_dim, bias=bias)
         self.k_proj = nn.Linear(h, spec.kv_dim, bias=bias)
         self.v_proj = nn.Linear(h, spec.kv_dim, bias=bias)
-        self.o_proj = nn.Linear(spec.q_dim, h, bias=False)
+        self.o_proj = nn.Linear(spec.q_dim, h, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, fused)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, fused)
@@ -117,7 +130,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_rope:  # SmolLM3's NoPE layers skip it
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k_slots, v_slots, write_index = cache
             k_slots[:, :, write_index : write_index + t] = k
@@ -139,10 +153,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec, fused: bool = False) -> None:
+    def __init__(self, spec: DecoderSpec, fused: bool = False, use_rope: bool = True) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, fused)
-        self.self_attn = Attention(spec, fused)
+        self.self_attn = Attention(spec, fused, use_rope)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, fused)
         self.mlp = MLP(spec)
 
@@ -158,7 +172,8 @@ class DecoderStack(nn.Module):
     def __init__(self, spec: DecoderSpec, fused: bool = False) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(spec, fused) for _ in range(spec.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(spec, fused, spec.layer_uses_rope(i))
+                                     for i in range(spec.num_hidden_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, fused)
 
 
@@ -180,7 +195,7 @@ class Decoder(nn.Module):
             cache: KVCache | None = None, write_index: int = 0) -> torch.Tensor:
         """Hidden states after the final norm; with ``cache``, new k/v go to slots from ``write_index``."""
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.spec, x.dtype)
         for i, layer in enumerate(self.model.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], write_index)
             x = layer(x, cos, sin, allowed, layer_cache)
@@ -235,10 +250,21 @@ def forward(model: Decoder, tokens: Any, attention_mask: Any = None, *, position
 def hidden_states(model: Decoder, tokens: Any, attention_mask: Any = None, *, positions: Any = None) -> torch.Tensor:
     """``[B, T, H]`` after the final norm, in the model dtype: the seam fused log-prob kernels plug into."""
     tokens, mask, positions = _inputs(model, tokens, attention_mask, positions)
-    t = tokens.shape[1]
-    slots = torch.arange(t, device=tokens.device)
-    allowed = (slots[None, :] <= slots[:, None])[None] & mask[:, None, :]
-    return model.run(tokens, positions, allowed)
+    slots = torch.arange(tokens.shape[1], device=tokens.device)
+    return model.run(tokens, positions, causal_allowed(slots, slots, mask, model.spec.sliding_window))
+
+
+def causal_allowed(query_slots: torch.Tensor, key_slots: torch.Tensor, key_mask: torch.Tensor,
+                   sliding_window: int | None = None) -> torch.Tensor:
+    """``[B, Tq, S]``: key slot at or before the query slot, unmasked, and (Mistral) within the window.
+
+    The window counts slots, as transformers' ``sliding_window_overlay`` does; on a left-padded batch
+    a row's real tokens sit in consecutive slots, so that is the same as counting positions.
+    """
+    ok = key_slots[None, :] <= query_slots[:, None]
+    if sliding_window is not None:
+        ok = ok & (key_slots[None, :] > query_slots[:, None] - sliding_window)
+    return ok[None] & key_mask[:, None, :]
 
 
 def lm_head_weight(model: Decoder) -> torch.Tensor:
@@ -298,9 +324,8 @@ def forward_cached(model: Decoder, tokens: Any, positions: Any, cache: KVCache, 
     write_index = int(write_index)
     check_cache_write(tuple(tokens.shape), tuple(positions.shape), tuple(key_mask.shape), cache.k.shape[1],
                       cache.max_len, write_index)
-    query_slots = write_index + torch.arange(t, device=device)
-    key_slots = torch.arange(cache.max_len, device=device)
-    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
+    allowed = causal_allowed(write_index + torch.arange(t, device=device), torch.arange(cache.max_len, device=device),
+                             key_mask, model.spec.sliding_window)
     hidden = model.run(tokens, positions, allowed, cache, write_index)
     return _project(hidden, lm_head_weight(model)).float(), cache
 

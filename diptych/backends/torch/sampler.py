@@ -78,7 +78,10 @@ def decode_step(model: M.Decoder, tok: torch.Tensor, pos: torch.Tensor, cache: M
     """
     span = write_index + 1
     window = M.KVCache(cache.k[:, :, :, :span], cache.v[:, :, :, :span])
-    hidden = model.run(tok, pos, key_mask[:, None, :span], window, write_index)
+    allowed = key_mask[:, None, :span]
+    if model.spec.sliding_window is not None:  # Mistral: only the last sliding_window slots
+        allowed = allowed & (torch.arange(span, device=allowed.device) > write_index - model.spec.sliding_window)
+    hidden = model.run(tok, pos, allowed, window, write_index)
     return torch.nn.functional.linear(hidden[:, -1], M.lm_head_weight(model)).float()
 
 
