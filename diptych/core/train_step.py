@@ -127,7 +127,8 @@ def finite_detached(x: Array) -> Array:
 
 def model_outputs(outputs: frozenset[str], batch: Mapping[str, Any], *, logprobs: Callable[[Any, Any, Any], Array],
                   hidden_states: Callable[[Any, Any], Array], logprobs_and_entropy: Callable[[Array, Any], tuple],
-                  values: Callable[[Array], Array]) -> dict[str, Array]:
+                  values: Callable[[Array], Array],
+                  iteration_logprobs: Callable[[Any, Any, Any], Array] | None = None) -> dict[str, Array]:
     """Compute the declared model ``outputs`` with the backend's primitives, running the model as few times as
     both backends agree on: one ``logprobs`` call per side of a preference pair; on ``tokens``, the plain
     ``logprobs`` seam when only log-probs are wanted, else one ``hidden_states`` pass shared by log-probs,
@@ -135,8 +136,14 @@ def model_outputs(outputs: frozenset[str], batch: Mapping[str, Any], *, logprobs
 
     Primitives: ``logprobs(tokens, attention_mask, targets)``, ``hidden_states(tokens, attention_mask)``,
     ``logprobs_and_entropy(hidden, targets)`` and ``values(hidden)``; inputs are ``[B, T - 1]`` slices.
+    ``iteration_logprobs`` (recurrent models: ``[B, k, T - 1]``, one row per differentiated iteration) comes
+    from its own primitive when the backend passes one, else from ``logprobs(tokens, mask, PerIteration(targets))``.
     """
     out: dict[str, Array] = {}
+    if "iteration_logprobs" in outputs:
+        tok, am = batch["tokens"], batch["attention_mask"]
+        seam = iteration_logprobs or (lambda t, m, y: logprobs(t, m, PerIteration(y)))
+        out["iteration_logprobs"] = seam(tok[:, :-1], am[:, :-1], tok[:, 1:])
     for side in ("chosen", "rejected"):
         if f"{side}_logprobs" in outputs:
             tok, am = batch[f"{side}_tokens"], batch[f"{side}_attention_mask"]
@@ -158,6 +165,18 @@ def model_outputs(outputs: frozenset[str], batch: Mapping[str, Any], *, logprobs
     if need_values:
         out["values"] = values(hidden)
     return out
+
+
+class PerIteration:
+    """Targets wrapped to ask a recurrent backend's ``logprobs`` for every differentiated iteration's log-probs
+    (``[B, k, T - 1]``) instead of the final one's; a model without iterations refuses it in one line."""
+
+    def __init__(self, targets: Any) -> None:
+        self.targets = targets
+
+    def __array__(self, *a: Any, **k: Any) -> Any:
+        raise StepError("The 'iteration_logprobs' output (the 'trajectory' loss with a per-iteration weighting) "
+                        "needs a recurrent-depth model; use the 'policy' loss for this model.")
 
 
 def run_losses(inputs: Mapping[str, Array], names: Sequence[str],

@@ -37,6 +37,7 @@ from diptych.backends.jax.recurrent_layers import (  # noqa: F401  (re-exported:
     _rope_tables,
 )
 from diptych.core.recurrent_spec import RecurrentSpec
+from diptych.core.train_step import PerIteration
 from diptych.recurrent.generate import generate as neutral_generate
 from diptych.recurrent.inputs import (
     call_depth,
@@ -151,12 +152,55 @@ def lm_head_weight(model: RecurrentLM) -> jax.Array:
 def logprobs(model: RecurrentLM, tokens: Any, attention_mask: Any, targets: Any, temperature: float = 1.0, *,
              num_steps: Any = None, num_grad_steps: int | None = None, init_state: Any = None,
              **kw: Any) -> jax.Array:
-    """``log_softmax(logits / temperature)[targets]`` [B, T] float32 over the full vocabulary."""
+    """``log_softmax(logits / temperature)[targets]`` [B, T] float32 over the full vocabulary.
+
+    Targets wrapped in ``diptych.core.train_step.PerIteration`` give :func:`iteration_logprobs` instead."""
+    if isinstance(targets, PerIteration):
+        return iteration_logprobs(model, tokens, attention_mask, targets.targets, temperature, num_steps=num_steps,
+                                  num_grad_steps=num_grad_steps, init_state=init_state, **kw)
     check_logprob_arguments(temperature, kw)
     logits = forward(model, tokens, attention_mask, num_steps=num_steps, num_grad_steps=num_grad_steps,
                      init_state=init_state)
     lp = jax.nn.log_softmax(logits / temperature, axis=-1)
     return jnp.take_along_axis(lp, jnp.asarray(targets).astype(jnp.int32)[..., None], axis=-1)[..., 0]
+
+
+def iteration_logprobs_params(P: Params, spec: RecurrentSpec, tokens: jax.Array, mask: jax.Array, init_state: Any,
+                              targets: jax.Array, temperature: Any, n_no_grad: Any, n_grad: int) -> jax.Array:
+    """[B, k, T] target log-probs of the k differentiated iterations as a pure function of the parameters: the
+    r - k untaped iterations, then a scan whose rematerialised body steps the state and decodes it through the
+    coda and head with the chunked selective log-prob kernel (only [B, T] per iteration is kept)."""
+    from diptych.backends.jax import kernels as kernels_mod
+    from diptych.backends.jax.model import LOGPROB_CHUNK_TOKENS
+
+    ctx = _prelude(P, spec, tokens, mask)
+    x = _loop(P, spec, ctx, _initial_state(ctx, init_state), n_no_grad, 0, False)
+
+    def body(s, _):
+        s = _core_step(P, spec, ctx, s, ctx.e)
+        lp, _ = kernels_mod.selective_logprobs(_final_hidden(P, spec, ctx, s), _head(P, spec), targets, temperature,
+                                               chunk_size=LOGPROB_CHUNK_TOKENS)
+        return s, lp
+
+    _, lps = jax.lax.scan(jax.checkpoint(body), x, None, length=n_grad)
+    return jnp.moveaxis(lps, 0, 1)
+
+
+_iteration_logprobs_jit = jax.jit(iteration_logprobs_params, static_argnames=("spec", "n_grad"))
+
+
+def iteration_logprobs(model: RecurrentLM, tokens: Any, attention_mask: Any, targets: Any, temperature: float = 1.0,
+                       *, num_steps: Any = None, num_grad_steps: int | None = None, init_state: Any = None,
+                       **kw: Any) -> jax.Array:
+    """[B, k, T] float32 target log-probs of each of the k differentiated iterations (oldest first), each state
+    decoded through the coda and head (the trajectory loss's output)."""
+    check_logprob_arguments(temperature, kw)
+    n_no_grad, n_grad, _ = call_depth(model, num_steps, num_grad_steps)
+    tokens, mask = _inputs(model.spec, tokens, attention_mask)
+    init = None if init_state is None else jnp.asarray(init_state)
+    return _iteration_logprobs_jit(model.param_dict(), model.spec, tokens, mask, init,
+                                   jnp.asarray(targets).astype(jnp.int32), jnp.asarray(temperature, jnp.float32),
+                                   jnp.asarray(n_no_grad, jnp.int32), n_grad=n_grad)
 
 
 def generate(model: RecurrentLM, prompts: Any, sampling: Any, **kw: Any) -> Any:

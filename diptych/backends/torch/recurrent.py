@@ -37,6 +37,7 @@ from diptych.backends.torch.recurrent_layers import (  # noqa: F401  (re-exporte
 )
 from diptych.core.recurrent_spec import RecurrentSpec
 from diptych.core.spec import SpecError
+from diptych.core.train_step import PerIteration
 from diptych.recurrent.generate import generate as neutral_generate
 from diptych.recurrent.inputs import (
     call_depth,
@@ -144,13 +145,48 @@ def lm_head_weight(model: RecurrentLM) -> torch.Tensor:
 def logprobs(model: RecurrentLM, tokens: Any, attention_mask: Any, targets: Any, temperature: float = 1.0, *,
              num_steps: Any = None, num_grad_steps: int | None = None, init_state: Any = None,
              **kw: Any) -> torch.Tensor:
-    """``log_softmax(logits / temperature)[targets]`` [B, T] float32 over the full vocabulary."""
+    """``log_softmax(logits / temperature)[targets]`` [B, T] float32 over the full vocabulary.
+
+    Targets wrapped in ``diptych.core.train_step.PerIteration`` give :func:`iteration_logprobs` instead."""
+    if isinstance(targets, PerIteration):
+        return iteration_logprobs(model, tokens, attention_mask, targets.targets, temperature, num_steps=num_steps,
+                                  num_grad_steps=num_grad_steps, init_state=init_state, **kw)
     check_logprob_arguments(temperature, kw)
     logits = forward(model, tokens, attention_mask, num_steps=num_steps, num_grad_steps=num_grad_steps,
                      init_state=init_state)
     targets = to_model(model, targets, torch.long)
     lp = torch.log_softmax(logits / temperature, dim=-1)
     return lp.gather(-1, targets[..., None]).squeeze(-1)
+
+
+def iteration_logprobs(model: RecurrentLM, tokens: Any, attention_mask: Any, targets: Any, temperature: float = 1.0,
+                       *, num_steps: Any = None, num_grad_steps: int | None = None, init_state: Any = None,
+                       **kw: Any) -> torch.Tensor:
+    """[B, k, T] float32 target log-probs of each of the k differentiated iterations (oldest first), each state
+    decoded through the coda and head (the trajectory loss's output). Memory stays bounded: each readout goes
+    through the chunked selective log-prob kernel and, under gradient, is rematerialised like the core steps."""
+    from diptych.backends.torch import kernels as kernels_mod
+    from diptych.backends.torch.model import LOGPROB_CHUNK_TOKENS
+
+    check_logprob_arguments(temperature, kw)
+    n_no_grad, n_grad, _ = call_depth(model, num_steps, num_grad_steps)
+    ctx = prelude(model, tokens, attention_mask)
+    x = _iterate(model, ctx, initial_state(model, ctx, init_state), n_no_grad, 0, False)
+    y = to_model(model, targets, torch.long)
+    use_ckpt = torch.is_grad_enabled()
+
+    def readout_lp(x: torch.Tensor) -> torch.Tensor:
+        h = final_hidden(model, ctx, x)
+        lp, _ = kernels_mod.selective_logprobs(h, model.head_weight(), y, temperature,
+                                               kernels=getattr(model, "kernels", "auto"),
+                                               chunk_size=LOGPROB_CHUNK_TOKENS)
+        return lp
+
+    out = []
+    for _ in range(n_grad):
+        x = checkpoint(core_step, model, ctx, x, ctx.e, use_reentrant=False) if use_ckpt else core_step(model, ctx, x)
+        out.append(checkpoint(readout_lp, x, use_reentrant=False) if use_ckpt else readout_lp(x))
+    return torch.stack(out, dim=1)
 
 
 def generate(model: RecurrentLM, prompts: Any, sampling: Any, **kw: Any) -> Any:

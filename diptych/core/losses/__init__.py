@@ -18,6 +18,7 @@ gives the function, ``loss_spec(name)`` the whole declaration. The built-ins:
 * ``preference``  ``chosen_logprobs, rejected_logprobs, chosen_mask, rejected_mask``
   [+ ``ref_chosen_logprobs``, ``ref_rejected_logprobs``]; ``PreferenceLossConfig``.
 * ``sft``         ``logprobs, mask``; ``SFTLossConfig``.
+* ``trajectory``  the policy loss on recurrent models' per-iteration log-probs (RLTT); ``TrajectoryLossConfig``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from diptych.core.losses.registry import (
     unregister_loss,
 )
 from diptych.core.losses.sft import SFTLossConfig, sft_loss
+from diptych.core.losses.trajectory import TrajectoryCredit, TrajectoryLossConfig, trajectory_loss
 from diptych.core.losses.value import ValueLossConfig, value_loss
 
 __all__ = [
@@ -74,6 +76,8 @@ __all__ = [
     "PolicyLossConfig",
     "PreferenceLossConfig",
     "SFTLossConfig",
+    "TrajectoryCredit",
+    "TrajectoryLossConfig",
     "ValueLossConfig",
     "aggregate",
     "finalize_metrics",
@@ -88,6 +92,7 @@ __all__ = [
     "register_loss",
     "sft_loss",
     "sum_metrics",
+    "trajectory_loss",
     "unregister_loss",
     "value_loss",
 ]

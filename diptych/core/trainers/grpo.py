@@ -27,6 +27,7 @@ import numpy as np
 from diptych.core.advantages import ESTIMATORS, compute_advantages, filter_zero_variance_groups, get_estimator
 from diptych.core.config import from_dict, with_renamed_fields
 from diptych.core.losses import POLICY_PRESETS, PolicyLossConfig, policy_preset
+from diptych.core.losses.trajectory import TrajectoryCredit
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
 from diptych.core.sampling import SamplingConfig, parity_noise
@@ -131,6 +132,9 @@ class GRPOConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
     depth: DepthPolicy | None = None
     """Recurrent-depth models only: the train depth schedule (truncated backprop) and the sampling depth."""
+    trajectory: TrajectoryCredit | None = None
+    """Recurrent-depth models only: credit over the latent trajectory (RLTT, ``diptych.core.losses.trajectory``);
+    None or ``weighting="final"`` is plain GRPO on the final iteration."""
     loss_overrides: dict[str, Any] = field(default_factory=dict)
     """Deprecated: use ``loss`` (typed fields) and ``beta``."""
 
@@ -189,6 +193,10 @@ class GRPOConfig:
                 raise TrainerError(f"{name}={value!r} has no effect with advantage={self.advantage!r} (it takes "
                                    f"{', '.join(est.options) or 'no options'}); drop it or change the estimator.")
         self.loss_config()  # validate the loss now, not mid-run
+        if self.trajectory is not None and self.trajectory.loss_config(self.loss_config()).per_iteration \
+                and self.num_iterations > 1:
+            raise TrainerError(f"trajectory.weighting={self.trajectory.weighting!r} is on-policy (RLTT): set "
+                               "num_iterations=1, or weighting='final' with successive_kl=0.")
 
     @property
     def needs_reference(self) -> bool:
@@ -207,6 +215,12 @@ class GRPOConfig:
         if self.loss_type == "dr_grpo":
             overrides["norm_length"] = self.max_completion_length
         return policy_preset(self.loss_type, **{**overrides, **self.loss.policy_overrides()})
+
+    def train_loss(self, loss_cfg: PolicyLossConfig) -> tuple[str, Any]:
+        """The registered loss and its config the train step runs: ``policy``, or ``trajectory`` when set."""
+        if self.trajectory is None:
+            return "policy", loss_cfg
+        return "trajectory", self.trajectory.loss_config(loss_cfg)
 
     def sampling(self, tokenizer: Any) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_completion_length, temperature=self.temperature,
@@ -299,7 +313,7 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
         train_metrics: dict[str, float] = {}
         for _ in range(cfg.num_iterations):
             state, train_metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches),
-                                                      "policy", loss_cfg, temperature=cfg.temperature)
+                                                      *cfg.train_loss(loss_cfg), temperature=cfg.temperature)
     metrics.update(train_metrics)
     if gap is not None:  # the gap at the weights that sampled, not after the last pass
         metrics["sampler_logprob_gap"] = gap
