@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         spec, weights = tiny_spec_for(args.model_type), None
     try:
         report = run_parity(spec, weights, dtype=args.dtype, backends=args.backend, suites=args.suite,
-                            seed=args.seed, num_steps=args.num_steps, with_transformers=not args.no_transformers)
+                            seed=args.seed, num_steps=args.num_steps, with_transformers=not args.no_transformers,
+                            checkpoint=args.checkpoint)
     except (ValueError, RuntimeError) as e:
         print(f"diptych parity: {e}", file=sys.stderr)
         return 2
@@ -78,5 +79,7 @@ def print_report(report) -> None:
     console.print(table)
     for s in report.skipped:
         console.print(f"[yellow]skipped[/yellow] {s}")
+    for f in getattr(report, "ignored_config_fields", ()):
+        console.print(f"[yellow]ignored config field[/yellow] {f}")
     n_fail = sum(not c.passed for c in report.cases)
     console.print(f"{len(report.cases) - n_fail} passed, {n_fail} failed")

@@ -9,16 +9,18 @@ steps, recurrent depth, ...) register a function that returns more :class:`Case`
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diptych.core.backend import available_backends, get_backend
-from diptych.core.hf import save_hf_folder
-from diptych.core.model_types import MODEL_TYPES, is_recurrent, model_type_of
+from diptych.core.hf import SPEC_CLASSES, read_config, save_hf_folder
+from diptych.core.model_types import MODEL_TYPES, RECURRENT_MODEL_TYPES, is_recurrent, model_type_of
 from diptych.core.spec import tiny_spec
 from diptych.recurrent.parity_suite import logits_tolerance_scale
 
@@ -53,15 +55,29 @@ class Case:
 
 @dataclass
 class Report:
+    """The cases, what was skipped, and (with a checkpoint) the config.json fields diptych did not read:
+    a field listed there that changes the model shows up as a FAIL against transformers, which loads
+    the folder itself; one that does not is still named, so nothing is dropped unseen."""
+
     cases: list[Case] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    ignored_config_fields: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return bool(self.cases) and all(c.passed for c in self.cases)
 
     def as_json(self) -> dict[str, Any]:
-        return {"pass": self.passed, "cases": [c.as_json() for c in self.cases], "skipped": self.skipped}
+        return {"pass": self.passed, "cases": [c.as_json() for c in self.cases], "skipped": self.skipped,
+                "ignored_config_fields": self.ignored_config_fields}
+
+
+def ignored_config_fields(checkpoint: str | os.PathLike) -> list[str]:
+    """The folder's config.json fields its spec class neither reads nor knows to be inert."""
+    config = read_config(checkpoint)
+    entry = MODEL_TYPES.get(config.get("model_type"))
+    reader = getattr(SPEC_CLASSES.get(entry.family) if entry else None, "ignored_config_fields", None)
+    return list(reader(config)) if reader is not None else []
 
 
 def compare(quantity: str, a: str, b: str, x: np.ndarray, y: np.ndarray, dtype: str,
@@ -117,6 +133,8 @@ class Context:
     num_steps: int | None = None
     with_transformers: bool = True
     skipped: list[str] = field(default_factory=list)
+    checkpoint: Path | None = None
+    """The user's folder: transformers loads it directly (not diptych's re-export of it)."""
 
 
 Suite = Callable[[Context], list[Case]]
@@ -196,11 +214,13 @@ def _transformers_outputs(ctx: Context, targets: np.ndarray) -> dict[str, np.nda
     if entry is None or not entry.in_transformers:
         ctx.skipped.append(f"transformers: no class for model_type {model_type_of(ctx.spec) or '?'}")
         return None
+    tdtype = torch.bfloat16 if ctx.dtype == "bfloat16" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        save_hf_folder(f"{tmp}/m", ctx.spec, ctx.weights)
-        tdtype = torch.bfloat16 if ctx.dtype == "bfloat16" else torch.float32
+        folder = ctx.checkpoint
+        if folder is None:  # the embedded model: transformers reads diptych's export of it
+            folder = save_hf_folder(f"{tmp}/m", ctx.spec, ctx.weights)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            f"{tmp}/m", dtype=tdtype, attn_implementation="eager")
+            folder, dtype=tdtype, attn_implementation="eager")
     model.eval()
     tokens = torch.as_tensor(ctx.tokens, dtype=torch.long)
     mask = torch.as_tensor(ctx.mask, dtype=torch.long)
@@ -224,12 +244,22 @@ def run_parity(
     temperature: float = 1.0,
     num_steps: int | None = None,
     with_transformers: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> Report:
-    """Run the selected suites (all by default) on the embedded tiny model or the given one."""
+    """Run the selected suites (all by default) on the embedded tiny model or the given one.
+
+    ``checkpoint`` is the folder ``spec`` and ``weights`` were loaded from: transformers then loads
+    that folder itself, so a config field diptych drops makes the logits disagree instead of being
+    re-exported away, and the report lists the fields the spec did not read.
+    """
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype must be one of {', '.join(TOLERANCES)}, got {dtype!r}.")
     if spec is None:
         spec = tiny_spec("llama")
+    if num_steps is not None and not is_recurrent(spec):
+        raise ValueError(f"--num-steps / num_steps is the recurrence depth of recurrent-depth models "
+                         f"({', '.join(RECURRENT_MODEL_TYPES)}); a {model_type_of(spec) or 'decoder'} model has a "
+                         "fixed depth: drop it.")
     if weights is None:
         weights = spec.init_weights(seed)
     chosen = backends or available_backends()
@@ -239,8 +269,11 @@ def run_parity(
     if unknown:
         raise ValueError(f"Unknown parity suite(s) {', '.join(unknown)}; choices: {', '.join(SUITES)}.")
     tokens, mask = left_padded_batch(spec.vocab_size, list(lengths), seed)
-    ctx = Context(spec, weights, dtype, chosen, tokens, mask, temperature, num_steps, with_transformers)
+    ctx = Context(spec, weights, dtype, chosen, tokens, mask, temperature, num_steps, with_transformers,
+                  checkpoint=None if checkpoint is None else Path(checkpoint))
     report = Report()
+    if checkpoint is not None:
+        report.ignored_config_fields = ignored_config_fields(checkpoint)
     for name in suites or list(SUITES):
         report.cases += SUITES[name](ctx)
     report.skipped = ctx.skipped
