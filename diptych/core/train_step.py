@@ -111,18 +111,25 @@ def loss_inputs(batch: Mapping[str, Array], quantities: Mapping[str, Array], nam
     inputs = {**{k: v for k, v in batch.items() if k not in ints}, **quantities}
     for name in outputs:
         if name.startswith(DETACHED) and name not in inputs:
-            inputs[name] = finite_detached(stop_gradient(quantities[name[len(DETACHED):]]))
+            inputs[name] = stop_gradient(finite_detached(quantities[name[len(DETACHED):]]))
     for key, src in layout(names).detached_defaults.items():
         if key not in inputs and src in quantities:
-            inputs[key] = finite_detached(stop_gradient(quantities[src]))
+            inputs[key] = stop_gradient(finite_detached(quantities[src]))
     return inputs
 
 
 def finite_detached(x: Array) -> Array:
-    """``x`` with NaN and infinities replaced by 0 (no gradient flows through a detached copy, so nothing else
-    changes: where ``x`` is finite the value is exactly ``x``)."""
+    """The source of a detached copy, with NaN and infinities replaced by 0 when its values can be read now
+    (eager backends: the only place the losses' input check runs). A finite ``x`` is returned as it is, and
+    a traced one too (JAX: the NaN reaches the loss as it would through the source itself); no gradient
+    flows through the detached copy, so nothing else changes."""
+    if not X.is_concrete(x):
+        return x
     xp = X.namespace(x)
-    return xp.where(xp.isfinite(x), x, xp.zeros_like(x))
+    finite = xp.isfinite(x)
+    if bool(xp.all(finite)):
+        return x
+    return xp.where(finite, x, xp.zeros_like(x))
 
 
 def model_outputs(outputs: frozenset[str], batch: Mapping[str, Any], *, logprobs: Callable[[Any, Any, Any], Array],
