@@ -136,8 +136,9 @@ def tensor_plan(model: nn.Module) -> dict[str, Any]:
 def shard_model(model: nn.Module, cfg: MeshConfig, mesh: Any = None) -> nn.Module:
     """Shard ``model`` in place over this job's processes (see the module docstring); returns it.
 
-    Every later computation on it must go through :func:`call` (the train step, :func:`generate` and
-    :func:`export_weights` do), so the root's parameters are gathered first.
+    The root's parameters (embeddings, final norm, head) stay gathered outside the backward (FSDP2's default
+    for the root, kept by :func:`gather_root` after each step), so the backend's sampler and log-prob functions
+    run on the sharded model unchanged; the decoder layers gather and free themselves one at a time.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     from torch.distributed.tensor.parallel import parallelize_module
@@ -162,8 +163,36 @@ def shard_model(model: nn.Module, cfg: MeshConfig, mesh: Any = None) -> nn.Modul
     model.diptych_call = types.MethodType(lambda self, fn, *a, **k: fn(*a, **k), model)
     if cfg.batch_shards > 1:
         register_fsdp_forward_method(model, CALL)
+        _warm_up(model)
+        model.reshard()  # the optimizer is built over the sharded parameters; gather_root after that
     model.diptych_mesh = (cfg, mesh)
     return model
+
+
+def _warm_up(model: nn.Module) -> None:
+    """One no-grad token through the root: FSDP2 sets itself up on the root's first forward and makes each unit's
+    gathered-parameter tensors then; made here, outside ``inference_mode``, they stay ordinary tensors that a
+    sampler running under ``inference_mode`` may fill and a later train step may fill again."""
+    from diptych.backends.facade import model_module
+
+    lib = model_module("diptych.backends.torch", model)
+    one = np.zeros((1, 1), np.int64)
+    depth = {"num_steps": 1, "num_grad_steps": None} if is_recurrent(model.spec) else {}
+    with torch.no_grad():
+        call(model, lib.hidden_states, model, one, **depth)
+
+
+def gather_root(model: nn.Module) -> None:
+    """Keep the root's parameters (embeddings, final norm, head) gathered between steps, so the backend's own
+    sampler and log-prob functions run on a sharded model as they are (the decoder layers gather themselves)."""
+    if isinstance(model, _fsdp_module()):
+        model.unshard()
+
+
+def _fsdp_module() -> type:
+    from torch.distributed.fsdp import FSDPModule
+
+    return FSDPModule
 
 
 def shard_for_training(model: nn.Module, mesh: Any, optim: Any = None) -> nn.Module:
@@ -249,7 +278,7 @@ def train_step(state: T.TrainState, microbatches: Sequence[Mapping[str, np.ndarr
     if state.value_head is not None:
         raise MeshError("Sharded training with a value head (PPO) is not supported yet; use one device.")
     names = plan.names
-    params = list(state.model.parameters())
+    params = state.master  # the sharded parameters AdamW updates (the module shows gathered ones for the root)
     local = [local_rows(mb, cfg) for mb in microbatches]
     scale = float(cfg.batch_shards)  # FSDP2 averages gradients over its ranks; the step wants their sum
     totals = TS.StepTotals(plan)
@@ -282,6 +311,7 @@ def train_step(state: T.TrainState, microbatches: Sequence[Mapping[str, np.ndarr
             group["lr"] = lr
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
+    gather_root(state.model)
     state.step += 1
     return state, metrics
 
@@ -329,12 +359,13 @@ def export_optimizer(state: T.TrainState) -> dict[str, Any]:
 
 
 def local_bytes(state: T.TrainState) -> int:
-    """Bytes this rank stores for parameters and AdamW moments (local DTensor shards, not logical sizes)."""
+    """Bytes this rank stores for parameters and AdamW moments (local DTensor shards, not logical sizes); the
+    root's gathered copy held between steps (:func:`gather_root`) is a compute buffer and is not counted."""
     def nbytes(t: torch.Tensor) -> int:
         local = t.to_local() if hasattr(t, "to_local") else t
         return local.numel() * local.element_size()
 
-    total = sum(nbytes(p) for p in state.model.parameters())
+    total = sum(nbytes(p) for p in state.master)
     for st in state.optimizer.state.values():
         total += sum(nbytes(v) for v in st.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
     return total
@@ -396,6 +427,7 @@ def save(state: T.TrainState, path: str | os.PathLike, *, metadata: dict[str, An
     cfg = getattr(state.model, "diptych_mesh", (MeshConfig(), None))[0]
     with _atomic_dir_all_ranks(path) as tmp:
         dcp.save(_state_dicts(state), checkpoint_id=str(tmp / DCP_DIR))
+        gather_root(state.model)  # taking the state dict resharded the root
         if is_rank0():
             ckpt.write_metadata(tmp, backend="torch", step=state.step, spec=state.model.spec, optim=state.optim,
                                 extra={"value_head": False, "kernels": getattr(state.model, "kernels", None),
@@ -437,6 +469,7 @@ def restore(path: str | os.PathLike, mesh: MeshConfig | None = None) -> tuple[T.
     dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
     set_model_state_dict(state.model, sd["model"])
     set_optimizer_state_dict(state.model, state.optimizer, sd["optim"])
+    gather_root(state.model)
     state.step = int(meta["step"])
     return state, meta["metadata"]
 
