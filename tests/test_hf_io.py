@@ -163,21 +163,40 @@ def test_invalid_config_json(good_folder):
         load_hf_folder(good_folder)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "mistral"])
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma3"])
 def test_unknown_model_type_names_it_and_the_supported_ones(good_folder, model_type):
     cfg = json.loads((good_folder / "config.json").read_text())
     cfg["model_type"] = model_type
     (good_folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SpecError, match=rf"model_type '{model_type}'.*llama.*qwen2.*qwen3"):
+    with pytest.raises(SpecError, match=rf"model_type '{model_type}'.*llama.*qwen2.*qwen3.*mistral.*smollm3"):
         load_hf_folder(good_folder)
 
 
 def test_unsupported_rope_scaling_is_rejected(good_folder):
     cfg = json.loads((good_folder / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                              "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}
     (good_folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SpecError, match="'yarn' is not supported"):
+    with pytest.raises(SpecError, match="'longrope' is not supported; diptych applies default, linear"):
         load_hf_folder(good_folder)
+
+
+def test_rope_scaling_missing_a_field_names_it(good_folder):
+    cfg = json.loads((good_folder / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "high_freq_factor": 4.0}
+    (good_folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SpecError, match="'llama3' needs \\['low_freq_factor'\\]"):
+        load_hf_folder(good_folder)
+
+
+def test_rope_scaling_round_trips_and_legacy_rope_scaling_wins():
+    spec = tiny_spec("llama", rope_type="llama3", rope_theta=5e5, rope_parameters={
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    assert DecoderSpec.from_hf_config(spec.to_hf_config()) == spec
+    cfg = tiny_spec("llama").to_hf_config()
+    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}  # a 4.x config: rope_scaling, legacy "type"
+    got = DecoderSpec.from_hf_config(cfg)
+    assert got.rope_type == "linear" and dict(got.rope_parameters)["factor"] == 2.0
 
 
 def test_wrong_shape_names_the_parameter_and_both_shapes(good_folder):
@@ -199,8 +218,33 @@ def test_missing_and_unexpected_parameters_are_named(good_folder):
     tensors["model.norm.weight"] = np.ones(64, np.float32)
     tensors["model.layers.7.mlp.up_proj.weight"] = np.ones((2, 2), np.float32)
     save_file(tensors, str(path))
-    with pytest.raises(SpecError, match=r"unexpected parameters model\.layers\.7\.mlp\.up_proj\.weight"):
+    with pytest.raises(SpecError, match=r"unexpected parameters model\.layers\.7\.mlp\.up_proj\.weight.*"
+                                        r"num_hidden_layers=8 \(the config says 2\)"):
         load_hf_folder(good_folder)
+
+
+@pytest.mark.parametrize("model_type, extra, field", [
+    ("llama", {"model.layers.0.self_attn.o_proj.bias": (64,), "model.layers.0.self_attn.q_proj.bias": (64,)},
+     r"attention_bias=true \(transformers then puts a bias on q, k, v and o for llama\)"),
+    ("qwen2", {"model.layers.0.self_attn.o_proj.bias": (64,)}, "qwen2 never has one"),
+    ("llama", {"model.layers.0.self_attn.q_norm.weight": (16,)}, "model_type qwen3"),
+    ("llama", {"lm_head.weight": (128, 64)}, "tie_word_embeddings=false"),
+])
+def test_unexpected_parameters_name_the_config_field_that_explains_them(tmp_path, model_type, extra, field):
+    spec = tiny_spec(model_type, tie_word_embeddings=True)
+    weights = spec.init_weights(0)
+    with pytest.raises(SpecError, match=field):
+        spec.validate_weights({**weights, **{k: np.zeros(v, np.float32) for k, v in extra.items()}})
+
+
+@needs_transformers
+def test_llama_with_attention_bias_loads_with_its_o_proj_bias(tmp_path):
+    hf = hf_model("llama", attention_bias=True)
+    assert "model.layers.0.self_attn.o_proj.bias" in hf.state_dict()
+    hf.save_pretrained(tmp_path)
+    spec, weights = load_hf_folder(tmp_path)
+    assert spec.attention_bias and spec.o_bias
+    assert_same_weights(weights, hf_state(hf), tied=False)
 
 
 def test_missing_weights_file(good_folder):

@@ -94,3 +94,69 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
 def test_cli_rejects_unknown_suite(capsys):
     code = main(["parity", "--suite", "bogus", "--no-transformers"])
     assert code == 2 and "Unknown parity suite" in capsys.readouterr().err
+
+
+# -- --checkpoint: transformers reads the user's own folder ----------------------------------------
+@pytest.fixture
+def llama3_folder(tmp_path):
+    """A Llama 3.1-style folder written by transformers (rope_scaling llama3, attention_bias)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, attention_bias=True, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 4, "rope_theta": 100.0})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    model.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+@needs_torch
+@needs_transformers
+def test_checkpoint_parity_passes_and_lists_ignored_config_fields(llama3_folder, tmp_path):
+    cfg = json.loads((llama3_folder / "config.json").read_text())
+    cfg["my_new_switch"] = True  # a field no diptych spec reads
+    (llama3_folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "r.json"
+    code = main(["parity", "--checkpoint", str(llama3_folder), "--backend", "torch", "--suite", "model",
+                 "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["pass"]
+    assert report["ignored_config_fields"] == ["my_new_switch"]
+    assert any(c["b"] == "transformers" or c["a"] == "transformers" for c in report["cases"])
+
+
+@needs_torch
+@needs_transformers
+def test_checkpoint_parity_catches_a_config_field_diptych_drops(llama3_folder, monkeypatch):
+    """Make diptych ignore rope_scaling: against its own re-export the run would still pass; against
+    the user's folder the logits disagree and the run fails."""
+    from diptych.core import hf
+    from diptych.core.hf import load_hf_folder
+    from diptych.core.spec import DecoderSpec
+
+    def drop_rope_scaling(config):
+        return DecoderSpec.from_hf_config({k: v for k, v in config.items()
+                                           if k not in ("rope_scaling", "rope_parameters")})
+
+    monkeypatch.setitem(hf.SPEC_FROM_CONFIG, "llama", drop_rope_scaling)
+    spec, weights = load_hf_folder(llama3_folder)
+    assert spec.rope_type == "default"
+    own = run_parity(spec, weights, backends=["torch"], suites=["model"], lengths=(12, 7))
+    assert own.passed  # the blind spot: diptych's export carries the same dropped field
+    report = run_parity(spec, weights, backends=["torch"], suites=["model"], lengths=(12, 7),
+                        checkpoint=llama3_folder)
+    assert not report.passed
+    assert any(not c.passed and "transformers" in (c.a, c.b) and c.quantity == "logits" for c in report.cases)
+
+
+def test_num_steps_on_a_decoder_says_it_is_for_recurrent_models(capsys):
+    code = main(["parity", "--model-type", "llama", "--num-steps", "4", "--no-transformers"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "recurrence depth of recurrent-depth models (huginn_raven)" in err and "Traceback" not in err

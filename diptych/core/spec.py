@@ -222,7 +222,7 @@ class DecoderSpec:
         return init_from_shapes(self.param_shapes(), seed, self.initializer_range)
 
     def validate_weights(self, weights: dict[str, np.ndarray]) -> None:
-        validate_weights(self.param_shapes(), weights, self.model_type, _explain_unexpected)
+        validate_weights(self.param_shapes(), weights, self.model_type, lambda names: _explain_unexpected(self, names))
 
     # -- Hugging Face config ------------------------------------------------------------------
     @classmethod
@@ -336,28 +336,28 @@ class DecoderSpec:
         return cfg
 
 
-_UNEXPECTED_HINTS = (
-    ("self_attn.o_proj.bias", "attention_bias=true on a family whose o_proj has a bias (llama, mistral, qwen3, "
-                              "smollm3); qwen2 never has one"),
-    ("_proj.bias", "attention_bias=true (q/k/v/o biases)"),
-    ("q_norm.weight", "per-head q/k norms, i.e. model_type qwen3"),
-    ("k_norm.weight", "per-head q/k norms, i.e. model_type qwen3"),
-    ("lm_head.weight", "tie_word_embeddings=false"),
-    ("mlp.", "mlp_bias=true or a different MLP (diptych builds SwiGLU gate/up/down without bias)"),
-)
-
-
-def _explain_unexpected(names: list[str]) -> str:
-    """What config field would explain unexpected parameter names: usually the config, not the weights, is off."""
-    hints = []
-    for suffix, why in _UNEXPECTED_HINTS:
-        if any(suffix in n for n in names) and why not in hints:
-            hints.append(why)
-            if suffix == "self_attn.o_proj.bias":
-                break
+def _explain_unexpected(spec: DecoderSpec, names: list[str]) -> str:
+    """Which config.json field would account for unexpected parameter names: usually the config, not
+    the weights, is what disagrees, so say which field to check instead of sounding like corruption."""
+    hints: list[str] = []
+    layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if layers and max(layers) >= spec.num_hidden_layers:
+        hints.append(f"num_hidden_layers={max(layers) + 1} (the config says {spec.num_hidden_layers})")
+    if any(n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for n in names) or \
+            (any(n.endswith("o_proj.bias") for n in names) and MODEL_TYPES[spec.model_type].o_bias):
+        hints.append("attention_bias=true (transformers then puts a bias on q, k, v"
+                     + (" and o" if MODEL_TYPES[spec.model_type].o_bias else "") + f" for {spec.model_type})")
+    elif any(n.endswith("o_proj.bias") for n in names):
+        hints.append(f"a model_type whose o_proj has a bias ({spec.model_type} never has one)")
+    if any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in names):
+        hints.append("model_type qwen3 (per-head q/k norms)")
+    if "lm_head.weight" in names:
+        hints.append("tie_word_embeddings=false")
+    if any(".mlp." in n and n.endswith(".bias") for n in names):
+        hints.append("mlp_bias=true (which diptych does not support)")
     if not hints:
         return ""
-    return "; config.json would explain them with " + " or ".join(hints) + " (check config.json matches the weights)"
+    return f"; config.json would explain them with {' or '.join(hints)}: check it matches the weights"
 
 
 def eos_tuple(eos_token_id: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:

@@ -57,13 +57,21 @@ def test_logits_equal_transformers_fp32(backend, hf_folders, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-llama3", "qwen2-yarn", "mistral-window", "smollm3"])
 def test_logits_equal_transformers_bf16(backend, hf_folders, name):
+    """torch runs transformers' bf16 arithmetic op for op, so it is held to 2e-2 against transformers' bf16
+    logits. XLA's CPU bf16 matmuls round differently, so JAX is held to transformers' own bf16 error band:
+    within 2e-2 plus 1.5x transformers' bf16-vs-fp32 gap of the fp32 logits (a dropped bias or a wrong
+    RoPE is off by far more)."""
     spec, weights = load_hf_folder(hf_folders[name])
     tokens, mask = batch()
-    want = hf_logits(hf_folders[name], tokens, mask, dtype=torch.bfloat16)
-    got = backend.to_numpy(backend.forward(backend.build(spec, weights, dtype="bfloat16"),
-                                           backend.from_numpy(tokens), backend.from_numpy(mask)))
     valid = mask.astype(bool)
-    assert np.abs(got[valid] - want[valid]).max() <= BF16_TOL * max(1.0, np.abs(want[valid]).max())
+    want16 = hf_logits(hf_folders[name], tokens, mask, dtype=torch.bfloat16)[valid]
+    want32 = hf_logits(hf_folders[name], tokens, mask)[valid]
+    got = backend.to_numpy(backend.forward(backend.build(spec, weights, dtype="bfloat16"),
+                                           backend.from_numpy(tokens), backend.from_numpy(mask)))[valid]
+    if backend.name == "torch":
+        assert np.abs(got - want16).max() <= BF16_TOL
+    else:
+        assert np.abs(got - want32).max() <= BF16_TOL + 1.5 * np.abs(want16 - want32).max()
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24], [3, 4, 5], [9, 8, 7, 6, 5]]
