@@ -295,3 +295,16 @@ def test_folder_loads_into_either_backend_and_exports_back(tmp_path, backend):
     assert_same_weights(out, weights, tied=False)
     logits = backend.to_numpy(backend.forward(model, np.array([[0, 5, 7]]), np.array([[0, 1, 1]])))
     assert logits.shape == (1, 3, spec.vocab_size) and np.isfinite(logits).all()
+
+
+def test_huginn_stale_head_dim_is_derived_with_a_warning():
+    """Huginn's reference code ignores config.head_dim, so a value that disagrees with n_embd / n_heads
+    loads (with a warning) as the model the reference builds, instead of being refused."""
+    from diptych.core.recurrent_spec import RecurrentSpec, tiny_recurrent_spec
+
+    spec = tiny_recurrent_spec()
+    cfg = spec.to_hf_config()
+    cfg["head_dim"] = spec.head_dim * 2
+    with pytest.warns(UserWarning, match=rf"head_dim {spec.head_dim * 2} != n_embd / n_heads = {spec.head_dim}"):
+        got = RecurrentSpec.from_hf_config(cfg)
+    assert got == spec and got.head_dim == spec.n_embd // spec.n_heads

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,7 +209,11 @@ class RecurrentSpec:
             raise SpecError("test_time_noise > 0 is not supported; set it to 0.")
         hd = cfg.get("head_dim")
         if hd is not None and "n_embd" in cfg and "n_heads" in cfg and hd != cfg["n_embd"] // cfg["n_heads"]:
-            raise SpecError(f"head_dim {hd} != n_embd / n_heads; Huginn derives head_dim from them.")
+            # Huginn's reference code never reads config.head_dim (it uses n_embd // n_heads), so a
+            # stale value there does not change the model: derive it as the reference does, and say so.
+            warnings.warn(f"config.json head_dim {hd} != n_embd / n_heads = {cfg['n_embd'] // cfg['n_heads']}; "
+                          "Huginn's reference code ignores head_dim, so diptych derives it from n_embd and n_heads.",
+                          stacklevel=2)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: cfg[k] for k in known if k in cfg}
         kwargs["init_values"] = dict(cfg.get("init_values") or {})
