@@ -425,5 +425,11 @@ def tiny_spec(model_type: str = "llama", **overrides: Any) -> DecoderSpec:
         attention_bias=bool(entry and entry.qkv_bias), qk_norm=bool(entry and entry.qk_norm),
         max_position_embeddings=512,
     )
+    if entry is not None and entry.sliding_window:
+        base["sliding_window"] = 8  # shorter than parity's longest row, so the window is exercised
     base.update(overrides)
+    if entry is not None and entry.no_rope_layers and "no_rope_layers" not in overrides:
+        base["no_rope_layers"] = [int((i + 1) % 2 != 0) for i in range(int(base["num_hidden_layers"]))]
+        if "tie_word_embeddings" not in overrides:
+            base["tie_word_embeddings"] = True
     return DecoderSpec(**base)
