@@ -11,9 +11,9 @@ from diptych.core.losses import LossInputError, PolicyLossConfig, TrajectoryCred
 from diptych.core.losses.trajectory import iteration_weights
 from diptych.core.optim import OptimConfig
 from diptych.core.spec import tiny_spec
+from diptych.core.train_step import StepError
 from diptych.core.trainers.base import TrainerError
 from diptych.core.trainers.grpo import GRPOConfig
-from diptych.core.train_step import StepError
 from tests.conftest import BACKENDS, needs_jax, needs_torch
 
 from .grads import rel_err
