@@ -3,31 +3,39 @@
 A diptych checkpoint is a directory. Both backends write ``diptych.json`` (this module's
 metadata: backend, step, model config, optimizer config, and the caller's own metadata,
 typically the run config, data position and RNG state) next to their native files. The
-directory is written under a temporary name and renamed into place, so a run killed
-mid-save leaves the previous checkpoint intact and never a half-written one.
+directory is written under a temporary name, its files and itself fsync'ed, renamed into place and
+the parent fsync'ed, so a run killed mid-save (or a power cut) leaves the previous checkpoint intact
+and never a half-written one. Pruning renames a checkpoint to a hidden trash name before deleting
+it, so a kill mid-prune never leaves a half-deleted ``step_*``; hidden temporary and trash folders
+are never checkpoints and :func:`clean_orphans` removes them (a run does, under its lock, at start).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diptych.core import fsio
 from diptych.core.config import from_dict
-from diptych.core.fsio import atomic_dir  # noqa: F401  (the backends' checkpoint writers use ckpt.atomic_dir)
 from diptych.core.hf import spec_from_config
 from diptych.core.optim import OptimConfig
 
 METADATA_FILE = "diptych.json"
 FORMAT = "diptych-checkpoint"
 VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = STEP_DIR  # the old private name
+ORPHAN_TAGS = (".tmp-", ".trash-", ".old-")
+"""What a hidden leftover's name carries: an unfinished save (``fsio.atomic_dir``), a prune or a replace."""
 
 
 class CheckpointError(RuntimeError):
@@ -40,13 +48,13 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete ``step_*`` checkpoints under ``root``, oldest first (temporary dirs are ignored)."""
+    """Complete ``step_*`` checkpoints under ``root``, oldest first (temporary and trash dirs are ignored)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
+        m = STEP_DIR.match(p.name)
         if m and p.is_dir() and (p / METADATA_FILE).is_file():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
@@ -59,13 +67,85 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` ``step_*`` checkpoints under ``root``; return the deleted."""
+    """Delete all but the newest ``keep_last`` ``step_*`` checkpoints under ``root``; return the deleted.
+
+    Each goes by :func:`remove_atomically`: a kill mid-prune leaves a trash folder, never a half-deleted
+    checkpoint that ``list_checkpoints`` (and so ``--resume``) would take for a complete one.
+    """
     if keep_last < 1:
         raise CheckpointError(f"keep_last must be >= 1, got {keep_last}.")
     doomed = list_checkpoints(root)[:-keep_last]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_atomically(p)
     return doomed
+
+
+def remove_atomically(path: str | os.PathLike) -> None:
+    """Rename ``path`` to a hidden trash name (one atomic step, fsync'ed), then delete it."""
+    path = Path(path)
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    fsync_dir(path.parent)
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+def clean_orphans(root: str | os.PathLike | None) -> list[Path]:
+    """Remove the hidden leftovers (``.NAME.tmp-*``, ``.NAME.trash-*``, ``.NAME.old-*``) of killed saves and
+    prunes under ``root``; return them. Only safe while holding the run lock: a live save is such a folder."""
+    removed: list[Path] = []
+    if root is None or not Path(root).is_dir():
+        return removed
+    for p in sorted(Path(root).iterdir()):
+        if p.name.startswith(".") and any(tag in p.name for tag in ORPHAN_TAGS):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a folder's entries (a rename into it, a new file) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under ``folder``, then every folder (deepest first), ``folder`` itself last."""
+    folder = Path(folder)
+    dirs = [folder]
+    for p in folder.rglob("*"):
+        if p.is_dir() and not p.is_symlink():
+            dirs.append(p)
+        elif p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(d)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`diptych.core.fsio.atomic_dir` made durable: the temporary folder's files and folders are fsync'ed
+    before the rename and the parent after it, so a power cut cannot leave a renamed but empty checkpoint."""
+    with fsio.atomic_dir(path) as tmp:
+        yield tmp
+        fsync_tree(tmp)
+    fsync_dir(Path(path).parent)
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -98,6 +98,8 @@ def _load_any_dtype(path: Path) -> dict[str, np.ndarray]:
         tensors = load_file(str(path))
     except (TypeError, ValueError):
         tensors = _load_bf16_safetensors(path)
+    except Exception as e:  # safetensors' SafetensorError (not a ValueError): truncated or corrupt
+        raise _unreadable(path, e) from None
     return {k: np.asarray(v, dtype=np.float32) if v.dtype != np.float32 else v for k, v in tensors.items()}
 
 
@@ -105,8 +107,16 @@ def _load_bf16_safetensors(path: Path) -> dict[str, np.ndarray]:
     """numpy has no bfloat16: read the raw bytes and widen them to float32 by hand."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
+    if len(raw) < 8 or 8 + n > len(raw):
+        raise _unreadable(path, ValueError(f"header of {n} bytes, file of {len(raw)}"))
+    try:
+        header = json.loads(raw[8 : 8 + n])
+    except ValueError as e:
+        raise _unreadable(path, e) from None
     body = memoryview(raw)[8 + n :]
+    ends = [m["data_offsets"][1] for k, m in header.items() if k != "__metadata__"]
+    if ends and max(ends) > len(body):
+        raise _unreadable(path, ValueError(f"tensors end at byte {max(ends)}, data holds {len(body)}"))
     widths = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
     out = {}
     for name, meta in header.items():
@@ -125,14 +135,34 @@ def _load_bf16_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_hf_folder(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray]]:
-    """Read a local checkpoint folder into ``(spec, canonical weights)``, validated."""
+    """Read a local checkpoint folder into ``(spec, canonical weights)``, validated: names, shapes, and every
+    value finite (a NaN weight is refused here, naming the parameter, not found as a NaN loss at step 1)."""
     config = read_config(path)
     spec = spec_from_config(config)
     weights = read_safetensors(path)
     if getattr(spec, "tie_word_embeddings", False):
         weights.pop("lm_head.weight", None)
     spec.validate_weights(weights)
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise SpecError(f"{path}: parameter {bad}; these weights diverged or are corrupt. Load an earlier "
+                        "checkpoint or re-export it.")
     return spec, weights
+
+
+def first_nonfinite(weights: dict[str, Any]) -> str | None:
+    """``'name' (k of n values NaN or inf)`` for the first floating-point weight that is not finite, or None."""
+    for name, w in weights.items():
+        a = np.asarray(w)
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            return f"{name!r} ({int(np.sum(~np.isfinite(a)))} of {a.size} values NaN or inf)"
+    return None
+
+
+def _unreadable(path: Path, error: BaseException) -> SpecError:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return SpecError(f"{path} is not a readable safetensors file ({first}); it is probably truncated or corrupt: "
+                     "re-export or re-download it.")
 
 
 def save_hf_folder(

@@ -27,6 +27,7 @@ SFT_TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hid
 ROWS = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(8)]
 
 
+@pytest.mark.slow  # ~35 s on JAX (three Orbax saves and restores)
 def test_lr_1e10_skips_then_stops_with_exit_1_and_weights_untouched(backend, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", "sft", "--backend", backend.name, "--quiet", f"out={out}", *SFT_TINY, "sft.steps=5",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import needs_torch
 
@@ -99,3 +100,34 @@ def test_debug_shows_the_traceback_instead(capsys):
         main(["--debug", "train", "grpo", "--backend", "torch", "grpo.optim.lerning_rate=1"])
     with pytest.raises(ValueError, match=r"grpo\.steps must be >= 1"):
         main(["train", "grpo", "--backend", "torch", "--debug", "grpo.steps=-3"])
+
+
+def _hf_folder(tmp_path):
+    from diptych.core.hf import save_hf_folder
+    from diptych.core.tokenizer import CharTokenizer
+
+    spec = tiny_spec("llama", vocab_size=CharTokenizer().vocab_size, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=1)
+    return spec, save_hf_folder(tmp_path / "hf", spec, spec.init_weights(0))
+
+
+@needs_torch
+def test_a_truncated_model_safetensors_is_one_line(tmp_path, capsys):
+    """Before: a 29-line SafetensorError traceback."""
+    _, folder = _hf_folder(tmp_path)
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    line = one_line(capsys, "sft", "--backend", "torch", f"model.path={folder}", *TINY)
+    assert f"{f} is not a readable safetensors file" in line and "truncated or corrupt" in line
+
+
+@needs_torch
+def test_a_nan_weight_in_model_path_is_refused_at_load_naming_the_parameter(tmp_path, capsys):
+    from diptych.core.hf import save_hf_folder
+
+    spec, folder = _hf_folder(tmp_path)
+    w = spec.init_weights(0)
+    w["model.layers.0.mlp.up_proj.weight"][3, 4] = np.nan
+    save_hf_folder(folder, spec, w)
+    line = one_line(capsys, "sft", "--backend", "torch", f"model.path={folder}", *TINY)
+    assert "parameter 'model.layers.0.mlp.up_proj.weight' (1 of" in line and "NaN or inf" in line

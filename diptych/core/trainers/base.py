@@ -95,7 +95,8 @@ class DivergenceGuard:
             raise DivergenceError(
                 f"the run diverged: {self.consecutive} steps in a row (through step {step}) had a non-finite loss or "
                 f"gradient ({reason}). Lower the learning rate (optim.lr) or clip harder (a smaller "
-                "optim.max_grad_norm), then resume from the last checkpoint (--resume) or start over.", step=step, state=state)
+                "optim.max_grad_norm), then resume from the last checkpoint (--resume) or start over.",
+                step=step, state=state)
 
 
 def loop_guard(guard: DivergenceGuard | None, cfg: Any) -> DivergenceGuard:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from diptych.core import checkpointing as ckpt
+from diptych.core.hf import first_nonfinite
 from diptych.core.trainers.base import TrainerError
 
 LOCK_FILE = ".diptych.lock"
@@ -101,7 +102,7 @@ def _describe_holder(text: str) -> str:
 def previous_run(out_dir: Path | None, root: Path | None) -> list[str]:
     """What an earlier run left that a fresh run would clobber: its checkpoints and its metrics."""
     found = []
-    steps = sorted(p.name for p in root.iterdir() if _STEP_DIR.match(p.name)) if root and root.is_dir() else []
+    steps = sorted(p.name for p in root.iterdir() if ckpt.STEP_DIR.match(p.name)) if root and root.is_dir() else []
     if steps:
         found.append(f"{len(steps)} checkpoint(s) in {root} (newest {steps[-1]})")
     metrics = out_dir / "metrics.jsonl" if out_dir is not None else None
@@ -115,8 +116,8 @@ def clear_run(out_dir: Path | None, root: Path | None) -> None:
     kill midway leaves nothing that looks like a checkpoint."""
     if root is not None and root.is_dir():
         for p in list(root.iterdir()):
-            if _STEP_DIR.match(p.name) or p.name in CHECKPOINT_ROOT_FILES:
-                _remove_atomically(p)
+            if ckpt.STEP_DIR.match(p.name) or p.name in CHECKPOINT_ROOT_FILES:
+                ckpt.remove_atomically(p)
     if out_dir is not None:
         for name in RUN_FILES:
             p = out_dir / name
@@ -131,36 +132,11 @@ def clear_stale_references(root: Path | None) -> None:
     if root is not None and root.is_dir():
         for name in CHECKPOINT_ROOT_FILES:
             if (root / name).exists():
-                _remove_atomically(root / name)
+                ckpt.remove_atomically(root / name)
 
 
-_STEP_DIR = ckpt._STEP_DIR
-
-
-def _remove_atomically(path: Path) -> None:
-    """Rename to a hidden trash name, then delete: a kill midway never leaves a half-deleted ``step_*``."""
-    trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
-    path.rename(trash)
-    if trash.is_dir():
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        trash.unlink()
-
-
-def clean_orphans(root: Path | None) -> list[Path]:
-    """Remove what killed saves and prunes left under ``root`` (hidden ``.NAME.tmp-*`` / ``.trash-*`` / ``.old-*``
-    folders); only safe while holding the run lock, since a live run's save is such a folder too."""
-    removed: list[Path] = []
-    if root is None or not root.is_dir():
-        return removed
-    for p in root.iterdir():
-        if p.name.startswith(".") and any(tag in p.name for tag in (".tmp-", ".trash-", ".old-")):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
+clean_orphans = ckpt.clean_orphans
+"""Leftovers of killed saves and prunes are removed by a run at start, under its lock."""
 
 
 def say(message: str) -> None:
@@ -270,18 +246,6 @@ def _skip(path: Path, error: BaseException) -> str:
     reason = f"{type(error).__name__}: {lines[0][:200]}"
     say(f"resume: skipping {path.name}, it cannot be read ({reason}); trying the previous checkpoint.")
     return f"{path.name} ({reason})"
-
-
-def first_nonfinite(weights: dict[str, Any]) -> str | None:
-    """The name (and what is wrong) of the first parameter holding a NaN or infinity, or None."""
-    import numpy as np
-
-    for name, w in weights.items():
-        a = np.asarray(w)
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            n = int(np.sum(~np.isfinite(a)))
-            return f"{name!r} ({n} of {a.size} values NaN or inf)"
-    return None
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path | str) -> None:
