@@ -125,8 +125,11 @@ class DecoderSpec:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.head_dim % 2:
             raise SpecError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
-        if isinstance(self.rope_parameters, dict):
-            object.__setattr__(self, "rope_parameters", _frozen(self.rope_parameters))
+        try:  # a dict, or (key, value) pairs as stored here or read back from JSON
+            rope_fields = dict(self.rope_parameters or {})
+        except (TypeError, ValueError):
+            raise SpecError(f"rope_parameters must be a dict of RoPE fields, got {self.rope_parameters!r}.") from None
+        object.__setattr__(self, "rope_parameters", _frozen(rope_fields))
         if self.rope_type not in ROPE_TYPES_SUPPORTED:
             raise SpecError(f"RoPE scaling type {self.rope_type!r} is not supported; diptych applies "
                             f"{', '.join(ROPE_TYPES_SUPPORTED)}. Fix rope_scaling / rope_parameters in config.json.")

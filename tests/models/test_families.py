@@ -26,9 +26,12 @@ def test_the_batch_runs_past_the_original_context_and_the_window():
 
 
 def test_each_case_loads_as_its_family(hf_folders):
+    from diptych.parity.harness import ignored_config_fields
+
     for name, folder in hf_folders.items():
         spec, _ = load_hf_folder(folder)
         assert spec.model_type == name.split("-")[0]
+        assert ignored_config_fields(folder) == [], name  # diptych reads every field transformers wrote
     spec = load_hf_folder(hf_folders["llama-llama3"])[0]
     assert spec.rope_type == "llama3" and dict(spec.rope_parameters)["factor"] == 8.0
     assert load_hf_folder(hf_folders["mistral-window"])[0].sliding_window == WINDOW
