@@ -63,6 +63,8 @@ def divergence_reason(metrics: Mapping[str, Any]) -> str | None:
     """
     if not metrics.get("skipped"):
         return None
+    if isinstance(metrics.get("skip_reason"), str):
+        return metrics["skip_reason"]
     bad = [f"{k} {float(metrics[k])}" for k in ("loss", "grad_norm")
            if k in metrics and not math.isfinite(float(metrics[k]))]
     return "non-finite " + " and ".join(bad) if bad else None
@@ -97,6 +99,21 @@ class DivergenceGuard:
                 f"gradient ({reason}). Lower the learning rate (optim.lr) or clip harder (a smaller "
                 "optim.max_grad_norm), then resume from the last checkpoint (--resume) or start over.",
                 step=step, state=state)
+
+
+def finite_on_mask(mask: np.ndarray, *arrays: np.ndarray) -> bool:
+    """Whether every array is finite where ``mask`` is set (host arrays: old log-probs, values)."""
+    on = np.asarray(mask) > 0
+    return all(bool(np.all(np.isfinite(np.asarray(a)[on]))) for a in arrays)
+
+
+def diverged(metrics: dict[str, Any], what: str, timer: StepTimer | None = None) -> dict[str, Any]:
+    """Mark a step skipped before its update because the policy's own forward pass (``what``: old log-probs,
+    values) is not finite: the model has diverged, the same verdict on every backend (an eager backend would
+    otherwise refuse the NaN as bad loss input, a traced one would reach a NaN loss)."""
+    metrics.update(skipped=1.0, loss=float("nan"), skip_reason=f"non-finite {what} from the policy's forward pass",
+                   **(timer.metrics() if timer is not None else {}))
+    return metrics
 
 
 def loop_guard(guard: DivergenceGuard | None, cfg: Any) -> DivergenceGuard:

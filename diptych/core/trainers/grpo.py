@@ -40,7 +40,9 @@ from diptych.core.trainers.base import (
     check_loop_fields,
     columns_of,
     decode_completions,
+    diverged,
     encode_prompts,
+    finite_on_mask,
     loop_guard,
     rollout_batch,
     sequence_logprobs,
@@ -301,6 +303,8 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
             # log-probs are the old ones (same loss and gradient, one forward fewer; TRL does the same).
             lp_old = sequence_logprobs(backend, state.model, batch["tokens"], batch["attention_mask"], batch["mask"],
                                        cfg.temperature)
+            if not finite_on_mask(batch["mask"], lp_old):
+                return state, diverged(metrics, "old log-probs", timer)
             batch["old_logprobs"] = lp_old
             diff = np.abs(lp_old - batch["sampler_logprobs"])[batch["mask"] > 0]
             gap = float(diff.max()) if diff.size else 0.0

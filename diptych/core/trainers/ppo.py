@@ -40,7 +40,9 @@ from diptych.core.trainers.base import (
     check_loop_fields,
     columns_of,
     decode_completions,
+    diverged,
     encode_prompts,
+    finite_on_mask,
     loop_guard,
     rollout_batch,
     sequence_logprobs,
@@ -156,6 +158,8 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
         old_lp = sequence_logprobs(backend, state.model, batch["tokens"], batch["attention_mask"], batch["mask"],
                                    cfg.temperature)
         values = values_of(backend, state, batch)
+        if not finite_on_mask(mask, old_lp, values):
+            return state, diverged(metrics, "old log-probs or values", timer)
         if cfg.kl_coef > 0:
             if ref_model is None:
                 raise TrainerError("kl_coef > 0 needs a reference model; pass ref_model (or set kl_coef=0).")
