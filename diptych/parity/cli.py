@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers oracle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON")
+    rec = p.add_mutually_exclusive_group()
+    rec.add_argument("--record", type=Path, metavar="DIR",
+                     help="write a golden record per backend to DIR/<backend> (docs/parity_records.md)")
+    rec.add_argument("--replay", type=Path, metavar="DIR",
+                     help="recompute a record (or DIR/*/ records) here and compare under the pair's tolerances")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         except ModuleNotFoundError as e:
             if e.name != mod:
                 raise
+    if args.record or args.replay:
+        return _record_or_replay(args)
     if args.checkpoint:
         try:
             spec, weights = load_hf_folder(args.checkpoint)
@@ -55,6 +62,31 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"diptych parity: {e}", file=sys.stderr)
         return 2
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    return 0 if report.passed else 1
+
+
+def _record_or_replay(args: argparse.Namespace) -> int:
+    """`--record` / `--replay`: golden records (diptych.parity.golden); bad input exits 2 in one line."""
+    from diptych.parity import golden
+
+    try:
+        if args.record:
+            if args.checkpoint:
+                spec, weights = load_hf_folder(args.checkpoint)
+                models = [{"spec": spec, "weights": weights, "checkpoint": args.checkpoint}]
+            else:
+                models = golden.default_models(args.model_type, args.seed)
+            return golden.main_record(args.record, args.backend, models, args.dtype)
+        report, lines = golden.replay(args.replay, args.backend, checkpoint=args.checkpoint)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"diptych parity: {e}", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(line)
     print_report(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""Training-step parity: a GRPO step on fixed rollouts and a DPO step give the same loss,
-gradients and updated weights on every installed backend, after 1 and after 10 updates.
+"""Training-step parity: an SFT step, a GRPO step on fixed rollouts and a DPO step give the same
+loss, gradients and updated weights on every installed backend, after 1 and after 10 updates.
 
 Each backend runs the trainer's own path (old log-probs recomputed from its current
 weights, DPO reference log-probs cached once from its initial weights) through
@@ -16,7 +16,7 @@ import numpy as np
 
 from diptych.core.advantages import compute_advantages
 from diptych.core.backend import get_backend
-from diptych.core.losses import PreferenceLossConfig, policy_preset
+from diptych.core.losses import PreferenceLossConfig, SFTLossConfig, policy_preset
 from diptych.core.model_types import DECODER_MODEL_TYPES
 from diptych.core.optim import OptimConfig
 from diptych.core.train_batch import split_microbatches
@@ -32,9 +32,12 @@ CHECKPOINTS = (1, STEPS)
 DECODERS = DECODER_MODEL_TYPES
 
 
-def optim_for(dtype: str) -> OptimConfig:
+CASES = ("sft", "grpo", "dpo")
+
+
+def optim_for(dtype: str, steps: int = STEPS) -> OptimConfig:
     """Small lr (Adam moves every weight by about lr per step) with warmup + cosine, clipping and decay."""
-    return OptimConfig(lr=1e-4, warmup_steps=2, total_steps=STEPS, schedule="cosine", weight_decay=0.01,
+    return OptimConfig(lr=1e-4, warmup_steps=min(2, steps - 1), total_steps=steps, schedule="cosine", weight_decay=0.01,
                        max_grad_norm=1.0, mixed_precision="bf16" if dtype == "bfloat16" else "none")
 
 
@@ -69,6 +72,22 @@ def dpo_rows(vocab: int, seed: int = 1, n: int = 8) -> dict[str, np.ndarray]:
     return out
 
 
+def sft_rows(vocab: int, seed: int = 2, n: int = 8) -> dict[str, np.ndarray]:
+    """Fixed SFT rows in the ``sft`` layout: the loss falls on the completion tokens only."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, size=int(rng.integers(2, PROMPT_LEN + 1))).tolist() for _ in range(n)]
+    comps = [rng.integers(3, vocab, size=int(rng.integers(2, COMPLETION_LEN + 1))).tolist() for _ in range(n)]
+    return pack_sequences(prompts, comps, PROMPT_LEN + COMPLETION_LEN, pad_id=0)
+
+
+def case_inputs(name: str, vocab: int) -> dict[str, np.ndarray]:
+    """The fixed inputs of training case ``name`` (``sft``, ``grpo`` or ``dpo``): what a golden record stores."""
+    makers = {"sft": sft_rows, "grpo": grpo_rollouts, "dpo": dpo_rows}
+    if name not in makers:
+        raise ValueError(f"Unknown training case {name!r}; choices: {', '.join(makers)}.")
+    return makers[name](vocab)
+
+
 def _logprobs(be: Any, model: Any, tokens: np.ndarray, attn: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = be.logprobs(model, be.from_numpy(tokens[:, :-1]), be.from_numpy(attn[:, :-1]), be.from_numpy(tokens[:, 1:]),
                       1.0)
@@ -94,21 +113,24 @@ def _gradients(be: Any, state: Any, mbs: list[dict[str, np.ndarray]], loss: str,
     return _flat(grads)
 
 
-def run_case(name: str, be: Any, spec: Any, weights: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
-    """Run ``STEPS`` updates of case ``grpo`` or ``dpo`` on backend ``be``; record loss, grads, weights."""
-    state = be.init_train_state(be.build(spec, weights), optim_for(dtype))
+def run_case(name: str, be: Any, spec: Any, weights: dict[str, np.ndarray], dtype: str, *, steps: int = STEPS,
+             batch: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Run ``steps`` updates of case ``sft``, ``grpo`` or ``dpo`` on backend ``be``; record loss, grads, weights
+    after the first and the last update. ``batch`` replaces the case's fixed inputs (a golden record's copy)."""
+    state = be.init_train_state(be.build(spec, weights), optim_for(dtype, steps))
+    batch = dict(case_inputs(name, spec.vocab_size) if batch is None else batch)
     if name == "grpo":
-        batch = grpo_rollouts(spec.vocab_size)
         batch["ref_logprobs"] = _logprobs(be, state.model, batch["tokens"], batch["attention_mask"], batch["mask"])
         loss, cfg = "policy", policy_preset("dapo", beta=0.04)  # token-mean: non-zero on-policy loss
-    else:
-        batch = dpo_rows(spec.vocab_size)
+    elif name == "dpo":
         for side in ("chosen", "rejected"):  # the reference cache, once, from the initial weights
             batch[f"ref_{side}_logprobs"] = _logprobs(be, state.model, batch[f"{side}_tokens"],
                                                       batch[f"{side}_attention_mask"], batch[f"{side}_mask"])
         loss, cfg = "preference", PreferenceLossConfig(kind="sigmoid", beta=0.5)
+    else:
+        loss, cfg = "sft", SFTLossConfig()
     out: dict[str, Any] = {}
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         if name == "grpo":  # old log-probs from the current weights, as grpo_step does
             batch["old_logprobs"] = _logprobs(be, state.model, batch["tokens"], batch["attention_mask"],
                                               batch["mask"])
@@ -116,7 +138,7 @@ def run_case(name: str, be: Any, spec: Any, weights: dict[str, np.ndarray], dtyp
         if step == 1:
             out["grads"] = _gradients(be, state, mbs, loss, cfg)
         state, metrics = be.train_step(state, mbs, loss, cfg)
-        if step in CHECKPOINTS:
+        if step in (1, steps):
             out[f"loss@{step}"] = np.asarray(metrics["loss"])
             out[f"weights@{step}"] = _flat(be.export(state.model) if dtype == "float32" else _master(be, state))
     return out
@@ -132,7 +154,7 @@ def _master(be: Any, state: Any) -> dict[str, np.ndarray]:
 
 @register_suite("train")
 def train_suite(ctx: Context) -> list[Case]:
-    """GRPO-step and DPO-step parity between every pair of installed backends."""
+    """SFT-, GRPO- and DPO-step parity between every pair of installed backends."""
     if len(ctx.backends) < 2:
         ctx.skipped.append("train: needs two backends")
         return []
@@ -140,7 +162,7 @@ def train_suite(ctx: Context) -> list[Case]:
         ctx.skipped.append(f"train: no trainer parity case for model_type {getattr(ctx.spec, 'model_type', '?')}")
         return []
     cases: list[Case] = []
-    for name in ("grpo", "dpo"):
+    for name in CASES:
         results = {b: run_case(name, get_backend(b), ctx.spec, ctx.weights, ctx.dtype) for b in ctx.backends}
         for i, a in enumerate(ctx.backends):
             for b in ctx.backends[i + 1:]:
