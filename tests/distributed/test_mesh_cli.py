@@ -10,8 +10,6 @@ from diptych.core.config import load_config
 from diptych.core.mesh import MeshConfig
 from tests.train.helpers import needs_jax
 
-pytestmark = pytest.mark.skip(reason="the mesh config field lands with phase 2")  # TEMPORARY
-
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1", "data.n_train=16",
         "data.n_test=4", "sft.steps=1", "sft.batch_size=4"]
 

@@ -14,8 +14,6 @@ from tests.distributed import cases
 from tests.train import batches as B
 from tests.train.helpers import needs_jax, needs_torch
 
-pytestmark = pytest.mark.skip(reason="remat lands with the model edits (phase 2)")  # TEMPORARY
-
 
 def _grads(backend: str, remat: str):
     import importlib

@@ -43,15 +43,19 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
     return path
 
 
-def restore(path: str | os.PathLike) -> tuple[train.TrainState, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save`: ``(state, metadata)``; training continues exactly."""
+def restore(path: str | os.PathLike, *, mesh: Any = None) -> tuple[train.TrainState, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save`: ``(state, metadata)``; training continues exactly.
+
+    ``mesh`` (a ``MeshConfig`` or ``Mesh``; default one device) is where the state goes: Orbax reads each
+    array straight into its new shards, whatever mesh the checkpoint was saved on.
+    """
     path = Path(path)
     meta, spec, optim, options = read_checkpoint(path, "jax")
     if not (path / "state").is_dir():
         raise ckpt.CheckpointError(f"{path} lacks state/ (the Orbax tree); the checkpoint is incomplete.")
     zeros = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
     model = train._lib(spec).build(spec, zeros, **options)
-    state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
+    state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")), mesh=mesh)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": state.params, "opt_state": state.opt_state})
     checkpointer = ocp.StandardCheckpointer()
     restored = checkpointer.restore((path / "state").absolute(), target)

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from diptych.backends.jax import kernels as kernels_mod
+from diptych.core.mesh import check_remat
 from diptych.core.spec import DecoderSpec
 from diptych.kernels.checks import check_build_args, check_cache_write, check_kernels_mode
 
@@ -230,12 +231,31 @@ class Decoder(nnx.Module):
         ks, vs = [], []
         for i, layer in enumerate(self.model.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], write_index)
-            x, new = layer(x, cos, sin, allowed, layer_cache)
+            if cache is None and getattr(self, "remat", "none") == "layer":
+                x, new = _remat_layer(layer, x, cos, sin, allowed), None
+            else:
+                x, new = layer(x, cos, sin, allowed, layer_cache)
             if new is not None:
                 ks.append(new[0])
                 vs.append(new[1])
         new_cache = None if cache is None else KVCache(jnp.stack(ks), jnp.stack(vs))
         return self.model.norm(x), new_cache
+
+
+@nnx.remat
+def _remat_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
+                 ) -> jax.Array:
+    """One decoder layer whose activations are recomputed in the backward (``remat="layer"``), not stored."""
+    return layer(x, cos, sin, allowed)[0]
+
+
+def set_remat(model: Decoder, remat: str) -> Decoder:
+    """Activation checkpointing of the decoder layers: ``"layer"`` (``jax.checkpoint`` per layer) or ``"none"``.
+
+    A static attribute, so it is part of the graphdef: a changed mode compiles a new step.
+    """
+    model.remat = check_remat(remat)
+    return model
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])

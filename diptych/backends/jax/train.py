@@ -25,7 +25,9 @@ from flax import nnx
 from diptych.backends.facade import model_dtype, model_module
 from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
+from diptych.backends.jax import sharding as sharding_lib
 from diptych.core import train_step as TS
+from diptych.core.mesh import check_remat
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.spec import value_head_init
 from diptych.core.train_batch import needed_outputs
@@ -45,6 +47,9 @@ class TrainState:
     ``model`` merges the current weights into a module (once per ``params``, then cached) for
     generation and scoring; a recurrent model's depth set on it with ``set_depth`` is what the
     next :func:`train_step` trains with (it travels in the graphdef to the returned state).
+    ``mesh`` (a ``jax.sharding.Mesh``, set by :func:`diptych.backends.jax.sharding.shard_state`) is where
+    params and optimizer state live by the core's partition rules; each step splits its micro-batches over
+    ``data x fsdp`` on it. None: one device.
     """
 
     graphdef: Any
@@ -54,6 +59,7 @@ class TrainState:
     optim: OptimConfig
     compute_dtype: str = "float32"
     step: int = 0
+    mesh: Any = None
     _merged: tuple[Any, nnx.Module] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -78,15 +84,20 @@ class TrainState:
         return make_optimizer(self.optim)
 
 
-def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool = False, seed: int = 0) -> TrainState:
+def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool = False, seed: int = 0,
+                     mesh: Any = None, remat: str | None = None) -> TrainState:
     """Wrap a built model for training.
 
     With ``optim.mixed_precision="bf16"`` the model runs in bfloat16 and its float32
     weights become the master copy. The value head (``[H] -> 1``, float32, for PPO) is
-    initialised in numpy from ``seed`` exactly as on torch.
+    initialised in numpy from ``seed`` exactly as on torch. ``mesh`` (a ``MeshConfig``, a mapping or a
+    ``Mesh``) shards the state over the devices (:func:`diptych.core.mesh.resolve`: ``None`` keeps one
+    device); ``remat`` (``none`` | ``layer``) sets activation checkpointing on the model first.
     """
     if not isinstance(optim, OptimConfig):
         raise TypeError(f"optim must be an OptimConfig, got {type(optim).__name__}.")
+    if remat is not None:
+        _set_remat(model, remat)
     compute = "bfloat16" if optim.mixed_precision == "bf16" else "float32"
     dtype = _model_dtype(model)
     if compute == "float32" and dtype != "float32":
@@ -104,13 +115,24 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
         head = {"weight": jnp.asarray(w), "bias": jnp.asarray(b)}
     tree = {"model": master, "value_head": head}
     opt_state = make_optimizer(optim).init(tree)
-    return TrainState(graphdef=graphdef, rest=rest, params=tree, opt_state=opt_state, optim=optim,
-                      compute_dtype=compute)
+    state = TrainState(graphdef=graphdef, rest=rest, params=tree, opt_state=opt_state, optim=optim,
+                       compute_dtype=compute)
+    mesh = sharding_lib.resolve_mesh(mesh)
+    return state if mesh is None else sharding_lib.shard_state(state, mesh)
 
 
 _lib: Callable[[Any], ModuleType] = functools.partial(model_module, "diptych.backends.jax")
 """The model module for a spec or model: ``recurrent`` for recurrent-depth models, else ``model``."""
 _model_dtype = model_dtype
+
+
+def _set_remat(model: Any, remat: str) -> None:
+    """``remat`` on a decoder (per-layer activation checkpointing); a recurrent-depth model already recomputes
+    each core iteration under truncated backprop, so it only has the mode checked."""
+    check_remat(remat)
+    setter = getattr(_lib(model), "set_remat", None)
+    if setter is not None:
+        setter(model, remat)
 
 
 def _build_options(model: Any) -> dict[str, Any]:
@@ -156,7 +178,7 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
     if metrics["skipped"]:
         return state, metrics
     return TrainState(graphdef=graphdef, rest=state.rest, params=params, opt_state=opt_state, optim=state.optim,
-                      compute_dtype=state.compute_dtype, step=state.step + 1), metrics
+                      compute_dtype=state.compute_dtype, step=state.step + 1, mesh=state.mesh), metrics
 
 
 def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
@@ -184,10 +206,16 @@ def _accumulate(state: TrainState, graphdef: Any, microbatches: Sequence[Mapping
     acc = tuple(jax.tree.map(jnp.zeros_like, state.params) for _ in names)
     totals = TS.StepTotals(plan)
     for mb in microbatches:
-        s, d, m, extra, acc = micro(state.params, state.rest, acc, {k: jnp.asarray(v) for k, v in
-                                                                   TS.host_batch(mb, plan).items()})
+        s, d, m, extra, acc = micro(state.params, state.rest, acc, _device_batch(TS.host_batch(mb, plan), state.mesh))
         totals.add(mb, list(np.asarray(s, np.float64)), list(np.asarray(d, np.float64)), m, extra)
     return acc, totals.close()
+
+
+def _device_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
+    """A micro-batch on device: rows split over ``data x fsdp`` on a mesh, else on the default device."""
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    return sharding_lib.shard_batch(batch, mesh)
 
 
 @functools.lru_cache(maxsize=64)
@@ -337,7 +365,7 @@ def load_optimizer(state: TrainState, exported: Mapping[str, Any]) -> TrainState
     adam = adam._replace(count=count, mu=from_named(adam.mu, exported["mu"]), nu=from_named(adam.nu, exported["nu"]))
     inner = inner._replace(count=count, inner_state=(adam, *inner.inner_state[1:]))
     state.opt_state = (clip_state, inner)
-    return state
+    return state if state.mesh is None else sharding_lib.shard_state(state, state.mesh)
 
 
 def load_weights(state: TrainState, weights: Mapping[str, np.ndarray]) -> TrainState:
@@ -345,4 +373,4 @@ def load_weights(state: TrainState, weights: Mapping[str, np.ndarray]) -> TrainS
     current = {n: np.asarray(v) for n, v in named_leaves(state.params).items()}
     current.update({k: v for k, v in weights.items() if k in current})
     state.params = from_named(state.params, current)
-    return state
+    return state if state.mesh is None else sharding_lib.shard_state(state, state.mesh)

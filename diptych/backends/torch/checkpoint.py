@@ -20,15 +20,21 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from diptych.backends.facade import checkpoint_extra, read_checkpoint
-from diptych.backends.torch import train
+from diptych.backends.torch import distributed, train
 from diptych.core import checkpointing as ckpt
 
 
 def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
          keep_last: int | None = None) -> Path:
     """:meth:`diptych.core.backend.Backend.save` on torch: safetensors weights (a Hugging Face folder too),
-    the AdamW state dict and ``diptych.json`` with the caller's ``metadata``, in one atomic rename."""
+    the AdamW state dict and ``diptych.json`` with the caller's ``metadata``, in one atomic rename. A sharded
+    state writes a sharded checkpoint (:func:`diptych.backends.torch.distributed.save`: each rank its shards)."""
     path = Path(path)
+    if distributed.is_sharded(state):
+        distributed.save(state, path, metadata=metadata)
+        if keep_last is not None and distributed.is_rank0():
+            ckpt.prune(path.parent, keep_last)
+        return path
     spec = state.model.spec
     with ckpt.atomic_dir(path) as tmp:
         weights = train.export_weights(state)
@@ -46,9 +52,19 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
     return path
 
 
-def restore(path: str | os.PathLike, *, device: str | None = None) -> tuple[train.TrainState, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save`: ``(state, metadata)``; training continues exactly."""
+def restore(path: str | os.PathLike, *, device: str | None = None, mesh: Any = None,
+            ) -> tuple[train.TrainState, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save`: ``(state, metadata)``; training continues exactly.
+
+    A sharded checkpoint restores onto ``mesh`` (any mesh, or one process), whatever mesh saved it.
+    """
     path = Path(path)
+    if distributed.is_sharded_checkpoint(path):
+        return distributed.restore(path, mesh)
+    if mesh is not None and not distributed.M.resolve(None if mesh == "auto" else mesh,
+                                                      distributed.world_size()).is_single:
+        raise ckpt.CheckpointError(f"{path} is a one-process checkpoint; restore it without a mesh, or save it "
+                                   "again from a sharded run to resume on a mesh.")
     meta, spec, optim, options = read_checkpoint(path, "torch")
     from diptych.core.hf import read_safetensors
 

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diptych.backends.torch import kernels as kernels_mod
+from diptych.core.mesh import check_remat
 from diptych.core.spec import DecoderSpec
 from diptych.kernels.checks import check_build_args, check_cache_write, check_kernels_mode
 
@@ -198,8 +200,18 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(positions, self.spec, x.dtype)
         for i, layer in enumerate(self.model.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], write_index)
-            x = layer(x, cos, sin, allowed, layer_cache)
+            if cache is None and getattr(self, "remat", "none") == "layer" and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, allowed, use_reentrant=False)  # recomputed in the backward
+            else:
+                x = layer(x, cos, sin, allowed, layer_cache)
         return self.model.norm(x)
+
+
+def set_remat(model: Decoder, remat: str) -> Decoder:
+    """Activation checkpointing of the decoder layers: ``"layer"`` (``torch.utils.checkpoint`` per layer) or
+    ``"none"``; the JAX twin is ``diptych.backends.jax.model.set_remat``."""
+    model.remat = check_remat(remat)
+    return model
 
 
 @dataclass

@@ -23,6 +23,7 @@ from diptych.backends.facade import model_dtype, model_module
 from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
 from diptych.core import train_step as TS
+from diptych.core.mesh import check_remat
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.spec import value_head_init
 
@@ -54,15 +55,22 @@ class TrainState:
         return self.model.spec
 
 
-def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool = False, seed: int = 0) -> TrainState:
+def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool = False, seed: int = 0,
+                     mesh: Any = None, remat: str | None = None) -> TrainState:
     """Wrap a built model for training.
 
     With ``optim.mixed_precision="bf16"`` a float32 model is rebuilt in bfloat16 and its
     float32 weights become the master copy. The value head (``[H] -> 1``, float32, for PPO)
-    is initialised in numpy from ``seed`` exactly as on JAX.
+    is initialised in numpy from ``seed`` exactly as on JAX. ``mesh`` shards the model over the ``torchrun``
+    job first (:func:`diptych.backends.torch.distributed.shard_for_training`; None: one process), and the
+    optimizer is built over the shards; ``remat`` (``none`` | ``layer``) sets activation checkpointing.
     """
     if not isinstance(optim, OptimConfig):
         raise TypeError(f"optim must be an OptimConfig, got {type(optim).__name__}.")
+    if remat is not None:
+        _set_remat(model, remat)
+    if mesh is not None:
+        model = _distributed().shard_for_training(model, mesh, optim)
     named = list(model.named_parameters())
     dtype = _model_dtype(model)
     if optim.mixed_precision == "bf16":
@@ -86,13 +94,36 @@ def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool =
             head.bias.copy_(torch.from_numpy(b))
         names += list(VALUE_HEAD)
         master += [head.weight, head.bias]
-    return TrainState(model=model, optim=optim, optimizer=_adamw(master, optim), names=names, master=master,
-                      value_head=head)
+    state = TrainState(model=model, optim=optim, optimizer=_adamw(master, optim), names=names, master=master,
+                       value_head=head)
+    if _sharded(state):
+        _distributed().gather_root(model)  # so the sampler runs on it before the first step
+    return state
 
 
 _lib: Callable[[Any], ModuleType] = functools.partial(model_module, "diptych.backends.torch")
 """The model module for a spec or model: ``recurrent`` for recurrent-depth models, else ``model``."""
 _model_dtype = model_dtype
+
+
+def _set_remat(model: Any, remat: str) -> None:
+    """``remat`` on a decoder (per-layer activation checkpointing); a recurrent-depth model already recomputes
+    each core iteration under truncated backprop, so it only has the mode checked."""
+    check_remat(remat)
+    setter = getattr(_lib(model), "set_remat", None)
+    if setter is not None:
+        setter(model, remat)
+
+
+def _distributed() -> ModuleType:
+    """``diptych.backends.torch.distributed``, which builds on this module (imported on first use)."""
+    from diptych.backends.torch import distributed
+
+    return distributed
+
+
+def _sharded(state: TrainState) -> bool:
+    return getattr(state.model, "diptych_mesh", None) is not None
 
 
 def _rebuild(model: nn.Module, dtype: str) -> nn.Module:
@@ -121,8 +152,11 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
     """:meth:`diptych.core.backend.Backend.train_step` on torch: updates ``state`` in place and returns it.
 
     Clipping scales the divided gradient before ``AdamW.step``; under bf16 the updated float32 master
-    weights are copied back into the model. Metrics: :func:`diptych.core.train_step.step_metrics`.
+    weights are copied back into the model. Metrics: :func:`diptych.core.train_step.step_metrics`. A sharded
+    state takes :func:`diptych.backends.torch.distributed.train_step` (the same update, reduced over ranks).
     """
+    if _sharded(state):
+        return _distributed().train_step(state, microbatches, loss, loss_config, temperature=temperature)
     params, acc, totals = _accumulate(state, microbatches, loss, loss_config, temperature)
     lr = lr_at(state.step, state.optim)
     with torch.no_grad():
@@ -151,6 +185,9 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
 def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
               loss_config: Any, *, temperature: float = 1.0) -> tuple[dict[str, np.ndarray], float]:
     """:meth:`diptych.core.backend.Backend.gradients` on torch: the divided gradient of each master weight."""
+    if _sharded(state):
+        raise ValueError("gradients() runs on one process; compare sharded runs by their weights after "
+                         "train_step instead.")
     _, acc, totals = _accumulate(state, microbatches, loss, loss_config, temperature)
     with torch.no_grad():
         grads = _divide_once(totals.plan.weights, totals.dens, acc)
@@ -242,7 +279,12 @@ def values(state: TrainState, tokens: Any, attention_mask: Any) -> torch.Tensor:
 
 # -- weights in and out -------------------------------------------------------------------------
 def export_weights(state: TrainState) -> dict[str, np.ndarray]:
-    """Canonical float32 HF-named weights of the policy (the master copy under bf16; no value head)."""
+    """Canonical float32 HF-named weights of the policy (the master copy under bf16; no value head).
+
+    A sharded state is gathered (a collective: every rank calls it).
+    """
+    if _sharded(state):
+        return _distributed().export_weights(state)
     return {n: m.detach().float().cpu().numpy().copy() for n, m in zip(state.names, state.master)
             if n not in VALUE_HEAD}
 
@@ -256,6 +298,8 @@ def export_value_head(state: TrainState) -> dict[str, np.ndarray] | None:
 
 def export_optimizer(state: TrainState) -> dict[str, Any]:
     """AdamW moments by canonical name, backend-neutral: ``{"count", "mu": {...}, "nu": {...}}``."""
+    if _sharded(state):
+        return _distributed().export_optimizer(state)
     mu, nu, count = {}, {}, 0
     for name, p in zip(state.names, state.master):
         st = state.optimizer.state.get(p, {})
