@@ -78,6 +78,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the latest checkpoint under out/checkpoints")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="devices over data, fsdp, tensor, e.g. fsdp=4,tensor=2 (default: all on fsdp)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an earlier run in out (its checkpoints and metrics) instead of refusing")
     p.add_argument("--debug", action="store_true", default=None, help="show the traceback of an error")
@@ -98,12 +100,21 @@ def parse_rest(args: argparse.Namespace) -> argparse.Namespace:
     _options(second)
     second.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ns = second.parse_intermixed_args(getattr(args, "rest", None) or [])
-    for key in ("backend", "config", "resume", "quiet", "overwrite", "debug"):
+    for key in ("backend", "config", "resume", "quiet", "mesh", "overwrite", "debug"):
         if getattr(ns, key) is None:
             setattr(ns, key, getattr(args, key, None))
     ns.overrides = list(getattr(args, "overrides", None) or []) + list(ns.overrides)
     ns.trainer = args.trainer
     return ns
+
+
+def mesh_overrides(args: argparse.Namespace) -> list[str]:
+    """``--mesh fsdp=4,tensor=2`` as config overrides of ``<trainer>.mesh`` (checked by ``MeshConfig``)."""
+    from diptych.core.mesh import MeshConfig
+
+    if not getattr(args, "mesh", None):
+        return []
+    return [f"{args.trainer}.mesh.{axis}={size}" for axis, size in MeshConfig.parse(args.mesh).as_dict().items()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", DeprecationWarning)  # old config names: tell the user, once per key
-            cfg = load_config(RUN_CONFIGS[args.trainer], args.config, args.overrides)
+            cfg = load_config(RUN_CONFIGS[args.trainer], args.config, args.overrides + mesh_overrides(args))
         backend = get_backend(args.backend)
         result = train(args.trainer, backend, cfg, resume=bool(args.resume), console=not args.quiet,
                        overwrite=bool(args.overwrite))

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from diptych.core.mesh import is_main_process
 from diptych.core.trainers.base import DivergenceError, DivergenceGuard, TrainerError, evaluate, validate_rows
 from diptych.core.trainers.dpo import DPOConfig, ReferenceCache, train_dpo
 from diptych.core.trainers.grpo import GRPOConfig, check_columns, train_grpo
@@ -114,7 +115,11 @@ class Trainer:
 
     # -- what subclasses provide ----------------------------------------------------------------
     def init_state(self, model: Any) -> Any:
-        return self.backend.init_train_state(model, self.args.optim, seed=self.args.seed)
+        return self.backend.init_train_state(model, self.args.optim, seed=self.args.seed, **self.layout())
+
+    def layout(self) -> dict[str, Any]:
+        """Where the state lives (``mesh``; ``"auto"``: every device on fsdp) and ``remat``, from the config."""
+        return {"mesh": getattr(self.args, "mesh", None) or "auto", "remat": getattr(self.args, "remat", None)}
 
     def prepare(self, state: Any, start: int) -> None:
         """Build what the run needs besides the policy (reference model or cache) before the first step."""
@@ -143,7 +148,7 @@ class Trainer:
         unless ``overwrite`` (which clears them first). A run whose steps keep diverging stops with
         :class:`DivergenceError` (``self.state`` is then the state at the stop).
         """
-        lock = RunLock(self.run_dir) if self.run_dir is not None else None
+        lock = RunLock(self.run_dir) if self.run_dir is not None and is_main_process() else None  # rank 0
         if lock is not None:
             lock.acquire()
         try:
@@ -174,7 +179,7 @@ class Trainer:
                              keep_last=self.checkpoint.keep_last) if root is not None else None)
         start, state = 0, None
         if self.resume:
-            restored = ckpt.restore_latest() if ckpt is not None else None
+            restored = ckpt.restore_latest(mesh=self.layout()["mesh"]) if ckpt is not None else None
             if restored is None:
                 say(f"resume: no checkpoint under {root}; starting fresh.")
             else:
@@ -194,8 +199,10 @@ class Trainer:
             results["accuracy_before"] = self._accuracy(state.model)
         metrics_path = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
         earlier = _keep_logged_steps(metrics_path, start) if start > 0 and metrics_path else []
-        logger = MetricsLogger.for_run(self.out_dir, self.args.steps, f"{self.name} [{self.backend.name}]",
-                                       console=self.console, append=start > 0)
+        main = is_main_process()  # metrics, progress bar and plot on rank 0 only
+        logger = MetricsLogger.for_run(self.out_dir if main else None, self.args.steps,
+                                       f"{self.name} [{self.backend.name}]",
+                                       console=self.console and main, append=start > 0)
         logger.history[:0] = earlier
         self.guard = DivergenceGuard(self.args.max_consecutive_skips)
         try:
@@ -210,7 +217,7 @@ class Trainer:
         if can_eval:
             results["accuracy_after"] = self._accuracy(state.model)
         plot = None
-        if self.out_dir is not None:
+        if self.out_dir is not None and main:
             plot = plot_curves(logger.history, self.out_dir / "curves.png", keys=self.plot_keys,
                                title=f"diptych {self.name} ({self.backend.name})")
         if logger.history:
@@ -311,7 +318,8 @@ class PPOTrainer(Trainer):
     ref_model: Any = None
 
     def init_state(self, model: Any) -> Any:
-        return self.backend.init_train_state(model, self.args.optim, seed=self.args.seed, value_head=True)
+        return self.backend.init_train_state(model, self.args.optim, seed=self.args.seed, value_head=True,
+                                             **self.layout())
 
     def prepare(self, state: Any, start: int) -> None:
         self.ref_model = self.reference_model(state, start) if self.args.needs_reference else None

@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from diptych.core.config import with_renamed_fields
 from diptych.core.losses import PreferenceLossConfig
 from diptych.core.losses.preference import PREFERENCE_KINDS, REFERENCE_FREE
+from diptych.core.mesh import MeshConfig
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
 from diptych.core.train_batch import split_microbatches
@@ -65,6 +66,11 @@ class DPOConfig:
     max_consecutive_skips: int = 3
     """Stop the run (DivergenceError) after this many steps in a row skipped for a non-finite loss or gradient."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    mesh: MeshConfig | None = None
+    """Devices ``{data, fsdp, tensor}`` (``diptych.core.mesh``); None: every local device (JAX) or the whole
+    ``torchrun`` job, on ``fsdp``."""
+    remat: Literal["none", "layer"] = "none"
+    """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
 
     _renamed: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length",
                                           "max_completion_len": "max_completion_length", "kind": "loss_type",

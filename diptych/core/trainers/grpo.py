@@ -28,6 +28,7 @@ from diptych.core.advantages import ESTIMATORS, compute_advantages, filter_zero_
 from diptych.core.config import from_dict, with_renamed_fields
 from diptych.core.losses import POLICY_PRESETS, PolicyLossConfig, policy_preset
 from diptych.core.losses.trajectory import TrajectoryCredit
+from diptych.core.mesh import MeshConfig
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
 from diptych.core.sampling import SamplingConfig, parity_noise
@@ -132,6 +133,11 @@ class GRPOConfig:
     max_consecutive_skips: int = 3
     """Stop the run (DivergenceError) after this many steps in a row skipped for a non-finite loss or gradient."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    mesh: MeshConfig | None = None
+    """Devices ``{data, fsdp, tensor}`` (``diptych.core.mesh``); None: every local device (JAX) or the whole
+    ``torchrun`` job, on ``fsdp``."""
+    remat: Literal["none", "layer"] = "none"
+    """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
     depth: DepthPolicy | None = None
     """Recurrent-depth models only: the train depth schedule (truncated backprop) and the sampling depth."""
     trajectory: TrajectoryCredit | None = None

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from diptych.core.advantages import gae, kl_shaped_rewards
 from diptych.core.config import with_renamed_fields
 from diptych.core.losses import PolicyLossConfig, ValueLossConfig
+from diptych.core.mesh import MeshConfig
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
 from diptych.core.sampling import SamplingConfig, parity_noise
@@ -81,6 +82,11 @@ class PPOConfig:
     max_consecutive_skips: int = 3
     """Stop the run (DivergenceError) after this many steps in a row skipped for a non-finite loss or gradient."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    mesh: MeshConfig | None = None
+    """Devices ``{data, fsdp, tensor}`` (``diptych.core.mesh``); None: every local device (JAX) or the whole
+    ``torchrun`` job, on ``fsdp``."""
+    remat: Literal["none", "layer"] = "none"
+    """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
 
     _renamed: ClassVar[dict[str, str]] = {"samples_per_prompt": "num_generations", "ppo_epochs": "num_ppo_epochs",
                                           "max_prompt_len": "max_prompt_length",

@@ -197,7 +197,7 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return ckpt.latest_checkpoint(self.root)
 
-    def restore_latest(self) -> tuple[Any, dict[str, Any]] | None:
+    def restore_latest(self, **restore_options: Any) -> tuple[Any, dict[str, Any]] | None:
         """``(state, metadata)`` of the newest intact checkpoint, or None when there is none.
 
         A checkpoint that cannot be read (truncated by a full disk, half-deleted by a killed prune) is skipped,
@@ -219,7 +219,7 @@ class Checkpointer:
                                    f"OUT --to {self.backend.name}.")
             check_same_run((info.get("metadata") or {}).get("config", {}), self.config, path)
             try:
-                state, meta = self.backend.restore(path)
+                state, meta = self.backend.restore(path, **restore_options)
             except Exception as e:  # any reader's failure means: not intact, try the previous one
                 skipped.append(_skip(path, e))
                 continue

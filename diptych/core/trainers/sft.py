@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from diptych.core.config import with_renamed_fields
 from diptych.core.losses import SFTLossConfig
+from diptych.core.mesh import MeshConfig
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
 from diptych.core.train_batch import split_microbatches
@@ -41,6 +42,11 @@ class SFTConfig:
     max_consecutive_skips: int = 3
     """Stop the run (DivergenceError) after this many steps in a row skipped for a non-finite loss or gradient."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=0))
+    mesh: MeshConfig | None = None
+    """Devices ``{data, fsdp, tensor}`` (``diptych.core.mesh``); None: every local device (JAX) or the whole
+    ``torchrun`` job, on ``fsdp``."""
+    remat: Literal["none", "layer"] = "none"
+    """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
 
     _renamed: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length",
                                           "max_completion_len": "max_completion_length"}
