@@ -39,6 +39,7 @@ from diptych.core.trainers.runner import (
     with_steps,
 )
 from diptych.core.trainers.sft import SFTConfig, train_sft
+from diptych.rollout.engines import trainer_engine
 
 TRAINERS: dict[str, type[Trainer]] = {}
 
@@ -292,8 +293,27 @@ class DPOTrainer(Trainer):
                          ref_cache=self.ref_cache, start_step=start, guard=self.guard)
 
 
+class _EngineOwner:
+    """GRPO / PPO own their rollout engine (``rollout: native | vllm``, docs/vllm.md): started on the starting
+    weights before the first step, closed when the run ends, however it ends (a server it started stops)."""
+
+    engine: Any = None
+
+    def open_engine(self, state: Any) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = trainer_engine(self.args, self.backend, state.model, self.args.sampling(self.tokenizer))
+
+    def train(self) -> dict[str, Any]:
+        try:
+            return super().train()  # type: ignore[misc]
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+
+
 @register_trainer("grpo")
-class GRPOTrainer(Trainer):
+class GRPOTrainer(_EngineOwner, Trainer):
     config_cls = GRPOConfig
     needs_reward = True
     evaluates = True
@@ -302,15 +322,16 @@ class GRPOTrainer(Trainer):
 
     def prepare(self, state: Any, start: int) -> None:
         self.ref_model = self.reference_model(state, start) if self.args.needs_reference else None
+        self.open_engine(state)
 
     def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
         return train_grpo(self.backend, state, self.tokenizer, self.reward, self.train_dataset,
                           with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start,
-                          guard=self.guard)
+                          guard=self.guard, engine=self.engine)
 
 
 @register_trainer("ppo")
-class PPOTrainer(Trainer):
+class PPOTrainer(_EngineOwner, Trainer):
     config_cls = PPOConfig
     needs_reward = True
     evaluates = True
@@ -323,11 +344,12 @@ class PPOTrainer(Trainer):
 
     def prepare(self, state: Any, start: int) -> None:
         self.ref_model = self.reference_model(state, start) if self.args.needs_reference else None
+        self.open_engine(state)
 
     def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
         return train_ppo(self.backend, state, self.tokenizer, self.reward, self.train_dataset,
                          with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start,
-                         guard=self.guard)
+                         guard=self.guard, engine=self.engine)
 
 
 def _reward(reward_funcs: Any) -> Any:

@@ -49,6 +49,7 @@ from diptych.core.trainers.base import (
     sequence_logprobs,
 )
 from diptych.recurrent.training import DepthPolicy
+from diptych.rollout.base import VLLMConfig, check_rollout_config, push_weights, sample_with
 
 
 @dataclass
@@ -140,6 +141,10 @@ class GRPOConfig:
     """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
     depth: DepthPolicy | None = None
     """Recurrent-depth models only: the train depth schedule (truncated backprop) and the sampling depth."""
+    rollout: str = "native"
+    """Who samples: ``native`` (the backend's own sampler) or ``vllm`` (docs/vllm.md)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine when ``rollout: vllm``: mode (colocated | server), memory bound, server url."""
     trajectory: TrajectoryCredit | None = None
     """Recurrent-depth models only: credit over the latent trajectory (RLTT, ``diptych.core.losses.trajectory``);
     None or ``weighting="final"`` is plain GRPO on the final iteration."""
@@ -200,6 +205,7 @@ class GRPOConfig:
                 name = "scale_rewards" if opt == "scale" else "advantage_baseline"
                 raise TrainerError(f"{name}={value!r} has no effect with advantage={self.advantage!r} (it takes "
                                    f"{', '.join(est.options) or 'no options'}); drop it or change the estimator.")
+        self.vllm = check_rollout_config(self.rollout, self.vllm, parity=self.parity, depth=self.depth)
         self.loss_config()  # validate the loss now, not mid-run
         if self.trajectory is not None and self.trajectory.loss_config(self.loss_config()).per_iteration \
                 and self.num_iterations > 1:
@@ -261,21 +267,27 @@ def check_columns(reward: Any, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[dict[str, Any]], cfg: GRPOConfig,
-              step: int, ref_model: Any = None) -> tuple[Any, dict[str, float]]:
-    """One GRPO step on ``rows`` (a batch of prompts): generate, score, advantages, update."""
+              step: int, ref_model: Any = None, engine: Any = None) -> tuple[Any, dict[str, float]]:
+    """One GRPO step on ``rows`` (a batch of prompts): generate, score, advantages, update.
+
+    ``engine`` (a ``diptych.rollout`` engine, e.g. vLLM) samples instead of ``backend.generate`` and gets the
+    updated weights pushed after the update (``time/sync``; ``weight_version`` is the version that sampled)."""
     timer = StepTimer()
     g = cfg.num_generations
     prompts = [r["prompt"] for r in rows]
     ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
     sampling = cfg.sampling(tokenizer)
     with timer.phase("generate"):
-        noise = None
-        if cfg.parity:
-            noise = parity_noise(len(ids) * g, cfg.max_completion_length, state_vocab(state),
-                                 seed=cfg.seed * 100003 + step)
-        rollout = backend.generate(state.model, ids, sampling, noise=noise,
-                                   **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}),
-                                   **(cfg.depth.generate_kwargs() if cfg.depth is not None else {}))
+        if engine is not None:
+            rollout = sample_with(engine, ids, sampling, cfg.seed * 100003 + step)
+        else:
+            noise = None
+            if cfg.parity:
+                noise = parity_noise(len(ids) * g, cfg.max_completion_length, state_vocab(state),
+                                     seed=cfg.seed * 100003 + step)
+            rollout = backend.generate(state.model, ids, sampling, noise=noise,
+                                       **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}),
+                                       **(cfg.depth.generate_kwargs() if cfg.depth is not None else {}))
     with timer.phase("score"):
         completions = decode_completions(tokenizer, rollout)
         rewards, components = score(reward, [p for p in prompts for _ in range(g)], completions,
@@ -292,6 +304,8 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
         "completion_length": float(rollout.lengths.mean()), "truncated_frac": float(rollout.truncated.mean()),
         "groups_dropped": float(dropped), **components,
     }
+    if engine is not None:
+        metrics["weight_version"] = float(rollout.extras["weight_version"])
     if not batch["mask"].any():
         metrics.update(skipped=1.0, **timer.metrics())
         return state, metrics
@@ -327,6 +341,9 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
     metrics.update(train_metrics)
     if gap is not None:  # the gap at the weights that sampled, not after the last pass
         metrics["sampler_logprob_gap"] = gap
+    if engine is not None:
+        with timer.phase("sync"):
+            push_weights(engine, backend, state)
     metrics.update(timer.metrics())
     total_time = sum(timer.seconds.values())
     metrics["tokens_per_s"] = float(batch["attention_mask"].sum()) / max(total_time, 1e-9)
@@ -342,14 +359,19 @@ def state_vocab(state: Any) -> int:
 def train_grpo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]],
                cfg: GRPOConfig, logger: MetricsLogger | None = None, ref_model: Any = None,
                start_step: int = 0, on_step: Callable[[int, Any, dict[str, float]], None] | None = None,
-               guard: DivergenceGuard | None = None) -> Any:
-    """Run GRPO from ``start_step`` to ``cfg.steps``; ``on_step`` may checkpoint or evaluate."""
+               guard: DivergenceGuard | None = None, engine: Any = None) -> Any:
+    """Run GRPO from ``start_step`` to ``cfg.steps``; ``on_step`` may checkpoint or evaluate.
+
+    ``engine``: a rollout engine (``diptych.rollout``) that samples instead of the backend; it is first synced to
+    ``state`` so it never samples with other weights."""
     check_columns(reward, rows)
     guard = loop_guard(guard, cfg)
     batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed, start=start_step)
+    if engine is not None and start_step < cfg.steps:
+        push_weights(engine, backend, state)
     for step in range(start_step, cfg.steps):
         _, chunk = next(batches)
-        state, metrics = grpo_step(backend, state, tokenizer, reward, chunk, cfg, step, ref_model)
+        state, metrics = grpo_step(backend, state, tokenizer, reward, chunk, cfg, step, ref_model, engine)
         if logger is not None:
             logger.log(step + 1, metrics)
         guard.check(step + 1, metrics, state)

@@ -49,6 +49,7 @@ from diptych.core.trainers.base import (
     sequence_logprobs,
 )
 from diptych.core.trainers.grpo import check_columns, score
+from diptych.rollout.base import VLLMConfig, check_rollout_config, push_weights, sample_with
 
 
 @with_renamed_fields
@@ -87,6 +88,10 @@ class PPOConfig:
     ``torchrun`` job, on ``fsdp``."""
     remat: Literal["none", "layer"] = "none"
     """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
+    rollout: str = "native"
+    """Who samples: ``native`` (the backend's own sampler) or ``vllm`` (docs/vllm.md)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine when ``rollout: vllm``: mode (colocated | server), memory bound, server url."""
 
     _renamed: ClassVar[dict[str, str]] = {"samples_per_prompt": "num_generations", "ppo_epochs": "num_ppo_epochs",
                                           "max_prompt_len": "max_prompt_length",
@@ -104,6 +109,7 @@ class PPOConfig:
             raise TrainerError("num_ppo_epochs must be >= 1 and value_warmup_steps >= 0.")
         if rows < 2 and self.whiten_advantages:
             raise TrainerError("Whitening advantages needs at least 2 rollouts per step.")
+        self.vllm = check_rollout_config(self.rollout, self.vllm, parity=self.parity)
 
     @property
     def needs_reference(self) -> bool:
@@ -131,19 +137,25 @@ def values_of(backend: Any, state: Any, batch: dict[str, np.ndarray]) -> np.ndar
 
 
 def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[dict[str, Any]], cfg: PPOConfig,
-             step: int, ref_model: Any = None) -> tuple[Any, dict[str, float]]:
-    """One PPO step on ``rows``: generate, score, KL-shaped rewards, GAE, ``num_ppo_epochs`` updates."""
+             step: int, ref_model: Any = None, engine: Any = None) -> tuple[Any, dict[str, float]]:
+    """One PPO step on ``rows``: generate, score, KL-shaped rewards, GAE, ``num_ppo_epochs`` updates.
+
+    ``engine`` (a ``diptych.rollout`` engine, e.g. vLLM) samples instead of ``backend.generate`` and gets the
+    updated weights pushed after the updates."""
     timer = StepTimer()
     n = cfg.num_generations
     prompts = [r["prompt"] for r in rows]
     ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
     with timer.phase("generate"):
-        noise = None
-        if cfg.parity:
-            noise = parity_noise(len(ids) * n, cfg.max_completion_length, int(state.model.spec.vocab_size),
-                                 seed=cfg.seed * 100003 + step)
-        rollout = backend.generate(state.model, ids, cfg.sampling(tokenizer), noise=noise,
-                                   **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}))
+        if engine is not None:
+            rollout = sample_with(engine, ids, cfg.sampling(tokenizer), cfg.seed * 100003 + step)
+        else:
+            noise = None
+            if cfg.parity:
+                noise = parity_noise(len(ids) * n, cfg.max_completion_length, int(state.model.spec.vocab_size),
+                                     seed=cfg.seed * 100003 + step)
+            rollout = backend.generate(state.model, ids, cfg.sampling(tokenizer), noise=noise,
+                                       **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}))
     with timer.phase("score"):
         completions = decode_completions(tokenizer, rollout)
         rewards, components = score(reward, [p for p in prompts for _ in range(n)], completions,
@@ -156,6 +168,8 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
         "completion_length": float(rollout.lengths.mean()), "truncated_frac": float(rollout.truncated.mean()),
         **components,
     }
+    if engine is not None:
+        metrics["weight_version"] = float(rollout.extras["weight_version"])
     if not mask.any():
         metrics.update(skipped=1.0, **timer.metrics())
         return state, metrics
@@ -189,6 +203,11 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
     metrics["returns_mean"] = float(returns[m].mean())
     metrics["value_warmup"] = float(warmup)
     metrics.update(train_metrics)
+    # the worst sampler/trainer gap at the weights that sampled (old_lp), whatever the number of epochs
+    metrics["sampler_logprob_gap"] = float(np.abs(old_lp - batch["sampler_logprobs"])[m].max())
+    if engine is not None:
+        with timer.phase("sync"):
+            push_weights(engine, backend, state)
     metrics.update(timer.metrics())
     metrics["tokens_per_s"] = float(batch["attention_mask"].sum()) / max(sum(timer.seconds.values()), 1e-9)
     return state, metrics
@@ -197,14 +216,19 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
 def train_ppo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]], cfg: PPOConfig,
               logger: MetricsLogger | None = None, ref_model: Any = None, start_step: int = 0,
               on_step: Callable[[int, Any, dict[str, float]], None] | None = None,
-              guard: DivergenceGuard | None = None) -> Any:
-    """Run PPO from ``start_step`` to ``cfg.steps``; ``state`` must carry a value head."""
+              guard: DivergenceGuard | None = None, engine: Any = None) -> Any:
+    """Run PPO from ``start_step`` to ``cfg.steps``; ``state`` must carry a value head.
+
+    ``engine``: a rollout engine (``diptych.rollout``) that samples instead of the backend; synced to ``state``
+    first."""
     check_columns(reward, rows)
     guard = loop_guard(guard, cfg)
     batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed, start=start_step)
+    if engine is not None and start_step < cfg.steps:
+        push_weights(engine, backend, state)
     for step in range(start_step, cfg.steps):
         _, chunk = next(batches)
-        state, metrics = ppo_step(backend, state, tokenizer, reward, chunk, cfg, step, ref_model)
+        state, metrics = ppo_step(backend, state, tokenizer, reward, chunk, cfg, step, ref_model, engine)
         if logger is not None:
             logger.log(step + 1, metrics)
         guard.check(step + 1, metrics, state)
