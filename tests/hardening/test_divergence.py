@@ -130,3 +130,27 @@ def test_grpo_lr_1e10_gives_the_same_outcome_on_both_backends(backend, tmp_path,
     assert [h["skipped"] for h in t.history] == [0.0, 1.0, 1.0, 1.0]
     assert int(t.state.step) == 1 and all(np.all(np.isfinite(v)) for v in backend.export_weights(t.state).values())
     assert capsys.readouterr().err.count(" skipped (non-finite loss") == 3
+
+
+@pytest.mark.slow  # PPO compiles generate, values and two train steps on JAX
+def test_ppo_lr_1e10_gives_the_same_outcome_on_both_backends(backend, capsys):
+    """PPO's own forward passes (old log-probs, values) of a diverged policy are divergence, not bad input: before,
+    torch raised "gae rewards or values contain NaN" while JAX went on."""
+    from diptych.core.tasks import get_task
+    from diptych.core.trainers.api import PPOTrainer
+    from diptych.core.trainers.ppo import PPOConfig
+
+    def variety(prompts, completions, **columns):
+        return [len(set(c)) / (1 + len(c)) for c in completions]
+
+    tok = CharTokenizer()
+    spec = tiny_spec("llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    cfg = PPOConfig(steps=5, prompts_per_step=4, num_ppo_epochs=1, max_prompt_length=6, max_completion_length=4,
+                    optim=OptimConfig(lr=1e10))
+    rows = get_task("arithmetic", digits=1, ops=("+",)).generate("train", 16, 0)
+    t = PPOTrainer(backend.build(spec, spec.init_weights(0)), variety, args=cfg, train_dataset=rows, backend=backend,
+                   tokenizer=tok)
+    with pytest.raises(DivergenceError, match=r"through step 4"):
+        t.train()
+    assert [h["skipped"] for h in t.history] == [0.0, 1.0, 1.0, 1.0] and int(t.state.step) == 1
+    assert capsys.readouterr().err.count("skipped (non-finite old log-probs or values") == 3
