@@ -44,7 +44,7 @@ def test_left_padded_batch_is_left_padded():
 
 @both
 @needs_transformers
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "smollm3"])
 def test_parity_run_passes_on_every_pair(model_type):
     from diptych.core.spec import tiny_spec
 
