@@ -50,7 +50,7 @@ def generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_steps: int
              exit_criterion: str | ExitCriterion | None = None, exit_threshold: float | None = None,
              init_scale: float = 0.0, state_seed: int = 0, warm_start: bool = False,
              noise: np.ndarray | None = None, seed: int | None = None, cache: bool = True,
-             record_logits: bool = False) -> Rollout:
+             record_logits: bool = False, sampler: str = "sequential", tol: float = 1e-5) -> Rollout:
     """Sample completions; ``extras["depth"]`` is the iterations each generated token used ``[N, max_new]``.
 
     ``num_steps`` is the fixed depth, or the cap with ``exit_criterion`` (a name registered in
@@ -59,7 +59,24 @@ def generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_steps: int
     from the previous token's final state (continuous CoT). ``cache=False`` selects the
     uncached reference path. ``record_logits`` adds ``extras["logits"]`` ``[N, max_new, V]``
     (the logits each token was chosen from), for tests and analysis.
+
+    ``sampler="parallel"`` runs ``diptych.recurrent.parallel`` instead (all positions iterate at once, each
+    stops when its state changed by less than ``tol``, ``num_steps`` the cap); it takes no exit criterion,
+    random s0, warm start or recorded logits.
     """
+    if sampler == "parallel":
+        extra = {"exit_criterion": exit_criterion, "init_scale": init_scale, "warm_start": warm_start,
+                 "record_logits": record_logits}
+        bad = [k for k, v in extra.items() if v not in (None, 0.0, False)]
+        if bad:
+            raise ValueError(f"sampler='parallel' exits on convergence (tol) from a zero state; drop "
+                             f"{', '.join(bad)} or use sampler='sequential'.")
+        from diptych.recurrent.parallel import parallel_generate, parallel_ops
+
+        return parallel_generate(parallel_ops(ops), prompts, sampling, num_steps=num_steps, tol=tol, noise=noise,
+                                 seed=seed)
+    if sampler != "sequential":
+        raise ValueError(f"sampler must be 'sequential' or 'parallel', got {sampler!r}.")
     spec = ops.spec
     steps = int(spec.mean_recurrence if num_steps is None else num_steps)
     if steps < 1:

@@ -26,6 +26,7 @@ Backend primitives (``ops``): ``prelude(tokens, mask)``, ``init(ctx, None)``, ``
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -149,3 +150,12 @@ def _live(pmask: np.ndarray, drafted: np.ndarray, max_new: int) -> np.ndarray:
 def _refresh(ops: Any, ctx: Any, tokens: np.ndarray, pmask: np.ndarray, drafted: np.ndarray, max_new: int) -> Any:
     """The prelude over the new drafts: the re-injected embedding follows the tokens; states carry on."""
     return ops.prelude(tokens, _mask(pmask, drafted, max_new))
+
+
+def parallel_ops(ops: Any) -> Any:
+    """The parallel primitives for the model behind a backend's sequential ``ops`` (its ``parallel()`` when it
+    has one, else ``ParallelOps`` of the sibling ``recurrent_parallel`` module of the backend package)."""
+    if hasattr(ops, "parallel"):
+        return ops.parallel()
+    package = type(ops).__module__.rsplit(".", 1)[0]
+    return importlib.import_module(package + ".recurrent_parallel").ParallelOps(ops.model)

@@ -51,6 +51,10 @@ def test_bad_configs_are_refused_in_one_line():
     with pytest.raises(TrainerError, match="num_iterations=1"):
         GRPOConfig(num_iterations=2, trajectory=TrajectoryCredit("uniform"))
     GRPOConfig(num_iterations=2, trajectory=TrajectoryCredit("final"))  # plain GRPO: off-policy passes are fine
+    cfg = GRPOConfig(trajectory=TrajectoryCredit("increasing", alpha=2.0, successive_kl=0.1))
+    name, loss_cfg = cfg.train_loss(cfg.loss_config())
+    assert name == "trajectory" and loss_cfg.policy == cfg.loss_config() and loss_cfg.alpha == 2.0
+    assert GRPOConfig().train_loss(GRPOConfig().loss_config())[0] == "policy"
 
 
 # -- the objective against a numpy oracle ---------------------------------------------------------
@@ -147,7 +151,11 @@ def test_per_iteration_weighting_refuses_old_logprobs():
 
 
 # -- on the recurrent models ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", BACKENDS)
+SLOW_JAX = pytest.param("jax", marks=[needs_jax, pytest.mark.slow])  # JAX train-step compiles: minutes on a loaded CPU
+FAST_TORCH = pytest.param("torch", marks=needs_torch)
+
+
+@pytest.mark.parametrize("name", [SLOW_JAX, FAST_TORCH])
 def test_final_weighting_is_todays_recurrent_grpo_exactly(name):
     """``final`` runs the policy loss on the same log-probs: loss and gradient bit for bit, with and without
     old_logprobs (the detached default)."""
@@ -183,8 +191,12 @@ def test_iteration_logprobs_are_each_iterations_readout(name):
     assert np.abs(got[:, 0] - got[:, 1]).max() > 1e-3  # the iterations differ, so the check can fail
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("weighting", ["uniform", "increasing"])
+@pytest.mark.parametrize("name,weighting", [
+    pytest.param("torch", "uniform", marks=needs_torch),
+    pytest.param("torch", "increasing", marks=[needs_torch, pytest.mark.slow]),
+    pytest.param("jax", "uniform", marks=[needs_jax, pytest.mark.slow]),
+    pytest.param("jax", "increasing", marks=[needs_jax, pytest.mark.slow]),
+])
 def test_weighted_gradient_is_the_weighted_sum_of_truncated_per_depth_gradients(name, weighting):
     """On-policy (ratio 1) the RLTT gradient is ``sum_i w_i`` times the plain GRPO gradient at depth r - k + i with
     i differentiated iterations: the recurrent model's own truncated backprop is the oracle."""
@@ -218,6 +230,7 @@ def test_a_model_without_iterations_refuses_per_iteration_credit(backend):
 
 @needs_jax
 @needs_torch
+@pytest.mark.slow
 def test_jax_and_torch_agree_on_trajectory_grpo_steps():
     """Two optimizer steps of increasing-weight credit with the successive KL and a reference KL, at (3, 2) then
     (5, 2): losses and updated weights within the fp32 tolerances of DESIGN.md."""
