@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generate in one call and print at the end (same output, no live display)")
     p.add_argument("--stream-tokens", type=int, default=4, metavar="K",
                    help="new tokens per streamed chunk (default 4)")
+    p.add_argument("--engine", choices=["native", "vllm"], default="native",
+                   help="who samples: the backend's own sampler, or vLLM (docs/vllm.md; prints at the end)")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -197,6 +199,22 @@ def generate_once(backend: Any, model: Any, prompts: Sequence[Sequence[int]], sa
                        done=not bool(ro.truncated[r]), finished=True) for r, c in enumerate(ro.completions())]
 
 
+def generate_with_engine(backend: Any, model: Any, prompts: Sequence[Sequence[int]], sampling: Any,
+                         seed: int) -> list[Completion]:
+    """``--engine vllm``: one call to a vLLM engine started on the model's weights (not streamed: vLLM draws its own
+    noise, so chunks would not add up to the one-shot text)."""
+    from diptych.rollout import make_engine
+
+    engine = make_engine("vllm", backend, model, sampling=sampling)
+    try:
+        ro = engine.generate([list(p) for p in prompts], sampling, seed=seed)
+    finally:
+        engine.close()
+    n = sampling.n
+    return [Completion(r // n, r % n, c, [float(x) for x in ro.logprobs[r, :len(c)]],
+                       done=not bool(ro.truncated[r]), finished=True) for r, c in enumerate(ro.completions())]
+
+
 def generate_stream(backend: Any, model: Any, prompts: Sequence[Sequence[int]], sampling: Any,
                     noise: np.ndarray | None, seed: int, chunk: int = 4) -> Iterator[list[Completion]]:
     """Yield every row after each chunk of ``chunk`` new tokens; the last yield equals :func:`generate_once`.
@@ -292,12 +310,15 @@ def run(args: argparse.Namespace) -> int:
         eos = model.spec.eos_ids or ((tok.eos_id,) if tok.eos_id is not None else ())
         cfg = SamplingConfig(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, min_p=args.min_p, n=args.n, eos_ids=tuple(eos), pad_id=tok.pad_id)
-        noise = sampling_noise(len(ids) * args.n, cfg, model.spec.vocab_size, args.seed)
-        stream = args.stream and (noise is not None or cfg.greedy)
-        if args.stream and not stream:
+        noise = None if args.engine == "vllm" else sampling_noise(len(ids) * args.n, cfg, model.spec.vocab_size,
+                                                                  args.seed)
+        stream = args.stream and args.engine == "native" and (noise is not None or cfg.greedy)
+        if args.stream and not stream and args.engine == "native":
             print("note: the sampling noise for this batch is too large to stream exactly; printing at the end.",
                   file=sys.stderr)
-        if stream:
+        if args.engine == "vllm":
+            updates = iter([generate_with_engine(backend, model, ids, cfg, args.seed)])
+        elif stream:
             updates = generate_stream(backend, model, ids, cfg, noise, args.seed, args.stream_tokens)
         else:
             updates = iter([generate_once(backend, model, ids, cfg, noise, args.seed)])

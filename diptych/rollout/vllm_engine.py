@@ -66,6 +66,7 @@ def require_vllm() -> Any:
     # The engine core must live in this process (tensors passed to a multiprocess core are mangled, and
     # a second process would double the memory); on CPU, no g++ compile of the sampler helpers.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # never mixed into a command's output
     if not _has_cuda():
         os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     try:

@@ -8,6 +8,8 @@ server mode starts one more engine in a subprocess.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,7 @@ from diptych.rollout import RolloutEngineError, VLLMConfig
 from diptych.rollout.vllm_engine import VLLMEngine
 from tests.conftest import BACKENDS
 
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # as diptych.rollout sets it: stdout is for results
 pytest.importorskip("vllm")  # vLLM's in-process settings are made by diptych.rollout.vllm_engine
 
 TOK = CharTokenizer()
@@ -258,3 +261,23 @@ def test_server_dying_mid_run_is_a_clear_error_and_the_last_checkpoint_survives(
     assert trainer.engine.closed
     restored = Checkpointer(backend, tmp_path / "checkpoints", trainer.run_config).restore_latest()
     assert restored is not None and restored[1]["step"] == 2
+
+
+def test_diptych_sample_with_the_vllm_engine_prints_the_native_greedy_text(tmp_path, capsys):
+    import json
+
+    from diptych.cli import main
+    from diptych.core.hf import save_hf_folder
+    from diptych.core.tokenizer import save_tokenizer
+
+    folder = save_hf_folder(tmp_path / "model", SPEC, SPEC.init_weights(5))
+    save_tokenizer(TOK, folder)
+    out = {}
+    for engine in ("native", "vllm"):
+        assert main(["sample", "--backend", "torch", "--checkpoint", str(folder), "--engine", engine,
+                     "--temperature", "0", "--max-new-tokens", "12", "--prompt", "ab", "--prompt", "xyz",
+                     "--json"]) == 0
+        out[engine] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(out["vllm"]) == 2 and [r["tokens"] for r in out["vllm"]] == [r["tokens"] for r in out["native"]]
+    assert main(["sample", "--backend", "torch", "--engine", "vllm", "--prompt", "ab"]) == 2  # tiny model: head_dim 16
+    assert "no kernel for head_dim=16" in capsys.readouterr().err
