@@ -10,13 +10,14 @@ is ``jax.checkpoint``-ed, so activation memory grows with k, not r. Mirrors
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diptych.backends.jax.recurrent_cache import Decoder
+from diptych.backends.jax.recurrent_cache import Decoder, _bucket
 from diptych.backends.jax.recurrent_layers import (  # noqa: F401  (re-exported: tests and benchmarks use them)
     _NEG,
     Context,
@@ -214,22 +215,27 @@ class _Ops:
     def __init__(self, model: RecurrentLM) -> None:
         self.model, self.spec = model, model.spec
         self.P = model.param_dict()
-        spec = self.spec
-        self._prelude = jax.jit(lambda P, t, m: _ctx_tuple(_prelude(P, spec, t, m)))
-        self._step = jax.jit(lambda P, c, x: _core_step(P, spec, _ctx_from(c), x, c[0]))
-        self._logits = jax.jit(lambda P, c, x: _readout(P, spec, _ctx_from(c), x)[:, -1])
 
     def prelude(self, tokens: np.ndarray, mask: np.ndarray):
-        return self._prelude(self.P, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))
+        """Left-padded (masked) to a bucketed width, so prompts of similar lengths share one compilation."""
+        lead = _bucket(tokens.shape[1], 8) - tokens.shape[1]
+        pad = ((0, 0), (lead, 0))
+        return _ops_prelude(self.P, self.spec, jnp.asarray(np.pad(tokens, pad), jnp.int32),
+                            jnp.asarray(np.pad(mask, pad), jnp.int32))
 
     def init(self, ctx, init_state: np.ndarray | None) -> jax.Array:
+        if init_state is not None:  # drawn for the unpadded width: the bucket's lead positions start at zero
+            init_state = np.asarray(init_state)
+            lead = ctx[0].shape[1] - init_state.shape[1]
+            if lead > 0:
+                init_state = np.pad(init_state, ((0, 0), (lead, 0), (0, 0)))
         return _initial_state(_ctx_from(ctx), init_state)
 
     def step(self, ctx, x: jax.Array) -> jax.Array:
-        return self._step(self.P, ctx, x)
+        return _ops_step(self.P, self.spec, ctx, x)
 
     def logits_last(self, ctx, x: jax.Array) -> np.ndarray:
-        return np.asarray(self._logits(self.P, ctx, x))
+        return np.asarray(_ops_logits(self.P, self.spec, ctx, x))
 
     def latent_last(self, x: jax.Array) -> np.ndarray:
         return np.asarray(x[:, -1].astype(jnp.float32))
@@ -252,6 +258,23 @@ def _ctx_tuple(ctx: Context):
 
 def _ctx_from(c) -> Context:
     return Context(c[0], c[1], c[2])
+
+
+# Module-level (not per-_Ops) jits keyed on the static spec: a per-instance jax.jit of a fresh lambda
+# recompiled every generate(cache=False) call.
+@partial(jax.jit, static_argnames=("spec",))
+def _ops_prelude(P: Params, spec: RecurrentSpec, tokens: jax.Array, mask: jax.Array):
+    return _ctx_tuple(_prelude(P, spec, tokens, mask))
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _ops_step(P: Params, spec: RecurrentSpec, c, x: jax.Array) -> jax.Array:
+    return _core_step(P, spec, _ctx_from(c), x, c[0])
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _ops_logits(P: Params, spec: RecurrentSpec, c, x: jax.Array) -> jax.Array:
+    return _readout(P, spec, _ctx_from(c), x)[:, -1]
 
 
 _reject = reject_arguments
