@@ -23,7 +23,7 @@ from diptych.core.trainers.base import encode_prompts, rollout_batch, sequence_l
 from diptych.core.trainers.grpo import GRPOConfig, grpo_step, train_grpo
 from diptych.rollout import RolloutEngineError, VLLMConfig
 from diptych.rollout.vllm_engine import VLLMEngine
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, needs_jax, needs_torch
 
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # as diptych.rollout sets it: stdout is for results
 pytest.importorskip("vllm")  # vLLM's in-process settings are made by diptych.rollout.vllm_engine
@@ -204,7 +204,8 @@ def test_bad_input_is_refused_clearly(engine):
         VLLMEngine(rec, rec.init_weights(0))
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", [pytest.param("jax", marks=[needs_jax, pytest.mark.slow]),  # ~45 s loaded, compiles
+                                  pytest.param("torch", marks=needs_torch)])
 def test_short_grpo_run_with_vllm_rollouts_raises_a_dense_reward(engine, name):
     """12 steps, sampled by vLLM and synced after every update: the lowercase share rises as in the native run
     (torch native, same settings: 0.2 -> 1.0), every step samples with the previous step's weights, and the
@@ -238,6 +239,7 @@ def test_ppo_samples_through_the_engine(engine):
     assert max(h["sampler_logprob_gap"] for h in log.history) <= 1e-4
 
 
+@pytest.mark.slow  # a second server process: ~20 s quiet, ~100 s on a loaded machine
 def test_server_dying_mid_run_is_a_clear_error_and_the_last_checkpoint_survives(tmp_path):
     from diptych.core.trainers.api import GRPOTrainer
     from diptych.core.trainers.runner import CheckpointConfig, Checkpointer
