@@ -88,12 +88,12 @@ def _readout(P: Params, spec: RecurrentSpec, cache: Cache, x: jax.Array, rope, c
 def _primitive(fn: Any, static: tuple[str, ...] = ("spec",)) -> dict[bool, Any]:
     """A cache primitive compiled two ways, keyed by whether it donates (updates in place) the cache.
 
-    Donation is what keeps one copy of the cache on an accelerator. On the CPU client it loses
-    writes: with several donating calls in flight (async dispatch), a later call's in-place update
-    of the core slots could run before an earlier one's had landed, so a row that exited early read
-    the post-exit iterations' K/V at the next token instead of its "latest" fallback (intermittent,
-    more often under load; tests/recurrent/test_cache_donation.py). Nothing was wrong without
-    donation, so on CPU every call returns a fresh cache instead.
+    Donation keeps one copy of the cache on an accelerator. On the CPU client (jax 0.10.2) it lost
+    K/V writes when several donating calls were in flight at once (async dispatch): rows that exited
+    early then read the post-exit iterations' K/V at the next token instead of their "latest"
+    fallback. Replaying the failing test sequence on a loaded machine: donated, 5 of 9 runs wrong;
+    not donated, 0 of 4; donated but waiting for each call, 0 of 3. So on CPU every call returns a
+    fresh cache (tests/recurrent/test_cache_donation.py).
     """
     return {True: jax.jit(fn, static_argnames=static, donate_argnames=("cache",)),
             False: jax.jit(fn, static_argnames=static)}
