@@ -4,7 +4,7 @@ With donation, ``test_cached_adaptive_exit_matches_the_latest_fallback_oracle[ja
 intermittently after other JAX work in the same process on a loaded machine (logits off by up
 to 2.8 at the token after an early exit, for exactly the rows that exited before the last one
 did: their slots held the post-exit iterations' K/V, not the "latest" fallback); without
-donation it never did. The first test pins the mechanism deterministically (a donated cache is
+donation it never did. The first test pins the fix deterministically (a donated cache is
 deleted by the call that takes it); the slow one replays the failing sequence against the oracle.
 """
 

@@ -91,7 +91,7 @@ def _primitive(fn: Any, static: tuple[str, ...] = ("spec",)) -> dict[bool, Any]:
     Donation keeps one copy of the cache on an accelerator. On the CPU client (jax 0.10.2) it lost
     K/V writes when several donating calls were in flight at once (async dispatch): rows that exited
     early then read the post-exit iterations' K/V at the next token instead of their "latest"
-    fallback. Replaying the failing test sequence on a loaded machine: donated, 5 of 9 runs wrong;
+    fallback. Replaying the failing test sequence on a loaded machine: donated, 6 of 10 runs wrong;
     not donated, 0 of 4; donated but waiting for each call, 0 of 3. So on CPU every call returns a
     fresh cache (tests/recurrent/test_cache_donation.py).
     """
