@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("diptych.commands.convert", "convert a checkpoint between backends and Hugging Face folders"),
     "depth-sweep": ("diptych.commands.depth_sweep", "accuracy vs recurrence depth for a recurrent model"),
     "evaluate": ("diptych.commands.evaluate", "held-out greedy accuracy of a checkpoint on a built-in task"),
+    "retrofit": ("diptych.commands.retrofit", "turn a Llama/Qwen2 folder into a Huginn-format recurrent-depth model"),
     "env": ("diptych.commands.env", "versions, backends, devices and thread settings, to paste into a bug report"),
 }
 

@@ -29,9 +29,11 @@ MODEL_OUTPUTS: Mapping[str, str] = MappingProxyType({
     "values": "tokens",
     "chosen_logprobs": "chosen_tokens",
     "rejected_logprobs": "rejected_tokens",
+    "iteration_logprobs": "tokens",
 })
 """Every differentiable quantity a backend can compute for a loss, and the token array it is computed on
-(``[B, T - 1]`` each, position ``t`` scoring target ``tokens[:, t + 1]``)."""
+(``[B, T - 1]`` each, position ``t`` scoring target ``tokens[:, t + 1]``; ``iteration_logprobs`` of a
+recurrent-depth model is ``[B, k, T - 1]``, one row per differentiated iteration)."""
 
 DETACHED = "detached_"
 """A loss may also need ``detached_<output>`` (e.g. ``detached_logprobs``): the same values with no gradient,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
@@ -47,10 +46,6 @@ WEIGHTINGS: tuple[str, ...] = ("final", "uniform", "increasing")
 
 ITERATION_LOGPROBS = "iteration_logprobs"
 """The model output this loss needs: ``[B, k, T - 1]`` target log-probs of each differentiated iteration."""
-
-if ITERATION_LOGPROBS not in _registry.MODEL_OUTPUTS:
-    # Shim until registry.MODEL_OUTPUTS lists it (the lead's file): is_model_output reads the module global.
-    _registry.MODEL_OUTPUTS = MappingProxyType({**_registry.MODEL_OUTPUTS, ITERATION_LOGPROBS: "tokens"})
 
 
 @dataclasses.dataclass(frozen=True)
