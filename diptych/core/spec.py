@@ -188,6 +188,15 @@ class DecoderSpec:
             object.__setattr__(self, "_rope", cached)
         return cached
 
+    def rope_inv_freq(self) -> tuple[float, ...]:
+        """``rope().inv_freq`` as plain floats: a constant a tracer (``torch.compile``) folds in, where a
+        numpy array would become a guarded input."""
+        cached = self.__dict__.get("_rope_inv_freq")
+        if cached is None:
+            cached = tuple(float(x) for x in self.rope().inv_freq)
+            object.__setattr__(self, "_rope_inv_freq", cached)
+        return cached
+
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's Hugging Face name and shape, in a fixed order (the init order)."""
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size

@@ -67,7 +67,7 @@ def rope_inv_freq(spec: DecoderSpec, positions: torch.Tensor) -> torch.Tensor:
     this call, as transformers' ``dynamic_rope_update`` does per forward (and per decode step)."""
     rope = spec.rope()
     if not rope.dynamic:
-        return torch.as_tensor(rope.inv_freq, dtype=torch.float32, device=positions.device)
+        return torch.tensor(spec.rope_inv_freq(), dtype=torch.float32, device=positions.device)
     factor, max_pos, dim = float(rope.fields["factor"]), float(rope.max_position_embeddings), rope.rotary_dim
     length = torch.clamp(positions.max().float() + 1.0, min=max_pos)
     base = rope.theta * ((factor * length / max_pos) - (factor - 1)) ** (dim / (dim - 2))
