@@ -20,7 +20,7 @@ import pytest
 
 from diptych.cli import main
 from diptych.parity import golden
-from tests.conftest import HAS_JAX, HAS_TORCH
+from tests.conftest import HAS_JAX, HAS_TORCH, needs_torch
 
 GOLDEN = Path(__file__).parent
 both = pytest.mark.skipif(not (HAS_JAX and HAS_TORCH), reason="needs both backends")
@@ -227,3 +227,30 @@ def test_a_big_output_is_stored_as_a_sample_and_judged_on_it():
     moved[golden._sample_index(w.size)[7]] += 1.0
     assert not golden._judge(case, stored, moved, None, golden.SAME_STACK, "float32", "record", "here").passed
     assert golden._stored(w[:100])[1] == "full"
+
+
+@needs_torch
+def test_a_checkpoint_record_needs_its_folder(tmp_path, capsys):
+    rec = tmp_path / "ckpt"
+    shutil.copytree(GOLDEN / "torch", rec)
+    meta = json.loads((rec / golden.RECORD_JSON).read_text())
+    meta["models"][0]["checkpoint"] = {"path": "/somewhere/model", "sha256": "ab" * 32}
+    (rec / golden.RECORD_JSON).write_text(json.dumps(meta))
+    assert main(["parity", "--replay", str(rec)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["parity", "--replay", str(rec), "--checkpoint", str(tmp_path)]) == 2
+    assert "content hash differs" in capsys.readouterr().err
+
+
+@needs_torch
+@pytest.mark.slow
+def test_record_and_replay_an_hf_folder(tmp_path):
+    from diptych.core.hf import save_hf_folder
+    from diptych.core.spec import tiny_spec
+
+    spec = tiny_spec("qwen2", **golden.SMALL_DECODER)
+    folder = save_hf_folder(tmp_path / "m", spec, spec.init_weights(3))
+    assert main(["parity", "--record", str(tmp_path / "rec"), "--checkpoint", str(folder), "--backend", "torch"]) == 0
+    meta, _ = golden.load_record(tmp_path / "rec" / "torch")
+    assert meta["models"][0]["checkpoint"]["sha256"] == golden.folder_sha256(folder) and len(meta["models"]) == 1
+    assert main(["parity", "--replay", str(tmp_path / "rec"), "--checkpoint", str(folder)]) == 0
