@@ -21,7 +21,6 @@ import io
 import json
 import os
 import platform
-import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -401,6 +400,8 @@ def load_record(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[st
         meta = json.loads((folder / RECORD_JSON).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RecordError(f"{folder / RECORD_JSON} is not a readable parity record: {e}") from None
+    if not isinstance(meta, dict):
+        raise RecordError(f"{folder / RECORD_JSON} is not a parity record (a JSON object was expected).")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise RecordError(f"{folder} is a record of format {meta.get('format')!r} version "
                           f"{meta.get('format_version')!r}; this diptych reads {FORMAT!r} version {FORMAT_VERSION} "
@@ -528,7 +529,3 @@ def main_record(folder: Path, backends: list[str] | None, models: list[dict[str,
         size = sum(f.stat().st_size for f in path.iterdir())
         print(f"recorded {path} ({size / 1024:.0f} KiB)")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `diptych parity --record DIR` or `diptych parity --replay DIR`")
