@@ -154,7 +154,7 @@ def _cached_tokens(ops, ptok, pmask, run: _Run, steps, crit, init_scale, state_r
         else:
             x = dec.init(ctx, initial_state_noise(spec, (rows, 1, spec.n_embd), state_rng, init_scale))
         if crit is None and hasattr(dec, "run_fixed"):  # one compiled call per token where a backend has it
-            x, logits = dec.run_fixed(ctx, x, run.done)
+            x, logits = dec.run_fixed(ctx, x, run.done.copy())  # run.done changes later; see _iterate
             used = np.full(rows, steps, np.int32)
         else:
             (x, logits), used = _iterate(dec, ctx, x, steps, crit, run.done)
@@ -202,7 +202,9 @@ def _iterate(ops: Any, ctx: Any, x: Any, steps: int, crit: ExitCriterion | None,
         _, passed = crit.update(logits, latent)
         new = passed & ~exited
         used[new] = i
-        exited |= new
+        # a new array, never an in-place update: JAX on CPU may still be reading the one select was given
+        # (async dispatch), and a late read froze a row one iteration early (wrong logits, right depth)
+        exited = exited | new
         if exited.all():
             break
     return (x, ops.logits_last(ctx, x)), used

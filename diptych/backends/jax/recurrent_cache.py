@@ -85,31 +85,12 @@ def _readout(P: Params, spec: RecurrentSpec, cache: Cache, x: jax.Array, rope, c
     return {**cache, "coda_k": dk, "coda_v": dv}, (h @ _head(P, spec).T).astype(jnp.float32)
 
 
-def _primitive(fn: Any, static: tuple[str, ...] = ("spec",)) -> dict[bool, Any]:
-    """A cache primitive compiled two ways, keyed by whether it donates (updates in place) the cache.
-
-    Donation keeps one copy of the cache on an accelerator. On the CPU client (jax 0.10.2) it lost
-    K/V writes when several donating calls were in flight at once (async dispatch): rows that exited
-    early then read the post-exit iterations' K/V at the next token instead of their "latest"
-    fallback. Replaying the failing test sequence on a loaded machine: donated, 6 of 10 runs wrong;
-    not donated, 0 of 4; donated but waiting for each call, 0 of 3. So on CPU every call returns a
-    fresh cache (tests/recurrent/test_cache_donation.py).
-    """
-    return {True: jax.jit(fn, static_argnames=static, donate_argnames=("cache",)),
-            False: jax.jit(fn, static_argnames=static)}
-
-
-def donates_on(array: jax.Array) -> bool:
-    """Whether the decoder updates its cache in place on ``array``'s device (not on CPU)."""
-    return all(d.platform != "cpu" for d in array.devices())
-
-
 def _embed(P: Params, spec: RecurrentSpec, tokens: jax.Array) -> jax.Array:
     wte = P["transformer.wte.weight"]
     return wte[tokens] * jnp.asarray(spec.embed_scale, wte.dtype)
 
 
-@_primitive
+@partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
 def _prefill(P: Params, spec: RecurrentSpec, cache: Cache, tokens: jax.Array, mask: jax.Array, s0: jax.Array):
     S, T = tokens.shape[1], cache["valid"].shape[1]
     rope = _rope_tables(jnp.clip(jnp.cumsum(mask, -1) - 1, 0, None), spec.head_dim, spec.rope_base)
@@ -129,7 +110,7 @@ def _prefill(P: Params, spec: RecurrentSpec, cache: Cache, tokens: jax.Array, ma
     return cache, x[:, -1:], logits
 
 
-@_primitive
+@partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
 def _feed(P: Params, spec: RecurrentSpec, cache: Cache, tokens: jax.Array, valid: jax.Array, col: jax.Array):
     """One new position per row at column ``col``: its RoPE position is the row's count of real tokens."""
     rope = _rope_tables(cache["count"][:, None], spec.head_dim, spec.rope_base)
@@ -141,20 +122,20 @@ def _feed(P: Params, spec: RecurrentSpec, cache: Cache, tokens: jax.Array, valid
     return cache, (e, rope, allowed)
 
 
-@_primitive
+@partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
 def _step(P: Params, spec: RecurrentSpec, cache: Cache, ctx, x: jax.Array, it: jax.Array, col: jax.Array):
     e, rope, allowed = ctx
     x, ck, cv = _core(P, spec, x, e, rope, cache["core_k"], cache["core_v"], it, col, allowed)
     return {**cache, "core_k": ck, "core_v": cv}, x
 
 
-@_primitive
+@partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
 def _logits(P: Params, spec: RecurrentSpec, cache: Cache, ctx, x: jax.Array, col: jax.Array):
     _, rope, allowed = ctx
     return _readout(P, spec, cache, x, rope, col, allowed)
 
 
-@_primitive
+@partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
 def _fixed(P: Params, spec: RecurrentSpec, cache: Cache, ctx, x: jax.Array, frozen: jax.Array, col: jax.Array):
     """Every iteration and the readout of one token in one call (fixed depth: no host decision in between)."""
     e, rope, allowed = ctx
@@ -169,7 +150,7 @@ def _fixed(P: Params, spec: RecurrentSpec, cache: Cache, ctx, x: jax.Array, froz
     return cache, x, logits
 
 
-@partial(_primitive, static=())
+@partial(jax.jit, donate_argnames=("cache",))
 def _fill(cache: Cache, used: jax.Array, col: jax.Array) -> Cache:
     """Slots after each row's exit depth take the entry of its last iteration (the "latest" fallback)."""
     steps, rows = cache["core_k"].shape[1], used.shape[0]
@@ -205,7 +186,6 @@ class Decoder:
         self.dtype = self.P["transformer.wte.weight"].dtype
         self.rows, self.steps, self.capacity, self.col = rows, steps, capacity, 0
         self.cache = None
-        self.donate = donates_on(self.P["transformer.wte.weight"])
 
     def prefill(self, tokens: np.ndarray, mask: np.ndarray, s0: np.ndarray) -> tuple[np.ndarray, jax.Array]:
         """The prompt at full depth (no exit): (last-position logits, last-position final state [B, 1, H])."""
@@ -214,7 +194,7 @@ class Decoder:
         self.capacity = lead + width + -(-(self.capacity - width) // 16) * 16
         self.cache = init_cache(self.spec, self.rows, self.capacity, self.steps, self.dtype)
         pad = ((0, 0), (lead, 0))
-        self.cache, final, logits = _prefill[self.donate](
+        self.cache, final, logits = _prefill(
             self.P, self.spec, self.cache, jnp.asarray(np.pad(tokens, pad), jnp.int32),
             jnp.asarray(np.pad(mask, pad), jnp.int32), jnp.asarray(np.pad(s0, (*pad, (0, 0))), self.dtype))
         self.col = lead + width
@@ -223,26 +203,25 @@ class Decoder:
     def feed(self, tokens: np.ndarray, valid: np.ndarray) -> _Token:
         if self.col >= self.capacity:
             raise ValueError(f"KV cache is full ({self.capacity} columns); size it for prompt + max_new_tokens.")
-        self.cache, arrays = _feed[self.donate](self.P, self.spec, self.cache, jnp.asarray(tokens, jnp.int32),
-                                                jnp.asarray(valid, bool), jnp.int32(self.col))
+        self.cache, arrays = _feed(self.P, self.spec, self.cache, jnp.asarray(tokens, jnp.int32),
+                                   jnp.asarray(valid, bool), jnp.int32(self.col))
         return _Token(arrays, self.col)
 
     def init(self, ctx: _Token, s0: np.ndarray) -> jax.Array:
         return jnp.asarray(s0, self.dtype)
 
     def step(self, ctx: _Token, x: jax.Array) -> jax.Array:
-        self.cache, x = _step[self.donate](self.P, self.spec, self.cache, ctx.arrays, x, jnp.int32(ctx.it),
-                                           jnp.int32(ctx.col))
+        self.cache, x = _step(self.P, self.spec, self.cache, ctx.arrays, x, jnp.int32(ctx.it), jnp.int32(ctx.col))
         ctx.it += 1
         return x
 
     def logits_last(self, ctx: _Token, x: jax.Array) -> np.ndarray:
-        self.cache, logits = _logits[self.donate](self.P, self.spec, self.cache, ctx.arrays, x, jnp.int32(ctx.col))
+        self.cache, logits = _logits(self.P, self.spec, self.cache, ctx.arrays, x, jnp.int32(ctx.col))
         return np.asarray(logits)
 
     def run_fixed(self, ctx: _Token, x: jax.Array, frozen: np.ndarray) -> tuple[jax.Array, np.ndarray]:
         """All ``steps`` iterations and the logits in one compiled call; ``frozen`` rows keep their state."""
-        self.cache, x, logits = _fixed[self.donate](self.P, self.spec, self.cache, ctx.arrays, x, jnp.asarray(frozen),
+        self.cache, x, logits = _fixed(self.P, self.spec, self.cache, ctx.arrays, x, jnp.asarray(frozen),
                                        jnp.int32(ctx.col))
         ctx.it = self.steps
         return x, np.asarray(logits)
@@ -256,5 +235,5 @@ class Decoder:
     def finish(self, ctx: _Token, used: np.ndarray) -> None:
         """Fill the slots a row skipped by exiting early, then move to the next column."""
         if (np.asarray(used) < self.cache["core_k"].shape[1]).any():
-            self.cache = _fill[self.donate](self.cache, jnp.asarray(used, jnp.int32), jnp.int32(ctx.col))
+            self.cache = _fill(self.cache, jnp.asarray(used, jnp.int32), jnp.int32(ctx.col))
         self.col = ctx.col + 1
