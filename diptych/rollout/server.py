@@ -285,8 +285,11 @@ class ServerEngine:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             dead = ""
-            if self.process is not None and self.process.poll() is not None:
-                dead = f" (the server process exited with status {self.process.returncode})"
+            if self.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # a reset may come before the exit is reaped
+                    self.process.wait(timeout=2)
+                if self.process.returncode is not None:
+                    dead = f" (the server process exited with status {self.process.returncode})"
             raise RolloutEngineError(
                 f"the rollout server at {self.url} stopped answering {method} {path}: {reason}{dead}. It died or was "
                 "shut down; restart it (diptych rollout-server) and resume from the last checkpoint.") from None
