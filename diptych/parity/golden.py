@@ -82,7 +82,8 @@ class Pair:
 SAME_STACK = Pair("same stack", True, _tol(1e-7, 1e-7, 1e-7, 1e-7, 1e-7, 0.0))
 PAIRS: dict[str, Pair] = {
     "cpu-cpu fp32": Pair("cpu-cpu fp32", True, {**TOLERANCES["float32"], "tokens": 0.0}),
-    "cpu-cpu bf16": Pair("cpu-cpu bf16", True, {**TOLERANCES["bfloat16"], "tokens": 0.25}),
+    # measured torch -> jax: llama logits 2.0e-3, recurrent logits 2.3e-2 (3 bf16 ulps at |logit| ~2), grads 1.2e-2
+    "cpu-cpu bf16": Pair("cpu-cpu bf16", True, _tol(3e-2, 3e-2, 3e-2, 2e-2, 2e-2, 0.25)),
     "cpu-gpu fp32 (TF32 off)": Pair("cpu-gpu fp32 (TF32 off)", False, _tol(1e-4, 1e-4, 1e-3, 1e-4, 1e-4, 0.0)),
     "tf32": Pair("tf32", False, _tol(1e-2, 1e-2, 2e-2, 1e-2, 1e-2, 0.25)),
     "cpu-gpu bf16": Pair("cpu-gpu bf16", False, _tol(5e-2, 5e-2, 6e-2, 4e-2, 4e-2, 0.25)),
