@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "depth-sweep": ("diptych.commands.depth_sweep", "accuracy vs recurrence depth for a recurrent model"),
     "evaluate": ("diptych.commands.evaluate", "held-out greedy accuracy of a checkpoint on a built-in task"),
     "retrofit": ("diptych.commands.retrofit", "turn a Llama/Qwen2 folder into a Huginn-format recurrent-depth model"),
+    "rollout-server": ("diptych.commands.rollout_server",
+                       "serve a vLLM rollout engine over HTTP (generate, weight sync, version check)"),
     "env": ("diptych.commands.env", "versions, backends, devices and thread settings, to paste into a bug report"),
 }
 

@@ -143,7 +143,7 @@ def say(message: str) -> None:
     """A one-line notice on stderr (resume fallbacks, skipped checkpoints)."""
     print(message, file=sys.stderr)
 
-RESUME_MUTABLE = ("steps", "out", "checkpoint", "quiet")
+RESUME_MUTABLE = ("steps", "out", "checkpoint", "quiet", "vllm")
 """Config keys a resumed run may change (extend the run, move outputs); anything else must match."""
 
 
