@@ -12,7 +12,7 @@ from diptych.core.model_types import MODEL_TYPES, is_recurrent, supported_model_
 from diptych.core.recurrent_spec import RecurrentSpec, tiny_recurrent_spec
 from diptych.core.spec import DecoderSpec, SpecError, tiny_spec
 
-EXPECTED = ("llama", "qwen2", "qwen3", "huginn_raven")  # the docs' list; adding a family updates this line
+EXPECTED = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "huginn_raven")  # the docs' list; adding a family updates this line
 
 
 def _choices(add_arguments, dest: str) -> list[str]:
@@ -24,7 +24,7 @@ def _choices(add_arguments, dest: str) -> list[str]:
 def test_the_table_is_what_the_docs_list():
     assert supported_model_types() == EXPECTED
     assert model_types.RECURRENT_MODEL_TYPES == ("huginn_raven",)
-    assert model_types.DECODER_MODEL_TYPES == ("llama", "qwen2", "qwen3")
+    assert model_types.DECODER_MODEL_TYPES == ("llama", "qwen2", "qwen3", "mistral", "smollm3")
 
 
 def test_parity_cli_offers_every_supported_type_and_every_backend():
@@ -61,7 +61,7 @@ def test_error_messages_list_the_table():
     with pytest.raises(SpecError) as e:
         DecoderSpec(model_type="huginn_raven")
     assert "RecurrentSpec" in str(e.value) and _listed(str(e.value)) == supported_model_types()
-    with pytest.raises(SpecError, match="Unknown model_type 'gpt2'; supported: llama, qwen2, qwen3, huginn_raven"):
+    with pytest.raises(SpecError, match="Unknown model_type 'gpt2'; supported: llama, qwen2, qwen3, mistral, smollm3, huginn_raven"):
         hf.tiny_spec_for("gpt2")
 
 
