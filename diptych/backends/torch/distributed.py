@@ -340,7 +340,8 @@ def export_weights(state_or_model: Any) -> dict[str, np.ndarray]:
     """Full canonical float32 weights of a sharded model on every rank (a collective: every rank calls it)."""
     model = getattr(state_or_model, "model", state_or_model)
     with torch.no_grad():
-        return {n: _full(p.detach()).float().cpu().numpy().copy() for n, p in model.named_parameters()}
+        # clone first: a numpy view would pin the gathered root's storage, which FSDP2 must free to reshard
+        return {n: _full(p.detach()).float().cpu().clone().numpy() for n, p in model.named_parameters()}
 
 
 def export_optimizer(state: T.TrainState) -> dict[str, Any]:
@@ -455,6 +456,8 @@ def restore(path: str | os.PathLike, mesh: MeshConfig | None = None) -> tuple[T.
 
     path = Path(path)
     meta, spec, optim, options = read_checkpoint(path, "torch")
+    if mesh is not None:
+        init_process_group()  # a resume restores before anything else has joined the torchrun job
     if not is_sharded_checkpoint(path):
         raise ckpt.CheckpointError(f"{path} has no {DCP_DIR}/ (not a sharded checkpoint); use "
                                    "diptych.backends.torch.checkpoint.restore.")
