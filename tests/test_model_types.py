@@ -12,7 +12,8 @@ from diptych.core.model_types import MODEL_TYPES, is_recurrent, supported_model_
 from diptych.core.recurrent_spec import RecurrentSpec, tiny_recurrent_spec
 from diptych.core.spec import DecoderSpec, SpecError, tiny_spec
 
-EXPECTED = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "huginn_raven")  # the docs' list; adding a family updates this line
+# the docs' list; adding a family updates this line
+EXPECTED = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "huginn_raven")
 
 
 def _choices(add_arguments, dest: str) -> list[str]:
@@ -61,7 +62,8 @@ def test_error_messages_list_the_table():
     with pytest.raises(SpecError) as e:
         DecoderSpec(model_type="huginn_raven")
     assert "RecurrentSpec" in str(e.value) and _listed(str(e.value)) == supported_model_types()
-    with pytest.raises(SpecError, match="Unknown model_type 'gpt2'; supported: llama, qwen2, qwen3, mistral, smollm3, huginn_raven"):
+    listed = "llama, qwen2, qwen3, mistral, smollm3, huginn_raven"
+    with pytest.raises(SpecError, match=f"Unknown model_type 'gpt2'; supported: {listed}"):
         hf.tiny_spec_for("gpt2")
 
 

@@ -62,6 +62,7 @@ def test_torch_sharded_step_refuses_an_indivisible_batch_before_the_forward(monk
     spec = cases.spec()
     model = model_lib.build(spec, spec.init_weights(0), device="cpu")
     model.diptych_mesh = (MeshConfig(data=2, fsdp=2), None)  # what shard_model records, without a job
+    model.diptych_ops = D
     state = T.init_train_state(model, cases.optim())
     ran = []
     monkeypatch.setattr(D, "call", lambda *a, **k: ran.append(1))

@@ -34,7 +34,7 @@ def main() -> None:
     results: dict[str, np.ndarray] = {}
     for name in names:
         spec, optim, loss, loss_cfg, steps = cases.case(name)
-        st = T.init_train_state(_build(T, spec, name), optim, mesh=cfg, remat=cases.remat(name))
+        st = D.init_train_state(_build(T, spec, name), optim, mesh=cfg, remat=cases.remat(name))
         got = []
         for mbs in steps:
             st, m = D.train_step(st, mbs, loss, loss_cfg)

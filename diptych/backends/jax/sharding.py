@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diptych.core import mesh as M
 from diptych.core.mesh import MeshConfig, MeshError
+from diptych.core.model_types import is_recurrent
 
 _COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
@@ -101,10 +102,23 @@ def _key(entry: Any) -> str:
     return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
 
 
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """``{canonical name: leaf}`` for a params-shaped tree (model params by HF name, then the value head)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path
+                if not isinstance(k, jax.tree_util.GetAttrKey)]
+        if keys[0] == "model":
+            if keys[1] == "params":  # a recurrent model keeps its HF-named Params in one dict, ``params``
+                keys = keys[1:]
+            out[".".join(keys[1:])] = leaf
+        else:
+            out[".".join(keys)] = leaf
+    return out
+
+
 def params_shardings(params: Any, mesh: Mesh, *, recurrent: bool) -> list[NamedSharding]:
     """One sharding per leaf of a params tree (``TrainState.params``), in flatten order."""
-    from diptych.backends.jax.train import named_leaves
-
     leaves = named_leaves(params)
     return [param_sharding(mesh, n, np.shape(v), recurrent=recurrent) for n, v in leaves.items()]
 
@@ -143,8 +157,6 @@ def shard_state(state: Any, mesh: Mesh | MeshConfig) -> Any:
     """``state`` (a ``diptych.backends.jax.train.TrainState``) with its parameters and optimizer state placed
     on ``mesh`` by the partition rules, and the mesh recorded on it so that each train step splits its
     micro-batches over ``data x fsdp`` and keeps the layout. Checks the model against the mesh first."""
-    from diptych.core.model_types import is_recurrent
-
     if isinstance(mesh, MeshConfig):
         mesh = make_mesh(mesh)
     cfg = mesh_config(mesh)
@@ -160,8 +172,6 @@ def shard_state(state: Any, mesh: Mesh | MeshConfig) -> Any:
 
 def state_shardings(state: Any) -> tuple[Any, Any]:
     """``(params shardings tree, opt_state shardings tree)`` of a sharded state, for ``jit`` ``out_shardings``."""
-    from diptych.core.model_types import is_recurrent
-
     rec = is_recurrent(state.spec)
     ps = params_shardings(state.params, state.mesh, recurrent=rec)
     os_ = tree_shardings(state.params, state.opt_state, state.mesh, recurrent=rec)

@@ -26,6 +26,7 @@ from diptych.backends.facade import model_dtype, model_module
 from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
 from diptych.backends.jax import sharding as sharding_lib
+from diptych.backends.jax.sharding import named_leaves
 from diptych.core import train_step as TS
 from diptych.core.mesh import check_remat
 from diptych.core.optim import OptimConfig, lr_at
@@ -308,21 +309,6 @@ def values(state: TrainState, tokens: Any, attention_mask: Any) -> jax.Array:
 
 
 # -- weights in and out -------------------------------------------------------------------------
-def named_leaves(tree: Any) -> dict[str, Any]:
-    """``{canonical name: leaf}`` for a params-shaped tree (model params by HF name, then the value head)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path
-                if not isinstance(k, jax.tree_util.GetAttrKey)]
-        if keys[0] == "model":
-            if keys[1] == "params":  # a recurrent model keeps its HF-named Params in one dict, ``params``
-                keys = keys[1:]
-            out[".".join(keys[1:])] = leaf
-        else:
-            out[".".join(keys)] = leaf
-    return out
-
-
 def from_named(template: Any, named: Mapping[str, np.ndarray]) -> Any:
     """The inverse of :func:`named_leaves`: a tree shaped like ``template`` filled from canonical names."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(template)

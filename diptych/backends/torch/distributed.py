@@ -166,6 +166,7 @@ def shard_model(model: nn.Module, cfg: MeshConfig, mesh: Any = None) -> nn.Modul
         _warm_up(model)
         model.reshard()  # the optimizer is built over the sharded parameters; gather_root after that
     model.diptych_mesh = (cfg, mesh)
+    model.diptych_ops = sys.modules[__name__]  # train.py steps a sharded state through this module
     return model
 
 
@@ -195,8 +196,16 @@ def _fsdp_module() -> type:
     return FSDPModule
 
 
+def init_train_state(model: nn.Module, optim: Any, *, mesh: Any = None, **kw: Any) -> T.TrainState:
+    """:func:`diptych.backends.torch.train.init_train_state` on ``mesh``: shard ``model`` over the ``torchrun``
+    job first (:func:`shard_for_training`; None: one process), then build the optimizer over the shards."""
+    if mesh is not None:
+        model = shard_for_training(model, mesh, optim)
+    return T.init_train_state(model, optim, **kw)
+
+
 def shard_for_training(model: nn.Module, mesh: Any, optim: Any = None) -> nn.Module:
-    """What ``train.init_train_state(mesh=...)`` does first: join the ``torchrun`` job and shard ``model`` on
+    """What :func:`init_train_state` does first: join the ``torchrun`` job and shard ``model`` on
     ``mesh`` (``"auto"``: the whole job on ``fsdp``; a one-process mesh leaves the model as it is)."""
     init_process_group()
     cfg = M.resolve(None if mesh == "auto" else mesh, world_size(), what="processes (torchrun --nproc-per-node)")

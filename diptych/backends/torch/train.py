@@ -56,21 +56,19 @@ class TrainState:
 
 
 def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool = False, seed: int = 0,
-                     mesh: Any = None, remat: str | None = None) -> TrainState:
+                     remat: str | None = None) -> TrainState:
     """Wrap a built model for training.
 
     With ``optim.mixed_precision="bf16"`` a float32 model is rebuilt in bfloat16 and its
     float32 weights become the master copy. The value head (``[H] -> 1``, float32, for PPO)
-    is initialised in numpy from ``seed`` exactly as on JAX. ``mesh`` shards the model over the ``torchrun``
-    job first (:func:`diptych.backends.torch.distributed.shard_for_training`; None: one process), and the
-    optimizer is built over the shards; ``remat`` (``none`` | ``layer``) sets activation checkpointing.
+    is initialised in numpy from ``seed`` exactly as on JAX. A model already sharded by
+    :func:`diptych.backends.torch.distributed.init_train_state` (which the backend calls when given a
+    ``mesh``) gets its optimizer over the shards; ``remat`` (``none`` | ``layer``) sets activation checkpointing.
     """
     if not isinstance(optim, OptimConfig):
         raise TypeError(f"optim must be an OptimConfig, got {type(optim).__name__}.")
     if remat is not None:
         _set_remat(model, remat)
-    if mesh is not None:
-        model = _distributed().shard_for_training(model, mesh, optim)
     named = list(model.named_parameters())
     dtype = _model_dtype(model)
     if optim.mixed_precision == "bf16":
@@ -97,7 +95,7 @@ def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool =
     state = TrainState(model=model, optim=optim, optimizer=_adamw(master, optim), names=names, master=master,
                        value_head=head)
     if _sharded(state):
-        _distributed().gather_root(model)  # so the sampler runs on it before the first step
+        _distributed(state).gather_root(model)  # so the sampler runs on it before the first step
     return state
 
 
@@ -115,11 +113,10 @@ def _set_remat(model: Any, remat: str) -> None:
         setter(model, remat)
 
 
-def _distributed() -> ModuleType:
-    """``diptych.backends.torch.distributed``, which builds on this module (imported on first use)."""
-    from diptych.backends.torch import distributed
-
-    return distributed
+def _distributed(state: TrainState) -> ModuleType:
+    """The module that steps a sharded state: ``diptych.backends.torch.distributed``, which builds on this
+    module, so the sharded model carries it (``diptych_ops``) instead of this module importing it."""
+    return state.model.diptych_ops
 
 
 def _sharded(state: TrainState) -> bool:
@@ -156,7 +153,7 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
     state takes :func:`diptych.backends.torch.distributed.train_step` (the same update, reduced over ranks).
     """
     if _sharded(state):
-        return _distributed().train_step(state, microbatches, loss, loss_config, temperature=temperature)
+        return _distributed(state).train_step(state, microbatches, loss, loss_config, temperature=temperature)
     params, acc, totals = _accumulate(state, microbatches, loss, loss_config, temperature)
     lr = lr_at(state.step, state.optim)
     with torch.no_grad():
@@ -284,7 +281,7 @@ def export_weights(state: TrainState) -> dict[str, np.ndarray]:
     A sharded state is gathered (a collective: every rank calls it).
     """
     if _sharded(state):
-        return _distributed().export_weights(state)
+        return _distributed(state).export_weights(state)
     return {n: m.detach().float().cpu().numpy().copy() for n, m in zip(state.names, state.master)
             if n not in VALUE_HEAD}
 
@@ -299,7 +296,7 @@ def export_value_head(state: TrainState) -> dict[str, np.ndarray] | None:
 def export_optimizer(state: TrainState) -> dict[str, Any]:
     """AdamW moments by canonical name, backend-neutral: ``{"count", "mu": {...}, "nu": {...}}``."""
     if _sharded(state):
-        return _distributed().export_optimizer(state)
+        return _distributed(state).export_optimizer(state)
     mu, nu, count = {}, {}, 0
     for name, p in zip(state.names, state.master):
         st = state.optimizer.state.get(p, {})
