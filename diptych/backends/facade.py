@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diptych.core.backend import Array, Model, TrainState
+from diptych.core.mesh import check_remat
 from diptych.core.model_types import is_recurrent
 
 if TYPE_CHECKING:
@@ -31,6 +32,15 @@ if TYPE_CHECKING:
 def model_module(package: str, spec_or_model: Any) -> ModuleType:
     """The module implementing a spec or model: ``recurrent`` for recurrent-depth ones, else ``model``."""
     return importlib.import_module(f"{package}.{'recurrent' if is_recurrent(spec_or_model) else 'model'}")
+
+
+def set_remat(package: str, model: Any, remat: str) -> None:
+    """``remat`` on a decoder (per-layer activation checkpointing); a recurrent-depth model already recomputes
+    each core iteration under truncated backprop, so it only has the mode checked."""
+    check_remat(remat)
+    setter = getattr(model_module(package, model), "set_remat", None)
+    if setter is not None:
+        setter(model, remat)
 
 
 def model_dtype(model: Any) -> str:

@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diptych.backends.facade import model_dtype, model_module
+from diptych.backends.facade import model_dtype, model_module, set_remat
 from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
 from diptych.core import train_step as TS
-from diptych.core.mesh import check_remat
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.spec import value_head_init
 
@@ -105,12 +104,7 @@ _model_dtype = model_dtype
 
 
 def _set_remat(model: Any, remat: str) -> None:
-    """``remat`` on a decoder (per-layer activation checkpointing); a recurrent-depth model already recomputes
-    each core iteration under truncated backprop, so it only has the mode checked."""
-    check_remat(remat)
-    setter = getattr(_lib(model), "set_remat", None)
-    if setter is not None:
-        setter(model, remat)
+    set_remat("diptych.backends.torch", model, remat)
 
 
 def _distributed(state: TrainState) -> ModuleType:
