@@ -148,12 +148,14 @@ def with_renamed_fields(cls: type[T]) -> type[T]:
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Instantiate dataclass ``cls`` from ``data``; unknown keys raise with a suggestion, deprecated keys
-    (``cls._renamed``) are mapped to their new names with a DeprecationWarning."""
+    (``cls._renamed``) are mapped to their new names with a DeprecationWarning, and ``cls._keys`` maps a YAML
+    key that cannot be a Python name (``async``) to its field (``async_``) silently."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__} must be a mapping, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     data = renamed_keys(data, getattr(cls, "_renamed", {}), prefix)
+    data = {getattr(cls, "_keys", {}).get(k, k): v for k, v in data.items()}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:

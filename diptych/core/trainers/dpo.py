@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from diptych.core.config import with_renamed_fields
+from diptych.core.lora import LoRAConfig
 from diptych.core.losses import PreferenceLossConfig
 from diptych.core.losses.preference import PREFERENCE_KINDS, REFERENCE_FREE
 from diptych.core.mesh import MeshConfig
@@ -71,6 +72,9 @@ class DPOConfig:
     ``torchrun`` job, on ``fsdp``."""
     remat: Literal["none", "layer"] = "none"
     """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
+    lora: LoRAConfig | None = None
+    """Adapters (``diptych.core.lora``): ``lora: {r: 16, alpha: 32}`` trains LoRA on a frozen base, ``quantize_base:
+    nf4`` QLoRA; None trains every weight."""
 
     _renamed: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length",
                                           "max_completion_len": "max_completion_length", "kind": "loss_type",

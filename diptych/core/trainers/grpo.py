@@ -24,8 +24,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from diptych.asyncrl.config import AsyncConfig
 from diptych.core.advantages import ESTIMATORS, compute_advantages, filter_zero_variance_groups, get_estimator
 from diptych.core.config import from_dict, with_renamed_fields
+from diptych.core.lora import LoRAConfig
 from diptych.core.losses import POLICY_PRESETS, PolicyLossConfig, policy_preset
 from diptych.core.losses.trajectory import TrajectoryCredit
 from diptych.core.mesh import MeshConfig
@@ -139,6 +141,12 @@ class GRPOConfig:
     ``torchrun`` job, on ``fsdp``."""
     remat: Literal["none", "layer"] = "none"
     """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
+    lora: LoRAConfig | None = None
+    """Adapters (``diptych.core.lora``): ``lora: {r: 16, alpha: 32}`` trains LoRA on a frozen base, ``quantize_base:
+    nf4`` QLoRA; None trains every weight."""
+    async_: AsyncConfig = field(default_factory=AsyncConfig)
+    """Asynchronous RL (``diptych.asyncrl``), written ``async`` in YAML and flags: ``async.enabled=true
+    async.max_staleness=2``."""
     depth: DepthPolicy | None = None
     """Recurrent-depth models only: the train depth schedule (truncated backprop) and the sampling depth."""
     rollout: str = "native"
@@ -153,6 +161,7 @@ class GRPOConfig:
 
     _renamed: ClassVar[dict[str, str]] = {"group_size": "num_generations", "max_prompt_len": "max_prompt_length",
                                           "max_new_tokens": "max_completion_length"}
+    _keys: ClassVar[dict[str, str]] = {"async": "async_"}
 
     def __post_init__(self) -> None:
         check_loop_fields(self)

@@ -27,6 +27,7 @@ import numpy as np
 
 from diptych.core.advantages import gae, kl_shaped_rewards
 from diptych.core.config import with_renamed_fields
+from diptych.core.lora import LoRAConfig
 from diptych.core.losses import PolicyLossConfig, ValueLossConfig
 from diptych.core.mesh import MeshConfig
 from diptych.core.metrics import MetricsLogger
@@ -88,6 +89,9 @@ class PPOConfig:
     ``torchrun`` job, on ``fsdp``."""
     remat: Literal["none", "layer"] = "none"
     """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
+    lora: LoRAConfig | None = None
+    """Adapters (``diptych.core.lora``): ``lora: {r: 16, alpha: 32}`` trains LoRA on a frozen base, ``quantize_base:
+    nf4`` QLoRA; None trains every weight."""
     rollout: str = "native"
     """Who samples: ``native`` (the backend's own sampler) or ``vllm`` (docs/vllm.md)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)

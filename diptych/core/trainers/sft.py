@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from diptych.core.config import with_renamed_fields
+from diptych.core.lora import LoRAConfig
 from diptych.core.losses import SFTLossConfig
 from diptych.core.mesh import MeshConfig
 from diptych.core.metrics import MetricsLogger
@@ -47,6 +48,9 @@ class SFTConfig:
     ``torchrun`` job, on ``fsdp``."""
     remat: Literal["none", "layer"] = "none"
     """Activation checkpointing: ``layer`` recomputes each decoder layer in the backward."""
+    lora: LoRAConfig | None = None
+    """Adapters (``diptych.core.lora``): ``lora: {r: 16, alpha: 32}`` trains LoRA on a frozen base, ``quantize_base:
+    nf4`` QLoRA; None trains every weight."""
 
     _renamed: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length",
                                           "max_completion_len": "max_completion_length"}

@@ -1,0 +1,5 @@
+"""Asynchronous RL (Magistral-style): generators that never wait, bounded staleness, per-token versions."""
+
+from diptych.asyncrl.config import AsyncConfig
+
+__all__ = ["AsyncConfig"]
