@@ -49,7 +49,9 @@ class RecurrentSpec:
     qk_bias: bool = True
     bias: bool = False
     tie_embeddings: bool = True
-    init_values: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
+    init_values: dict[str, float] = field(default_factory=dict, hash=False)
+    """Compared (``embed_scale`` is read at JAX trace time, so specs differing in it must not share a compile) but
+    not hashed (a dict is not hashable; equal specs still hash equal)."""
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None

@@ -182,3 +182,17 @@ def test_set_depth_is_the_default_and_hidden_states_times_head_are_the_logits(ba
         rb.set_depth(model, 4, 0)
     with pytest.raises(TypeError, match="Unknown build option"):
         backend.build(spec, w, depth=3)
+
+
+def test_specs_differing_only_in_embed_scale_do_not_share_a_compile(backend):
+    """``embed_scale`` is read at trace time; before it took part in spec equality, the JAX jit cache served the
+    second spec the first spec's compiled forward (same weights, same shapes) and its logits were wrong."""
+    import dataclasses
+
+    spec, w = spec_and_weights()
+    other = dataclasses.replace(spec, init_values={**spec.init_values, "embed_scale": 1.0})
+    assert other != spec
+    tokens, _, _ = batch()
+    for s in (spec, other):
+        got = backend.to_numpy(backend.forward(backend.build(s, w), tokens, None, num_steps=2))
+        np.testing.assert_allclose(got, huginn_forward(s, w, tokens, 2, None), atol=1e-5, rtol=0)
