@@ -7,35 +7,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from diptych.backends.torch.recurrent_layers import (
-    Context,
-    RecurrentLM,
-    core_step,
-    initial_state,
-    prelude,
-    readout,
-    to_model,
-)
+from diptych.backends.torch.recurrent import _Ops
+from diptych.backends.torch.recurrent_layers import Context, RecurrentLM, readout, to_model
 from diptych.recurrent.parallel import parallel_generate
 
 
-class ParallelOps:
-    """Full-buffer prelude, one core iteration, all-position readouts and latents, per-position keep."""
-
-    def __init__(self, model: RecurrentLM) -> None:
-        self.model, self.spec = model, model.spec
-
-    @torch.no_grad()
-    def prelude(self, tokens: np.ndarray, mask: np.ndarray) -> Context:
-        return prelude(self.model, tokens, mask)
-
-    @torch.no_grad()
-    def init(self, ctx: Context, init_state: np.ndarray | None) -> torch.Tensor:
-        return initial_state(self.model, ctx, init_state)
-
-    @torch.no_grad()
-    def step(self, ctx: Context, x: torch.Tensor) -> torch.Tensor:
-        return core_step(self.model, ctx, x)
+class ParallelOps(_Ops):
+    """The sequential generator's primitives (prelude, init, one core iteration) plus all-position readouts and
+    latents and a per-position keep."""
 
     @torch.no_grad()
     def logits_all(self, ctx: Context, x: torch.Tensor) -> np.ndarray:
