@@ -33,7 +33,7 @@ from diptych.core.losses.trajectory import TrajectoryCredit
 from diptych.core.mesh import MeshConfig
 from diptych.core.metrics import MetricsLogger
 from diptych.core.optim import OptimConfig
-from diptych.core.sampling import SamplingConfig, parity_noise
+from diptych.core.sampling import Rollout, SamplingConfig, parity_noise
 from diptych.core.train_batch import split_microbatches
 from diptych.core.trainers.base import (
     DivergenceGuard,
@@ -275,50 +275,60 @@ def check_columns(reward: Any, rows: Sequence[dict[str, Any]]) -> None:
                            f"(they have {', '.join(sorted(rows[0]))}).")
 
 
-def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[dict[str, Any]], cfg: GRPOConfig,
-              step: int, ref_model: Any = None, engine: Any = None) -> tuple[Any, dict[str, float]]:
-    """One GRPO step on ``rows`` (a batch of prompts): generate, score, advantages, update.
-
-    ``engine`` (a ``diptych.rollout`` engine, e.g. vLLM) samples instead of ``backend.generate`` and gets the
-    updated weights pushed after the update (``time/sync``; ``weight_version`` is the version that sampled)."""
-    timer = StepTimer()
-    g = cfg.num_generations
-    prompts = [r["prompt"] for r in rows]
-    ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+def sample_rollout(backend: Any, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: GRPOConfig,
+                   step: int, engine: Any = None) -> Rollout:
+    """Phase 1: ``num_generations`` completions of every prompt of ``rows``, drawn from ``model`` (or ``engine``) with
+    the step's seed, so a generator elsewhere (``diptych.asyncrl``) draws exactly what the synchronous loop draws."""
+    ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
     sampling = cfg.sampling(tokenizer)
-    with timer.phase("generate"):
-        if engine is not None:
-            rollout = sample_with(engine, ids, sampling, cfg.seed * 100003 + step)
-        else:
-            noise = None
-            if cfg.parity:
-                noise = parity_noise(len(ids) * g, cfg.max_completion_length, state_vocab(state),
-                                     seed=cfg.seed * 100003 + step)
-            rollout = backend.generate(state.model, ids, sampling, noise=noise,
-                                       **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}),
-                                       **(cfg.depth.generate_kwargs() if cfg.depth is not None else {}))
-    with timer.phase("score"):
-        completions = decode_completions(tokenizer, rollout)
-        rewards, components = score(reward, [p for p in prompts for _ in range(g)], completions,
-                                    {**columns_of(rows, exclude=("prompt",), repeat=g),
-                                     "completion_lengths": [int(x) for x in rollout.lengths]})
-        advantages = compute_advantages(cfg.advantage, rewards, g, **cfg.advantage_kwargs()).astype(np.float32)
-        batch = rollout_batch(rollout, cfg.max_prompt_length)
-        dropped = 0
-        if cfg.filter_zero_variance:
-            keep, dropped = filter_zero_variance_groups(rewards, g)
-            batch["mask"] = batch["mask"] * keep[:, None].astype(np.float32)
-    metrics: dict[str, float] = {
-        "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-        "completion_length": float(rollout.lengths.mean()), "truncated_frac": float(rollout.truncated.mean()),
-        "groups_dropped": float(dropped), **components,
-    }
     if engine is not None:
-        metrics["weight_version"] = float(rollout.extras["weight_version"])
+        return sample_with(engine, ids, sampling, cfg.seed * 100003 + step)
+    noise = None
+    if cfg.parity:
+        noise = parity_noise(len(ids) * cfg.num_generations, cfg.max_completion_length, int(model.spec.vocab_size),
+                             seed=cfg.seed * 100003 + step)
+    return backend.generate(model, ids, sampling, noise=noise,
+                            **({} if cfg.parity else {"seed": cfg.seed * 100003 + step}),
+                            **(cfg.depth.generate_kwargs() if cfg.depth is not None else {}))
+
+
+def score_rollout(tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]], rollout: Rollout, cfg: GRPOConfig
+                  ) -> tuple[np.ndarray, dict[str, float]]:
+    """Phase 2 (the verifier's): each completion's reward, and the per-component means for logging."""
+    g = cfg.num_generations
+    completions = decode_completions(tokenizer, rollout)
+    return score(reward, [r["prompt"] for r in rows for _ in range(g)], completions,
+                 {**columns_of(list(rows), exclude=("prompt",), repeat=g),
+                  "completion_lengths": [int(x) for x in rollout.lengths]})
+
+
+def advantage_batch(batch: dict[str, np.ndarray], rewards: np.ndarray, cfg: GRPOConfig
+                    ) -> tuple[dict[str, np.ndarray], int]:
+    """Phase 3: group advantages of whole groups (rows ``i * G .. i * G + G - 1``) and DAPO's zero-variance filter
+    on the policy-loss arrays of :func:`rollout_batch`; returns the batch and how many groups the filter dropped."""
+    g = cfg.num_generations
+    batch = dict(batch)
+    batch["advantages"] = compute_advantages(cfg.advantage, rewards, g, **cfg.advantage_kwargs()).astype(np.float32)
+    dropped = 0
+    if cfg.filter_zero_variance:
+        keep, dropped = filter_zero_variance_groups(rewards, g)
+        batch["mask"] = batch["mask"] * keep[:, None].astype(np.float32)
+    return batch, int(dropped)
+
+
+def train_on_batch(backend: Any, state: Any, batch: dict[str, np.ndarray], cfg: GRPOConfig, step: int,
+                   ref_model: Any = None, timer: StepTimer | None = None, loss: tuple[str, Any] | None = None
+                   ) -> tuple[Any, dict[str, float]]:
+    """Phase 4: ``num_iterations`` optimizer passes on a scored batch (the trainer role's whole job).
+
+    ``loss`` replaces the registered loss and config the config asks for (``cfg.train_loss``): the asynchronous
+    trainer passes the off-policy correction. The metrics are the train step's (``skipped`` when the batch has no
+    token to learn from); phase times go to ``timer``."""
+    timer = timer if timer is not None else StepTimer()
+    metrics: dict[str, float] = {}
     if not batch["mask"].any():
-        metrics.update(skipped=1.0, **timer.metrics())
+        metrics["skipped"] = 1.0
         return state, metrics
-    batch["advantages"] = advantages
     loss_cfg = cfg.loss_config()
     if cfg.depth is not None and cfg.depth.schedule is not None:  # old, ref and trained log-probs at depth r
         r, k = cfg.depth.train_depth(step)
@@ -333,7 +343,7 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
             lp_old = sequence_logprobs(backend, state.model, batch["tokens"], batch["attention_mask"], batch["mask"],
                                        cfg.temperature)
             if not finite_on_mask(batch["mask"], lp_old):
-                return state, diverged(metrics, "old log-probs", timer)
+                return state, diverged(metrics, "old log-probs")
             batch["old_logprobs"] = lp_old
             diff = np.abs(lp_old - batch["sampler_logprobs"])[batch["mask"] > 0]
             gap = float(diff.max()) if diff.size else 0.0
@@ -343,13 +353,41 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
                                    "(it builds one), or set beta=0.")
             batch["ref_logprobs"] = sequence_logprobs(backend, ref_model, batch["tokens"], batch["attention_mask"],
                                                      batch["mask"], cfg.temperature)
-        train_metrics: dict[str, float] = {}
+        name, config = loss if loss is not None else cfg.train_loss(loss_cfg)
         for _ in range(cfg.num_iterations):
-            state, train_metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches),
-                                                      *cfg.train_loss(loss_cfg), temperature=cfg.temperature)
-    metrics.update(train_metrics)
+            state, metrics = backend.train_step(state, split_microbatches(batch, cfg.micro_batches), name, config,
+                                                temperature=cfg.temperature)
+    metrics = dict(metrics)
     if gap is not None:  # the gap at the weights that sampled, not after the last pass
         metrics["sampler_logprob_gap"] = gap
+    return state, metrics
+
+
+def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[dict[str, Any]], cfg: GRPOConfig,
+              step: int, ref_model: Any = None, engine: Any = None) -> tuple[Any, dict[str, float]]:
+    """One GRPO step on ``rows`` (a batch of prompts): generate, score, advantages, update.
+
+    ``engine`` (a ``diptych.rollout`` engine, e.g. vLLM) samples instead of ``backend.generate`` and gets the
+    updated weights pushed after the update (``time/sync``; ``weight_version`` is the version that sampled)."""
+    timer = StepTimer()
+    with timer.phase("generate"):
+        rollout = sample_rollout(backend, state.model, tokenizer, rows, cfg, step, engine)
+    with timer.phase("score"):
+        rewards, components = score_rollout(tokenizer, reward, rows, rollout, cfg)
+        batch, dropped = advantage_batch(rollout_batch(rollout, cfg.max_prompt_length), rewards, cfg)
+    metrics: dict[str, float] = {
+        "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "completion_length": float(rollout.lengths.mean()), "truncated_frac": float(rollout.truncated.mean()),
+        "groups_dropped": float(dropped), **components,
+    }
+    if engine is not None:
+        metrics["weight_version"] = float(rollout.extras["weight_version"])
+    state, train_metrics = train_on_batch(backend, state, batch, cfg, step, ref_model, timer)
+    metrics.update(train_metrics)
+    if train_metrics.get("skipped") and ("loss" not in train_metrics or "skip_reason" in train_metrics):
+        # Nothing to learn from, or a diverged forward before the update: no update, so no sync either.
+        metrics.update(timer.metrics())
+        return state, metrics
     if engine is not None:
         with timer.phase("sync"):
             push_weights(engine, backend, state)
@@ -361,8 +399,6 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
 
 def state_vocab(state: Any) -> int:
     return int(state.model.spec.vocab_size)
-
-
 
 
 def train_grpo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]],
