@@ -123,6 +123,15 @@ class Rollout:
 
 
 # -- input checks and layout ----------------------------------------------------------------------
+def model_context(spec: Any) -> int:
+    """The longest sequence the model serves: ``max_position_embeddings``, unbounded for dynamic-NTK RoPE (its base
+    grows with the sequence, which is what the scaling is for) and for specs without a position limit."""
+    rope = getattr(spec, "rope", None)
+    if callable(rope) and getattr(rope(), "dynamic", False):
+        return 1 << 30
+    return int(getattr(spec, "max_position_embeddings", 1 << 30))
+
+
 def prepare_prompts(
     prompts: Sequence[Sequence[int]], sampling: SamplingConfig, spec: Any, bucket: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +151,7 @@ def prepare_prompts(
         if bad:
             raise SamplingError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {vocab}).")
     longest = max(len(p) for p in rows)
-    context = int(getattr(spec, "max_position_embeddings", 1 << 30))
+    context = model_context(spec)
     if longest > context:
         raise SamplingError(
             f"prompt of {longest} tokens is longer than the model context ({context} = max_position_embeddings); "

@@ -99,12 +99,21 @@ def test_greedy_equals_transformers_generate(backend, hf_folders, name):
     np.testing.assert_array_equal(ro.completion_tokens, hf_greedy(hf_folders[name], tok, mask))
 
 
+def test_sampler_generates_past_the_context_for_dynamic_ntk(backend, hf_folders):
+    """Dynamic NTK exists to run past max_position_embeddings, so the sampler must not refuse it there."""
+    spec, weights = load_hf_folder(hf_folders["llama-dynamic"])
+    assert max(map(len, PROMPTS)) > spec.max_position_embeddings
+    cfg = SamplingConfig(temperature=0, max_new_tokens=NEW, eos_ids=(), pad_id=0)
+    ro = backend.generate(backend.build(spec, weights), PROMPTS, cfg)
+    tok, mask = prepare_prompts(PROMPTS, cfg, spec)
+    np.testing.assert_array_equal(ro.completion_tokens, hf_greedy(hf_folders["llama-dynamic"], tok, mask))
+
+
 @pytest.mark.slow
 def test_dynamic_ntk_kv_cached_greedy_equals_transformers_generate(backend, hf_folders):
     """Dynamic NTK's frequencies follow the longest position of each call, so the cached keys of the
-    prompt and of each decode step are rotated with different bases, as in transformers. The samplers'
-    context check refuses to generate past max_position_embeddings (the case dynamic NTK exists for),
-    so this drives the KV-cached forward the samplers use step by step, past that context."""
+    prompt and of each decode step are rotated with different bases, as in transformers. This drives the
+    KV-cached forward the samplers use step by step, past max_position_embeddings."""
     import importlib
 
     M = importlib.import_module(f"diptych.backends.{backend.name}.model")
