@@ -91,7 +91,18 @@ def run(args: argparse.Namespace) -> int:
         cfg.sft_steps = args.sft_steps
     if args.grpo_steps is not None:
         cfg.grpo_steps = args.grpo_steps
-    result = quickstart(backend, cfg, out=args.out, console=not args.quiet)
+    from diptych.core.trainers.runner import RunLock, RunLockError
+
+    try:  # two quickstarts into one out would interleave metrics and replace each other's final/
+        lock = RunLock(args.out).acquire() if args.out else None
+    except RunLockError as e:
+        print(f"diptych quickstart: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = quickstart(backend, cfg, out=args.out, console=not args.quiet)
+    finally:
+        if lock is not None:
+            lock.release()
     print(f"\n[{result['backend']}] held-out accuracy: initial {result['accuracy_initial']:.1%} -> after SFT "
           f"{result['accuracy_before']:.1%} -> after GRPO {result['accuracy_after']:.1%} "
           f"(gain {result['accuracy_after'] - result['accuracy_before']:+.1%}) in {result['seconds']:.0f} s")

@@ -95,3 +95,17 @@ def test_fresh_run_into_a_used_out_refuses_unless_overwrite(tmp_path, capsys):
     # the new run's own checkpoints survive (before: the old run's step 3/4 made them the "oldest" to prune)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == [
         "step_00000001", "step_00000002"]
+
+
+@needs_torch
+def test_quickstart_on_a_held_out_fails_at_once(tmp_path, capsys):
+    out = tmp_path / "qs"
+    holder = _holder(out)
+    try:
+        assert main(["quickstart", "--backend", "torch", "--quiet", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and err.count("\n") == 1
+        assert not (out / "final").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
