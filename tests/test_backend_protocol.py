@@ -13,7 +13,8 @@ from diptych.core.backend import PROTOCOL_METHODS, Backend
 CLASSES = {"jax": ("diptych.backends.jax", "JaxBackend", "jax"), "torch": ("diptych.backends.torch", "TorchBackend",
                                                                              "torch")}
 EXPECTED = {"to_numpy", "from_numpy", "build", "export", "forward", "logprobs", "set_depth", "generate",
-            "init_train_state", "train_step", "gradients", "values", "export_weights", "save", "restore"}
+            "init_train_state", "train_step", "gradients", "values", "export_weights", "apply_lora", "export_adapters",
+            "merged_weights", "save", "restore"}
 
 
 def incompatibilities(proto: inspect.Signature, impl: inspect.Signature) -> list[str]:

@@ -10,6 +10,8 @@ first use so that both frameworks can live in one process and a missing one fail
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import os
 from collections.abc import Mapping, Sequence
@@ -19,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diptych.core.backend import Array, Model, TrainState
+from diptych.core.backend import ADAPTER_DIR, AdaptersOff, Array, Model, TrainState  # noqa: F401 (re-exported)
 from diptych.core.mesh import check_remat
 from diptych.core.model_types import is_recurrent
 
 if TYPE_CHECKING:
+    from diptych.core.lora import LoRAConfig
     from diptych.core.optim import OptimConfig
     from diptych.core.sampling import Rollout, SamplingConfig
     from diptych.core.spec import DecoderSpec
@@ -67,10 +70,43 @@ def read_checkpoint(path: Path, backend: str) -> tuple[dict[str, Any], Any, Opti
                                                                                  else {})
 
 
-def checkpoint_extra(model: Model, value_head: bool) -> dict[str, Any]:
-    """What ``restore`` needs besides spec and optimizer to rebuild the state: whether a value head is stored and
-    the decoder's kernels mode."""
-    return {"value_head": value_head, "kernels": getattr(model, "kernels", None)}
+def checkpoint_extra(model: Model, value_head: bool, lora: LoRAConfig | None = None) -> dict[str, Any]:
+    """What ``restore`` needs besides spec and optimizer to rebuild the state: whether a value head is stored,
+    the decoder's kernels mode and the LoRA config (None: full fine-tuning)."""
+    return {"value_head": value_head, "kernels": getattr(model, "kernels", None),
+            "lora": dataclasses.asdict(lora) if lora is not None else None}
+
+
+def lora_from_metadata(meta: Mapping[str, Any]) -> LoRAConfig | None:
+    """The LoRA config a checkpoint was trained with (None: full fine-tuning, or a checkpoint older than LoRA)."""
+    from diptych.core.lora import LoRAConfig
+
+    saved = meta.get("lora")
+    return LoRAConfig(**saved) if saved else None
+
+
+@contextlib.contextmanager
+def base_only(package: str, model: Any) -> Any:
+    """``model`` itself, or, for an :class:`AdaptersOff` handle, its model with the adapters switched off."""
+    if not isinstance(model, AdaptersOff):
+        yield model
+        return
+    with importlib.import_module(f"{package}.lora").adapters_disabled(model.model):
+        yield model.model
+
+
+def lora_config(package: str, model: Any) -> LoRAConfig | None:
+    """``model``'s LoRA config, None for a plain model (and without importing the LoRA module when no adapter
+    can be there: a model built before any ``apply_lora`` call)."""
+    if isinstance(model, AdaptersOff):
+        model = model.model
+    try:
+        lora = importlib.import_module(f"{package}.lora")
+    except ModuleNotFoundError as e:  # pragma: no cover - a backend without LoRA
+        if e.name != f"{package}.lora":
+            raise
+        return None
+    return lora.lora_config(model)
 
 
 class Facade:
@@ -92,30 +128,53 @@ class Facade:
         return self._impl(spec).build(spec, weights, dtype=dtype, **options)
 
     def export(self, model: Model) -> dict[str, np.ndarray]:
-        """The canonical ``{hf_name: float32 array}`` weights of ``model``."""
-        return self._impl(model).export(model)
+        """The canonical ``{hf_name: float32 array}`` weights of ``model`` (a LoRA model's base)."""
+        with base_only(self.package, model) as m:
+            return self._impl(m).export(m)
 
     def forward(self, model: Model, tokens: Array, attention_mask: Array | None = None, **kw: Any) -> Array:
         """Logits ``[B, T, V]`` float32 of a left-padded batch."""
-        return self._impl(model).forward(model, tokens, attention_mask, **kw)
+        with base_only(self.package, model) as m:
+            return self._impl(m).forward(m, tokens, attention_mask, **kw)
 
     def logprobs(self, model: Model, tokens: Array, attention_mask: Array | None, targets: Array,
                  temperature: float = 1.0, **kw: Any) -> Array:
         """Per-token target log-probs ``[B, T]`` float32 of ``softmax(logits / temperature)``."""
-        return self._impl(model).logprobs(model, tokens, attention_mask, targets, temperature, **kw)
+        with base_only(self.package, model) as m:
+            return self._impl(m).logprobs(m, tokens, attention_mask, targets, temperature, **kw)
 
     def set_depth(self, model: Model, num_steps: int | None = None, num_grad_steps: int | None = None) -> Model:
         """Recurrent-depth models: the depth r (and backprop depth k) the next calls use."""
-        self._module("recurrent").set_depth(model, num_steps, num_grad_steps)
+        target = model.model if isinstance(model, AdaptersOff) else model
+        self._module("recurrent").set_depth(target, num_steps, num_grad_steps)
         return model
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, model: Model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  **kw: Any) -> Rollout:
         """Sample completions: a recurrent model through its own loop, a decoder through ``sampler``."""
-        if is_recurrent(model):
-            return self._impl(model).generate(model, prompts, sampling, **kw)
-        return self._module("sampler").generate(model, prompts, sampling, **kw)
+        with base_only(self.package, model) as m:
+            if is_recurrent(m):
+                return self._impl(m).generate(m, prompts, sampling, **kw)
+            return self._module("sampler").generate(m, prompts, sampling, **kw)
+
+    # -- adapters -------------------------------------------------------------------------
+    def apply_lora(self, model: Model, cfg: LoRAConfig, *, adapters: dict[str, np.ndarray] | None = None,
+                   seed: int = 0) -> Model:
+        """LoRA adapters on ``model``'s target linears, the base frozen (``{package}.lora.apply_lora``)."""
+        return self._module("lora").apply_lora(model, cfg, adapters=adapters, seed=seed)
+
+    def export_adapters(self, model: Model) -> dict[str, np.ndarray]:
+        """A LoRA model's adapters by canonical (PEFT) name."""
+        return self._module("lora").export_adapters(model)
+
+    def merged_weights(self, model: Model) -> dict[str, np.ndarray]:
+        """A LoRA model's canonical weights with the adapters merged into the base."""
+        return self._module("lora").merged_weights(model)
+
+    def lora_config(self, model: Model) -> LoRAConfig | None:
+        """The LoRA config of ``model``; None for a model without adapters."""
+        return lora_config(self.package, model)
 
     # -- trainers -------------------------------------------------------------------------
     def init_train_state(self, model: Model, optim: OptimConfig, *, value_head: bool = False, seed: int = 0,

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
+    from diptych.core.lora import LoRAConfig
     from diptych.core.optim import OptimConfig
     from diptych.core.sampling import Rollout, SamplingConfig
     from diptych.core.spec import DecoderSpec
@@ -121,7 +122,23 @@ class Backend(Protocol):
         ...
 
     def export_weights(self, state: TrainState) -> dict[str, np.ndarray]:
-        """Canonical HF-named float32 weights of a train state (the master weights, no value head)."""
+        """Canonical HF-named float32 weights of a train state (the master weights, no value head; a LoRA state's
+        base with its adapters merged)."""
+        ...
+
+    # -- adapters (LoRA, diptych.core.lora) ---------------------------------------------------
+    def apply_lora(self, model: Model, cfg: LoRAConfig, *, adapters: dict[str, np.ndarray] | None = None,
+                   seed: int = 0) -> Model:
+        """Adapters on ``model``'s target linears (numpy init from ``seed``, or ``adapters``); every base weight
+        frozen, so ``init_train_state`` trains the adapters only."""
+        ...
+
+    def export_adapters(self, model: Model) -> dict[str, np.ndarray]:
+        """A LoRA model's adapters by canonical name (``{module}.lora_A.weight`` / ``.lora_B.weight``)."""
+        ...
+
+    def merged_weights(self, model: Model) -> dict[str, np.ndarray]:
+        """A LoRA model's canonical weights with its adapters merged into the base (what an HF export holds)."""
         ...
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -133,6 +150,28 @@ class Backend(Protocol):
     def restore(self, path: str | os.PathLike[str]) -> tuple[TrainState, dict[str, Any]]:
         """Load a checkpoint written by :meth:`save`: ``(state, metadata)``; training continues exactly."""
         ...
+
+
+ADAPTER_DIR = "adapter"
+"""Where a LoRA checkpoint, and a LoRA run's ``final/`` folder, keep the adapters: a PEFT adapter folder."""
+
+
+@dataclass(frozen=True)
+class AdaptersOff:
+    """A LoRA model seen with its adapters switched off: the frozen base, and so the reference policy of
+    GRPO / DPO / PPO with LoRA, without a second copy of the weights.
+
+    A handle, not a model: every backend call that takes a model (``forward``, ``logprobs``, ``generate``,
+    ``set_depth``, ``export``) runs ``model`` under the backend's ``adapters_disabled``. On JAX the policy's
+    module is rebuilt each step, but the base it shares is never trained, so the handle of any step's module
+    is the same reference.
+    """
+
+    model: Any
+
+    @property
+    def spec(self) -> Any:
+        return self.model.spec
 
 
 PROTOCOL_METHODS: tuple[str, ...] = tuple(

@@ -1,7 +1,9 @@
 """JAX checkpoints: Orbax for weights and optimizer state, written atomically.
 
 A checkpoint directory holds ``state/`` (an Orbax ``StandardCheckpointer`` tree of the
-float32 master params, value head included, and the optax state) and ``diptych.json``
+float32 master params, value head included, and the optax state; of a LoRA state, the adapters and their
+optax state, with the frozen base in ``base/``, an HF folder, and the adapters also in ``adapter/``, a PEFT
+folder) and ``diptych.json``
 (step, configs, the caller's metadata: run config, data position, RNG state).
 ``diptych.backends.torch.checkpoint`` is the same contract with safetensors.
 """
@@ -16,9 +18,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diptych.backends.facade import checkpoint_extra, read_checkpoint
+from diptych.backends.facade import ADAPTER_DIR, checkpoint_extra, lora_config, lora_from_metadata, read_checkpoint
 from diptych.backends.jax import train
 from diptych.core import checkpointing as ckpt
+from diptych.core.hf import load_hf_folder, save_hf_folder
+
+BASE_DIR = "base"
+"""A LoRA checkpoint's frozen base weights: a Hugging Face folder (written once per checkpoint, never trained)."""
 
 
 def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
@@ -30,13 +36,19 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
     """
     path = Path(path)
     spec = state.spec
+    lora = lora_config("diptych.backends.jax", state.model)
     with ckpt.atomic_dir(path) as tmp:
+        if lora is not None:  # the frozen base once, as an HF folder (the Orbax tree holds the adapters only)
+            from diptych.core.lora import save_adapter
+
+            save_hf_folder(tmp / BASE_DIR, spec, train._lib(state.model).export(state.model))
+            save_adapter(tmp / ADAPTER_DIR, train.export_adapters(state), lora)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((tmp / "state").absolute(), {"params": state.params, "opt_state": state.opt_state})
         checkpointer.wait_until_finished()
         checkpointer.close()
         ckpt.write_metadata(tmp, backend="jax", step=state.step, spec=spec, optim=state.optim,
-                            extra=checkpoint_extra(state.model, state.params["value_head"] is not None),
+                            extra=checkpoint_extra(state.model, state.params["value_head"] is not None, lora),
                             user=metadata)
     if keep_last is not None:
         ckpt.prune(path.parent, keep_last)
@@ -53,8 +65,16 @@ def restore(path: str | os.PathLike, *, mesh: Any = None) -> tuple[train.TrainSt
     meta, spec, optim, options = read_checkpoint(path, "jax")
     if not (path / "state").is_dir():
         raise ckpt.CheckpointError(f"{path} lacks state/ (the Orbax tree); the checkpoint is incomplete.")
-    zeros = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
-    model = train._lib(spec).build(spec, zeros, **options)
+    lora = lora_from_metadata(meta)
+    if lora is None:
+        zeros = {k: np.zeros(s, np.float32) for k, s in spec.param_shapes().items()}
+        model = train._lib(spec).build(spec, zeros, **options)
+    else:  # the base from its HF folder; the adapters (zeros here) come from the Orbax tree below
+        if not (path / BASE_DIR / "config.json").is_file():
+            raise ckpt.CheckpointError(f"{path} is a LoRA checkpoint without {BASE_DIR}/ (its frozen base); the "
+                                       "checkpoint is incomplete.")
+        _, base = load_hf_folder(path / BASE_DIR)
+        model = train._lora().apply_lora(train._lib(spec).build(spec, base, **options), lora)
     state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")), mesh=mesh)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": state.params, "opt_state": state.opt_state})
     checkpointer = ocp.StandardCheckpointer()

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diptych.backends.facade import model_dtype, model_module, set_remat
+from diptych.backends.facade import lora_config, model_dtype, model_module, set_remat
 from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
 from diptych.backends.jax import sharding as sharding_lib
@@ -103,11 +103,17 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
     if compute == "float32" and dtype != "float32":
         raise ValueError(f"Training a {dtype} model needs optim.mixed_precision='bf16' (float32 master "
                          "weights); or build the model in float32.")
-    _, params, _ = nnx.split(model, nnx.Param, ...)
+    lora = lora_config(__package__, model)
+    _, params, _ = nnx.split(model, nnx.Param, ...)  # a LoRA model's base is not an nnx.Param: it rides in rest
+    if lora is not None and not jax.tree.leaves(params):
+        raise ValueError("This LoRA model has no trainable adapter (every parameter is frozen).")
     master = _cast(params, "float32")
     if compute != dtype:
         lib = _lib(model)
-        model = lib.build(model.spec, lib.export(model), dtype=compute, **_build_options(model))
+        rebuilt = lib.build(model.spec, lib.export(model), dtype=compute, **_build_options(model))
+        if lora is not None:
+            rebuilt = _lora().apply_lora(rebuilt, lora, adapters=_lora().export_adapters(model))
+        model = rebuilt
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     head = None
     if value_head:
@@ -118,7 +124,15 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
     state = TrainState(graphdef=graphdef, rest=rest, params=tree, opt_state=opt_state, optim=optim,
                        compute_dtype=compute)
     mesh = sharding_lib.resolve_mesh(mesh)
+    if mesh is not None and lora is not None:
+        raise ValueError("LoRA training runs on one device for now; give the run mesh: {fsdp: 1} (or one device).")
     return state if mesh is None else sharding_lib.shard_state(state, mesh)
+
+
+def _lora() -> ModuleType:
+    from diptych.backends.jax import lora
+
+    return lora
 
 
 _lib: Callable[[Any], ModuleType] = functools.partial(model_module, "diptych.backends.jax")
@@ -316,8 +330,21 @@ def from_named(template: Any, named: Mapping[str, np.ndarray]) -> Any:
 
 
 def export_weights(state: TrainState) -> dict[str, np.ndarray]:
-    """Canonical float32 HF-named weights of the policy (the master copy; no value head)."""
-    return {n: np.array(v, dtype=np.float32) for n, v in named_leaves(state.params).items() if n not in VALUE_HEAD}
+    """Canonical float32 HF-named weights of the policy (the master copy; no value head). A LoRA state's are its
+    base with the (float32 master) adapters merged: what an HF export or a rollout engine's weight sync needs."""
+    lora = lora_config(__package__, state.model)
+    if lora is None:
+        return {n: np.array(v, dtype=np.float32) for n, v in named_leaves(state.params).items()
+                if n not in VALUE_HEAD}
+    from diptych.core.lora import merge_weights
+
+    return merge_weights(_lib(state.model).export(state.model), export_adapters(state), lora)
+
+
+def export_adapters(state: TrainState) -> dict[str, np.ndarray]:
+    """A LoRA state's adapters by canonical name, from the float32 master copy."""
+    master = nnx.merge(_current_graphdef(state), state.params["model"], state.rest)
+    return _lora().export_adapters(master)
 
 
 def export_value_head(state: TrainState) -> dict[str, np.ndarray] | None:

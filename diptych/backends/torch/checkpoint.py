@@ -1,7 +1,8 @@
 """Torch checkpoints: safetensors weights + ``torch.save``-d optimizer state, written atomically.
 
 A checkpoint directory holds ``model.safetensors`` and ``config.json`` (so it is also a
-Hugging Face folder that transformers loads directly), ``value_head.safetensors`` when the
+Hugging Face folder that transformers loads directly; of a LoRA state, the frozen base, with the adapters
+in ``adapter/``, a PEFT folder), ``value_head.safetensors`` when the
 state has one, ``optimizer.pt`` (the AdamW state dict, read back with
 ``torch.load(weights_only=True)``) and ``diptych.json`` (step, configs, the caller's
 metadata: run config, data position, RNG state). ``diptych.backends.jax.checkpoint`` is the
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from diptych.backends.facade import checkpoint_extra, read_checkpoint
+from diptych.backends.facade import ADAPTER_DIR, checkpoint_extra, lora_config, lora_from_metadata, read_checkpoint
 from diptych.backends.torch import distributed, train
 from diptych.core import checkpointing as ckpt
+from diptych.core.lora import LoRAConfig
 
 
 def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
@@ -36,17 +38,23 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
             ckpt.prune(path.parent, keep_last)
         return path
     spec = state.model.spec
+    lora = lora_config("diptych.backends.torch", state.model)
     with ckpt.atomic_dir(path) as tmp:
-        weights = train.export_weights(state)
+        # LoRA: the frozen base once (the folder stays an HF folder, of the base) and the adapters as a PEFT folder
+        weights = train.export_weights(state) if lora is None else train._lib(state.model).export(state.model)
         save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(spec.to_hf_config(), indent=2) + "\n")
+        if lora is not None:
+            from diptych.core.lora import save_adapter
+
+            save_adapter(tmp / ADAPTER_DIR, train.export_adapters(state), lora)
         head = train.export_value_head(state)
         if head is not None:
             save_file(head, str(tmp / "value_head.safetensors"))
         torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
         ckpt.write_metadata(tmp, backend="torch", step=state.step, spec=spec, optim=state.optim,
-                            extra=checkpoint_extra(state.model, head is not None), user=metadata)
+                            extra=checkpoint_extra(state.model, head is not None, lora), user=metadata)
     if keep_last is not None:
         ckpt.prune(path.parent, keep_last)
     return path
@@ -69,6 +77,9 @@ def restore(path: str | os.PathLike, *, device: str | None = None, mesh: Any = N
     from diptych.core.hf import read_safetensors
 
     model = train._lib(spec).build(spec, read_safetensors(path), device=device, **options)
+    lora = lora_from_metadata(meta)
+    if lora is not None:
+        model = train._lora().apply_lora(model, lora, adapters=_read_adapters(path, lora))
     state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
     if meta.get("value_head"):
         train.load_weights(state, load_file(str(path / "value_head.safetensors")))
@@ -79,3 +90,15 @@ def restore(path: str | os.PathLike, *, device: str | None = None, mesh: Any = N
     state.step = int(meta["step"])
     return state, meta["metadata"]
 
+
+
+def _read_adapters(path: Path, lora: LoRAConfig) -> dict[str, np.ndarray]:
+    """The adapters of a LoRA checkpoint (its PEFT folder), refusing a folder that is not there."""
+    folder = path / ADAPTER_DIR
+    if not folder.is_dir():
+        raise ckpt.CheckpointError(f"{path} is a LoRA checkpoint without {ADAPTER_DIR}/ (its adapters); the checkpoint "
+                                   "is incomplete.")
+    from diptych.core.lora import load_adapter
+
+    adapters, _ = load_adapter(folder)
+    return adapters

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from diptych.backends.facade import model_dtype, model_module, set_remat
+from diptych.backends.facade import lora_config, model_dtype, model_module, set_remat
 from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
 from diptych.core import train_step as TS
+from diptych.core.lora import LoRAConfig
 from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.spec import value_head_init
 
@@ -68,19 +69,22 @@ def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool =
         raise TypeError(f"optim must be an OptimConfig, got {type(optim).__name__}.")
     if remat is not None:
         _set_remat(model, remat)
-    named = list(model.named_parameters())
+    lora = lora_config(__package__, model)
+    if lora is not None and getattr(model, "diptych_mesh", None) is not None:
+        raise ValueError("LoRA training runs on one process for now; drop the mesh (or torchrun) for a LoRA run.")
+    named = _trainable(model)
     dtype = _model_dtype(model)
     if optim.mixed_precision == "bf16":
         master = [p.detach().float().clone().requires_grad_(True) for _, p in named]
         if dtype != "bfloat16":
             model = _rebuild(model, "bfloat16")
-            named = list(model.named_parameters())
+            named = _trainable(model)
     else:
         if dtype != "float32":
             raise ValueError(f"Training a {dtype} model needs optim.mixed_precision='bf16' (float32 master "
                              "weights); or build the model in float32.")
         master = [p for _, p in named]
-    names = [n for n, _ in named]
+    names = _canonical_names(model, [n for n, _ in named], lora)
     head = None
     if value_head:
         w, b = value_head_init(model.spec, seed)
@@ -118,14 +122,48 @@ def _sharded(state: TrainState) -> bool:
 
 
 def _rebuild(model: nn.Module, dtype: str) -> nn.Module:
-    """The model in ``dtype`` on its device, keeping a decoder's kernels mode or a recurrent model's depth."""
+    """The model in ``dtype`` on its device, keeping a decoder's kernels mode or a recurrent model's depth, and a
+    LoRA model's adapters (the base rebuilt, the same adapters applied again)."""
     lib = _lib(model)
     device = lib.lm_head_weight(model).device
+    lora = lora_config(__package__, model)
     if lib is model_lib:
-        return model_lib.build(model.spec, model_lib.export(model), dtype=dtype, kernels=model.kernels, device=device)
-    num_steps, num_grad_steps = getattr(model, "depth", (None, None))
-    return lib.build(model.spec, lib.export(model), dtype=dtype, num_steps=num_steps,
-                     num_grad_steps=num_grad_steps).to(device)
+        out = model_lib.build(model.spec, model_lib.export(model), dtype=dtype, kernels=model.kernels, device=device)
+    else:
+        num_steps, num_grad_steps = getattr(model, "depth", (None, None))
+        out = lib.build(model.spec, lib.export(model), dtype=dtype, num_steps=num_steps,
+                        num_grad_steps=num_grad_steps).to(device)
+    if lora is not None:
+        out = _lora().apply_lora(out, lora, adapters=_lora().export_adapters(model))
+    return out
+
+
+def _lora() -> ModuleType:
+    from diptych.backends.torch import lora
+
+    return lora
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The parameters the optimizer updates: all of them, or a LoRA model's adapters (its base is frozen)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _canonical_names(model: nn.Module, names: list[str], lora: LoRAConfig | None) -> list[str]:
+    """Trained parameters by canonical name: HF names, and a LoRA model's adapters by their PEFT names
+    (``{module}.lora_A.weight``), so optimizer moments and gradients compare across backends by name."""
+    if lora is None:
+        return names
+    if not names:
+        raise ValueError("This LoRA model has no trainable adapter (every parameter is frozen).")
+    canonical = set(_lora().export_adapters(model))
+    out = []
+    for n in names:
+        for part in ("lora_A", "lora_B"):
+            if f".{part}" in n:
+                n = f"{n.split(f'.{part}')[0]}.{part}.weight"
+        out.append(n)
+    return out if set(out) == canonical and len(out) == len(canonical) else names
 
 
 def _adamw(params: list[torch.Tensor], optim: OptimConfig) -> torch.optim.AdamW:
@@ -165,7 +203,7 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         if state.optim.mixed_precision == "bf16":
-            for p, m in zip(state.model.parameters(), state.master):
+            for (_, p), m in zip(_trainable(state.model), state.master):
                 p.copy_(m)
         for p in params:
             p.grad = None
@@ -197,7 +235,7 @@ def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarra
     """The module parameters, per-term float32 gradient sums of the unreduced losses, and the totals."""
     plan = TS.prepare_step(microbatches, loss, loss_config, has_value_head=state.value_head is not None)
     names = plan.names
-    params = [p for p in (*state.model.parameters(), *(state.value_head.parameters() if state.value_head else ()))]
+    params = [p for _, p in _trainable(state.model)] + list(state.value_head.parameters() if state.value_head else ())
     acc = [[torch.zeros_like(m, dtype=torch.float32) for m in state.master] for _ in names]
     totals = TS.StepTotals(plan)
     device = state.master[0].device
@@ -276,8 +314,23 @@ def export_weights(state: TrainState) -> dict[str, np.ndarray]:
     """
     if _sharded(state):
         return _distributed(state).export_weights(state)
-    return {n: m.detach().float().cpu().numpy().copy() for n, m in zip(state.names, state.master)
-            if n not in VALUE_HEAD}
+    trained = {n: m.detach().float().cpu().numpy().copy() for n, m in zip(state.names, state.master)
+               if n not in VALUE_HEAD}
+    lora = lora_config(__package__, state.model)
+    if lora is None:
+        return trained
+    from diptych.core.lora import merge_weights
+
+    return merge_weights(_lib(state.model).export(state.model), export_adapters(state), lora)
+
+
+def export_adapters(state: TrainState) -> dict[str, np.ndarray]:
+    """A LoRA state's adapters by canonical name, float32 (the master copy under bf16)."""
+    adapters = _lora().export_adapters(state.model)
+    if state.optim.mixed_precision != "bf16":
+        return adapters
+    by_name = dict(zip(state.names, state.master))
+    return {n: by_name[n].detach().float().cpu().numpy().copy() if n in by_name else a for n, a in adapters.items()}
 
 
 def export_value_head(state: TrainState) -> dict[str, np.ndarray] | None:
@@ -327,6 +380,6 @@ def load_weights(state: TrainState, weights: Mapping[str, np.ndarray]) -> TrainS
             if name in weights:
                 m.copy_(torch.as_tensor(np.asarray(weights[name], dtype=np.float32)))
         if state.optim.mixed_precision == "bf16":
-            for p, m in zip(state.model.parameters(), state.master):
+            for (_, p), m in zip(_trainable(state.model), state.master):
                 p.copy_(m)
     return state

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from diptych.core.backend import ADAPTER_DIR, AdaptersOff
 from diptych.core.mesh import is_main_process
 from diptych.core.trainers.base import DivergenceError, DivergenceGuard, TrainerError, evaluate, validate_rows
 from diptych.core.trainers.dpo import DPOConfig, ReferenceCache, train_dpo
@@ -42,6 +43,9 @@ from diptych.core.trainers.sft import SFTConfig, train_sft
 from diptych.rollout.engines import trainer_engine
 
 TRAINERS: dict[str, type[Trainer]] = {}
+
+FINAL_DIR = "final"
+"""A LoRA run writes its merged model here under ``out`` (a Hugging Face folder), its adapters in ``final/adapter``."""
 
 
 def register_trainer(name: str) -> Callable[[type[Trainer]], type[Trainer]]:
@@ -116,7 +120,21 @@ class Trainer:
 
     # -- what subclasses provide ----------------------------------------------------------------
     def init_state(self, model: Any) -> Any:
-        return self.backend.init_train_state(model, self.args.optim, seed=self.args.seed, **self.layout())
+        return self.backend.init_train_state(self.policy(model), self.args.optim, seed=self.args.seed,
+                                             **self.layout())
+
+    def policy(self, model: Any) -> Any:
+        """The model to train: ``model`` itself, or with ``args.lora`` set, ``model`` with adapters on its target
+        linears (numpy init from ``args.seed``) and every base weight frozen."""
+        lora = getattr(self.args, "lora", None)
+        if lora is None:
+            return model
+        return self.backend.apply_lora(model, lora, seed=self.args.seed)
+
+    @property
+    def lora(self) -> Any:
+        """The run's LoRA config (``args.lora``); None for full fine-tuning."""
+        return getattr(self.args, "lora", None)
 
     def layout(self) -> dict[str, Any]:
         """Where the state lives (``mesh``; ``"auto"``: every device on fsdp) and ``remat``, from the config."""
@@ -180,6 +198,7 @@ class Trainer:
                              keep_last=self.checkpoint.keep_last) if root is not None else None)
         start, state = 0, None
         if self.resume:
+            check_lora_resume(ckpt, self.lora)
             restored = ckpt.restore_latest(mesh=self.layout()["mesh"]) if ckpt is not None else None
             if restored is None:
                 say(f"resume: no checkpoint under {root}; starting fresh.")
@@ -215,6 +234,8 @@ class Trainer:
         finally:
             logger.close()
         self.state, self.history = state, logger.history
+        if self.lora is not None and self.out_dir is not None and main:
+            results["final"] = str(self.save_final(state, self.out_dir / FINAL_DIR))
         if can_eval:
             results["accuracy_after"] = self._accuracy(state.model)
         plot = None
@@ -233,9 +254,24 @@ class Trainer:
         return evaluate(self.backend, model, self.tokenizer, self.eval_task, self.eval_dataset, a.max_prompt_length,
                         a.max_completion_length)["accuracy"]
 
+    def save_final(self, state: Any, folder: Path) -> Path:
+        """A LoRA run's result: ``folder`` is a Hugging Face folder of the merged model (transformers and ``diptych
+        sample`` load it as is) and ``folder/adapter`` the adapters alone in PEFT's format, for the base."""
+        from diptych.core.hf import save_hf_folder
+        from diptych.core.lora import save_adapter
+
+        save_hf_folder(folder, state.model.spec, self.backend.export_weights(state))
+        save_adapter(folder / ADAPTER_DIR, self.backend.export_adapters(state.model), self.lora)
+        return folder
+
     def reference_model(self, state: Any, start: int) -> Any:
         """A frozen copy of the starting policy; written once under the checkpoint root (a Hugging Face
-        folder) so a resumed run anchors its KL to the same reference, not to the restored policy."""
+        folder) so a resumed run anchors its KL to the same reference, not to the restored policy.
+
+        With LoRA the reference is the policy with its adapters off (:class:`AdaptersOff`): the frozen base,
+        which every checkpoint stores, so nothing is copied, written or rebuilt."""
+        if self.lora is not None:
+            return AdaptersOff(state.model)
         root = self.checkpoint_root
         if root is None:
             return self.backend.build(state.model.spec, self.backend.export(state.model))
@@ -283,8 +319,8 @@ class DPOTrainer(Trainer):
         elif start > 0:
             raise TrainerError(f"Cannot resume DPO: the reference cache {path} is missing.")
         else:
-            self.ref_cache = ReferenceCache.compute(self.backend, state.model, self.tokenizer, self.train_dataset,
-                                                    self.args)
+            ref = AdaptersOff(state.model) if self.lora is not None else state.model
+            self.ref_cache = ReferenceCache.compute(self.backend, ref, self.tokenizer, self.train_dataset, self.args)
             if path is not None:
                 self.ref_cache.save(path)
 
@@ -339,8 +375,8 @@ class PPOTrainer(_EngineOwner, Trainer):
     ref_model: Any = None
 
     def init_state(self, model: Any) -> Any:
-        return self.backend.init_train_state(model, self.args.optim, seed=self.args.seed, value_head=True,
-                                             **self.layout())
+        return self.backend.init_train_state(self.policy(model), self.args.optim, seed=self.args.seed,
+                                             value_head=True, **self.layout())
 
     def prepare(self, state: Any, start: int) -> None:
         self.ref_model = self.reference_model(state, start) if self.args.needs_reference else None
@@ -350,6 +386,35 @@ class PPOTrainer(_EngineOwner, Trainer):
         return train_ppo(self.backend, state, self.tokenizer, self.reward, self.train_dataset,
                          with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start,
                          guard=self.guard, engine=self.engine)
+
+
+def check_lora_resume(checkpointer: Any, lora: Any) -> None:
+    """Refuse, before anything is restored, to resume a full fine-tuning checkpoint as a LoRA run or a LoRA
+    checkpoint as a full one (or with other adapters): the trained weights would not be the ones continued."""
+    from diptych.core import checkpointing as ckpt
+
+    latest = checkpointer.latest() if checkpointer is not None else None
+    if latest is None:
+        return
+    try:
+        saved = ckpt.read_metadata(latest).get("lora")
+    except (ckpt.CheckpointError, ValueError, OSError):
+        return  # not intact: restore_latest says so and tries the previous one
+    now = dataclasses.asdict(lora) if lora is not None else None
+    if saved is not None:
+        saved = {**saved, "targets": list(saved.get("targets", ()))}
+    if now is not None:
+        now = {**now, "targets": list(now["targets"])}
+    if saved == now:
+        return
+    if saved is None:
+        raise TrainerError(f"{latest} is a full fine-tuning checkpoint and this run sets lora; resume it without the "
+                           "lora block, or start a fresh LoRA run (--overwrite or another out).")
+    if now is None:
+        raise TrainerError(f"{latest} is a LoRA checkpoint (lora {json.dumps(saved)}) and this run has no lora block; "
+                           "resume with the same lora settings, or start a fresh run (--overwrite or another out).")
+    raise TrainerError(f"{latest} was trained with lora {json.dumps(saved)}, this run sets lora {json.dumps(now)}; "
+                       "resume with the checkpoint's lora settings, or start a fresh run.")
 
 
 def _reward(reward_funcs: Any) -> Any:

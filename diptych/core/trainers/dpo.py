@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from diptych.core.backend import AdaptersOff
 from diptych.core.config import with_renamed_fields
 from diptych.core.lora import LoRAConfig
 from diptych.core.losses import PreferenceLossConfig
@@ -230,7 +231,8 @@ def train_dpo(backend: Any, state: Any, tokenizer: Any, rows: Sequence[dict[str,
     """Run DPO from ``start_step`` to ``cfg.steps`` and return the state.
 
     Without ``ref_cache`` the reference is the policy as it is now (standard DPO: the SFT
-    model), computed once here; a resumed run must pass the cache saved at the start.
+    model; with ``cfg.lora``, its base with the adapters off), computed once here; a resumed run must pass the
+    cache saved at the start.
     """
     check_rows(rows)
     guard = loop_guard(guard, cfg)
@@ -238,7 +240,8 @@ def train_dpo(backend: Any, state: Any, tokenizer: Any, rows: Sequence[dict[str,
         if start_step > 0:
             raise TrainerError("Resuming DPO needs the reference cache computed at step 0 (ref_cache=...); "
                                "the current policy is no longer the reference.")
-        ref_cache = ReferenceCache.compute(backend, state.model, tokenizer, rows, cfg)
+        ref = AdaptersOff(state.model) if cfg.lora is not None else state.model  # LoRA: the base is the reference
+        ref_cache = ReferenceCache.compute(backend, ref, tokenizer, rows, cfg)
     indexed = index_rows(rows)
     batches = batch_iterator(indexed, cfg.batch_size, cfg.seed, start=start_step)
     for step in range(start_step, cfg.steps):
