@@ -12,7 +12,7 @@ Every check here runs before any compute, so a bad layout fails in one line inst
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,17 +119,95 @@ def resolve(value: Any, n_devices: int, *, what: str = "devices") -> MeshConfig:
     return mesh
 
 
-def is_main_process() -> bool:
-    """Whether this process logs, draws progress bars and writes plots: rank 0 of a ``torchrun`` job (``RANK``),
-    process 0 of a multi-host JAX job (``JAX_PROCESS_ID``), or a plain single process. Read from the
-    environment, so the neutral trainers can ask without importing a framework."""
+PROCESS_ENV = (("RANK", "WORLD_SIZE"), ("DIPTYCH_PROCESS_ID", "DIPTYCH_NUM_PROCESSES"),
+               ("JAX_PROCESS_ID", "JAX_NUM_PROCESSES"))
+"""Where a process learns its index and the job's process count: ``torchrun``'s variables, diptych's own
+(multi-host JAX, :func:`diptych.backends.jax.sharding.initialize`), JAX's."""
+
+_PROCESS_INFO: list[Callable[[], tuple[int, int]]] = []
+_BARRIER: list[Callable[[], None]] = []
+_BARRIER_PROVIDERS = (("RANK", "diptych.backends.torch.distributed"),
+                      ("DIPTYCH_PROCESS_ID", "diptych.backends.jax.sharding"),
+                      ("JAX_PROCESS_ID", "diptych.backends.jax.sharding"))
+"""Which backend module provides the barrier of a job described by which variable (imported on first use only,
+the way :mod:`diptych.core.backend` imports a backend by name: the core itself never imports a framework)."""
+
+
+def register_process_info(info: Callable[[], tuple[int, int]], barrier: Callable[[], None] | None = None) -> None:
+    """A backend's ``() -> (process index, process count)`` and its barrier, once it has joined a job (the
+    environment may not say: SLURM or Cloud TPU jobs that JAX detects itself)."""
+    _PROCESS_INFO[:] = [info]
+    if barrier is not None:
+        _BARRIER[:] = [barrier]
+
+
+def process_info() -> tuple[int, int]:
+    """``(index, count)`` of this process in its job: a registered backend's answer, else the environment
+    (:data:`PROCESS_ENV`), else ``(0, 1)``."""
     import os
 
-    for var in ("RANK", "JAX_PROCESS_ID"):
-        value = os.environ.get(var)
-        if value not in (None, ""):
-            return int(value) == 0
-    return True
+    for info in _PROCESS_INFO:
+        found = info()
+        if found is not None:
+            return found
+    for rank_var, size_var in PROCESS_ENV:
+        rank = os.environ.get(rank_var)
+        if rank not in (None, ""):
+            try:
+                return int(rank), int(os.environ.get(size_var) or 1)
+            except ValueError:
+                raise MeshError(f"${rank_var}={rank!r} / ${size_var}={os.environ.get(size_var)!r}: both must be "
+                                "integers.") from None
+    return 0, 1
+
+
+def process_index() -> int:
+    return process_info()[0]
+
+
+def process_count() -> int:
+    return process_info()[1]
+
+
+def is_main_process() -> bool:
+    """Whether this process logs, draws progress bars, writes plots and clears or writes the run directory:
+    rank 0 of a ``torchrun`` job, process 0 of a multi-host JAX job, or a plain single process. Read without
+    importing a framework (:func:`process_info`), so the neutral trainers can ask."""
+    return process_index() == 0
+
+
+def barrier() -> None:
+    """Wait until every process of the job gets here (a no-op for one process). The backend's own collective
+    (``torch.distributed.barrier``, JAX's ``sync_global_devices``): the one registered by the backend that
+    joined the job, else the backend the environment names, imported now."""
+    import importlib
+    import os
+
+    if process_count() <= 1:
+        return
+    if not _BARRIER:
+        for var, module in _BARRIER_PROVIDERS:
+            if os.environ.get(var) not in (None, ""):
+                importlib.import_module(module).register_barrier()
+                break
+    if not _BARRIER:
+        raise MeshError(f"This process is one of {process_count()} but no backend provides a barrier; start the "
+                        "job with torchrun (torch) or set DIPTYCH_COORDINATOR / DIPTYCH_NUM_PROCESSES / "
+                        "DIPTYCH_PROCESS_ID (jax).")
+    _BARRIER[0]()
+
+
+def on_main_process(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on process 0 only, then hold every process at a :func:`barrier` until it is done: the run
+    directory is cleared and written by one process, and the others never see it half-done. Every process of
+    the job must call it (it is a collective)."""
+    result = None
+    try:
+        if is_main_process():
+            result = fn()
+    finally:
+        barrier()
+    return result
 
 
 REMAT = ("none", "layer")

@@ -55,7 +55,23 @@ def init_process_group(backend: str | None = None) -> tuple[int, int]:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
+    register_barrier()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _process_info() -> tuple[int, int] | None:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else None
+
+
+def _job_barrier() -> None:
+    init_process_group()  # the run directory is cleared before anything else has joined the job
+    _barrier()
+
+
+def register_barrier() -> None:
+    """Give the neutral core (:func:`diptych.core.mesh.barrier`, the trainers' rank-0 run-directory writes) this
+    job's rank and barrier."""
+    M.register_process_info(_process_info, _job_barrier)
 
 
 def rank() -> int:

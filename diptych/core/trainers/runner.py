@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from diptych.core import checkpointing as ckpt
 from diptych.core.hf import first_nonfinite
+from diptych.core.mesh import barrier, on_main_process
 from diptych.core.trainers.base import TrainerError
 
 LOCK_FILE = ".diptych.lock"
@@ -100,7 +101,11 @@ def _describe_holder(text: str) -> str:
 
 
 def previous_run(out_dir: Path | None, root: Path | None) -> list[str]:
-    """What an earlier run left that a fresh run would clobber: its checkpoints and its metrics."""
+    """What an earlier run left that a fresh run would clobber: its checkpoints and its metrics.
+
+    In a job of several processes every one looks, then all wait (:func:`diptych.core.mesh.barrier`) before
+    any clears anything, so all of them see the same earlier run and take the same path (refuse, or clear).
+    """
     found = []
     steps = sorted(p.name for p in root.iterdir() if ckpt.STEP_DIR.match(p.name)) if root and root.is_dir() else []
     if steps:
@@ -108,12 +113,18 @@ def previous_run(out_dir: Path | None, root: Path | None) -> list[str]:
     metrics = out_dir / "metrics.jsonl" if out_dir is not None else None
     if metrics is not None and metrics.is_file() and metrics.stat().st_size:
         found.append(f"{metrics}")
+    barrier()
     return found
 
 
 def clear_run(out_dir: Path | None, root: Path | None) -> None:
     """Remove an earlier run's checkpoints, references and metrics (``overwrite``), each via a rename first so a
-    kill midway leaves nothing that looks like a checkpoint."""
+    kill midway leaves nothing that looks like a checkpoint. Process 0 of a multi-process job clears; the
+    others wait for it (two ranks removing the same folders would trip over each other)."""
+    on_main_process(lambda: _clear_run(out_dir, root))
+
+
+def _clear_run(out_dir: Path | None, root: Path | None) -> None:
     if root is not None and root.is_dir():
         for p in list(root.iterdir()):
             if ckpt.STEP_DIR.match(p.name) or p.name in CHECKPOINT_ROOT_FILES:
@@ -128,15 +139,21 @@ def clear_run(out_dir: Path | None, root: Path | None) -> None:
 
 
 def clear_stale_references(root: Path | None) -> None:
-    """A run starting at step 0 computes its own reference from its own starting policy: drop any left behind."""
-    if root is not None and root.is_dir():
-        for name in CHECKPOINT_ROOT_FILES:
-            if (root / name).exists():
-                ckpt.remove_atomically(root / name)
+    """A run starting at step 0 computes its own reference from its own starting policy: drop any left behind
+    (process 0 of a job; the others wait)."""
+    def clear() -> None:
+        if root is not None and root.is_dir():
+            for name in CHECKPOINT_ROOT_FILES:
+                if (root / name).exists():
+                    ckpt.remove_atomically(root / name)
+
+    on_main_process(clear)
 
 
-clean_orphans = ckpt.clean_orphans
-"""Leftovers of killed saves and prunes are removed by a run at start, under its lock."""
+def clean_orphans(root: Path | None) -> list[Path]:
+    """Leftovers of killed saves and prunes are removed by a run at start, under its lock: by process 0 of a job
+    (the one holding the lock), the others waiting."""
+    return on_main_process(lambda: ckpt.clean_orphans(root)) or []
 
 
 def say(message: str) -> None:
