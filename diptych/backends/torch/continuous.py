@@ -87,9 +87,9 @@ class SlotDecoder:
             raise ValueError(f"update_weights needs exactly the model's canonical weights; unknown names "
                              f"{unknown[:3]}, missing names {missing[:3]}. Pass backend.export_weights(state) of "
                              "this model.")
-        for name, value in weights.items():
-            target = params[name]
-            if tuple(np.shape(value)) != tuple(target.shape):
+        for name, value in weights.items():  # every check before the first copy: a refusal changes nothing
+            if tuple(np.shape(value)) != tuple(params[name].shape):
                 raise ValueError(f"weight {name} has shape {tuple(np.shape(value))}, the model's is "
-                                 f"{tuple(target.shape)}.")
-            target.copy_(torch.from_numpy(np.asarray(value, np.float32)))
+                                 f"{tuple(params[name].shape)}.")
+        for name, value in weights.items():
+            params[name].copy_(torch.from_numpy(np.asarray(value, np.float32)))
