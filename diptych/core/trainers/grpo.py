@@ -411,6 +411,9 @@ def train_grpo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequ
     ``state`` so it never samples with other weights."""
     check_columns(reward, rows)
     guard = loop_guard(guard, cfg)
+    if cfg.async_.enabled:
+        return _train_async(backend, state, tokenizer, reward, rows, cfg, logger, ref_model, start_step, on_step,
+                            guard, engine)
     batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed, start=start_step)
     if engine is not None and start_step < cfg.steps:
         push_weights(engine, backend, state)
@@ -425,3 +428,16 @@ def train_grpo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequ
     return state
 
 
+
+
+def _train_async(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]],
+                 cfg: GRPOConfig, logger: MetricsLogger | None, ref_model: Any, start_step: int,
+                 on_step: Callable[[int, Any, dict[str, float]], None] | None, guard: DivergenceGuard, engine: Any
+                 ) -> Any:
+    """``async.enabled``: the same phases, run by a generator, verifiers and a trainer (``diptych.asyncrl``)."""
+    from diptych.asyncrl.orchestrator import Phases, check_async, train_grpo_async
+
+    check_async(cfg, engine)
+    phases = Phases(sample=sample_rollout, score=score, advantages=advantage_batch, train=train_on_batch)
+    return train_grpo_async(backend, state, tokenizer, reward, rows, cfg, phases, logger, ref_model, start_step,
+                            on_step, guard)

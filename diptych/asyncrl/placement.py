@@ -1,0 +1,270 @@
+"""Where the generator runs on one host: a thread of the trainer's process, or a process of its own.
+
+Both are driven the same way by the orchestrator (``submit`` a job, ``results`` back, ``publish`` new weights,
+``alive``, ``restart``, ``close``) and run the same loop (``diptych.asyncrl.roles``). In a process, weights
+cross through shared memory: one ``multiprocessing.shared_memory`` block holds the canonical float32 arrays
+side by side (the layout is sent once, at start), a lock keeps a reader from seeing half a write, and a shared
+counter says which version the block holds; no weight is ever pickled. The process is started with ``spawn``
+(a forked JAX or torch runtime is not safe) and can be pinned to its own cores (``os.sched_setaffinity``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import threading
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+from diptych.asyncrl.roles import STOP, Job, make_generator
+
+
+class GeneratorDied(RuntimeError):
+    """The generator stopped: its process exited or its loop raised. Says why and what to do."""
+
+
+@dataclass
+class Failure:
+    """A generator loop's exception, carried to the trainer as text (it may not pickle)."""
+
+    message: str
+
+
+class LocalWeights:
+    """Weights handed over by reference, for a generator in the trainer's own process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._version, self._weights = -1, None
+
+    def publish(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        with self._lock:
+            self._version, self._weights = int(version), dict(weights)
+
+    def poll(self, current: int) -> tuple[int, Mapping[str, np.ndarray]] | None:
+        with self._lock:
+            if self._version <= current or self._weights is None:
+                return None
+            return self._version, self._weights
+
+
+@dataclass
+class SharedWeightsReader:
+    """The generator process's end of :class:`SharedWeights` (picklable: names, shapes and the shared lock)."""
+
+    name: str
+    layout: list[tuple[str, tuple[int, ...], int]]
+    lock: Any
+    version: Any
+    _shm: Any = None
+
+    def poll(self, current: int) -> tuple[int, dict[str, np.ndarray]] | None:
+        if self.version.value <= current:
+            return None
+        if self._shm is None:
+            self._shm = shared_memory.SharedMemory(name=self.name)
+        with self.lock:
+            v = int(self.version.value)
+            out = {n: np.ndarray(shape, np.float32, self._shm.buf, off).copy() for n, shape, off in self.layout}
+        return v, out
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+
+
+class SharedWeights:
+    """The trainer's end: one shared block laid out from the first weights; ``publish`` copies into it."""
+
+    def __init__(self, weights: Mapping[str, np.ndarray], ctx: Any) -> None:
+        self.layout: list[tuple[str, tuple[int, ...], int]] = []
+        off = 0
+        for name in sorted(weights):
+            shape = tuple(np.shape(weights[name]))
+            self.layout.append((name, shape, off))
+            off += int(np.prod(shape, dtype=np.int64)) * 4
+        self.shm = shared_memory.SharedMemory(create=True, size=max(off, 4))
+        self.lock = ctx.Lock()
+        self.version = ctx.Value("q", -1, lock=False)
+
+    def publish(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        names = {n for n, _, _ in self.layout}
+        if set(weights) != names:
+            raise GeneratorDied(f"the weights to publish changed names ({len(weights)} arrays, the shared block holds "
+                                f"{len(names)}); the model cannot change mid-run.")
+        with self.lock:
+            for name, shape, off in self.layout:
+                np.ndarray(shape, np.float32, self.shm.buf, off)[...] = np.asarray(weights[name], np.float32)
+            self.version.value = int(version)
+
+    def reader(self) -> SharedWeightsReader:
+        return SharedWeightsReader(self.shm.name, self.layout, self.lock, self.version)
+
+    def close(self) -> None:
+        self.shm.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.shm.unlink()
+
+
+@dataclass
+class GeneratorSpec:
+    """Everything a generator needs to start anywhere (picklable: the backend goes by name)."""
+
+    backend: str
+    spec: Any
+    tokenizer: Any
+    cfg: Any
+    sample: Callable[..., Any]
+    kind: str = "batch"
+    slots: int | None = None
+    recompute_kv: bool = False
+    step_delay_s: float = 0.0
+
+    def build(self, backend: Any = None) -> Any:
+        from diptych.core.backend import get_backend
+
+        return make_generator(self.kind, backend if backend is not None else get_backend(self.backend), self.spec,
+                              self.tokenizer, self.cfg, self.sample, self.slots, self.recompute_kv, self.step_delay_s)
+
+
+class _Loop:
+    """Run a generator loop, turning its exception into a :class:`Failure` on the results queue."""
+
+    @staticmethod
+    def run(gen: Any, jobs: Any, out: Any, poll: Callable[[int], Any], should_stop: Callable[[], bool]) -> None:
+        try:
+            gen.run(jobs, out, poll, should_stop)
+        except BaseException as e:
+            out.put(Failure(f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
+
+
+class ThreadGenerator:
+    """The generator in a thread of the trainer's process (weights by reference)."""
+
+    placement = "thread"
+
+    def __init__(self, gspec: GeneratorSpec, backend: Any) -> None:
+        self.gspec, self.backend = gspec, backend
+        self.weights = LocalWeights()
+        self._start()
+
+    def _start(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.out: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        gen = self.gspec.build(self.backend)
+        self.thread = threading.Thread(target=_Loop.run, args=(gen, self.jobs, self.out, self.weights.poll,
+                                                               self._stop.is_set), daemon=True, name="diptych-gen")
+        self.thread.start()
+
+    def publish(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        self.weights.publish(weights, version)
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def results(self, timeout: float) -> Any:
+        return self.out.get(timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def death(self) -> str:
+        return "the generator thread stopped"
+
+    def restart(self) -> None:
+        self.close()
+        self._start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.jobs.put(STOP)
+        self.thread.join(timeout=30)
+
+
+def _process_main(gspec: GeneratorSpec, jobs: Any, out: Any, reader: SharedWeightsReader,
+                  cores: tuple[int, ...] | None) -> None:
+    """The generator process: pin it, then run the same loop as a thread would, reading shared weights."""
+    if cores:
+        os.sched_setaffinity(0, set(cores))
+        os.environ["OMP_NUM_THREADS"] = str(len(cores))  # read when the backend imports its framework
+    try:
+        gen = gspec.build()
+    except BaseException as e:
+        out.put(Failure(f"{type(e).__name__}: {e}"))
+        return
+    _Loop.run(gen, jobs, out, reader.poll, lambda: False)
+    reader.close()
+
+
+class ProcessGenerator:
+    """The generator in its own process (``spawn``), weights through shared memory, optionally pinned."""
+
+    placement = "process"
+
+    def __init__(self, gspec: GeneratorSpec, weights: Mapping[str, np.ndarray], cores: tuple[int, ...] | None = None
+                 ) -> None:
+        self.gspec, self.cores = gspec, cores
+        self.ctx = mp.get_context("spawn")
+        self.weights = SharedWeights(weights, self.ctx)
+        self.proc: Any = None
+        self._start()
+
+    def _start(self) -> None:
+        self.jobs = self.ctx.Queue()
+        self.out = self.ctx.Queue()
+        self.proc = self.ctx.Process(target=_process_main, name="diptych-generator", daemon=True,
+                                     args=(self.gspec, self.jobs, self.out, self.weights.reader(), self.cores))
+        self.proc.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def publish(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        self.weights.publish(weights, version)
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def results(self, timeout: float) -> Any:
+        return self.out.get(timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def death(self) -> str:
+        code = self.proc.exitcode if self.proc is not None else None
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return f"the generator process (pid {self.pid}) {how}"
+
+    def restart(self) -> None:
+        self._stop_process()
+        self._start()
+
+    def _stop_process(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                self.jobs.put(STOP)
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join(timeout=5)
+        for q in (self.jobs, self.out):
+            q.cancel_join_thread()
+            q.close()
+        self.proc = None
+
+    def close(self) -> None:
+        self._stop_process()
+        self.weights.close()

@@ -1,0 +1,168 @@
+"""The generator role, written once for every placement (a thread, a process, a Ray actor).
+
+A generator owns its own copy of the policy (built from canonical weights), takes *jobs* (one step's prompts),
+and returns whole groups stamped with the weight version of every token and its behaviour log-prob. Before
+each job (batch generator) or between decode steps (continuous generator) it asks its weight source for
+anything newer than what it holds: that poll is the whole weight protocol, so the same loop reads weights from
+a dict in memory, from shared memory or from Ray's object store.
+
+The loop is framework-free: the model work goes through the Backend protocol and the sampling phase of the
+GRPO loop (``diptych.core.trainers.grpo.sample_rollout``), handed in as ``sample`` so this module does not
+import the trainer that imports it.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from diptych.asyncrl.groups import GeneratedBatch, Group, group_from_finished, groups_from_rollout
+
+WeightPoll = Callable[[int], "tuple[int, Mapping[str, np.ndarray]] | None"]
+"""``poll(current_version) -> (version, weights)`` when newer weights exist, else None."""
+
+STOP = None
+"""The job that ends a generator loop."""
+
+
+@dataclass
+class Job:
+    """One step's prompts; group ``i`` of it has index ``first_index + i``."""
+
+    step: int
+    rows: list[dict[str, Any]]
+    first_index: int
+
+
+class Source(Protocol):
+    def get(self, timeout: float | None = None) -> Job | None: ...
+
+
+class Sink(Protocol):
+    def put(self, item: Any) -> None: ...
+
+
+class BatchGenerator:
+    """One ``sample`` call per job, on the weights current at its start: the synchronous loop's exact draws."""
+
+    def __init__(self, backend: Any, spec: Any, tokenizer: Any, cfg: Any, sample: Callable[..., Any]) -> None:
+        self.backend, self.spec, self.tokenizer, self.cfg, self.sample = backend, spec, tokenizer, cfg, sample
+        self.model: Any = None
+        self.version = -1
+
+    def update_weights(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        self.model = self.backend.build(self.spec, dict(weights))
+        self.version = int(version)
+
+    def run(self, source: Source, sink: Sink, poll: WeightPoll, should_stop: Callable[[], bool]) -> None:
+        idle = 0.0
+        while not should_stop():
+            t0 = time.perf_counter()
+            try:
+                job = source.get(timeout=0.1)
+            except queue.Empty:
+                idle += time.perf_counter() - t0
+                continue
+            if job is STOP:
+                return
+            newer = poll(self.version)
+            if newer is not None:
+                self.update_weights(newer[1], newer[0])
+            idle += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            rollout = self.sample(self.backend, self.model, self.tokenizer, job.rows, self.cfg, job.step)
+            groups = groups_from_rollout(rollout, job.rows, job.step, job.first_index, self.version,
+                                         self.cfg.max_prompt_length, self.cfg.num_generations)
+            sink.put(GeneratedBatch(groups, busy_s=time.perf_counter() - t1, idle_s=idle))
+            idle = 0.0
+
+
+class ContinuousGenerator:
+    """Continuous batching (``diptych.rollout.continuous.ContinuousSampler``): new prompts enter free rows as
+    soon as they come, finished groups leave as soon as their last completion ends, and new weights are taken
+    between two decode steps without restarting the rows in flight."""
+
+    def __init__(self, backend: Any, spec: Any, tokenizer: Any, cfg: Any, slots: int, recompute_kv: bool = False,
+                 step_delay_s: float = 0.0) -> None:
+        self.backend, self.spec, self.tokenizer, self.cfg = backend, spec, tokenizer, cfg
+        self.slots, self.recompute_kv, self.step_delay_s = int(slots), bool(recompute_kv), float(step_delay_s)
+        self.sampler: Any = None
+        self.version = -1
+
+    def update_weights(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        if self.sampler is None:
+            from diptych.rollout.continuous import ContinuousSampler
+
+            sampling = replace(self.cfg.sampling(self.tokenizer), n=1)
+            model = self.backend.build(self.spec, dict(weights))
+            self.sampler = ContinuousSampler(self.backend, model, sampling, slots=self.slots,
+                                             max_prompt_length=self.cfg.max_prompt_length,
+                                             seed=int(self.cfg.seed) * 100003, version=int(version),
+                                             recompute_kv=self.recompute_kv)
+        else:
+            self.sampler.update_weights(dict(weights), int(version))
+        self.version = int(version)
+
+    def run(self, source: Source, sink: Sink, poll: WeightPoll, should_stop: Callable[[], bool]) -> None:
+        from diptych.core.trainers.base import encode_prompts
+
+        g, cfg = self.cfg.num_generations, self.cfg
+        pad = int(self.tokenizer.pad_id)
+        open_groups: dict[int, tuple[Job, int, dict[int, Any]]] = {}  # index -> (job, position, finished by j)
+        idle, busy, done = 0.0, 0.0, []
+        while not should_stop():
+            t0 = time.perf_counter()
+            newer = poll(self.version)
+            if newer is not None:
+                self.update_weights(newer[1], newer[0])
+            inflight = self.sampler is not None and (self.sampler.busy or self.sampler.waiting)
+            try:
+                job = source.get(timeout=0.0 if inflight else 0.1)
+            except queue.Empty:
+                job = -1  # nothing new
+            if job is STOP:
+                return
+            if isinstance(job, Job):
+                ids = encode_prompts(self.tokenizer, [r["prompt"] for r in job.rows], cfg.max_prompt_length)
+                for i, p in enumerate(ids):
+                    open_groups[job.first_index + i] = (job, i, {})
+                    for j in range(g):
+                        self.sampler.submit((job.first_index + i, j), p)
+                inflight = True
+            if not inflight:
+                idle += time.perf_counter() - t0
+                continue
+            t1 = time.perf_counter()
+            for f in self.sampler.step():
+                index, j = f.request_id
+                open_groups[index][2][j] = f
+                if len(open_groups[index][2]) == g:
+                    job_, i, fin = open_groups.pop(index)
+                    done.append(group_from_finished([fin[k] for k in range(g)], job_.rows[i], index, job_.step,
+                                                    cfg.max_prompt_length, cfg.max_completion_length, pad))
+            if self.step_delay_s:
+                time.sleep(self.step_delay_s)  # a scripted slow generator (tests): weights land mid-generation
+            busy += time.perf_counter() - t1
+            if done:
+                sink.put(GeneratedBatch(done, busy_s=busy, idle_s=idle))
+                idle, busy, done = 0.0, 0.0, []
+
+
+def make_generator(kind: str, backend: Any, spec: Any, tokenizer: Any, cfg: Any, sample: Callable[..., Any],
+                   slots: int | None = None, recompute_kv: bool = False, step_delay_s: float = 0.0
+                   ) -> BatchGenerator | ContinuousGenerator:
+    if kind == "batch":
+        return BatchGenerator(backend, spec, tokenizer, cfg, sample)
+    return ContinuousGenerator(backend, spec, tokenizer, cfg,
+                               slots or cfg.prompts_per_step * cfg.num_generations, recompute_kv, step_delay_s)
+
+
+def group_lag(group: Group, version: int) -> np.ndarray:
+    """Per-token lag ``version - token version`` on the group's mask (0 elsewhere)."""
+    v = group.arrays["versions"]
+    return np.where(group.arrays["mask"] > 0, version - v, 0)
