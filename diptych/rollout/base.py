@@ -13,7 +13,9 @@ This module imports neither vLLM nor a framework: it is what the trainers import
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -27,6 +29,12 @@ ENGINES: tuple[str, ...] = ("native", "vllm")
 
 VLLM_MODES: tuple[str, ...] = ("colocated", "server")
 LOGPROB_MODES: tuple[str, ...] = ("auto", "processed", "raw")
+WEIGHT_CHANNELS: tuple[str, ...] = ("http", "collective")
+SLEEP_MODES: tuple[str, ...] = ("auto", "on", "off")
+LORA_SYNC_MODES: tuple[str, ...] = ("auto", "adapters", "merged")
+SYNC_MODES: tuple[str, ...] = ("full", "adapters", "merged")
+"""What a weight sync moved, as the ``sync/mode`` metric codes it (0, 1, 2): every canonical weight, only the
+LoRA adapters (the engine's base stays shared), or the LoRA model's merged weights (an engine without LoRA)."""
 
 WeightsLike = Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]
 """Canonical weights as a dict or as an iterator of ``(hf_name, array)`` pairs (streamed, one at a time)."""
@@ -94,8 +102,16 @@ class VLLMConfig:
     logprobs: Literal["auto", "processed", "raw"] = "auto"
     """Sampler log-prob basis. ``auto``: ``processed`` (= log_softmax(logits / T)) unless the run's sampling has a
     top-k / top-p / min-p filter, then ``raw`` (full vocabulary, before temperature and filters)."""
-    sleep: bool = False
-    """GPU only: put the engine to sleep (weights offloaded, KV cache freed) while the trainer trains."""
+    sleep: Literal["auto", "on", "off"] | bool = "auto"
+    """Sleep mode: the engine offloads its weights and frees its KV cache while the trainer trains (``sleep(level=1)``
+    after each rollout, ``wake_up()`` before the next generate or sync). ``auto``: on with CUDA, off on CPU, where
+    vLLM has no sleep mode; ``on`` without CUDA is refused. YAML's bare on/off (booleans) mean on/off."""
+    weight_channel: Literal["http", "collective"] = "http"
+    """Server mode: how weights reach the server. ``http``: safetensors bytes over the control channel;
+    ``collective``: a broadcast over a private two-rank group (NCCL between GPUs, gloo otherwise)."""
+    lora_sync: Literal["auto", "adapters", "merged"] = "auto"
+    """A LoRA policy: ``adapters`` syncs only the adapters (vLLM's LoRA support; the base stays shared), ``merged``
+    the merged weights; ``auto`` adapters where the engine serves LoRA, merged otherwise."""
     enable_prefix_caching: bool = True
     seed: int = 0
     timeout_s: float = 600.0
@@ -104,6 +120,19 @@ class VLLMConfig:
     def __post_init__(self) -> None:
         if self.mode not in VLLM_MODES:
             raise RolloutEngineError(f"vllm.mode must be one of {', '.join(VLLM_MODES)}, got {self.mode!r}.")
+        if isinstance(self.sleep, bool):
+            self.sleep = "on" if self.sleep else "off"
+        if self.sleep not in SLEEP_MODES:
+            raise RolloutEngineError(f"vllm.sleep must be one of {', '.join(SLEEP_MODES)}, got {self.sleep!r}.")
+        if self.weight_channel not in WEIGHT_CHANNELS:
+            raise RolloutEngineError(f"vllm.weight_channel must be one of {', '.join(WEIGHT_CHANNELS)}, got "
+                                     f"{self.weight_channel!r}.")
+        if self.weight_channel == "collective" and self.mode != "server":
+            raise RolloutEngineError("vllm.weight_channel=collective is for server mode (a colocated engine shares "
+                                     "the trainer's memory); set vllm.mode=server or weight_channel=http.")
+        if self.lora_sync not in LORA_SYNC_MODES:
+            raise RolloutEngineError(f"vllm.lora_sync must be one of {', '.join(LORA_SYNC_MODES)}, got "
+                                     f"{self.lora_sync!r}.")
         if self.logprobs not in LOGPROB_MODES:
             raise RolloutEngineError(f"vllm.logprobs must be one of {', '.join(LOGPROB_MODES)}, got "
                                      f"{self.logprobs!r}.")
@@ -219,6 +248,7 @@ class NativeEngine:
         self.backend, self.model = backend, model
         self._version = check_version(version, 0)
         self.generate_kwargs = generate_kwargs
+        self.last_sync: dict[str, Any] = {}
 
     @property
     def weight_version(self) -> int:
@@ -286,8 +316,41 @@ def sample_with(engine: RolloutEngine, prompts: Sequence[Sequence[int]], samplin
     return rollout
 
 
+def policy_lora(backend: Any, model: Any) -> Any:
+    """The LoRAConfig of a policy with adapters, None for a fully trained one (or a backend without LoRA)."""
+    lora_config = getattr(backend, "lora_config", None)
+    return lora_config(model) if callable(lora_config) and model is not None else None
+
+
 def push_weights(engine: RolloutEngine, backend: Any, state: Any) -> int:
-    """Push a train state's canonical weights as the engine's next version (after every optimizer step)."""
+    """Push a train state's weights as the engine's next version (after every optimizer step).
+
+    A LoRA policy sends only its adapters to an engine that serves LoRA (``engine.serves_lora``: vLLM colocated,
+    the base stays shared), and its merged weights to any other; what moved is in ``engine.last_sync`` (see
+    :func:`sync_metrics`). The trainer does not know which engine it feeds."""
     version = engine.weight_version + 1
-    engine.sync_weights(backend.export_weights(state), version)
+    start = time.perf_counter()
+    lora = policy_lora(backend, getattr(state, "model", None))
+    if lora is not None and getattr(engine, "serves_lora", False):
+        engine.sync_adapters(backend.export_adapters(state.model), lora, version)  # type: ignore[attr-defined]
+        mode = "adapters"
+    else:
+        engine.sync_weights(backend.export_weights(state), version)  # a LoRA state's export is merged
+        mode = "full" if lora is None else "merged"
+    info = dict(getattr(engine, "last_sync", None) or {})
+    info.update(mode=mode, seconds=time.perf_counter() - start)
+    with contextlib.suppress(AttributeError):  # an engine with a read-only last_sync: its own record stands
+        engine.last_sync = info  # type: ignore[attr-defined]
     return version
+
+
+def sync_metrics(engine: Any) -> dict[str, float]:
+    """Per-step metrics of the last :func:`push_weights`: ``sync/mode`` (0 full, 1 adapters, 2 merged: the codes
+    of :data:`SYNC_MODES`) and ``sync/bytes`` (what crossed to the engine). Empty for an engine never synced."""
+    info = getattr(engine, "last_sync", None) or {}
+    out: dict[str, float] = {}
+    if info.get("mode") in SYNC_MODES:
+        out["sync/mode"] = float(SYNC_MODES.index(info["mode"]))
+    if "bytes" in info:
+        out["sync/bytes"] = float(info["bytes"])
+    return out

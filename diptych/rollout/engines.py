@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from diptych.core.sampling import SamplingConfig
-from diptych.rollout.base import ENGINES, NativeEngine, RolloutEngine, RolloutEngineError, VLLMConfig
+from diptych.rollout.base import ENGINES, NativeEngine, RolloutEngine, RolloutEngineError, VLLMConfig, policy_lora
 
 
 def make_engine(name: str, backend: Any, model: Any, *, sampling: SamplingConfig | None = None,
@@ -14,7 +14,9 @@ def make_engine(name: str, backend: Any, model: Any, *, sampling: SamplingConfig
                 max_model_len: int | None = None, **native_kwargs: Any) -> RolloutEngine:
     """The engine a trainer or ``diptych sample`` asked for by name, started on ``model``'s current weights.
 
-    ``sampling`` is the run's sampling (it picks vLLM's log-prob mode); ``vllm`` its engine block.
+    ``sampling`` is the run's sampling (it picks vLLM's log-prob mode); ``vllm`` its engine block. A LoRA model
+    starts a colocated vLLM engine on its base with its adapters (vLLM's LoRA support: later syncs move only the
+    adapters), or, in server mode or with ``vllm.lora_sync: merged``, on its merged weights.
     """
     if name not in ENGINES:
         raise RolloutEngineError(f"rollout engine must be one of {', '.join(ENGINES)}, got {name!r}.")
@@ -30,8 +32,16 @@ def make_engine(name: str, backend: Any, model: Any, *, sampling: SamplingConfig
         raise RolloutEngineError(f"vLLM cannot honour the native sampler option(s) {', '.join(sorted(native_kwargs))} "
                                  "(parity noise, depth); use rollout: native for them.")
     cfg = vllm if isinstance(vllm, VLLMConfig) else VLLMConfig(**dict(vllm or {}))
-    weights = backend.export(model)
+    lora = policy_lora(backend, model)
+    adapters = cfg.mode == "colocated" and lora is not None and cfg.lora_sync != "merged"
+    if lora is not None and not adapters:
+        weights = backend.merged_weights(model)
+    else:
+        weights = backend.export(model)  # a LoRA model's base
     if cfg.mode == "server":
+        if lora is not None and cfg.lora_sync == "adapters":
+            raise RolloutEngineError("vllm.lora_sync=adapters needs a colocated engine (server mode syncs merged "
+                                     "weights); set vllm.mode=colocated or lora_sync: auto.")
         from diptych.rollout.server import ServerEngine
 
         return ServerEngine.start(model.spec, weights, sampling=sampling, config=cfg, version=version,
@@ -39,7 +49,8 @@ def make_engine(name: str, backend: Any, model: Any, *, sampling: SamplingConfig
     from diptych.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(model.spec, weights, sampling=sampling, config=cfg, version=version,
-                      max_model_len=max_model_len)
+                      max_model_len=max_model_len, lora=lora if adapters else None,
+                      adapters=backend.export_adapters(model) if adapters else None)
 
 
 def trainer_engine(cfg: Any, backend: Any, model: Any, sampling: SamplingConfig) -> RolloutEngine | None:

