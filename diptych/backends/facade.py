@@ -109,6 +109,13 @@ def lora_config(package: str, model: Any) -> LoRAConfig | None:
     return lora.lora_config(model)
 
 
+def base_weights(package: str, model: Any) -> dict[str, np.ndarray]:
+    """Canonical float32 weights of ``model``; of a LoRA model, its base (NF4 dequantised), adapters left out."""
+    if lora_config(package, model) is not None:
+        return importlib.import_module(f"{package}.lora").base_weights(model)
+    return model_module(package, model).export(model)
+
+
 class Facade:
     """Every Backend method except the array boundary, delegated to ``{package}.{concern}``."""
 
@@ -130,7 +137,7 @@ class Facade:
     def export(self, model: Model) -> dict[str, np.ndarray]:
         """The canonical ``{hf_name: float32 array}`` weights of ``model`` (a LoRA model's base)."""
         with base_only(self.package, model) as m:
-            return self._impl(m).export(m)
+            return base_weights(self.package, m)
 
     def forward(self, model: Model, tokens: Array, attention_mask: Array | None = None, **kw: Any) -> Array:
         """Logits ``[B, T, V]`` float32 of a left-padded batch."""

@@ -175,3 +175,82 @@ def train_suite(ctx: Context) -> list[Case]:
                     cases.append(compare(f"weights:{name} after {step}", a, b, ra[f"weights@{step}"],
                                          rb[f"weights@{step}"], ctx.dtype))
     return cases
+
+
+# -- LoRA: the same cases with adapters on a frozen base ---------------------------------------------------
+LORA_STEPS = 5
+LORA_CASES = ("sft", "grpo")
+
+
+def lora_config_for_parity() -> Any:
+    """Rank 4 on every attention and MLP projection; alpha 8 (scaling 2), so the adapters move the loss."""
+    from diptych.core.lora import LoRAConfig
+
+    return LoRAConfig(r=4, alpha=8.0)
+
+
+def run_lora_case(name: str, be: Any, spec: Any, weights: dict[str, np.ndarray], dtype: str, *,
+                  steps: int = LORA_STEPS, lora: Any = None) -> dict[str, Any]:
+    """``steps`` updates of case ``sft`` or ``grpo`` with LoRA on backend ``be``: the loss after every update, the
+    adapters after the last, whether the base stayed bit-identical, and whether the adapters-off policy (the
+    reference) scores exactly as the starting model does. GRPO's reference log-probs come from the policy with
+    its adapters off, the trainers' way."""
+    from diptych.core.backend import AdaptersOff
+
+    if name not in LORA_CASES:
+        raise ValueError(f"Unknown LoRA training case {name!r}; choices: {', '.join(LORA_CASES)}.")
+    lora = lora if lora is not None else lora_config_for_parity()
+    start = be.build(spec, weights, dtype)  # the starting model in the compute dtype (bf16: what the policy runs)
+    model = be.apply_lora(be.build(spec, weights), lora, seed=0)
+    state = be.init_train_state(model, optim_for(dtype, steps))
+    base0 = be.export(state.model)
+    batch = dict(case_inputs(name, spec.vocab_size))
+    lp_args = (batch["tokens"], batch["attention_mask"], batch["mask"])
+    if name == "grpo":
+        batch["ref_logprobs"] = _logprobs(be, AdaptersOff(state.model), *lp_args)
+        loss, cfg = "policy", policy_preset("dapo", beta=0.04)
+    else:
+        loss, cfg = "sft", SFTLossConfig()
+    out: dict[str, Any] = {"loss": []}
+    for _ in range(steps):
+        if name == "grpo":
+            batch["old_logprobs"] = _logprobs(be, state.model, *lp_args)
+        state, metrics = be.train_step(state, split_microbatches(batch, 2), loss, cfg)
+        out["loss"].append(float(metrics["loss"]))
+    out["loss"] = np.asarray(out["loss"])
+    out["adapters"] = _flat(be.export_adapters(state.model))
+    base = be.export(state.model)
+    out["base_unchanged"] = set(base) == set(base0) and all(np.array_equal(base[k], base0[k]) for k in base0)
+    out["reference_exact"] = bool(np.array_equal(_logprobs(be, AdaptersOff(state.model), *lp_args),
+                                                 _logprobs(be, start, *lp_args)))
+    return out
+
+
+def _exact_flags(result: dict[str, Any]) -> np.ndarray:
+    return np.asarray([float(result["base_unchanged"]), float(result["reference_exact"])])
+
+
+@register_suite("lora")
+def lora_suite(ctx: Context) -> list[Case]:
+    """LoRA SFT- and GRPO-step parity (loss every step, adapters after the last) between every pair of installed
+    backends, plus, per backend, the frozen base untouched and the adapters-off reference exact (as a 0/1 case)."""
+    if len(ctx.backends) < 2:
+        ctx.skipped.append("lora: needs two backends")
+        return []
+    if getattr(ctx.spec, "model_type", None) not in DECODERS:
+        ctx.skipped.append(f"lora: no LoRA training case for model_type {getattr(ctx.spec, 'model_type', '?')}")
+        return []
+    cases: list[Case] = []
+    for name in LORA_CASES:
+        results = {b: run_lora_case(name, get_backend(b), ctx.spec, ctx.weights, ctx.dtype) for b in ctx.backends}
+        for i, a in enumerate(ctx.backends):
+            for b in ctx.backends[i + 1:]:
+                ra, rb = results[a], results[b]
+                cases.append(compare(f"loss:lora {name} steps 1-{LORA_STEPS}", a, b, ra["loss"], rb["loss"],
+                                     ctx.dtype))
+                cases.append(compare(f"weights:lora {name} adapters after {LORA_STEPS}", a, b, ra["adapters"],
+                                     rb["adapters"], ctx.dtype))
+                for who, r in ((a, ra), (b, rb)):  # each backend's bit-exact properties, as 0/1 flags vs all 1
+                    cases.append(compare(f"loss:lora {name} base frozen, reference exact ({who})", who, "ideal",
+                                         _exact_flags(r), np.ones(2), ctx.dtype, tol=0.0))
+    return cases

@@ -18,7 +18,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diptych.backends.facade import ADAPTER_DIR, checkpoint_extra, lora_config, lora_from_metadata, read_checkpoint
+from diptych.backends.facade import (
+    ADAPTER_DIR,
+    base_weights,
+    checkpoint_extra,
+    lora_config,
+    lora_from_metadata,
+    read_checkpoint,
+)
 from diptych.backends.jax import train
 from diptych.core import checkpointing as ckpt
 from diptych.core.hf import load_hf_folder, save_hf_folder
@@ -41,7 +48,7 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
         if lora is not None:  # the frozen base once, as an HF folder (the Orbax tree holds the adapters only)
             from diptych.core.lora import save_adapter
 
-            save_hf_folder(tmp / BASE_DIR, spec, train._lib(state.model).export(state.model))
+            save_hf_folder(tmp / BASE_DIR, spec, base_weights(train.__package__, state.model))
             save_adapter(tmp / ADAPTER_DIR, train.export_adapters(state), lora)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((tmp / "state").absolute(), {"params": state.params, "opt_state": state.opt_state})

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diptych.backends.facade import lora_config, model_dtype, model_module, set_remat
+from diptych.backends.facade import base_weights, lora_config, model_dtype, model_module, set_remat
 from diptych.backends.jax import kernels as kernels_mod
 from diptych.backends.jax import model as model_lib
 from diptych.backends.jax import sharding as sharding_lib
@@ -110,7 +110,7 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
     master = _cast(params, "float32")
     if compute != dtype:
         lib = _lib(model)
-        rebuilt = lib.build(model.spec, lib.export(model), dtype=compute, **_build_options(model))
+        rebuilt = lib.build(model.spec, base_weights(__package__, model), dtype=compute, **_build_options(model))
         if lora is not None:
             rebuilt = _lora().apply_lora(rebuilt, lora, adapters=_lora().export_adapters(model))
         model = rebuilt
@@ -338,7 +338,7 @@ def export_weights(state: TrainState) -> dict[str, np.ndarray]:
                 if n not in VALUE_HEAD}
     from diptych.core.lora import merge_weights
 
-    return merge_weights(_lib(state.model).export(state.model), export_adapters(state), lora)
+    return merge_weights(base_weights(__package__, state.model), export_adapters(state), lora)
 
 
 def export_adapters(state: TrainState) -> dict[str, np.ndarray]:

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from diptych.backends.facade import ADAPTER_DIR, checkpoint_extra, lora_config, lora_from_metadata, read_checkpoint
+from diptych.backends.facade import (
+    ADAPTER_DIR,
+    base_weights,
+    checkpoint_extra,
+    lora_config,
+    lora_from_metadata,
+    read_checkpoint,
+)
 from diptych.backends.torch import distributed, train
 from diptych.core import checkpointing as ckpt
 from diptych.core.lora import LoRAConfig
@@ -41,7 +48,7 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
     lora = lora_config("diptych.backends.torch", state.model)
     with ckpt.atomic_dir(path) as tmp:
         # LoRA: the frozen base once (the folder stays an HF folder, of the base) and the adapters as a PEFT folder
-        weights = train.export_weights(state) if lora is None else train._lib(state.model).export(state.model)
+        weights = train.export_weights(state) if lora is None else base_weights(train.__package__, state.model)
         save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(spec.to_hf_config(), indent=2) + "\n")

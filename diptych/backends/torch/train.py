@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diptych.backends.facade import lora_config, model_dtype, model_module, set_remat
+from diptych.backends.facade import base_weights, lora_config, model_dtype, model_module, set_remat
 from diptych.backends.torch import kernels as kernels_mod
 from diptych.backends.torch import model as model_lib
 from diptych.core import train_step as TS
@@ -128,10 +128,11 @@ def _rebuild(model: nn.Module, dtype: str) -> nn.Module:
     device = lib.lm_head_weight(model).device
     lora = lora_config(__package__, model)
     if lib is model_lib:
-        out = model_lib.build(model.spec, model_lib.export(model), dtype=dtype, kernels=model.kernels, device=device)
+        out = model_lib.build(model.spec, base_weights(__package__, model), dtype=dtype, kernels=model.kernels,
+                              device=device)
     else:
         num_steps, num_grad_steps = getattr(model, "depth", (None, None))
-        out = lib.build(model.spec, lib.export(model), dtype=dtype, num_steps=num_steps,
+        out = lib.build(model.spec, base_weights(__package__, model), dtype=dtype, num_steps=num_steps,
                         num_grad_steps=num_grad_steps).to(device)
     if lora is not None:
         out = _lora().apply_lora(out, lora, adapters=_lora().export_adapters(model))
@@ -321,7 +322,7 @@ def export_weights(state: TrainState) -> dict[str, np.ndarray]:
         return trained
     from diptych.core.lora import merge_weights
 
-    return merge_weights(_lib(state.model).export(state.model), export_adapters(state), lora)
+    return merge_weights(base_weights(__package__, state.model), export_adapters(state), lora)
 
 
 def export_adapters(state: TrainState) -> dict[str, np.ndarray]:
