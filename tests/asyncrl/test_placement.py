@@ -1,0 +1,105 @@
+"""The generator in its own process: weights through shared memory, pinned to its core, the same run as the
+synchronous loop at max_staleness 0; killed mid-run it gives a clear error (or is restarted) and the last
+checkpoint still loads."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+
+import numpy as np
+import pytest
+from helpers import ROWS, SPEC, TOK, config, run, variety
+
+from diptych.asyncrl.orchestrator import AsyncRLError
+from diptych.asyncrl.placement import SharedWeights
+from diptych.core.backend import get_backend
+from diptych.core.trainers.api import GRPOTrainer
+from diptych.core.trainers.runner import CheckpointConfig, Checkpointer
+
+
+def _generators():
+    return [p for p in mp.active_children() if p.name == "diptych-generator"]
+
+
+def test_shared_weights_round_trip_without_pickle():
+    w = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(4, np.float32)}
+    board = SharedWeights(w, mp.get_context("spawn"))
+    try:
+        reader = board.reader()
+        assert reader.poll(-1) is None  # nothing published yet
+        board.publish(w, 0)
+        v, got = reader.poll(-1)
+        assert v == 0 and all(np.array_equal(got[k], w[k]) for k in w)
+        assert reader.poll(0) is None  # nothing newer than what the reader holds
+        board.publish({k: x * 2 for k, x in w.items()}, 1)
+        v, got = reader.poll(0)
+        assert v == 1 and np.array_equal(got["b"], w["b"] * 2)
+        with pytest.raises(RuntimeError, match="changed names"):
+            board.publish({"a": w["a"]}, 2)
+        reader.close()
+    finally:
+        board.close()
+
+
+def test_a_generator_process_pinned_to_its_core_gives_the_synchronous_run():
+    backend = get_backend("torch")
+    cores = (max(os.sched_getaffinity(0)),)
+    seen: list[set[int]] = []
+
+    def reward(prompts, completions, **kw):
+        seen.extend(os.sched_getaffinity(p.pid) for p in _generators())
+        return variety(prompts, completions)
+
+    w_sync, m_sync, _ = run(backend, config(steps=3))
+    cfg = config(steps=3, enabled=True, max_staleness=0, placement="process", generator_cores=cores)
+    from helpers import Recorder, fresh_state
+
+    from diptych.core.trainers.grpo import train_grpo
+
+    rec = Recorder()
+    state = train_grpo(backend, fresh_state(backend, cfg), TOK, reward, ROWS, cfg, rec)
+    w_async = backend.export_weights(state)
+    assert seen and all(s == set(cores) for s in seen)
+    assert [m_sync[s]["reward"] for s in (1, 2, 3)] == [rec.rows[s]["reward"] for s in (1, 2, 3)]
+    for k in w_sync:
+        np.testing.assert_array_equal(w_sync[k], w_async[k], err_msg=k)
+    assert not _generators()  # the run stopped its generator
+
+
+class KillAt:
+    """A reward that kills the generator process at its ``n``-th call (the verifier runs in the trainer's process)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self, prompts, completions, **kw):
+        self.calls += 1
+        if self.calls == self.n:
+            for p in _generators():
+                os.kill(p.pid, signal.SIGKILL)
+        return variety(prompts, completions)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["fail", "restart"])
+def test_a_killed_generator_fails_clearly_or_restarts_and_checkpoints_stay_intact(tmp_path, policy):
+    cfg = config(steps=4, enabled=True, max_staleness=0, placement="process", on_generator_death=policy)
+    backend = get_backend("torch")
+    trainer = GRPOTrainer(backend.build(SPEC, SPEC.init_weights(0)), reward_funcs=KillAt(5), args=cfg,
+                          train_dataset=ROWS, backend=backend, tokenizer=TOK, out_dir=tmp_path,
+                          checkpoint=CheckpointConfig(every=2, keep_last=3))
+    if policy == "fail":
+        with pytest.raises(AsyncRLError, match=r"generator process \(pid \d+\) was killed by signal 9.*--resume"):
+            trainer.train()
+    else:
+        out = trainer.train()
+        assert out["steps"] == 4.0
+        assert trainer.history[-1]["async/restarts"] == 1.0
+    restored = Checkpointer(backend, tmp_path / "checkpoints", {"grpo": cfg}).restore_latest()
+    assert restored is not None
+    state, meta = restored
+    assert meta["step"] == (2 if policy == "fail" else 4)
+    assert set(backend.export_weights(state)) == set(SPEC.init_weights(0))
+    assert not _generators()
