@@ -32,7 +32,7 @@ import numpy as np
 
 from diptych.core.backend import get_backend
 from diptych.core.model_types import is_recurrent
-from diptych.core.sampling import SamplingConfig, SamplingError, choose_tokens, stop_matches
+from diptych.core.sampling import SamplingConfig, SamplingError, choose_tokens, model_context, stop_matches
 
 
 @dataclass
@@ -89,7 +89,7 @@ class ContinuousSampler:
         if self.sampling.n != 1:
             raise SamplingError(f"ContinuousSampler draws one completion per request; got sampling.n={sampling.n}. "
                                 "Submit the prompt n times under distinct request ids instead.")
-        context = int(getattr(spec, "max_position_embeddings", 1 << 30))
+        context = model_context(spec)
         steps = self.sampling.max_new_tokens
         if max_prompt_length + steps > context:
             raise SamplingError(

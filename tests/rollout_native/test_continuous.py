@@ -106,15 +106,16 @@ def test_greedy_equals_native_sampler(backend):
         np.testing.assert_array_equal(got[i].tokens, ref.completion_tokens[i])
         np.testing.assert_allclose(got[i].logprobs, ref.logprobs[i], atol=1e-5, rtol=0)
         assert got[i].truncated and got[i].versions.tolist() == [0] * N and got[i].prompt_ids == prompts[i]
-    eos = int(ref.completion_tokens[0, 2])
-    with_eos = replace(GREEDY, eos_ids=(eos,))
-    ref = backend.generate(built(backend.name), prompts, with_eos)
-    got = sampler(backend.name, with_eos).run(prompts)
+    eos, stop = int(ref.completion_tokens[0, 2]), tuple(int(t) for t in ref.completion_tokens[1, 4:6])
+    stopping = replace(GREEDY, eos_ids=(eos,), stop_sequences=(stop,))
+    ref = backend.generate(built(backend.name), prompts, stopping)
+    got = sampler(backend.name, stopping).run(prompts)
     for i in range(SLOTS):
         n = int(ref.lengths[i])
         np.testing.assert_array_equal(got[i].tokens, ref.completion_tokens[i, :n])
         assert got[i].truncated == bool(ref.truncated[i])
     assert len(got[0].tokens) <= 3 and not got[0].truncated
+    assert len(got[1].tokens) <= 6 and not got[1].truncated
 
 
 def test_sampled_tokens_follow_core_rule_and_logprobs_equal_recomputation(backend):
@@ -259,14 +260,16 @@ def test_jax_equals_torch(recompute_kv):
         np.testing.assert_allclose(j[i].logprobs, t[i].logprobs, atol=1e-5, rtol=0)
 
 
-@needs_torch
-@pytest.mark.parametrize("model_type", ["qwen3", "mistral", "smollm3"])
-def test_families_greedy_equal_native_sampler(model_type):
+@pytest.mark.parametrize("name,model_type", [pytest.param("torch", "qwen3", marks=needs_torch),
+                                             pytest.param("torch", "mistral", marks=needs_torch),
+                                             pytest.param("jax", "mistral", marks=needs_jax),
+                                             pytest.param("torch", "smollm3", marks=needs_torch)])
+def test_families_greedy_equal_native_sampler(name, model_type):
     """qk-norm (Qwen3), a sliding window shorter than the rows (Mistral: each row's window counts its own positions)
     and NoPE layers (SmolLM3), with rows at different lengths through three slots."""
     spec = tiny_spec(model_type, initializer_range=0.1)
-    b = get_backend("torch")
-    model = built("torch", spec.init_weights(0), spec, tag="w0")
+    b = get_backend(name)
+    model = built(name, spec.init_weights(0), spec, tag="w0")
     s = ContinuousSampler(b, model, GREEDY, slots=SLOTS, max_prompt_length=P)
     got = s.run(PROMPTS)
     for i, p in enumerate(PROMPTS):
