@@ -85,9 +85,9 @@ class LoRALinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> LoRALinear:
         """``.to(device)`` / ``.cuda()`` move the NF4 container's tensors too (they are not parameters)."""
         super()._apply(fn, recurse)
-        if self.quantized is not None and hasattr(self.quantized, "to"):
-            device = self.lora_A.weight.device
-            self.quantized = self.quantized.to(device)
+        if self.quantized is not None:
+            self.quantized = self.quantized.to(self.lora_A.weight.device)
+            self._dtype = self.lora_A.weight.dtype
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
