@@ -23,25 +23,98 @@ from diptych.core import mesh as M
 from diptych.core.mesh import MeshConfig, MeshError
 from diptych.core.model_types import is_recurrent
 
-_COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+JOB_ENV = ("DIPTYCH_COORDINATOR", "DIPTYCH_NUM_PROCESSES", "DIPTYCH_PROCESS_ID")
+"""diptych's description of a multi-host JAX job: the coordinator's ``host:port``, the process count, this index."""
+JAX_JOB_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+AUTO_DETECTED_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+"""Jobs JAX's own cluster detection describes (SLURM, Cloud TPU): ``jax.distributed.initialize()`` with no
+arguments."""
+
+_STARTED: list[tuple[int, int]] = []
 
 
-def initialize() -> bool:
+def job_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """``jax.distributed.initialize`` arguments from ``DIPTYCH_COORDINATOR`` / ``DIPTYCH_NUM_PROCESSES`` /
+    ``DIPTYCH_PROCESS_ID`` (or JAX's ``JAX_*`` names); ``{}`` for a job JAX detects itself; None for one host.
+    All three or none: a half-described job fails here, not in a collective that never returns."""
+    env = os.environ if env is None else env
+    for names in (JOB_ENV, JAX_JOB_ENV):
+        given = {n: env.get(n) for n in names if env.get(n) not in (None, "")}
+        if not given:
+            continue
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise MeshError(f"A multi-host JAX job needs {', '.join(names)} together; {', '.join(given)} set but "
+                            f"{', '.join(missing)} missing (e.g. {names[0]}=host0:1234 {names[1]}=2 {names[2]}=0).")
+        try:
+            count, index = int(given[names[1]]), int(given[names[2]])
+        except ValueError:
+            raise MeshError(f"{names[1]} and {names[2]} must be integers, got {given[names[1]]!r} and "
+                            f"{given[names[2]]!r}.") from None
+        if count < 1 or not 0 <= index < count:
+            raise MeshError(f"{names[2]}={index} must be in 0..{names[1]}-1 = {count - 1}.")
+        return {"coordinator_address": given[names[0]], "num_processes": count, "process_id": index}
+    if any(env.get(k) for k in AUTO_DETECTED_ENV):
+        return {}
+    return None
+
+
+def initialize(env: Mapping[str, str] | None = None) -> bool:
     """Start multi-host JAX (``jax.distributed.initialize``) when the environment describes a multi-host job.
 
-    Cloud TPU pods and SLURM are detected by JAX itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``,
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Returns whether it initialised. Call it before any other JAX
-    call; a single-host run needs nothing.
+    Set ``DIPTYCH_COORDINATOR=host0:PORT``, ``DIPTYCH_NUM_PROCESSES`` and ``DIPTYCH_PROCESS_ID`` on every
+    process (or JAX's ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``); Cloud TPU
+    pods and SLURM are detected by JAX itself. On CPU the cross-process collectives go through gloo. Returns
+    whether this process is part of a multi-host job. Call it before any other JAX call (``jax.devices()``
+    then lists every host's devices); a single-host run needs nothing; calling it again is a no-op.
     """
-    if not any(os.environ.get(k) for k in (*_COORDINATOR_ENV, "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")):
+    if _STARTED:
+        return True
+    job = job_from_env(env)
+    if job is None:
         return False
-    kwargs: dict[str, Any] = {}
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
-                  "num_processes": int(os.environ.get("JAX_NUM_PROCESSES", "1")),
-                  "process_id": int(os.environ.get("JAX_PROCESS_ID", "0"))}
-    jax.distributed.initialize(**kwargs)
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if job and (platforms in ("", "cpu") or platforms.startswith("cpu")):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**job)
+    _STARTED.append((jax.process_index(), jax.process_count()))
+    register_barrier()
     return True
+
+
+def _process_info() -> tuple[int, int] | None:
+    return (jax.process_index(), jax.process_count()) if _STARTED else None
+
+
+def _job_barrier() -> None:
+    from jax.experimental import multihost_utils
+
+    initialize()
+    multihost_utils.sync_global_devices("diptych")
+
+
+def register_barrier() -> None:
+    """Give the neutral core (:func:`diptych.core.mesh.barrier`, the trainers' process-0 run-directory writes)
+    this job's process index and barrier."""
+    M.register_process_info(_process_info, _job_barrier)
+
+
+def global_array(a: Any, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) laid out on ``sharding``, which may span several hosts: each
+    process places only the pieces its own devices hold."""
+    a = np.asarray(a)
+    if sharding.is_fully_addressable:
+        return jax.device_put(a, sharding)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A (possibly multi-host) array as one numpy array on every process (a collective across processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
@@ -90,10 +163,10 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     for k, v in batch.items():
         a = np.asarray(v)
         if a.ndim == 0:
-            out[k] = jax.device_put(a, replicated(mesh))
+            out[k] = global_array(a, replicated(mesh))
             continue
         M.check_batch(cfg, a.shape[0], what=f"micro-batch ({k!r})")
-        out[k] = jax.device_put(a, batch_sharding(mesh, a.ndim))
+        out[k] = global_array(a, batch_sharding(mesh, a.ndim))
     return out
 
 
@@ -150,7 +223,14 @@ def place(tree: Any, shardings: Sequence[NamedSharding]) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     if len(leaves) != len(shardings):
         raise MeshError(f"Internal: {len(leaves)} leaves but {len(shardings)} shardings.")
-    return jax.tree_util.tree_unflatten(treedef, [jax.device_put(x, s) for x, s in zip(leaves, shardings)])
+    return jax.tree_util.tree_unflatten(treedef, [_put(x, s) for x, s in zip(leaves, shardings)])
+
+
+def _put(x: Any, sharding: NamedSharding) -> Any:
+    """``x`` on ``sharding``; a multi-host sharding takes each process's own pieces of the host copy."""
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    return global_array(np.asarray(x), sharding)
 
 
 def shard_state(state: Any, mesh: Mesh | MeshConfig) -> Any:
