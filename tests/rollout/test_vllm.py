@@ -2,8 +2,9 @@
 
 Needs the vLLM environment (``scripts/vllm_env.sh``; run ``.venv-vllm/bin/python -m pytest tests/rollout``);
 in the main environment the module skips. One colocated engine serves the whole module (starting one
-costs ~3 s on a quiet machine, ~40 s on a loaded one), re-synced to whichever weights a test needs;
-server mode starts one more engine in a subprocess.
+costs ~3 s on a quiet machine, ~40 s on a loaded one), re-synced to whichever weights a test needs; it has
+vLLM's LoRA slots (rank 8), which a request without an adapter does not touch. Server mode starts one more
+engine in a subprocess.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from diptych.core.backend import get_backend
+from diptych.core.lora import LoRAConfig
 from diptych.core.optim import OptimConfig
 from diptych.core.recurrent_spec import tiny_recurrent_spec
 from diptych.core.sampling import SamplingConfig, SamplingError
@@ -22,6 +24,7 @@ from diptych.core.tokenizer import CharTokenizer
 from diptych.core.trainers.base import encode_prompts, rollout_batch, sequence_logprobs
 from diptych.core.trainers.grpo import GRPOConfig, grpo_step, train_grpo
 from diptych.rollout import RolloutEngineError, VLLMConfig
+from diptych.rollout.base import push_weights, sync_metrics
 from diptych.rollout.vllm_engine import VLLMEngine
 from tests.conftest import BACKENDS, needs_jax, needs_torch
 
@@ -51,7 +54,7 @@ def engine():
     before = (torch.get_num_threads(), np.random.get_state()[1].copy(), torch.random.get_rng_state().clone())
     # block_size 32 (CPU default 128): prompts of 40 tokens then fill a cached prefix block
     eng = VLLMEngine(SPEC, SPEC.init_weights(0), sampling=SamplingConfig(temperature=1.0), max_model_len=MAX_LEN,
-                     block_size=32)
+                     block_size=32, lora=LoRAConfig(r=8))
     eng.globals_before = before
     eng.globals_after = (torch.get_num_threads(), np.random.get_state()[1].copy(), torch.random.get_rng_state().clone())
     yield eng
@@ -125,6 +128,43 @@ def test_after_grpo_steps_a_sync_puts_vllm_logprobs_on_the_trainers(engine, name
     assert np.abs(lp - sampler).max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_lora_grpo_syncs_only_the_adapters_and_vllm_logprobs_equal_the_trainers(engine, name):
+    """A LoRA policy: the engine keeps the base it was given, each push moves only the adapters (a PEFT folder per
+    version, vLLM's LoRA path: the CPU build serves it), and after 3 GRPO steps vLLM's log-probs of its own samples
+    equal the trainer's within 1e-5; with the previous adapters (no sync) they are far off."""
+    backend = get_backend(name)
+    lora = LoRAConfig(r=4, alpha=16)
+    cfg = GRPOConfig(steps=3, prompts_per_step=4, num_generations=4, max_prompt_length=3, max_completion_length=4,
+                     seed=1, beta=0.0, lora=lora, optim=OptimConfig(lr=5e-2))
+    model = backend.apply_lora(backend.build(SPEC, SPEC.init_weights(0)), lora, seed=0)
+    push(engine, backend.export(model))  # the shared base, once
+    state = backend.init_train_state(model, cfg.optim)
+    push_weights(engine, backend, state)
+    adapter_bytes = float(sum(a.nbytes for a in backend.export_adapters(state.model).values()))
+    assert sync_metrics(engine) == {"sync/mode": 1.0, "sync/bytes": adapter_bytes}
+    assert adapter_bytes < 0.2 * sum(a.nbytes for a in SPEC.init_weights(0).values())
+    for step in range(3):
+        state, _ = grpo_step(backend, state, TOK, lowercase, ROWS[:4], cfg, step)
+    ids = encode_prompts(TOK, [r["prompt"] for r in ROWS[:4]], cfg.max_prompt_length)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, n=4, eos_ids=())
+    lp, sampler = trainer_logprobs(backend, state.model, engine.generate(ids, sampling, seed=0), 3, 1.0)
+    assert np.abs(lp - sampler).max() > 1e-2  # the adapters of the start
+    version = push_weights(engine, backend, state)
+    assert engine.adapter == f"v{version}" and sync_metrics(engine)["sync/mode"] == 1.0
+    fresh = engine.generate(ids, sampling, seed=0)
+    assert fresh.extras["weight_version"] == version
+    lp, sampler = trainer_logprobs(backend, state.model, fresh, 3, 1.0)
+    assert np.abs(lp - sampler).max() <= 1e-5
+    # the base stayed what it was given: a plain sync of the same merged weights samples the same tokens
+    merged = backend.merged_weights(state.model)
+    push(engine, merged)
+    assert engine.adapter is None
+    again = engine.generate(ids, sampling, seed=0)
+    assert np.array_equal(again.completion_tokens, fresh.completion_tokens)
+    np.testing.assert_allclose(again.logprobs, fresh.logprobs, atol=1e-5)
+
+
 def test_a_sync_resets_the_prefix_cache(engine):
     """A 40-token prompt fills a cached KV block; after a sync it must be recomputed with the new weights."""
     backend = get_backend("torch")
@@ -178,6 +218,21 @@ def test_server_mode_on_loopback_with_raw_logprobs():
             stale.generate(PROMPTS, GREEDY)
         with pytest.raises(RolloutEngineError, match="older than the engine's 5"):
             server.sync_weights(w0, 3)
+        # the collective channel (gloo here, NCCL between GPUs): the same weights give the same samples
+        server.sync_weights(w0, 6)
+        assert not np.array_equal(server.generate(PROMPTS, topp, seed=0).logprobs, got.logprobs)  # w0 now
+        coll = ServerEngine(server.url, version=6, timeout_s=120)
+        assert coll.open_collective() == "gloo" and coll.health()["collective"] == "ready"
+        coll.sync_weights(w1, 7)
+        again = coll.generate(PROMPTS, topp, seed=0)
+        assert again.extras["weight_version"] == 7 and coll.last_sync["channel"] == "collective"
+        assert np.array_equal(again.completion_tokens, got.completion_tokens)
+        np.testing.assert_allclose(again.logprobs, got.logprobs, atol=1e-6)
+        coll._version = 5  # a trainer that missed a sync is refused before any tensor moves
+        with pytest.raises(RolloutEngineError, match=r"HTTP 400.*older than the engine's 7"):
+            coll.sync_weights(w1, 6)
+        server._version = 7  # the HTTP client follows: both channels feed one server
+        coll.close()
     finally:
         server.close()
     assert server.process.returncode == 0  # a clean shutdown, not a kill
