@@ -5,7 +5,9 @@ same left-padded prompts, in one process, under the shared discipline (``benchma
 one thread count for all, alternating rounds, median round, refusal on a loaded machine). Each engine
 is warmed up once when it is built (vLLM's start-up is reported separately and excluded). Also the
 weight-sync seconds per step: ``VLLMEngine.sync_weights`` of the full canonical weight set (what the
-trainer pays after every optimizer step), and the native engine's rebuild for comparison.
+trainer pays after every optimizer step), the same into a loopback rollout server over each weight
+channel (``http``: safetensors bytes; ``collective``: a gloo broadcast on CPU, NCCL between GPUs), and
+the native engine's rebuild for comparison (``--no-server`` skips the server).
 
 Runs in the vLLM environment (``scripts/vllm_env.sh``). On CPU vLLM is not expected to win at tiny
 sizes (Python overhead dominates); speed claims need ``--shape gpu`` on a GPU machine.
@@ -56,15 +58,17 @@ def vllm_runner(spec, weights, prompts, cfg: SamplingConfig, max_len: int, kv_by
     return engine, start, lambda: engine.generate(prompts, cfg, seed=0)
 
 
-def sync_contenders(engine, spec, weights, backend_name: str, server=None) -> dict:
-    """Seconds of one full weight sync: into the running vLLM engine, into a rollout server (safetensors bytes
-    over loopback HTTP) when given, and a native rebuild from the same arrays."""
+def sync_contenders(engine, spec, weights, backend_name: str, servers: dict | None = None) -> dict:
+    """Seconds of one full weight sync: into the running vLLM engine, into a rollout server through each of
+    ``servers`` (channel -> client of one server), and a native rebuild from the same arrays."""
     from diptych.core.backend import get_backend
 
     backend = get_backend(backend_name)
 
-    def sync(eng):
+    def sync(eng, shared: bool = False):
         def run() -> dict:
+            if shared:  # clients of one server take turns: each first adopts the version the other left
+                eng.follow()
             seconds, _ = discipline.timed(lambda: eng.sync_weights(weights, eng.weight_version + 1))
             return {"seconds": seconds}
         return run
@@ -74,9 +78,21 @@ def sync_contenders(engine, spec, weights, backend_name: str, server=None) -> di
         return {"seconds": seconds}
 
     out = {"vllm": sync(engine), f"native-{backend_name}": native_rebuild}
-    if server is not None:
-        out["vllm-server"] = sync(server)
+    for channel, client in (servers or {}).items():
+        out[f"vllm-server-{channel}"] = sync(client, shared=True)
     return out
+
+
+def start_servers(spec, weights, cfg: SamplingConfig, max_len: int, kv_bytes: int) -> dict:
+    """One loopback rollout server and a client per weight channel (the second joins the first's server)."""
+    from diptych.rollout import VLLMConfig
+    from diptych.rollout.server import ServerEngine
+
+    http = ServerEngine.start(spec, weights, sampling=cfg, max_model_len=max_len,
+                              config=VLLMConfig(mode="server", kv_cache_memory_bytes=kv_bytes))
+    collective = ServerEngine(http.url, version=http.weight_version, timeout_s=http.timeout_s)
+    collective.open_collective()
+    return {"http": http, "collective": collective}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="sample", choices=["greedy", "sample"],
                    help="sample: temperature 1, no filter (the RL setting; vLLM's processed log-probs)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=256 << 20)
-    p.add_argument("--server", action="store_true", help="also time the weight sync into a loopback rollout server")
+    p.add_argument("--no-server", action="store_true",
+                   help="skip the weight sync into a loopback rollout server (http and collective channels)")
     discipline.add_arguments(p)
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
@@ -132,19 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         results["decode"] = rows
         if vllm_engine is not None:
             backend = next((e for e in engines if e in ("torch", "jax")), "torch")
-            server = None
-            if args.server:
-                from diptych.rollout import VLLMConfig
-                from diptych.rollout.server import ServerEngine
-
-                server = ServerEngine.start(spec, weights, sampling=cfg, max_model_len=prompt_len + new,
-                                            config=VLLMConfig(mode="server",
-                                                              kv_cache_memory_bytes=args.kv_cache_memory_bytes))
+            servers = {} if args.no_server else start_servers(spec, weights, cfg, prompt_len + new,
+                                                              args.kv_cache_memory_bytes)
             try:
-                sync = bench.run(sync_contenders(vllm_engine, spec, weights, backend, server), "seconds", tag="sync")
+                sync = bench.run(sync_contenders(vllm_engine, spec, weights, backend, servers), "seconds", tag="sync")
             finally:
-                if server is not None:
-                    server.close()
+                for client in reversed(list(servers.values())):  # the collective client first, then the server
+                    client.close()
             results["sync"] = {k: {"seconds": v["seconds"], "rounds_s": [x["seconds"] for x in v["rounds"]]}
                                for k, v in sync.items()}
             vllm_engine.close()

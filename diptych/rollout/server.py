@@ -399,6 +399,11 @@ class ServerEngine:
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/health")
 
+    def follow(self) -> int:
+        """Adopt the server's current weight version (a client sharing the server with another that synced)."""
+        self._version = check_version(int(self.health()["weight_version"]), self._version)
+        return self._version
+
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
                  seed: int | None = None) -> Rollout:
         body = json.dumps({"prompts": [[int(t) for t in p] for p in prompts], "sampling": sampling_to_dict(sampling),
