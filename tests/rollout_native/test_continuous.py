@@ -242,6 +242,11 @@ def test_jax_admissions_exits_and_weight_swaps_compile_nothing():
         s.update_weights(W0, version=2)
         finished += drain(s)
     assert len(compiles) == 0, f"{len(compiles)} compilations across admissions, exits and weight swaps"
+    import jax.numpy as jnp
+
+    with count_compiles() as fresh:
+        (jnp.arange(11 * 13) * 3).block_until_ready()  # a shape nothing compiled before: the counter sees it
+    assert len(fresh) > 0
     assert sorted(f.request_id for f in finished) == list(range(len(PROMPTS)))
     assert {2} < {int(v) for f in finished for v in f.versions}
 
@@ -273,7 +278,35 @@ def test_families_greedy_equal_native_sampler(name, model_type):
     s = ContinuousSampler(b, model, GREEDY, slots=SLOTS, max_prompt_length=P)
     got = s.run(PROMPTS)
     for i, p in enumerate(PROMPTS):
-        np.testing.assert_array_equal(got[i].tokens, b.generate(model, [p], GREEDY).completion_tokens[0])
+        alone = b.generate(model, [p], GREEDY)
+        np.testing.assert_array_equal(got[i].tokens, alone.completion_tokens[0])
+        np.testing.assert_allclose(got[i].logprobs, alone.logprobs[0], atol=1e-5, rtol=0)
+
+
+def test_lora_model_samples_with_its_merged_weights(backend):
+    """A LoRA model (nonzero adapters) samples what the synchronous sampler draws from it, and takes the merged
+    weights ``export_weights`` gives as an update (here: the same weights again, so nothing changes)."""
+    from diptych.core.lora import LoRAConfig
+
+    lora = importlib.import_module(f"{backend.package}.lora")
+    cfg = LoRAConfig(r=4, alpha=8.0)
+    names = lora.export_adapters(lora.apply_lora(backend.build(SPEC, W0), cfg, seed=0))
+    rng = np.random.default_rng(5)
+    adapters = {k: (0.2 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in sorted(names.items())}
+    model = lora.apply_lora(backend.build(SPEC, W0), cfg, adapters=adapters)
+    prompts = PROMPTS[:SLOTS]
+    ref = backend.generate(model, prompts, GREEDY)
+    assert (ref.completion_tokens != backend.generate(built(backend.name), prompts, GREEDY).completion_tokens).any()
+    s = ContinuousSampler(backend, model, GREEDY, slots=SLOTS, max_prompt_length=P)
+    for i in range(SLOTS):
+        s.submit(i, prompts[i])
+    got = {f.request_id: f for f in s.step()}
+    s.update_weights(backend.merged_weights(model), version=1)
+    got.update({f.request_id: f for f in drain(s)})
+    for i in range(SLOTS):
+        np.testing.assert_array_equal(got[i].tokens, ref.completion_tokens[i])
+        np.testing.assert_allclose(got[i].logprobs, ref.logprobs[i], atol=1e-5, rtol=0)
+        assert got[i].versions.tolist() == [0] + [1] * (N - 1)
 
 
 # -- refusals ------------------------------------------------------------------------------------------------------

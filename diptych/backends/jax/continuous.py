@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diptych.backends.jax import lora
 from diptych.backends.jax import model as M
 
 
@@ -31,10 +32,13 @@ class SlotDecoder:
     """The model as ``(graphdef, state)`` plus ``slots`` rows of KV cache, ``max_len`` positions each.
 
     The state is copied: a JAX train step donates its buffers, and the sampler must keep the weights of
-    the version it was told about until :meth:`load_weights` says otherwise.
+    the version it was told about until :meth:`load_weights` says otherwise. A LoRA model is taken as a
+    plain one holding its merged weights, the form ``export_weights`` hands to :meth:`load_weights`.
     """
 
     def __init__(self, model: M.Decoder, slots: int, max_len: int) -> None:
+        if lora.lora_config(model) is not None:
+            model = M.build(model.spec, lora.merged_weights(model), model.dtype, model.kernels)
         self.spec, self.dtype, self.kernels = model.spec, model.dtype, model.kernels
         self.graphdef, state = nnx.split(model)
         self.state = jax.tree.map(jnp.copy, state)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diptych.backends.torch import lora
 from diptych.backends.torch import model as M
 
 
@@ -26,11 +27,17 @@ class SlotDecoder:
     """A private copy of the model plus ``slots`` rows of KV cache, ``max_len`` positions each.
 
     The copy matters: a torch train state updates its module in place, and the sampler must keep the
-    weights of the version it was told about until :meth:`load_weights` says otherwise.
+    weights of the version it was told about until :meth:`load_weights` says otherwise. A LoRA model is
+    copied as a plain one holding its merged weights, the form ``export_weights`` hands to :meth:`load_weights`.
     """
 
     def __init__(self, model: M.Decoder, slots: int, max_len: int) -> None:
-        self.model = copy.deepcopy(model).eval()
+        if lora.lora_config(model) is not None:
+            device = next(model.parameters()).device
+            model = M.build(model.spec, lora.merged_weights(model), model.dtype, model.kernels, device=device)
+        else:
+            model = copy.deepcopy(model)
+        self.model = model.eval()
         self.slots, self.max_len = int(slots), int(max_len)
         self.device = M.lm_head_weight(self.model).device
         with torch.no_grad():
