@@ -81,6 +81,25 @@ def train_loss(cfg: Any) -> tuple[str, Any] | None:
     return "offpolicy", OffPolicyLossConfig(policy=cfg.loss_config(), correction=a.correction, cap=a.correction_cap)
 
 
+class LocalTrainer:
+    """The trainer role in the driver's own process: the GRPO loop's train phase on a state it holds."""
+
+    def __init__(self, backend: Any, state: Any, cfg: Any, phases: Phases, ref_model: Any, loss: Any) -> None:
+        self.backend, self.state, self.cfg, self.phases = backend, state, cfg, phases
+        self.ref_model, self.loss = ref_model, loss
+
+    def train(self, batch: dict[str, np.ndarray], step: int, timer: StepTimer) -> dict[str, float]:
+        self.state, metrics = self.phases.train(self.backend, self.state, batch, self.cfg, step, self.ref_model,
+                                                timer, self.loss)
+        return metrics
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return self.backend.export_weights(self.state)
+
+    def close(self) -> None:
+        pass
+
+
 class AsyncGRPO:
     """One asynchronous run of ``cfg.steps - start_step`` steps; :meth:`run` returns the final state."""
 
@@ -88,7 +107,8 @@ class AsyncGRPO:
                  cfg: Any, phases: Phases, ref_model: Any = None, start_step: int = 0,
                  generator: Any = None, on_publish: Callable[[int, dict[str, np.ndarray]], None] | None = None,
                  train_delay_s: float = 0.0, step_delay_s: float = 0.0) -> None:
-        self.backend, self.state, self.tokenizer, self.reward = backend, state, tokenizer, reward
+        self.backend, self.tokenizer, self.reward = backend, tokenizer, reward
+        self.spec = state.model.spec
         self.rows, self.cfg, self.phases, self.ref_model = list(rows), cfg, phases, ref_model
         self.a = cfg.async_
         self.start, self.version = int(start_step), int(start_step)
@@ -107,13 +127,19 @@ class AsyncGRPO:
         self._gen_busy = self._gen_idle = 0.0
         self._gen_tokens = 0
         self.restarts = 0
-        weights = backend.export_weights(state)
+        if self.a.placement == "ray":
+            from diptych.asyncrl.ray_placement import RayTrainer
+
+            self.trainer: Any = RayTrainer(backend, state, cfg, phases, ref_model, self.loss)
+        else:
+            self.trainer = LocalTrainer(backend, state, cfg, phases, ref_model, self.loss)
+        weights = self.trainer.weights()
         self.generator = generator if generator is not None else self._make_generator(weights, step_delay_s)
         self._publish(weights)
 
     # -- roles ----------------------------------------------------------------------------------
     def _make_generator(self, weights: dict[str, np.ndarray], step_delay_s: float) -> Any:
-        gspec = GeneratorSpec(backend=self.backend.name, spec=self.state.model.spec, tokenizer=self.tokenizer,
+        gspec = GeneratorSpec(backend=self.backend.name, spec=self.spec, tokenizer=self.tokenizer,
                               cfg=self.cfg, sample=self.phases.sample, kind=self.a.generator, slots=self.a.slots,
                               recompute_kv=self.a.recompute_kv, step_delay_s=step_delay_s)
         if self.a.placement == "thread":
@@ -122,12 +148,13 @@ class AsyncGRPO:
             return ProcessGenerator(gspec, weights, self.a.generator_cores)
         from diptych.asyncrl.ray_placement import RayGenerator
 
-        return RayGenerator(gspec, weights)
+        return RayGenerator(gspec)
 
-    def _publish(self, weights: dict[str, np.ndarray]) -> None:
+    def _publish(self, weights: Any) -> None:
+        """Weights to the generator (a dict, or the Ray trainer's object-store handle that never visits here)."""
         self.generator.publish(weights, self.version)
         if self.on_publish is not None:
-            self.on_publish(self.version, weights)
+            self.on_publish(self.version, weights if isinstance(weights, dict) else weights.fetch())
 
     def _feed(self) -> None:
         """Hand the generator one step's prompts whenever the slots allow (the data order of the sync loop)."""
@@ -211,7 +238,7 @@ class AsyncGRPO:
                                "generator on the trainer's latest weights.")
         self.restarts += 1
         self.generator.restart()
-        self.generator.publish(self.backend.export_weights(self.state), self.version)
+        self.generator.publish(self.trainer.weights(), self.version)
         with self._lock:
             redo = sorted(self._pending.values(), key=lambda j: j.step)
         for job in redo:
@@ -267,12 +294,10 @@ class AsyncGRPO:
         })
         if self.train_delay_s:
             time.sleep(self.train_delay_s)  # a scripted slow trainer (tests)
-        self.state, train_metrics = self.phases.train(self.backend, self.state, batch, self.cfg, s, self.ref_model,
-                                                      timer, self.loss)
-        metrics.update(train_metrics)
+        metrics.update(self.trainer.train(batch, s, timer))
         with timer.phase("sync"):
             self.version = s + 1
-            self._publish(self.backend.export_weights(self.state))
+            self._publish(self.trainer.weights())
         self.slots.give(len(groups))
         with self._lock:
             busy, idle, tokens = self._gen_busy, self._gen_idle, self._gen_tokens
@@ -297,10 +322,11 @@ class AsyncGRPO:
             t.start()
         try:
             for s in range(self.start, end):
-                log(s + 1, self.state, self.step(s))
+                metrics = self.step(s)
+                log(s + 1, self.trainer.state if self.a.placement != "ray" else None, metrics)
+            return self.trainer.state
         finally:
             self.close(threads)
-        return self.state
 
     def close(self, threads: Sequence[threading.Thread] = ()) -> None:
         self._stop.set()
@@ -309,6 +335,11 @@ class AsyncGRPO:
             t.join(timeout=10)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.generator.close()
+        self.trainer.close()
+
+    @property
+    def state(self) -> Any:
+        return self.trainer.state
 
 
 def train_grpo_async(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]], cfg: Any,
