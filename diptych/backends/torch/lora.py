@@ -74,6 +74,7 @@ class LoRALinear(nn.Module):
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
         self.lora_A, self.lora_B = _Factor(a), _Factor(b)
         self.register_state_dict_post_hook(_base_only_state_dict)
+        self.register_load_state_dict_pre_hook(_requantize)
         self.register_load_state_dict_post_hook(_adapters_optional)
 
     def base_weight(self) -> torch.Tensor:
@@ -113,6 +114,15 @@ def _base_only_state_dict(module: LoRALinear, state_dict: dict[str, Any], prefix
         state_dict.pop(key, None)
     if module.quantized is not None:
         state_dict[prefix + "weight"] = _nf4().dequantize(module.quantized).float()
+
+
+def _requantize(module: LoRALinear, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Loading a dense ``weight`` into an NF4 layer quantises it (what ``state_dict()`` wrote comes back)."""
+    key = prefix + "weight"
+    if module.quantized is not None and key in state_dict:
+        w = state_dict.pop(key)
+        module.quantized = _nf4().quantize(w.detach().float(), block_size=module.quantized.block_size,
+                                           double_quant=module.quantized.double_quant).to(module.lora_A.weight.device)
 
 
 def _adapters_optional(module: LoRALinear, incompatible: Any) -> None:
