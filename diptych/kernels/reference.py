@@ -23,6 +23,7 @@ and JAX panels can be checked against one numpy text and bitsandbytes against it
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -30,6 +31,7 @@ __all__ = [
     "NF4_BLOCK_SIZES",
     "NF4_CODE",
     "NF4Weight",
+    "dynamic_lut",
     "dynamic_map",
     "nf4_absmax",
     "nf4_dequantize",
@@ -130,7 +132,7 @@ def rms_norm_backward(
 #
 # Transcribed from bitsandbytes 0.50 (`functional.get_4bit_type("nf4")`, `functional.quantize_4bit`,
 # the default `quantize_4bit` op in `backends/default/ops.py`, the CPU `quantize_blockwise` kernel
-# in `csrc/common.cpp` for the double-quantised absmax, `functional.create_dynamic_map`).
+# (`quantize_cpu_impl` in `csrc/cpu_ops.cpp`) for the double-quantised absmax, `functional.create_dynamic_map`).
 # ----------------------------------------------------------------------------------------------
 
 # The 16 NormalFloat4 values: quantiles of N(0, 1) normalised to [-1, 1] with an exact zero
@@ -165,10 +167,11 @@ def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     return np.where(idx < steps // 2, up, down).astype(np.float32)
 
 
+@functools.cache
 def dynamic_map() -> np.ndarray:
     """bitsandbytes' signed 8-bit dynamic code book (``create_dynamic_map()``): 256 sorted float32 values.
 
-    It quantises the per-block absmax when double quantisation is on.
+    It quantises the per-block absmax when double quantisation is on. (Cached and read-only.)
     """
     data: list[float] = []
     max_exponent_bits, non_sign_bits = 7, 7
@@ -179,7 +182,9 @@ def dynamic_map() -> np.ndarray:
         data += (means * scale).astype(np.float32).tolist()
         data += (means * -scale).astype(np.float32).tolist()
     data += [0.0, 1.0]
-    return np.array(sorted(data), dtype=np.float32)
+    table = np.array(sorted(data), dtype=np.float32)
+    table.flags.writeable = False
+    return table
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -231,33 +236,46 @@ def _check_nf4_input(w: np.ndarray, block_size: int) -> np.ndarray:
     return w
 
 
-def _nearest_code(x: np.ndarray, code: np.ndarray) -> np.ndarray:
-    # bitsandbytes' CPU blockwise quantiser: binary search for the code at or left of x, then step right
-    # when the right neighbour is strictly closer (float32 distances, ties go left).
-    idx = np.clip(np.searchsorted(code, x, side="right") - 1, 0, code.size - 1)
-    right = np.minimum(idx + 1, code.size - 1)
-    dist_left = np.abs(x - code[idx]).astype(np.float32)
-    dist_right = np.abs(x - code[right]).astype(np.float32)
-    return np.where((idx < code.size - 1) & (dist_right < dist_left), right, idx)
+_LUT_SIZE = 65536
+
+
+@functools.cache
+def dynamic_lut() -> np.ndarray:
+    """bitsandbytes' CPU 8-bit quantiser's lookup table: [-1, 1] in 65536 even steps -> nearest dynamic code.
+
+    (``build_quantize_lut`` in bitsandbytes' ``csrc/cpu_ops.cpp``: midpoints in float32, a step
+    ``-1 + 2i / 65535``, and the first code whose upper midpoint is not below it.)
+    """
+    code = dynamic_map()
+    midpoints = (np.float32(0.5) * (code[:-1] + code[1:])).astype(np.float32)
+    steps = (np.float32(-1.0) + (np.float32(2.0) * np.arange(_LUT_SIZE, dtype=np.float32)) / np.float32(65535))
+    lut = np.searchsorted(midpoints, steps.astype(np.float32), side="left").astype(np.uint8)
+    lut.flags.writeable = False
+    return lut
+
+
+def _lut_index(v: np.ndarray) -> np.ndarray:
+    # bitsandbytes' norm_to_lut_index: ((v + 1) * 0.5) * 65535 + 0.5, truncated; two roundings, no FMA.
+    t = ((np.clip(v, np.float32(-1.0), np.float32(1.0)) + np.float32(1.0)) * np.float32(0.5)).astype(np.float32)
+    return ((t * np.float32(65535)).astype(np.float32) + np.float32(0.5)).astype(np.float32).astype(np.int64)
 
 
 def _quantize_absmax(absmax: np.ndarray, offset: np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """8-bit blockwise dynamic quantisation of ``absmax - offset`` (bitsandbytes' ``quantize_blockwise``)."""
+    """8-bit blockwise dynamic quantisation of ``absmax - offset`` (bitsandbytes' CPU ``quantize_blockwise``).
+
+    The value times the reciprocal of its block's absmax indexes ``dynamic_lut()``; an all-zero block
+    gets code 0.
+    """
     centred = (absmax - offset).astype(np.float32)
     n = centred.size
     blocks = -(-n // DOUBLE_QUANT_BLOCK)
     padded = np.zeros(blocks * DOUBLE_QUANT_BLOCK, dtype=np.float32)
     padded[:n] = centred
     scale = np.abs(padded).reshape(blocks, DOUBLE_QUANT_BLOCK).max(axis=1).astype(np.float32)
-    # The CPU kernel searches a copy of the code book whose first entry is -1 (not -0.993), so that
-    # every normalised value lies inside it; the stored code book keeps -0.993.
-    search = dynamic_map()
-    search[0] = np.float32(-1.0)
-    per_value = np.repeat(scale, DOUBLE_QUANT_BLOCK)[:n]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        normed = (centred / per_value).astype(np.float32)
-    # A block of equal absmax values divides 0 by 0; bitsandbytes' search lands on code 0 there.
-    codes = np.where(per_value > 0, _nearest_code(np.where(per_value > 0, normed, 0), search), 0)
+    live = scale > 0
+    inv = np.where(live, np.float32(1.0) / np.where(live, scale, np.float32(1.0)), np.float32(0.0)).astype(np.float32)
+    normed = (centred * np.repeat(inv, DOUBLE_QUANT_BLOCK)[:n]).astype(np.float32)
+    codes = np.where(np.repeat(live, DOUBLE_QUANT_BLOCK)[:n], dynamic_lut()[_lut_index(normed)], 0)
     return codes.astype(np.uint8), scale
 
 

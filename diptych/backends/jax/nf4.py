@@ -26,6 +26,7 @@ from diptych.kernels.reference import (
     NF4_BLOCK_SIZES,
     NF4_CODE,
     NF4Weight,
+    dynamic_lut,
     dynamic_map,
 )
 
@@ -85,32 +86,37 @@ def _tree_mean(x: jax.Array) -> jax.Array:
 
 
 def _quantize_absmax(absmax: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # The oracle's kernels.reference._quantize_absmax (bitsandbytes' CPU lookup-table quantiser), op for op.
+    # Run eagerly, never under jit: XLA would fuse ``t * 65535 + 0.5`` into one FMA (a single rounding),
+    # which can move a value across a lookup-table step.
     centred = absmax - offset
     n = centred.size
     blocks = -(-n // DOUBLE_QUANT_BLOCK)
     padded = jnp.zeros(blocks * DOUBLE_QUANT_BLOCK, jnp.float32).at[:n].set(centred)
     scale = jnp.abs(padded).reshape(blocks, DOUBLE_QUANT_BLOCK).max(axis=1)
-    search = dynamic_map()
-    search[0] = np.float32(-1.0)  # bitsandbytes' CPU kernel searches with -1 as the first code (see the oracle)
-    search = jnp.asarray(search)
-    per_value = jnp.repeat(scale, DOUBLE_QUANT_BLOCK)[:n]
-    live = per_value > 0
-    normed = jnp.where(live, centred / jnp.where(live, per_value, 1.0), 0.0)
-    last = search.size - 1
-    idx = jnp.clip(jnp.searchsorted(search, normed, side="right") - 1, 0, last)
-    right = jnp.minimum(idx + 1, last)
-    step = (idx < last) & (jnp.abs(normed - search[right]) < jnp.abs(normed - search[idx]))
-    codes = jnp.where(live, jnp.where(step, right, idx), 0)
+    live = scale > 0
+    inv = jnp.where(live, 1.0 / jnp.where(live, scale, 1.0), 0.0)
+    normed = centred * jnp.repeat(inv, DOUBLE_QUANT_BLOCK)[:n]
+    t = (jnp.clip(normed, -1.0, 1.0) + 1.0) * 0.5
+    idx = (t * 65535.0 + 0.5).astype(jnp.int32)
+    codes = jnp.where(jnp.repeat(live, DOUBLE_QUANT_BLOCK)[:n], jnp.asarray(dynamic_lut())[idx], 0)
     return codes.astype(jnp.uint8), scale
 
 
 def quantize(w, block_size: int = 64, double_quant: bool = False) -> NF4Array:
     """NF4-quantise ``w`` (numpy or JAX); equals ``kernels.reference.nf4_quantize`` code for code."""
-    return _quantize(_as_float_array(w, block_size), block_size, double_quant)
+    codes, absmax = _quantize_4bit(_as_float_array(w, block_size), block_size)
+    shape = tuple(np.shape(w))
+    if not double_quant:
+        return NF4Array(codes, absmax, shape, block_size)
+    offset = _tree_mean(absmax)
+    qabsmax, scale = _quantize_absmax(absmax, offset)
+    return NF4Array(codes, qabsmax, shape, block_size, True, scale, offset)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize(a: jax.Array, block_size: int, double_quant: bool) -> NF4Array:
+@functools.partial(jax.jit, static_argnums=(1,))
+def _quantize_4bit(a: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    # Multiplies, divides, selects and comparisons only: nothing XLA could fuse into an FMA.
     flat = a.reshape(-1)
     n = flat.size
     blocks, full = -(-n // block_size), n // block_size
@@ -130,13 +136,7 @@ def _quantize(a: jax.Array, block_size: int, double_quant: bool) -> NF4Array:
     idx = jnp.searchsorted(bounds, scaled, side="left").astype(jnp.uint8)
     if n % 2:
         idx = jnp.concatenate([idx, jnp.full((1,), _NF4_ZERO, jnp.uint8)])
-    codes = (idx[0::2] << 4) | idx[1::2]
-    shape = tuple(a.shape)
-    if not double_quant:
-        return NF4Array(codes, absmax, shape, block_size)
-    offset = _tree_mean(absmax)
-    qabsmax, scale = _quantize_absmax(absmax, offset)
-    return NF4Array(codes, qabsmax, shape, block_size, True, scale, offset)
+    return (idx[0::2] << 4) | idx[1::2], absmax
 
 
 def block_absmax(q: NF4Array) -> jax.Array:

@@ -23,6 +23,7 @@ from diptych.kernels.reference import (
     NF4_BLOCK_SIZES,
     NF4_CODE,
     NF4Weight,
+    dynamic_lut,
     dynamic_map,
 )
 
@@ -67,7 +68,7 @@ _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 def _table(name: str, device: torch.device) -> torch.Tensor:
     key = (name, torch.device(device))
     if key not in _TABLES:
-        values = NF4_CODE if name == "nf4" else dynamic_map()
+        values = {"nf4": NF4_CODE, "dynamic": dynamic_map(), "lut": dynamic_lut()}[name]
         _TABLES[key] = torch.from_numpy(values.copy()).to(device)
     return _TABLES[key]
 
@@ -103,22 +104,19 @@ def _tree_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize_absmax(absmax: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The oracle's kernels.reference._quantize_absmax (bitsandbytes' CPU lookup-table quantiser), op for op.
     centred = absmax - offset
     n = centred.numel()
     blocks = -(-n // DOUBLE_QUANT_BLOCK)
     padded = torch.zeros(blocks * DOUBLE_QUANT_BLOCK, dtype=torch.float32, device=absmax.device)
     padded[:n] = centred
     scale = padded.abs().view(blocks, DOUBLE_QUANT_BLOCK).amax(dim=1)
-    search = _table("dynamic", absmax.device).clone()
-    search[0] = -1.0  # bitsandbytes' CPU kernel searches with -1 as the first code (see the oracle)
-    per_value = scale.repeat_interleave(DOUBLE_QUANT_BLOCK)[:n]
-    live = per_value > 0
-    normed = torch.where(live, centred / torch.where(live, per_value, torch.ones_like(per_value)), 0.0)
-    last = search.numel() - 1
-    idx = (torch.searchsorted(search, normed, right=True) - 1).clamp(0, last)
-    right = (idx + 1).clamp(max=last)
-    step = (idx < last) & ((normed - search[right]).abs() < (normed - search[idx]).abs())
-    codes = torch.where(live, torch.where(step, right, idx), 0)
+    live = scale > 0
+    inv = torch.where(live, 1.0 / torch.where(live, scale, torch.ones_like(scale)), 0.0)
+    normed = centred * inv.repeat_interleave(DOUBLE_QUANT_BLOCK)[:n]
+    t = (normed.clamp(-1.0, 1.0) + 1.0) * 0.5
+    idx = (t * 65535.0 + 0.5).to(torch.int64)  # two roundings (eager torch never fuses them into an FMA)
+    codes = torch.where(live.repeat_interleave(DOUBLE_QUANT_BLOCK)[:n], _table("lut", absmax.device)[idx], 0)
     return codes.to(torch.uint8), scale
 
 
@@ -230,6 +228,13 @@ def linear_nf4(
     if impl == "bnb":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("linear_nf4(impl='bnb') needs bitsandbytes (pip install bitsandbytes); or impl='native'.")
+        if x.device.type == "cpu" and q.shape[0] > 1 and q.shape[1] % q.block_size and q.shape[1] % 2 == 0:
+            # bitsandbytes 0.50's CPU dequantisation kernel reads such a weight with the wrong block scales
+            # (its own quantiser and its Python reference disagree with it; tests/kernels/test_nf4.py).
+            raise ValueError(
+                f"linear_nf4(impl='bnb') on CPU needs in_features a multiple of block_size {q.block_size} "
+                f"(got weight {q.shape}): bitsandbytes' CPU kernel mis-reads other shapes. Use impl='native'."
+            )
         import bitsandbytes
 
         return bitsandbytes.matmul_4bit(x, q.codes.view(-1, 1).t(), quant_state=_bnb_quant_state(q, x.dtype), bias=bias)
