@@ -128,6 +128,14 @@ class ContinuousGenerator:
             if job is STOP:
                 return
             if isinstance(job, Job):
+                while self.sampler is None:  # the first weights are published before any job; wait for them
+                    newer = poll(self.version)
+                    if newer is not None:
+                        self.update_weights(newer[1], newer[0])
+                    elif should_stop():
+                        return
+                    else:
+                        time.sleep(0.01)
                 ids = encode_prompts(self.tokenizer, [r["prompt"] for r in job.rows], cfg.max_prompt_length)
                 for i, p in enumerate(ids):
                     open_groups[job.first_index + i] = (job, i, {})
