@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers oracle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="sharded parity instead: train-step cases on this mesh (e.g. fsdp=2 or fsdp=2,tensor=2) vs one "
+                        "device and across backends; JAX with simulated CPU devices, torch under torchrun")
+    p.add_argument("--mesh-case", action="append", metavar="CASE",
+                   help="with --mesh: only these cases (repeatable; sft, dpo, grpo, ppo, recurrent; default: all)")
     rec = p.add_mutually_exclusive_group()
     rec.add_argument("--record", type=Path, metavar="DIR",
                      help="write a golden record per backend to DIR/<backend> (docs/parity_records.md)")
@@ -47,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
                 raise
     if args.record or args.replay:
         return _record_or_replay(args)
+    if getattr(args, "mesh", None):
+        return _mesh(args)
     if args.checkpoint:
         try:
             spec, weights = load_hf_folder(args.checkpoint)
@@ -59,6 +66,29 @@ def run(args: argparse.Namespace) -> int:
         report = run_parity(spec, weights, dtype=args.dtype, backends=args.backend, suites=args.suite,
                             seed=args.seed, num_steps=args.num_steps, with_transformers=not args.no_transformers,
                             checkpoint=args.checkpoint)
+    except (ValueError, RuntimeError) as e:
+        print(f"diptych parity: {e}", file=sys.stderr)
+        return 2
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    return 0 if report.passed else 1
+
+
+def _mesh(args: argparse.Namespace) -> int:
+    """`--mesh`: the sharded train-step cases (diptych.parity.mesh_suite); bad input exits 2 in one line."""
+    from diptych.core.backend import available_backends
+    from diptych.core.mesh import MeshConfig
+    from diptych.core.model_types import RECURRENT_MODEL_TYPES
+    from diptych.parity import mesh_suite
+
+    try:
+        mesh = MeshConfig.parse(args.mesh)
+        recurrent = args.model_type in RECURRENT_MODEL_TYPES
+        cases = args.mesh_case or (["recurrent"] if recurrent else None)
+        report = mesh_suite.run_mesh(mesh, args.backend or available_backends(), cases, dtype=args.dtype,
+                                     model_type="llama" if recurrent else args.model_type)
     except (ValueError, RuntimeError) as e:
         print(f"diptych parity: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ term is divided once by its global denominator, so the update equals the one-dev
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -149,12 +150,16 @@ def tensor_plan(model: nn.Module) -> dict[str, Any]:
     return plan
 
 
-def shard_model(model: nn.Module, cfg: MeshConfig, mesh: Any = None) -> nn.Module:
+def shard_model(model: nn.Module, cfg: MeshConfig, mesh: Any = None, *, mixed_precision: str = "none") -> nn.Module:
     """Shard ``model`` in place over this job's processes (see the module docstring); returns it.
 
     The root's parameters (embeddings, final norm, head) stay gathered outside the backward (FSDP2's default
     for the root, kept by :func:`gather_root` after each step), so the backend's sampler and log-prob functions
     run on the sharded model unchanged; the decoder layers gather and free themselves one at a time.
+
+    ``mixed_precision="bf16"``: FSDP2's ``MixedPrecisionPolicy`` (parameters gathered as bfloat16 for compute,
+    gradients reduced in float32); the stored shards stay the float32 master weights AdamW updates, so the
+    update is the one-device bf16 step's (bf16 compute, float32 master) within the bf16 tolerance.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     from torch.distributed.tensor.parallel import parallelize_module
@@ -171,17 +176,28 @@ def shard_model(model: nn.Module, cfg: MeshConfig, mesh: Any = None) -> nn.Modul
             # each rank now computes its own heads: the attention reshapes use the local counts
             layer.self_attn.num_heads //= cfg.tensor
             layer.self_attn.num_kv_heads //= cfg.tensor
+    if mixed_precision not in ("none", "bf16"):
+        raise MeshError(f"mixed_precision must be 'none' or 'bf16', got {mixed_precision!r}.")
+    if mixed_precision == "bf16" and cfg.batch_shards == 1:
+        raise MeshError("Sharded bf16 on torch runs through FSDP2's mixed precision, which needs data x fsdp > 1; a "
+                        f"tensor-only mesh ({cfg}) trains float32 (optim.mixed_precision='none') or use fsdp >= 2.")
     if cfg.batch_shards > 1:
         dp = mesh["data", "fsdp"]
+        kw: dict[str, Any] = {}
+        if mixed_precision == "bf16":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in _blocks(model):
-            fully_shard(block, mesh=dp)
-        fully_shard(model, mesh=dp)
+            fully_shard(block, mesh=dp, **kw)
+        fully_shard(model, mesh=dp, **kw)
     model.diptych_call = types.MethodType(lambda self, fn, *a, **k: fn(*a, **k), model)
     if cfg.batch_shards > 1:
         register_fsdp_forward_method(model, CALL)
         _warm_up(model)
         model.reshard()  # the optimizer is built over the sharded parameters; gather_root after that
     model.diptych_mesh = (cfg, mesh)
+    model.diptych_mixed_precision = mixed_precision
     model.diptych_ops = sys.modules[__name__]  # train.py steps a sharded state through this module
     return model
 
@@ -217,6 +233,11 @@ def init_train_state(model: nn.Module, optim: Any, *, mesh: Any = None, **kw: An
     job first (:func:`shard_for_training`; None: one process), then build the optimizer over the shards."""
     if mesh is not None:
         model = shard_for_training(model, mesh, optim)
+    if getattr(model, "diptych_mixed_precision", None) == "bf16":
+        # the shards are the float32 master weights (FSDP2 casts to bf16 for compute): no bf16 rebuild
+        state = T.init_train_state(model, dataclasses.replace(optim, mixed_precision="none"), **kw)
+        state.optim = optim
+        return state
     return T.init_train_state(model, optim, **kw)
 
 
@@ -227,14 +248,12 @@ def shard_for_training(model: nn.Module, mesh: Any, optim: Any = None) -> nn.Mod
     cfg = M.resolve(None if mesh == "auto" else mesh, world_size(), what="processes (torchrun --nproc-per-node)")
     if cfg.is_single:
         return model
-    if optim is not None and getattr(optim, "mixed_precision", None) == "bf16":
-        raise MeshError("Sharded torch training runs float32 (FSDP2 mixed precision is not wired yet); use "
-                        "optim.mixed_precision='no', or the jax backend for bf16.")
-    return shard_model(model, cfg)
+    return shard_model(model, cfg, mixed_precision=getattr(optim, "mixed_precision", None) or "none")
 
 
 def is_sharded(state_or_model: Any) -> bool:
-    model = getattr(state_or_model, "model", state_or_model)
+    """Whether a train state's model (or a model) was sharded by :func:`shard_model`."""
+    model = state_or_model.model if isinstance(state_or_model, T.TrainState) else state_or_model
     return getattr(model, "diptych_mesh", None) is not None
 
 
@@ -257,7 +276,28 @@ def generate(model: nn.Module, prompts: Any, sampling: Any, **kwargs: Any) -> An
     lib = model_module("diptych.backends.torch", model)
     gen = lib.generate if hasattr(lib, "generate") else __import__(
         "diptych.backends.torch.sampler", fromlist=["generate"]).generate
-    return call(model, gen, model, prompts, sampling, **kwargs)
+    cfg = mesh_of(model)[0] if is_sharded(model) else MeshConfig()
+    if cfg.tensor == 1:
+        return call(model, gen, model, prompts, sampling, **kwargs)
+    # tensor parallel: each rank's attention holds its own heads, so its KV cache holds only those
+    spec = model.spec
+    model.spec = _LocalHeads(spec, cfg.tensor)
+    try:
+        return call(model, gen, model, prompts, sampling, **kwargs)
+    finally:
+        model.spec = spec
+
+
+class _LocalHeads:
+    """A decoder spec as one tensor-parallel rank sees it for its KV cache: its share of the KV heads (what
+    ``model.init_cache`` sizes the cache by); everything else is the model's spec."""
+
+    def __init__(self, spec: Any, tensor: int) -> None:
+        self._spec = spec
+        self.num_key_value_heads = spec.num_key_value_heads // tensor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spec, name)
 
 
 # -- the train step ----------------------------------------------------------------------------
@@ -300,8 +340,6 @@ def train_step(state: T.TrainState, microbatches: Sequence[Mapping[str, np.ndarr
         for k, v in mb.items():
             if np.ndim(v):
                 M.check_batch(cfg, np.shape(v)[0], what=f"micro-batch ({k!r})")
-    if state.value_head is not None:
-        raise MeshError("Sharded training with a value head (PPO) is not supported yet; use one device.")
     names = plan.names
     params = state.master  # the sharded parameters AdamW updates (the module shows gathered ones for the root)
     local = [local_rows(mb, cfg) for mb in microbatches]
@@ -317,6 +355,7 @@ def train_step(state: T.TrainState, microbatches: Sequence[Mapping[str, np.ndarr
         acc.append([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         for p in params:
             p.grad = None
+    _reduce_replicated(state, acc, cfg)
     totals.sums, totals.dens = _all_sum(totals.sums, cfg), _all_sum(totals.dens, cfg)
     totals.tokens = sum(TS.count_tokens(mb) for mb in microbatches)
     totals.loss_rows, totals.extra_rows = _gather_rows(totals.loss_rows), _gather_rows(totals.extra_rows)
@@ -341,6 +380,22 @@ def train_step(state: T.TrainState, microbatches: Sequence[Mapping[str, np.ndarr
     return state, metrics
 
 
+def _reduce_replicated(state: T.TrainState, acc: list[list[torch.Tensor]], cfg: MeshConfig) -> None:
+    """Sum the gradients of the parameters no engine shards (PPO's value head: ``[H] -> 1``, replicated on every
+    rank) over the batch shards, as FSDP2 does for the rest. Each rank's gradient is its rows' sum times
+    ``batch_shards`` (the scale FSDP2's averaging wants) and tensor peers computed the same rows, so the sum over
+    all ranks is divided by ``batch_shards x tensor`` (the world size)."""
+    if state.value_head is None or world_size() == 1:
+        return
+    head = {id(p) for p in state.value_head.parameters()}
+    for grads in acc:
+        for i, p in enumerate(state.master):
+            if id(p) in head:
+                g = grads[i].detach().clone()
+                dist.all_reduce(g)
+                grads[i] = g / world_size()
+
+
 def _losses(state: T.TrainState, mb: Mapping[str, np.ndarray], plan: TS.StepPlan, outputs: frozenset[str],
             temperature: float) -> tuple[list[tuple[Any, Any, dict[str, Any]]], dict[str, Any]]:
     """Each term's ``(sum, denominator, metrics)`` of one micro-batch and its extra metrics (run in :func:`call`)."""
@@ -363,10 +418,14 @@ def _gather_rows(rows: list[dict[str, float]]) -> list[dict[str, float]]:
 # -- weights out ---------------------------------------------------------------------------------
 def export_weights(state_or_model: Any) -> dict[str, np.ndarray]:
     """Full canonical float32 weights of a sharded model on every rank (a collective: every rank calls it)."""
-    model = getattr(state_or_model, "model", state_or_model)
     with torch.no_grad():
+        if hasattr(state_or_model, "master"):  # a train state: its float32 shards (under bf16 the model computes
+            named = [(n, p) for n, p in zip(state_or_model.names, state_or_model.master)  # in bfloat16)
+                     if n not in T.VALUE_HEAD]
+        else:
+            named = list(state_or_model.named_parameters())
         # clone first: a numpy view would pin the gathered root's storage, which FSDP2 must free to reshard
-        return {n: _full(p.detach()).float().cpu().clone().numpy() for n, p in model.named_parameters()}
+        return {n: _full(p.detach()).float().cpu().clone().numpy() for n, p in named}
 
 
 def export_optimizer(state: T.TrainState) -> dict[str, Any]:
@@ -435,11 +494,19 @@ def _atomic_dir_all_ranks(path: Path) -> Iterator[Path]:
     _barrier()
 
 
+def _modules(state: T.TrainState) -> nn.Module:
+    """What the checkpoint holds: the model, or with PPO's value head a container of both (keys ``model.*`` and
+    ``value_head.*``), so its weights and AdamW state travel in the same sharded checkpoint."""
+    if state.value_head is None:
+        return state.model
+    return nn.ModuleDict({"model": state.model, "value_head": state.value_head})
+
+
 def _state_dicts(state: T.TrainState) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(state.model),
-            "optim": get_optimizer_state_dict(state.model, state.optimizer)}
+    modules = _modules(state)
+    return {"model": get_model_state_dict(modules), "optim": get_optimizer_state_dict(modules, state.optimizer)}
 
 
 def save(state: T.TrainState, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> Path:
@@ -456,7 +523,8 @@ def save(state: T.TrainState, path: str | os.PathLike, *, metadata: dict[str, An
         gather_root(state.model)  # taking the state dict resharded the root
         if is_rank0():
             ckpt.write_metadata(tmp, backend="torch", step=state.step, spec=state.model.spec, optim=state.optim,
-                                extra={"value_head": False, "kernels": getattr(state.model, "kernels", None),
+                                extra={"value_head": state.value_head is not None,
+                                       "kernels": getattr(state.model, "kernels", None),
                                        "sharded": True, "mesh": cfg.as_dict()},
                                 user=metadata)
     return path
@@ -491,13 +559,23 @@ def restore(path: str | os.PathLike, mesh: MeshConfig | None = None) -> tuple[T.
     cfg = MeshConfig() if mesh is None else M.resolve(None if mesh == "auto" else mesh, world_size(),
                                                         what="processes (torchrun --nproc-per-node)")
     if not cfg.is_single:
-        model = shard_model(model, cfg)
-    state = T.init_train_state(model, optim)
+        model = shard_model(model, cfg, mixed_precision=optim.mixed_precision)
+    head = bool(meta.get("value_head"))
+    # the checkpoint holds float32 weights and moments: load them into a float32 state first
+    state = T.init_train_state(model, dataclasses.replace(optim, mixed_precision="none"), value_head=head)
     sd = _state_dicts(state)
     dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
-    set_model_state_dict(state.model, sd["model"])
-    set_optimizer_state_dict(state.model, state.optimizer, sd["optim"])
+    modules = _modules(state)
+    set_model_state_dict(modules, sd["model"])
+    set_optimizer_state_dict(modules, state.optimizer, sd["optim"])
     gather_root(state.model)
+    state.optim = optim
+    if cfg.is_single and optim.mixed_precision == "bf16":  # one process: bf16 model, float32 master copy
+        moments, value_head = T.export_optimizer(state), T.export_value_head(state)
+        state = T.init_train_state(state.model, optim, value_head=head)
+        T.load_optimizer(state, moments)
+        if value_head is not None:
+            T.load_weights(state, value_head)
     state.step = int(meta["step"])
     return state, meta["metadata"]
 
