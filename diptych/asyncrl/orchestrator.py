@@ -295,6 +295,8 @@ class AsyncGRPO:
         if self.train_delay_s:
             time.sleep(self.train_delay_s)  # a scripted slow trainer (tests)
         metrics.update(self.trainer.train(batch, s, timer))
+        if "offpolicy_clipfrac" in metrics:
+            metrics["async/correction_clipfrac"] = metrics["offpolicy_clipfrac"]
         with timer.phase("sync"):
             self.version = s + 1
             self._publish(self.trainer.weights())
