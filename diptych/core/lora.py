@@ -193,7 +193,8 @@ def peft_config(cfg: LoRAConfig, modules: Sequence[str], base_model_name_or_path
     plain = all(_PLAIN.fullmatch(t) for t in cfg.targets)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
-        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+        "r": cfg.r, "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
+        "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
         "target_modules": sorted(cfg.targets) if plain else sorted(modules), "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
