@@ -65,7 +65,8 @@ class ContinuousSampler:
 
     Each :meth:`step` gives every busy row exactly one token: rows already in flight get it from one
     batched decode step, rows admitted in this step (waiting prompts, into free slots, in submission
-    order) get their first token from their prefill. ``sampling.n`` must be 1 (submit a prompt ``n``
+    order) get their first token from their prefill; repeats of one prompt admitted together (GRPO's
+    group) share one prefill. ``sampling.n`` must be 1 (submit a prompt ``n``
     times, under distinct ids, for ``n`` samples). JAX compiles one decode program per
     ``(slots, max_prompt_length + max_new_tokens)`` and one prefill program (two with ``recompute_kv``).
     """
@@ -164,13 +165,20 @@ class ContinuousSampler:
                 self._lengths[busy] += 1
                 chosen_rows += busy
                 logits.append(out[busy])
+            prefilled: dict[tuple[int, ...], tuple[int, np.ndarray]] = {}  # this step's prompts: row, logits
             for i in range(self.slots):
                 if not self._waiting:
                     break
                 if self._rows[i] is not None:
                     continue
                 request_id, ids = self._waiting.popleft()
-                logits.append(self._decoder.prefill(i, np.asarray(ids, np.int32), self.max_prompt_length)[None])
+                twin = prefilled.get(tuple(ids))
+                if twin is None:  # a repeat admitted in the same step (same weights) copies the twin's cache
+                    twin = (i, self._decoder.prefill(i, np.asarray(ids, np.int32), self.max_prompt_length)[None])
+                    prefilled[tuple(ids)] = twin
+                else:
+                    self._decoder.copy_row(twin[0], i)
+                logits.append(twin[1])
                 self._rows[i] = _Row(request_id, ids, [], [], [])
                 self._lengths[i] = len(ids)
                 chosen_rows.append(i)

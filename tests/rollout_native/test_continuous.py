@@ -144,22 +144,24 @@ def test_sampled_tokens_follow_core_rule_and_logprobs_equal_recomputation(backen
 
 # -- continuous batching --------------------------------------------------------------------------------------------
 def test_more_prompts_than_slots_each_row_as_if_alone(backend):
-    """Seven prompts through three rows, some submitted mid-run, with an EOS so rows end at different steps: every
+    """Eight prompts through three rows, some submitted mid-run, with an EOS so rows end at different steps: every
     request finishes exactly once, rows are refilled while others are in flight, and each row's tokens are what the
-    synchronous sampler gives that prompt alone."""
+    synchronous sampler gives that prompt alone (a repeat admitted beside its twin shares the twin's prefill)."""
     model = built(backend.name)
     eos = int(backend.generate(model, [PROMPTS[0]], GREEDY).completion_tokens[0, 3])
     sampling = replace(GREEDY, eos_ids=(eos,))
+    prompts = {f"r{i}": p for i, p in enumerate(PROMPTS)} | {"twin": PROMPTS[0]}
+    order = ["r0", "twin", "r1", "r2"] + [f"r{i}" for i in range(3, len(PROMPTS))]
     s = sampler(backend.name, sampling)
-    for i in range(4):
-        s.submit(f"r{i}", PROMPTS[i])
+    for r in order[:4]:
+        s.submit(r, prompts[r])
     assert (s.busy, s.waiting) == (0, 4)
     finished: list[Finished] = []
     refilled = False
     for t in range(100):
         if t == 2:
-            for i in range(4, len(PROMPTS)):
-                s.submit(f"r{i}", PROMPTS[i])
+            for r in order[4:]:
+                s.submit(r, prompts[r])
         before = {r.request_id for r in s._rows if r is not None}
         finished += s.step()
         after = {r.request_id for r in s._rows if r is not None}
@@ -168,13 +170,13 @@ def test_more_prompts_than_slots_each_row_as_if_alone(backend):
         if t > 2 and not (s.busy or s.waiting):
             break
     ids = [f.request_id for f in finished]
-    assert sorted(ids) == sorted(f"r{i}" for i in range(len(PROMPTS))) and len(set(ids)) == len(ids)
+    assert sorted(ids) == sorted(order) and len(set(ids)) == len(ids)
     assert refilled
     for f in finished:
         alone = backend.generate(model, [f.prompt_ids], sampling)
         np.testing.assert_array_equal(f.tokens, alone.completion_tokens[0, :alone.lengths[0]])
         np.testing.assert_allclose(f.logprobs, alone.logprobs[0, :alone.lengths[0]], atol=1e-5, rtol=0)
-        assert f.truncated == bool(alone.truncated[0]) and f.prompt_ids == PROMPTS[int(f.request_id[1:])]
+        assert f.truncated == bool(alone.truncated[0]) and f.prompt_ids == prompts[f.request_id]
     assert {len(f.tokens) for f in finished} != {N}, "no row ended early: the EOS was not exercised"
 
 
@@ -228,12 +230,13 @@ def test_jax_admissions_exits_and_weight_swaps_compile_nothing():
     for recompute_kv in (True, False):
         s = sampler("jax", sampling, recompute_kv=recompute_kv)
         s.submit("warm", PROMPTS[0])
+        s.submit("warm twin", PROMPTS[0])
         s.step()
         s.update_weights(W1, version=1)
         drain(s)
     s = sampler("jax", sampling, recompute_kv=True)
     with count_compiles() as compiles:
-        for i, p in enumerate(PROMPTS):
+        for i, p in enumerate([PROMPTS[1], *PROMPTS]):  # a repeat admitted beside its twin: a cache row copied
             s.submit(i, p)
         finished = [f for _ in range(2) for f in s.step()]
         s.update_weights(W1, version=1)
@@ -247,7 +250,7 @@ def test_jax_admissions_exits_and_weight_swaps_compile_nothing():
     with count_compiles() as fresh:
         (jnp.arange(11 * 13) * 3).block_until_ready()  # a shape nothing compiled before: the counter sees it
     assert len(fresh) > 0
-    assert sorted(f.request_id for f in finished) == list(range(len(PROMPTS)))
+    assert sorted(f.request_id for f in finished) == list(range(len(PROMPTS) + 1))
     assert {2} < {int(v) for f in finished for v in f.versions}
 
 

@@ -57,6 +57,10 @@ class SlotDecoder:
                                       np.int32(len(ids)))
         return np.asarray(logits)
 
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row ``dst``'s cache becomes row ``src``'s (a prompt prefilled once serves its repeats)."""
+        self.cache = _copy_row(self.cache, np.int32(src), np.int32(dst))
+
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Feed ``tokens[r]`` at position ``lengths[r]`` of every row; next-token logits ``[slots, V]``."""
         logits, self.cache = _decode(self.graphdef, self.state, self.cache, np.asarray(tokens, np.int32),
@@ -91,6 +95,14 @@ def _prefill(graphdef: Any, state: Any, cache: M.KVCache, row: jax.Array, tok: j
     cache = M.KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, view.k, row, axis=1),
                       jax.lax.dynamic_update_slice_in_dim(cache.v, view.v, row, axis=1))
     return _project(model, jax.lax.dynamic_index_in_dim(hidden[0], n - 1, axis=0, keepdims=False)), cache
+
+
+@partial(jax.jit, donate_argnums=0)
+def _copy_row(cache: M.KVCache, src: jax.Array, dst: jax.Array) -> M.KVCache:
+    def copy(buf: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(buf, jax.lax.dynamic_slice_in_dim(buf, src, 1, axis=1), dst, axis=1)
+
+    return M.KVCache(copy(cache.k), copy(cache.v))
 
 
 @partial(jax.jit, static_argnums=0, donate_argnums=2)

@@ -64,6 +64,12 @@ class SlotDecoder:
         return F.linear(hidden[0, n - 1], M.lm_head_weight(self.model)).float().cpu().numpy()
 
     @torch.no_grad()
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row ``dst``'s cache becomes row ``src``'s (a prompt prefilled once serves its repeats)."""
+        self.cache.k[:, dst] = self.cache.k[:, src]
+        self.cache.v[:, dst] = self.cache.v[:, src]
+
+    @torch.no_grad()
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Feed ``tokens[r]`` at position ``lengths[r]`` of every row; next-token logits ``[slots, V]``.
 
