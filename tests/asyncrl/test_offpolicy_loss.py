@@ -78,3 +78,30 @@ def test_registered_with_the_policy_layout():
     assert spec.config is OffPolicyLossConfig
     assert spec.outputs(OffPolicyLossConfig()) == {"logprobs"}
     assert spec.outputs(OffPolicyLossConfig(policy=PolicyLossConfig(entropy_coef=0.1))) == {"logprobs", "entropy"}
+
+
+@pytest.mark.parametrize("correction", ["tis", "decoupled"])
+def test_both_backends_train_the_offpolicy_loss_to_the_numpy_value(backend, correction):
+    """The loss a backend's train step reports equals the numpy formula on the log-probs it recomputes (the
+    proximal policy is the detached current one, the behaviour log-probs are perturbed as a stale policy's)."""
+    from diptych.core.optim import OptimConfig
+    from diptych.core.sampling import SamplingConfig
+    from diptych.core.spec import tiny_spec
+    from diptych.core.trainers.base import rollout_batch, sequence_logprobs
+
+    spec = tiny_spec("llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    state = backend.init_train_state(backend.build(spec, spec.init_weights(0)), OptimConfig(lr=1e-3))
+    roll = backend.generate(state.model, [[1, 2, 3], [4, 5]], SamplingConfig(max_new_tokens=5, n=4, eos_ids=()),
+                            seed=0)
+    b = rollout_batch(roll, 4)
+    rng = np.random.default_rng(0)
+    b["sampler_logprobs"] = (b["sampler_logprobs"] + rng.normal(0, 0.5, b["mask"].shape) * b["mask"]).astype(
+        np.float32)
+    b["advantages"] = rng.normal(0, 1, len(b["mask"])).astype(np.float32)
+    lp = sequence_logprobs(backend, state.model, b["tokens"], b["attention_mask"], b["mask"])
+    want = _oracle({"logprobs": lp, "old_logprobs": lp, "sampler_logprobs": b["sampler_logprobs"],
+                    "advantages": b["advantages"], "mask": b["mask"]}, correction, 1.5)
+    cfg = OffPolicyLossConfig(policy=PolicyLossConfig(), correction=correction, cap=1.5)
+    _, metrics = backend.train_step(state, [b], "offpolicy", cfg)
+    assert metrics["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert 0 < metrics["offpolicy_clipfrac"] < 1
