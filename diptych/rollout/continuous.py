@@ -66,9 +66,13 @@ class ContinuousSampler:
     Each :meth:`step` gives every busy row exactly one token: rows already in flight get it from one
     batched decode step, rows admitted in this step (waiting prompts, into free slots, in submission
     order) get their first token from their prefill; repeats of one prompt admitted together (GRPO's
-    group) share one prefill. ``sampling.n`` must be 1 (submit a prompt ``n``
-    times, under distinct ids, for ``n`` samples). JAX compiles one decode program per
-    ``(slots, max_prompt_length + max_new_tokens)`` and one prefill program (two with ``recompute_kv``).
+    group) share one prefill. ``sampling.n`` must be 1 (submit a prompt ``n`` times, under distinct ids,
+    for ``n`` samples). JAX compiles one decode program per ``(slots, max_prompt_length + max_new_tokens)``,
+    one prefill program (two with ``recompute_kv``) and one row copy; nothing per admission, exit or swap.
+
+    With dynamic-NTK RoPE the rotary base follows the largest position in each forward, so there (as in
+    any batched sampler, transformers' included) a row's tokens can depend on its neighbours; every other
+    RoPE type keeps rows independent.
     """
 
     def __init__(self, backend: Any, model: Any, sampling: SamplingConfig, *, slots: int, max_prompt_length: int,
