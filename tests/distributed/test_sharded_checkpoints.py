@@ -103,3 +103,17 @@ def test_jax_checkpoint_saved_at_fsdp4_resumes_elsewhere_like_the_uninterrupted_
     assert int(r[f"{mesh}/step"][0]) == cases.STEPS
     assert np.max(np.abs(r[f"{mesh}/loss"] - r["ref/loss"]) / np.abs(r["ref/loss"])) <= cases.TOL
     assert cases.rel_err(weights(r, mesh), weights(r, "ref")) <= cases.TOL
+
+
+@needs_torch
+@pytest.mark.slow
+def test_torch_sharded_ppo_checkpoint_keeps_the_value_head_and_its_adam_state(tmp_path):
+    out = tmp_path / "ppo.npz"
+    run_worker(torchrun(2, str(HERE / "torch_ppo_ckpt_worker.py"), str(tmp_path / "step"), str(out)), timeout=600)
+    r = load(out)
+    assert r["step"].tolist() == [2, 3] and bool(r["meta_value_head"][0])
+    straight, resumed = weights(r, "straight"), weights(r, "resumed")
+    assert "value_head.weight" in straight and set(straight) == set(resumed)
+    assert cases.rel_err(resumed, straight) <= cases.TOL
+    head = {k: v for k, v in resumed.items() if k.startswith("value_head")}
+    assert cases.rel_err(head, {k: straight[k] for k in head}) <= cases.TOL  # moments restored, not reset

@@ -41,7 +41,7 @@ def main() -> None:
             got.append(m["loss"])
         weights = D.export_weights(st)
         gen = None
-        if name == "sft" and cfg.tensor == 1:  # generation on the trained sharded model
+        if name == "sft":  # generation on the trained sharded model (tensor parallel too)
             gen = np.asarray(D.generate(st.model, cases.PROMPTS, cases.greedy()).tokens)
         everyone: list = [None] * D.world_size()
         dist.all_gather_object(everyone, D.local_bytes(st))
