@@ -53,9 +53,9 @@ def test_python_api_async_run(correction):
     assert ("async/correction_clipfrac" in last) == (correction != "none")
 
 
-def test_async_refuses_vllm_rollouts():
-    from diptych.asyncrl.orchestrator import check_async
-
-    cfg = GRPOConfig(rollout="vllm", async_=AsyncConfig(enabled=True))
+def test_async_settings_the_loop_cannot_run_are_refused_with_the_config():
     with pytest.raises(ValueError, match="rollout: native"):
-        check_async(cfg)
+        GRPOConfig(rollout="vllm", async_=AsyncConfig(enabled=True))
+    with pytest.raises(ValueError, match=r"async\.generator=batch or parity=false"):
+        GRPOConfig(parity=True, async_=AsyncConfig(enabled=True, generator="continuous"))
+    GRPOConfig(rollout="vllm", async_=AsyncConfig(enabled=False))  # off: nothing to refuse

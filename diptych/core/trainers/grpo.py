@@ -216,6 +216,10 @@ class GRPOConfig:
                                    f"{', '.join(est.options) or 'no options'}); drop it or change the estimator.")
         self.vllm = check_rollout_config(self.rollout, self.vllm, parity=self.parity, depth=self.depth)
         self.loss_config()  # validate the loss now, not mid-run
+        if self.async_.enabled:
+            from diptych.asyncrl.orchestrator import check_async
+
+            check_async(self)
         if self.trajectory is not None and self.trajectory.loss_config(self.loss_config()).per_iteration \
                 and self.num_iterations > 1:
             raise TrainerError(f"trajectory.weighting={self.trajectory.weighting!r} is on-policy (RLTT): set "
