@@ -159,3 +159,19 @@ def test_dropout_and_tied_llama_peft_oracle(tmp_path):
     tokens = tokens[:, -5:]
     theirs, _ = _peft_logits(tmp_path / "base", tmp_path / "adapter", tokens)
     np.testing.assert_allclose(to_np(get_backend("torch").forward(model, tokens)), theirs, atol=1e-5, rtol=0)
+
+
+def test_load_adapter_reads_bf16_adapters_as_peft_saves_them_for_a_bf16_model(tmp_path):
+    from safetensors.torch import save_file
+
+    a = torch.tensor([[0.5, -1.25, 3.0, 0.0]], dtype=torch.bfloat16)
+    zeros = {"m.q_proj.lora_A.weight": np.zeros((1, 4), np.float32), "m.q_proj.lora_B.weight": np.zeros((3, 1),
+                                                                                                     np.float32)}
+    save_adapter(tmp_path, zeros, LoRAConfig(r=1, targets=("q_proj",)))
+    save_file({"base_model.model.m.q_proj.lora_A.weight": a,
+               "base_model.model.m.q_proj.lora_B.weight": torch.ones(3, 1, dtype=torch.bfloat16)},
+              str(tmp_path / ADAPTER_WEIGHTS))
+    adapters, cfg = load_adapter(tmp_path)
+    assert adapters["m.q_proj.lora_A.weight"].dtype == np.float32
+    np.testing.assert_array_equal(adapters["m.q_proj.lora_A.weight"], a.float().numpy())
+    assert cfg.r == 1 and cfg.targets == ("q_proj",)
