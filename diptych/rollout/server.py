@@ -371,11 +371,11 @@ class ServerEngine:
                                                               "timeout_s": self.timeout_s}).encode(),
                       {"Content-Type": "application/json"})
         deadline = time.monotonic() + self.timeout_s
-        while thread.is_alive():  # the server joins on its own thread; its /health says if that failed
-            thread.join(0.2)
-            if not thread.is_alive():
-                break
+        while True:  # the server joins on its own thread; its /health says when it is in, or that it failed
+            thread.join(0.05)
             status = str(self.health().get("collective", ""))
+            if not thread.is_alive() and (status == "ready" or "error" in built):
+                break
             if status.startswith("failed"):
                 raise RolloutEngineError(f"the rollout server could not join the collective weight channel at "
                                          f"{host}:{port} ({status}); check that it can reach this machine, or set "

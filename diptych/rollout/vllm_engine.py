@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -193,6 +194,12 @@ class _PreserveGlobals:
             torch.random.set_rng_state(self.torch[1])
 
 
+def _tokens_so_far(llm: Any, request_id: str) -> int:
+    """How many tokens a running request has produced (vLLM's output processor; 0 before its first)."""
+    state = llm.llm_engine.output_processor.request_states.get(request_id)  # keyed by the internal id
+    return 0 if state is None else int(state.detokenizer.num_output_tokens())
+
+
 def _tensor_items(weights: WeightsLike) -> Iterator[tuple[str, Any]]:
     """``(name, float32 torch tensor)`` pairs: numpy arrays checked by weight_items, torch tensors kept in place."""
     import torch
@@ -227,6 +234,9 @@ class VLLMEngine:
         self._lora_request: Any = None
         self._lora_dir: str | None = None
         self.llm = None
+        self._gate = threading.Lock()
+        self._generating = False
+        self._pending: list[tuple[Any, int, threading.Event, dict[str, Any]]] = []
         self.last_sync: dict[str, Any] = {}
         """What the last sync moved: ``mode`` (full | adapters), ``channel`` (inprocess), ``bytes``, ``seconds``."""
         vllm = require_vllm()
@@ -312,8 +322,11 @@ class VLLMEngine:
                 top_p=float(sampling.top_p), min_p=float(sampling.min_p), max_tokens=int(sampling.max_new_tokens),
                 stop_token_ids=stop_ids, ignore_eos=True, logprobs=0, detokenize=False,
                 seed=None if seed is None else int(seed) + r))
+        start_version = self._version
         try:
-            outs = llm.generate(requests, params, use_tqdm=False, lora_request=self._lora_request)
+            outs, swaps = self._run(llm, requests, params)
+        except RolloutEngineError:
+            raise
         except Exception as e:
             raise RolloutEngineError(f"vLLM generate failed ({type(e).__name__}: {e}).") from e
         rows, steps, pad = ptok.shape[0], sampling.max_new_tokens, int(sampling.pad_id)
@@ -335,7 +348,96 @@ class VLLMEngine:
             tokens[r, :n], lps[r, :n], cmask[r, :n] = ids, lp, 1
             done[r] = finished
         rollout = finished_rollout(ptok, pmask, tokens, cmask, lps, done)
-        return with_version(rollout, self.name, self._version, logprob_basis(self.mode, sampling))
+        if swaps:  # new weights arrived mid-generation (update_weights_in_flight): every token's version
+            versions = np.full((rows, steps), start_version, np.int32)
+            for version, counts in swaps:
+                for r, n in enumerate(counts):
+                    versions[r, n:] = version
+            rollout.extras["token_versions"] = np.where(cmask > 0, versions, -1)
+        return with_version(rollout, self.name, start_version, logprob_basis(self.mode, sampling))
+
+    def _run(self, llm: Any, requests: list[Any], params: list[Any]) -> tuple[list[Any], list[tuple[int, list[int]]]]:
+        """vLLM's own offline loop (``enqueue``, then ``llm_engine.step()`` until done), with the weight updates
+        that :meth:`update_weights_in_flight` queued applied between two steps, in this thread."""
+        with self._gate:
+            self._generating = True
+        swaps: list[tuple[int, list[int]]] = []
+        try:
+            ids = [str(i) for i in llm.enqueue(requests, params, use_tqdm=False, lora_request=self._lora_request)]
+            engine = llm.llm_engine
+            # enqueue answers vLLM's internal ids ("0-ab12cd34"); the outputs carry the caller's ("0")
+            states = getattr(getattr(engine, "output_processor", None), "request_states", {})
+            index = {rid: r for r, rid in enumerate(ids)}
+            index.update({str(getattr(states.get(rid), "external_req_id", rid)): r for r, rid in enumerate(ids)})
+            outs: list[Any] = [None] * len(ids)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        outs[index[str(out.request_id)]] = out
+                self._apply_pending(llm, ids, outs, swaps)
+        finally:
+            with self._gate:
+                self._generating = False
+                late, self._pending = self._pending, []
+            for weights, version, done, box in late:  # arrived as the last row finished: a plain sync
+                try:
+                    self.sync_weights(weights, version)
+                except Exception as e:
+                    box["error"] = e
+                finally:
+                    done.set()
+        if swaps:  # the prefix cache could not be reset while rows ran; now it can
+            llm.reset_prefix_cache()
+        return outs, swaps
+
+    def _apply_pending(self, llm: Any, ids: list[str], outs: list[Any], swaps: list[tuple[int, list[int]]]) -> None:
+        with self._gate:
+            pending, self._pending = self._pending, []
+        for weights, version, done, box in pending:
+            try:
+                counts = [len(o.outputs[0].token_ids) if o is not None else _tokens_so_far(llm, rid)
+                          for rid, o in zip(ids, outs)]
+                version = check_version(version, self._version)
+                items = list(_tensor_items(weights))
+                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+                # recompute_kv: preempt the running rows, so vLLM rebuilds their K/V with the new weights
+                llm.reset_prefix_cache(reset_running_requests=bool(box.get("recompute_kv")))
+                self._version = version
+                swaps.append((version, counts))
+            except Exception as e:
+                box["error"] = e
+            finally:
+                done.set()
+
+    def update_weights_in_flight(self, weights: WeightsLike, version: int, *, recompute_kv: bool = False,
+                                 timeout_s: float | None = None) -> None:
+        """New weights while a ``generate`` runs in another thread (asynchronous RL): vLLM's pause / update /
+        resume, done at a step boundary. The generating thread stops stepping, reloads the weights and goes on;
+        rows in flight keep their tokens, and each token's version lands in the rollout's ``token_versions``
+        (``weight_version`` stays the version the rollout started with). The rows keep the K/V their earlier
+        tokens were computed with (Magistral's choice), or, with ``recompute_kv``, are preempted so vLLM
+        recomputes it with the new weights (then every later token is exactly the new weights' choice). Blocks
+        until the weights are in. Without a generate running it is :meth:`sync_weights`.
+
+        In-process engines only: the sync ``vllm.LLM`` has no pause API of its own across threads (vLLM 0.32's
+        ``pause_generation`` / ``resume_generation`` belong to ``AsyncLLM``), so the step loop does it. Full
+        weights only (an adapter sync waits for the rollout)."""
+        self._live()
+        done, box = threading.Event(), {"recompute_kv": recompute_kv}
+        with self._gate:
+            generating = self._generating
+            if generating:
+                self._pending.append((weights, version, done, box))
+        if not generating:
+            self.sync_weights(weights, version)
+            return
+        if not done.wait(timeout_s):
+            raise RolloutEngineError(f"the weight update was not applied within {timeout_s} s.")
+        if "error" in box:
+            err = box["error"]
+            if isinstance(err, RolloutEngineError):
+                raise err
+            raise RolloutEngineError(f"vLLM in-flight weight update failed ({type(err).__name__}: {err}).") from err
 
     def sync_weights(self, weights: WeightsLike, version: int) -> None:
         """Swap canonical weights into the running engine, in place, and forget the cached prefixes.

@@ -5,6 +5,7 @@ but vLLM itself (tests/rollout/test_vllm.py needs the vLLM venv: scripts/vllm_en
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 from pathlib import Path
 
@@ -292,6 +293,16 @@ def test_collective_channel_syncs_what_the_http_channel_syncs(torch_backend, tmp
     man = [{"name": "a", "shape": [10_000], "dtype": "float32"}, {"name": "b", "shape": [2, 2], "dtype": "float32"},
            {"name": "c", "shape": [3], "dtype": "float32"}, {"name": "d", "shape": [20_000], "dtype": "float32"}]
     assert plan_buckets(man, 40_016) == [[0, 1], [2], [3]] and plan_buckets(man) == [[0, 1, 2, 3]]
+    # a server that cannot reach the trainer's store says so, and refuses collective syncs in one line
+    body = json.dumps({"host": "127.0.0.1", "port": 1, "backend": "gloo", "timeout_s": 1}).encode()
+    http._request("POST", "/collective/init", body, {"Content-Type": "application/json"})
+    for _ in range(300):
+        if http.health()["collective"].startswith("failed"):
+            break
+        thread.join(0.1)
+    assert http.health()["collective"].startswith("failed")
+    with pytest.raises(RolloutEngineError, match=r"HTTP 400.*collective weight channel is not open \(failed"):
+        coll.sync_weights(w1, 5)
     coll.close()
     http.shutdown()
     thread.join(10)
@@ -322,13 +333,20 @@ class _FakeLLM:
         self.log = log
         log.append(("LLM", "enable_sleep_mode" in kw, kw.get("enable_lora", False)))
 
-    def generate(self, requests, params, use_tqdm=False, lora_request=None):
+    def enqueue(self, requests, params, use_tqdm=False, lora_request=None):
         from types import SimpleNamespace
 
         self.log.append(("generate", None if lora_request is None else lora_request.lora_name))
         step = SimpleNamespace(logprob=-0.5)
-        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7] * p.max_tokens, finish_reason="length",
-                                                         logprobs=[{7: step}] * p.max_tokens)]) for p in params]
+        self.queue = [SimpleNamespace(request_id=str(i), finished=True, outputs=[SimpleNamespace(
+            token_ids=[7] * p.max_tokens, finish_reason="length", logprobs=[{7: step}] * p.max_tokens)])
+            for i, p in enumerate(params)]
+        self.llm_engine = SimpleNamespace(has_unfinished_requests=lambda: bool(self.queue), step=self._step)
+        return [str(i) for i in range(len(params))]
+
+    def _step(self):
+        out, self.queue = self.queue[::-1], []  # finished out of order, as vLLM may
+        return out
 
     def collective_rpc(self, method, kwargs=None):
         self.log.append((method,))

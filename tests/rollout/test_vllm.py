@@ -165,6 +165,68 @@ def test_lora_grpo_syncs_only_the_adapters_and_vllm_logprobs_equal_the_trainers(
     np.testing.assert_allclose(again.logprobs, fresh.logprobs, atol=1e-5)
 
 
+def _swap_in_flight(engine, weights, recompute_kv: bool, sampling, version=None):
+    """generate in this thread while another thread swaps the weights in as soon as the rollout runs; the
+    updater's error, if any, is raised here."""
+    import threading
+    import time
+
+    version = engine.weight_version + 1 if version is None else version
+    errors = []
+
+    def update():
+        while not engine._generating:
+            time.sleep(0.0005)
+        try:
+            engine.update_weights_in_flight(weights, version, recompute_kv=recompute_kv, timeout_s=60)
+        except RolloutEngineError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=update)
+    thread.start()
+    got = engine.generate(PROMPTS, sampling)
+    thread.join(60)
+    if errors:
+        raise errors[0]
+    return got, version
+
+
+def test_weights_swapped_in_flight_land_between_steps_with_per_token_versions(engine):
+    """update_weights_in_flight from another thread: vLLM's step loop pauses, reloads, resumes. Tokens before the
+    swap are the old weights' greedy choice, every token records its version, and with recompute_kv the tokens
+    after it are exactly the new weights' (their K/V recomputed); keeping the K/V, the prefix still is the old's."""
+    backend = get_backend("torch")
+    long = SamplingConfig(max_new_tokens=48, temperature=0, eos_ids=())
+    for recompute_kv, seeds in ((True, (41, 42)), (False, (43, 44))):
+        old, new = (backend.build(SPEC, SPEC.init_weights(s)) for s in seeds)
+        v0 = push(engine, backend.export(old))
+        got, v1 = _swap_in_flight(engine, backend.export(new), recompute_kv, long)
+        assert got.extras["weight_version"] == v0 and engine.weight_version == v1
+        versions = got.extras["token_versions"]
+        cut = (versions == v0).sum(1)
+        assert (cut > 0).all() and (cut < 48).all(), cut  # the swap landed mid-rollout
+        assert all((row[:k] == v0).all() and (row[k:] == v1).all() for row, k in zip(versions, cut))
+        ref = backend.generate(old, PROMPTS, long)
+        for r, k in enumerate(cut):
+            assert np.array_equal(got.completion_tokens[r, :k], ref.completion_tokens[r, :k])
+            np.testing.assert_allclose(got.logprobs[r, :k], ref.logprobs[r, :k], atol=1e-5)
+        if recompute_kv:  # after the swap: the new weights' greedy choice on the full sequence, its log-probs
+            width = got.prompt_tokens.shape[1]
+            batch = rollout_batch(got, width)
+            lp = sequence_logprobs(backend, new, batch["tokens"], batch["attention_mask"], batch["mask"], 1.0)
+            logits = backend.to_numpy(backend.forward(new, backend.from_numpy(batch["tokens"]),
+                                                      backend.from_numpy(batch["attention_mask"])))
+            for r, k in enumerate(cut):
+                pos = np.arange(width - 1 + k, width - 1 + 48)
+                np.testing.assert_allclose(got.logprobs[r, k:], lp[r, pos], atol=1e-5)
+                assert np.array_equal(logits[r, pos].argmax(-1), got.completion_tokens[r, k:])
+        after = engine.generate(PROMPTS, long)  # a complete sync: the next rollout is the new weights' alone
+        assert "token_versions" not in after.extras
+        assert np.array_equal(after.completion_tokens, backend.generate(new, PROMPTS, long).completion_tokens)
+    with pytest.raises(RolloutEngineError, match="older than the engine's"):
+        _swap_in_flight(engine, SPEC.init_weights(0), False, long, version=engine.weight_version - 1)
+
+
 def test_a_sync_resets_the_prefix_cache(engine):
     """A 40-token prompt fills a cached KV block; after a sync it must be recomputed with the new weights."""
     backend = get_backend("torch")
