@@ -8,7 +8,9 @@ rebuilds the weight from the 4-bit codes instead of keeping the dequantised weig
 
 XLA on CPU flushes subnormal floats to zero, and bitsandbytes floors an all-zero block's absmax at
 the subnormal 1e-38; the zero blocks are therefore handled with selects, not arithmetic, so they
-still give the oracle's codes (all 0.0) and its stored floor.
+still give the oracle's codes (all 0.0) and its stored floor. One case stays apart: a weight that is
+all zeros with a trailing partial block, double-quantised, gets offset 0 here and 1e-38 in the
+oracle (the mean of subnormals flushes); its dequantised weight is zero in both.
 """
 
 from __future__ import annotations
