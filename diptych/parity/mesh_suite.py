@@ -306,7 +306,7 @@ def run_mesh(mesh: MeshConfig | str, backends: Sequence[str], cases: Sequence[st
         for name in names:
             why = check_request(mesh, be, name)
             if why:
-                report.skipped.append(f"mesh {mesh}: {be} {name}: {why}")
+                report.skipped.append(f"mesh {label(mesh)}: {be} {name}: {why}")
             else:
                 ok.append(name)
         if not ok:
