@@ -414,7 +414,7 @@ def test_sleep_mode_sleeps_through_the_train_phase_on_gpu_only(torch_backend, mo
 def test_a_lora_policy_pushes_only_its_adapters_to_an_engine_that_serves_lora(torch_backend, monkeypatch, tmp_path):
     """push_weights is engine-agnostic: adapters (a PEFT folder per version, named by the next generate) to a
     LoRA-serving engine, merged weights to any other, full weights for a plain policy; sync/mode says which."""
-    from diptych.core.lora import LoRAConfig, init_adapters
+    from diptych.core.lora import LoRAConfig, init_adapters, merge_weights
     from diptych.core.optim import OptimConfig
     from diptych.rollout.base import push_weights, sync_metrics
 
@@ -434,6 +434,9 @@ def test_a_lora_policy_pushes_only_its_adapters_to_an_engine_that_serves_lora(to
 
         def export_adapters(self, model):
             return adapters
+
+        def merged_weights(self, model):
+            return merge_weights(b.export(model), adapters, lora)
 
     log: list = []
     ve = _fake_vllm(monkeypatch, log, cuda=False)
@@ -458,6 +461,21 @@ def test_a_lora_policy_pushes_only_its_adapters_to_an_engine_that_serves_lora(to
             eng.sync_adapters(adapters, LoRAConfig(r=16), eng.weight_version + 1)
     finally:
         eng.close()
+    # make_engine starts a LoRA model's engine on the base with its adapters, or on merged weights if asked
+    log.clear()
+    eng = make_engine("vllm", LoRABackend(), state.model, vllm={"lora_sync": "auto"})
+    try:
+        assert log == [("LLM", False, True)] and eng.serves_lora and eng.adapter == "v0"
+    finally:
+        eng.close()
+    log.clear()
+    eng = make_engine("vllm", LoRABackend(), state.model, vllm={"lora_sync": "merged"})
+    try:
+        assert log == [("LLM", False, False)] and not eng.serves_lora and eng.adapter is None
+    finally:
+        eng.close()
+    with pytest.raises(RolloutEngineError, match="lora_sync=adapters needs a colocated engine"):
+        make_engine("vllm", LoRABackend(), state.model, vllm={"mode": "server", "lora_sync": "adapters"})
     plain = NativeEngine(b, state.model)  # an engine without LoRA gets the merged weights
     push_weights(plain, LoRABackend(), state)
     assert sync_metrics(plain) == {"sync/mode": 2.0}
