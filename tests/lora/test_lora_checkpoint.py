@@ -1,5 +1,5 @@
 """LoRA checkpoints and exports: a checkpoint holds the frozen base once, the adapters (a PEFT folder) and only the
-adapters' optimizer moments; a stopped-and-resumed LoRA GRPO run with a KL term equals the uninterrupted run bit for
+adapters' optimizer moments; a killed-and-resumed LoRA GRPO run with a KL term equals the uninterrupted run bit for
 bit; full fine-tuning and LoRA checkpoints refuse to resume into each other; the run's ``final/`` folder is the
 merged model (transformers loads it, logits within 1e-5 of the diptych LoRA model) plus ``final/adapter`` (PEFT
 loads it onto the transformers base); ``diptych convert`` moves LoRA checkpoints and merges adapter folders."""
@@ -51,20 +51,38 @@ def grpo_trainer(be, out, steps, *, resume=False, lora=LORA, beta=0.04):
                        checkpoint=CheckpointConfig(every=2, keep_last=2), resume_from_checkpoint=resume)
 
 
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BACKENDS)
-def test_stopped_and_resumed_lora_grpo_run_equals_the_uninterrupted_run(name, tmp_path):
+def test_killed_and_resumed_lora_grpo_run_equals_the_uninterrupted_run(name, tmp_path, monkeypatch):
+    from diptych.core.trainers.base import DivergenceGuard
+
     be = get_backend(name)
     full = grpo_trainer(be, tmp_path / "full", STEPS)
     full.train()
-    first = grpo_trainer(be, tmp_path / "cut", 2)
-    first.train()
+    first = grpo_trainer(be, tmp_path / "cut", STEPS)
+    check = DivergenceGuard.check
+
+    def dies_after_step_3(self, step, metrics, state=None):  # after step 3's update, before the step-4 checkpoint
+        check(self, step, metrics, state)
+        if step == 3:
+            raise Killed(step)
+
+    monkeypatch.setattr(DivergenceGuard, "check", dies_after_step_3)
+    with pytest.raises(Killed):
+        first.train()
+    monkeypatch.setattr(DivergenceGuard, "check", check)
     ckpt = tmp_path / "cut" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in ckpt.parent.iterdir() if p.name.startswith("step_")) == [ckpt.name]
     meta = json.loads((ckpt / "diptych.json").read_text())
     assert meta["lora"]["r"] == 4 and meta["lora"]["targets"] == ["q_proj", "v_proj", "down_proj"]
     assert not (tmp_path / "cut" / "checkpoints" / "reference").exists()  # the reference is the base, not a copy
     spec = spec_for(CharTokenizer())
     w0 = spec.init_weights(0)
-    _check_checkpoint_layout(name, ckpt, w0, be.export_adapters(first.state.model))
+    _check_checkpoint_layout(name, ckpt, w0, be.export_adapters(be.restore(ckpt)[0].model))
 
     resumed = grpo_trainer(be, tmp_path / "cut", STEPS, resume=True)
     resumed.train()
