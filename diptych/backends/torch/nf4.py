@@ -156,7 +156,7 @@ def block_absmax(q: NF4Tensor) -> torch.Tensor:
     if not q.double_quant:
         return q.absmax
     per_value = q.absmax_scale.repeat_interleave(DOUBLE_QUANT_BLOCK)[: q.absmax.numel()]
-    return _table("dynamic", q.device)[q.absmax.long()] * per_value + q.absmax_offset
+    return _table("dynamic", q.device)[q.absmax.to(torch.int32)] * per_value + q.absmax_offset
 
 
 def dequantize(q: NF4Tensor) -> torch.Tensor:
@@ -165,10 +165,10 @@ def dequantize(q: NF4Tensor) -> torch.Tensor:
     idx = torch.stack((q.codes >> 4, q.codes & 0x0F), dim=-1).reshape(-1)
     blocks = -(-n // q.block_size)
     if blocks * q.block_size == idx.numel():
-        values = _table("nf4", q.device)[idx.long()]
+        values = _table("nf4", q.device)[idx.to(torch.int32)]
     else:
         values = torch.zeros(blocks * q.block_size, dtype=torch.float32, device=q.device)
-        values[:n] = _table("nf4", q.device)[idx[:n].long()]
+        values[:n] = _table("nf4", q.device)[idx[:n].to(torch.int32)]
     out = values.view(blocks, q.block_size) * block_absmax(q)[:, None]
     return out.reshape(-1)[:n].view(q.shape)
 
