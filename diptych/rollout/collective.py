@@ -101,11 +101,20 @@ def local_address(peer_host: str) -> str:
             return "127.0.0.1"
 
 
-def choose_backend(server_device: str) -> str:
-    """NCCL when both ends are on CUDA, gloo otherwise (the same channel, slower, and what CPU tests run)."""
+def cuda_uuid() -> str | None:
+    """This process's current CUDA device's UUID, None without CUDA."""
     import torch
 
-    return "nccl" if server_device == "cuda" and torch.cuda.is_available() else "gloo"
+    if not torch.cuda.is_available():
+        return None
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def choose_backend(server_device: str, server_uuid: str | None = None) -> str:
+    """NCCL when both ends are on CUDA, on different GPUs (NCCL refuses two ranks on one device), gloo otherwise:
+    the same channel, slower, and what the CPU tests run."""
+    mine = cuda_uuid() if server_device == "cuda" else None
+    return "nccl" if mine is not None and mine != (server_uuid or None) else "gloo"
 
 
 class WeightGroup:

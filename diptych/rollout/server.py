@@ -147,6 +147,14 @@ class _Collective:
         self.group, self.error, self.joining, self.received = None, None, None, None
 
 
+def _device_uuid(engine: Any) -> str | None:
+    if str(getattr(engine, "device", "cpu")) != "cuda":
+        return None
+    from diptych.rollout.collective import cuda_uuid
+
+    return cuda_uuid()
+
+
 def _expected_shapes(engine: Any) -> dict[str, tuple[int, ...]] | None:
     spec = getattr(engine, "spec", None)
     shapes = getattr(spec, "param_shapes", None)
@@ -179,7 +187,8 @@ class _Handler(BaseHTTPRequestHandler):
         eng = self.engine
         self._reply(200, {"status": "ok", "weight_version": eng.weight_version, "model_type": eng.spec.model_type,
                           "logprobs_mode": eng.mode, "max_model_len": eng.max_model_len, "pid": os.getpid(),
-                          "device": str(getattr(eng, "device", "cpu")), "collective": self.collective.status})
+                          "device": str(getattr(eng, "device", "cpu")), "device_uuid": _device_uuid(eng),
+                          "collective": self.collective.status})
 
     def do_POST(self) -> None:
         eng = self.engine
@@ -354,7 +363,7 @@ class ServerEngine:
         from diptych.rollout.collective import WeightGroup, choose_backend, local_address
 
         health = self.health()
-        backend = backend or choose_backend(str(health.get("device", "cpu")))
+        backend = backend or choose_backend(str(health.get("device", "cpu")), health.get("device_uuid"))
         host = local_address(urllib.parse.urlsplit(self.url).hostname or "127.0.0.1")
         pending, port = WeightGroup.open_store(host, backend, self.timeout_s)
         built: dict[str, Any] = {}

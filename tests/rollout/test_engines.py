@@ -309,8 +309,15 @@ def test_collective_channel_syncs_what_the_http_channel_syncs(torch_backend, tmp
     assert not thread.is_alive()
 
 
-def test_weight_channel_and_sleep_settings_are_checked():
+def test_weight_channel_and_sleep_settings_are_checked(monkeypatch):
+    import diptych.rollout.collective as coll
     from diptych.rollout.vllm_engine import lora_rank, sleep_enabled
+
+    monkeypatch.setattr(coll, "cuda_uuid", lambda: "GPU-0")  # NCCL only between two different GPUs
+    assert coll.choose_backend("cuda", "GPU-1") == "nccl" and coll.choose_backend("cuda", "GPU-0") == "gloo"
+    assert coll.choose_backend("cpu") == "gloo"
+    monkeypatch.setattr(coll, "cuda_uuid", lambda: None)  # a trainer without CUDA
+    assert coll.choose_backend("cuda", "GPU-1") == "gloo"
 
     assert VLLMConfig(sleep=True).sleep == "on" and VLLMConfig(sleep=False).sleep == "off"  # YAML's bare on / off
     assert VLLMConfig(mode="server", weight_channel="collective").weight_channel == "collective"
