@@ -7,14 +7,18 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 from helpers import ROWS, SPEC, TOK, Recorder, config, fresh_state, variety
 
 from diptych.asyncrl.orchestrator import AsyncGRPO, Phases
+from diptych.core.backend import get_backend
 from diptych.core.trainers import grpo
 from diptych.core.trainers.base import sequence_logprobs
 
 
-def test_rows_span_two_versions_and_their_versions_and_logprobs_are_right(backend):
+@pytest.mark.parametrize("name", ["torch", pytest.param("jax", marks=pytest.mark.slow)])  # jax: ~30-40 s, compiles
+def test_rows_span_two_versions_and_their_versions_and_logprobs_are_right(name):
+    backend = get_backend(name)
     # 8 decode steps of >= 0.2 s per group: the trainer's step (well under a second once compiled) lands inside
     cfg = dataclasses.replace(config(steps=5, enabled=True, max_staleness=2, generator="continuous",
                                      recompute_kv=True), max_completion_length=8)
