@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import needs_jax
 from helpers import ROWS, SPEC, TOK, Recorder, config, fresh_state, variety
 
 from diptych.asyncrl.orchestrator import AsyncGRPO, Phases
@@ -16,7 +17,7 @@ from diptych.core.trainers import grpo
 from diptych.core.trainers.base import sequence_logprobs
 
 
-@pytest.mark.parametrize("name", ["torch", pytest.param("jax", marks=pytest.mark.slow)])  # jax: ~30-40 s, compiles
+@pytest.mark.parametrize("name", ["torch", pytest.param("jax", marks=[pytest.mark.slow, needs_jax])])  # jax: 30-40 s
 def test_rows_span_two_versions_and_their_versions_and_logprobs_are_right(name):
     backend = get_backend(name)
     # 8 decode steps of >= 0.2 s per group: the trainer's step (well under a second once compiled) lands inside
