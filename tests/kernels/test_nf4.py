@@ -48,15 +48,17 @@ def _bnb():
 def _bnb_dequantize(packed, state) -> np.ndarray:
     """bitsandbytes' dequantised weight.
 
-    Its CPU C kernel (bitsandbytes 0.50) reads a weight of several rows whose even row length is not a
-    multiple of the block size with the wrong block scales (its error against the weight is several
-    times NF4's); for those shapes this takes bitsandbytes' own Python reference of the same op.
+    Its CPU C kernel (bitsandbytes 0.50) serves weights with an even row length; it reads a weight of
+    several rows whose row length is not a multiple of the block size with the wrong block scales (its
+    error against the weight is several times NF4's). For those, and for odd row lengths (where
+    bitsandbytes itself falls back to it), this takes bitsandbytes' Python reference of the op,
+    unwrapped from its torch.compile (which costs half a minute and computes the same).
     """
     F = _bnb()
     import torch
 
     shape, bs = tuple(state.shape), state.blocksize
-    if len(shape) == 1 or shape[0] == 1 or shape[-1] % bs == 0 or shape[-1] % 2:
+    if shape[-1] % 2 == 0 and (len(shape) == 1 or shape[0] == 1 or shape[-1] % bs == 0):
         return F.dequantize_4bit(packed, state).numpy()
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
@@ -64,7 +66,8 @@ def _bnb_dequantize(packed, state) -> np.ndarray:
     if state.nested:
         absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
     code = F.get_4bit_type("nf4", device="cpu")
-    return _dequantize_4bit_compute(packed.view(-1), absmax, code, bs, shape, torch.float32).numpy()
+    reference = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    return reference(packed.view(-1), absmax, code, bs, shape, torch.float32).numpy()
 
 
 # ---------------------------------------------------------------------------------- the oracle
