@@ -11,7 +11,10 @@ One step (DeepSeekMath; DESIGN.md "Data flow of one GRPO step"):
    one pass the old log-probs are recomputed by the trainer on the first pass's weights, with one
    pass they are the train step's own detached log-probs (no extra forward).
 
-The loop owns no framework code: swapping ``backend`` swaps the panel, not the algorithm.
+The loop owns no framework code: swapping ``backend`` swaps the panel, not the algorithm. The step is
+written as phases (:func:`sample_rollout`, :func:`score_rollout`, :func:`advantage_batch`, :func:`train_on_batch`)
+so that with ``async.enabled`` the same phases run as a generator, verifiers and a trainer that overlap
+(``diptych.asyncrl``, docs/async_rl.md); with ``async.max_staleness=0`` that run equals this loop bit for bit.
 """
 
 from __future__ import annotations
