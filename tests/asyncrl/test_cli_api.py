@@ -36,10 +36,11 @@ def test_cli_async_run_logs_both_roles_throughput_and_the_correction(tmp_path):
 
 
 @needs_torch
-@pytest.mark.parametrize("correction", ["none", "decoupled"])
-def test_python_api_async_run(correction):
+@pytest.mark.parametrize(("correction", "iterations"), [("none", 1), ("decoupled", 1), ("tis", 2)])
+def test_python_api_async_run(correction, iterations):
+    """With two passes the proximal log-probs come from a forward of the trainer's weights (old_logprobs)."""
     args = GRPOConfig(steps=2, prompts_per_step=2, num_generations=4, max_prompt_length=6, max_completion_length=4,
-                      optim=OptimConfig(lr=1e-2),
+                      optim=OptimConfig(lr=1e-2), num_iterations=iterations,
                       async_=AsyncConfig(enabled=True, max_staleness=1, correction=correction))
     from diptych.core.backend import get_backend
 
