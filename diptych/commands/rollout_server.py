@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--version", type=int, default=0, help="weight version of --model (the trainer's step)")
+    p.add_argument("--max-lora-rank", type=int, default=0,
+                   help="serve LoRA adapters up to this rank on the shared base (POST /adapters); 0: none")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
             kw = {"kv_cache_memory_bytes": None, "gpu_memory_utilization": args.gpu_memory_utilization}
         cfg = VLLMConfig(mode="colocated", logprobs=args.logprobs, dtype=args.dtype, seed=args.seed,
                          max_model_len=args.max_model_len, **kw)
-        engine = VLLMEngine(spec, weights, config=cfg, version=args.version)
+        lora = None
+        if args.max_lora_rank:
+            from diptych.core.lora import LoRAConfig
+
+            lora = LoRAConfig(r=args.max_lora_rank, alpha=float(args.max_lora_rank))  # only its rank matters here
+        engine = VLLMEngine(spec, weights, config=cfg, version=args.version, lora=lora)
     except (RolloutEngineError, FileNotFoundError, ValueError) as e:
         print(f"diptych rollout-server: {e}", file=sys.stderr)
         return 2

@@ -15,8 +15,8 @@ def make_engine(name: str, backend: Any, model: Any, *, sampling: SamplingConfig
     """The engine a trainer or ``diptych sample`` asked for by name, started on ``model``'s current weights.
 
     ``sampling`` is the run's sampling (it picks vLLM's log-prob mode); ``vllm`` its engine block. A LoRA model
-    starts a colocated vLLM engine on its base with its adapters (vLLM's LoRA support: later syncs move only the
-    adapters), or, in server mode or with ``vllm.lora_sync: merged``, on its merged weights.
+    starts a vLLM engine (colocated, or a server of its own) on its base with its adapters (vLLM's LoRA support:
+    later syncs move only the adapters), or, with ``vllm.lora_sync: merged``, on its merged weights.
     """
     if name not in ENGINES:
         raise RolloutEngineError(f"rollout engine must be one of {', '.join(ENGINES)}, got {name!r}.")
@@ -33,19 +33,18 @@ def make_engine(name: str, backend: Any, model: Any, *, sampling: SamplingConfig
                                  "(parity noise, depth); use rollout: native for them.")
     cfg = vllm if isinstance(vllm, VLLMConfig) else VLLMConfig(**dict(vllm or {}))
     lora = policy_lora(backend, model)
-    adapters = cfg.mode == "colocated" and lora is not None and cfg.lora_sync != "merged"
-    if lora is not None and not adapters:
-        weights = backend.merged_weights(model)
-    else:
-        weights = backend.export(model)  # a LoRA model's base
+    adapters = lora is not None and cfg.lora_sync != "merged"
     if cfg.mode == "server":
-        if lora is not None and cfg.lora_sync == "adapters":
-            raise RolloutEngineError("vllm.lora_sync=adapters needs a colocated engine (server mode syncs merged "
-                                     "weights); set vllm.mode=colocated or lora_sync: auto.")
         from diptych.rollout.server import ServerEngine
 
-        return ServerEngine.start(model.spec, weights, sampling=sampling, config=cfg, version=version,
-                                  max_model_len=max_model_len)
+        if lora is None:
+            return ServerEngine.start(model.spec, backend.export(model), sampling=sampling, config=cfg,
+                                      version=version, max_model_len=max_model_len)
+        return ServerEngine.start(model.spec, backend.export(model), sampling=sampling, config=cfg, version=version,
+                                  max_model_len=max_model_len, lora=lora,
+                                  adapters=backend.export_adapters(model) if adapters else None,
+                                  merged=lambda: backend.merged_weights(model))
+    weights = backend.export(model) if adapters or lora is None else backend.merged_weights(model)
     from diptych.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(model.spec, weights, sampling=sampling, config=cfg, version=version,

@@ -6,7 +6,9 @@ arrays. Trainer and server agree on a weight version: the trainer sends the vers
 server holds with every ``/generate``, the server refuses a mismatch (HTTP 409) instead of sampling
 with stale weights, and every rollout records the version it was sampled with.
 
-Endpoints: ``GET /health``, ``POST /generate``, ``POST /weights``, ``POST /shutdown``. The server
+Endpoints: ``GET /health``, ``POST /generate``, ``POST /weights``, ``POST /adapters`` (a LoRA policy's adapters
+as safetensors bytes, its LoRAConfig as JSON in ``X-LoRA-Config``: a server started with ``--max-lora-rank``
+serves them on its shared base), ``POST /shutdown``. The server
 handles one request at a time (vLLM's ``LLM`` is not re-entrant); it binds loopback by default.
 
 The collective weight channel (``vllm.weight_channel: collective``, ``diptych.rollout.collective``) keeps this
@@ -49,6 +51,7 @@ from diptych.rollout.base import (
 )
 
 VERSION_HEADER = "X-Weight-Version"
+LORA_HEADER = "X-LoRA-Config"
 ROLLOUT_FIELDS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "logprobs", "lengths",
                   "truncated")
 _DTYPES = {"logprobs": np.float32, "truncated": bool}
@@ -188,6 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, {"status": "ok", "weight_version": eng.weight_version, "model_type": eng.spec.model_type,
                           "logprobs_mode": eng.mode, "max_model_len": eng.max_model_len, "pid": os.getpid(),
                           "device": str(getattr(eng, "device", "cpu")), "device_uuid": _device_uuid(eng),
+                          "max_lora_rank": int(getattr(eng, "max_lora_rank", 0) or 0),
                           "collective": self.collective.status})
 
     def do_POST(self) -> None:
@@ -211,6 +215,22 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._reply(400, {"error": f"POST /weights needs the {VERSION_HEADER} header."})
                 eng.sync_weights(load(self._body()), int(version))
                 return self._reply(200, {"weight_version": eng.weight_version})
+            if self.path == "/adapters":
+                from safetensors.numpy import load
+
+                from diptych.core.lora import LoRAConfig
+
+                version, conf = self.headers.get(VERSION_HEADER), self.headers.get(LORA_HEADER)
+                if version is None or conf is None:
+                    return self._reply(400, {"error": f"POST /adapters needs the {VERSION_HEADER} and {LORA_HEADER} "
+                                                      "headers."})
+                if not callable(getattr(eng, "sync_adapters", None)) or not getattr(eng, "serves_lora", False):
+                    return self._reply(400, {"error": "this rollout server serves no LoRA adapters; restart it with "
+                                                      "--max-lora-rank R, or sync merged weights."})
+                lora = json.loads(conf)
+                lora["targets"] = tuple(lora.get("targets", ()))
+                eng.sync_adapters(load(self._body()), LoRAConfig(**lora), int(version))
+                return self._reply(200, {"weight_version": eng.weight_version, "adapter": eng.adapter})
             if self.path == "/collective/init":
                 req = json.loads(self._body() or b"{}")
                 backend = req.get("backend", "gloo")
@@ -287,6 +307,8 @@ class ServerEngine:
         self.channel = "http"
         """How weights travel: ``http`` (safetensors bytes) or ``collective`` (see :meth:`open_collective`)."""
         self.group: Any = None
+        self.max_lora_rank = 0
+        """The server's LoRA slots (its ``--max-lora-rank``; 0: none). :attr:`serves_lora` follows from it."""
         self.bucket_bytes: int | None = None
         """Collective channel: the largest flat buffer of one broadcast (None: collective.BUCKET_BYTES)."""
         self.last_sync: dict[str, Any] = {}
@@ -294,12 +316,18 @@ class ServerEngine:
 
     @classmethod
     def start(cls, spec: Any, weights: WeightsLike, *, sampling: SamplingConfig | None = None,
-              config: VLLMConfig | None = None, version: int = 0, max_model_len: int | None = None) -> ServerEngine:
-        """Connect to ``config.url`` and push the weights, or start a server on loopback from them."""
-        from diptych.rollout.vllm_engine import check_servable
+              config: VLLMConfig | None = None, version: int = 0, max_model_len: int | None = None,
+              lora: Any = None, adapters: Any = None, merged: Any = None) -> ServerEngine:
+        """Connect to ``config.url`` and push the weights, or start a server on loopback from them.
+
+        A LoRA policy passes its base as ``weights``, its ``lora`` config and ``adapters``, and a callable giving
+        its ``merged`` weights: a server of our own is started with LoRA slots and gets the adapters; a running
+        server without LoRA slots gets the merged weights instead (unless ``vllm.lora_sync: adapters``)."""
+        from diptych.rollout.vllm_engine import check_servable, lora_rank
 
         cfg = config or VLLMConfig(mode="server")
         check_servable(spec)
+        use_adapters = lora is not None and cfg.lora_sync != "merged"
         if cfg.url is not None:  # somebody else's server: adopt its version, check its basis, push our weights
             eng = cls(cfg.url, timeout_s=cfg.timeout_s)
             health = eng.health()
@@ -311,10 +339,24 @@ class ServerEngine:
                     f"needs {want} ones; restart it with --logprobs {want}.")
             if cfg.weight_channel == "collective":
                 eng.open_collective()
-            eng.sync_weights(weights, max(int(version), eng._version + 1))
+            eng.max_lora_rank = int(health.get("max_lora_rank", 0) or 0)
+            next_version = max(int(version), eng._version + 1)
+            if use_adapters and eng.max_lora_rank >= int(lora.r):
+                eng.sync_weights(weights, next_version)  # the base, then the adapters on it, as one version
+                eng.sync_adapters(adapters, lora, next_version)
+            elif use_adapters and cfg.lora_sync == "adapters":
+                raise RolloutEngineError(f"the rollout server at {cfg.url} has LoRA slots of rank {eng.max_lora_rank} "
+                                         f"(--max-lora-rank), too few for lora.r={lora.r}; restart it with "
+                                         f"--max-lora-rank {lora_rank(lora.r)} or set vllm.lora_sync: auto.")
+            else:
+                if lora is not None:  # slots too small (or none): this client syncs merged weights
+                    eng.max_lora_rank = 0
+                eng.sync_weights(merged() if lora is not None else weights, next_version)
             return eng
         from diptych.core.hf import save_hf_folder
 
+        if lora is not None and not use_adapters:
+            weights = merged()  # vllm.lora_sync: merged: the server never sees the adapters
         work = tempfile.TemporaryDirectory(prefix="diptych-rollout-server-")
         folder = save_hf_folder(Path(work.name) / "model", spec, dict(weight_items(weights)))
         port_file = Path(work.name) / "url"
@@ -329,6 +371,8 @@ class ServerEngine:
             cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
         if max_model_len or cfg.max_model_len:
             cmd += ["--max-model-len", str(int(max_model_len or cfg.max_model_len))]
+        if use_adapters:
+            cmd += ["--max-lora-rank", str(lora_rank(lora.r))]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + cfg.timeout_s
@@ -348,14 +392,45 @@ class ServerEngine:
         eng = cls(port_file.read_text().strip(), version=version, timeout_s=cfg.timeout_s, process=proc,
                   workdir=work)
         eng.log_path = log_path
-        eng.health()
-        if cfg.weight_channel == "collective":
-            try:
+        eng.max_lora_rank = int(eng.health().get("max_lora_rank", 0) or 0)
+        try:
+            if cfg.weight_channel == "collective":
                 eng.open_collective()
-            except Exception:
-                eng.close()
-                raise
+            if use_adapters and adapters is not None:
+                eng.sync_adapters(adapters, lora, int(version))
+        except Exception:
+            eng.close()
+            raise
         return eng
+
+    @property
+    def serves_lora(self) -> bool:
+        """Whether the server has LoRA slots, so a LoRA policy syncs only its adapters (see push_weights)."""
+        return self.max_lora_rank > 0
+
+    def sync_adapters(self, adapters: Any, lora: Any, version: int) -> None:
+        """Send a LoRA policy's adapters (safetensors bytes, over HTTP whatever the weight channel: they are small);
+        the server serves them on its shared base from ``version`` on."""
+        import dataclasses
+
+        from safetensors.numpy import save
+
+        version = check_version(version, self._version)
+        if int(lora.r) > self.max_lora_rank:
+            raise RolloutEngineError(f"adapters of rank {lora.r} exceed the rollout server's max_lora_rank "
+                                     f"{self.max_lora_rank}; restart it with --max-lora-rank >= {lora.r}.")
+        start = time.perf_counter()
+        w = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in adapters.items()}
+        conf = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(lora).items()}
+        reply = self._request("POST", "/adapters", save(w), {"Content-Type": "application/octet-stream",
+                                                             VERSION_HEADER: str(version),
+                                                             LORA_HEADER: json.dumps(conf)})
+        if int(reply.get("weight_version", -1)) != version:
+            raise RolloutEngineError(f"the rollout server reports weight version {reply.get('weight_version')} after "
+                                     f"an adapter sync to {version}.")
+        self._version = version
+        self.last_sync = {"mode": "adapters", "channel": "http", "bytes": int(sum(a.nbytes for a in w.values())),
+                          "seconds": time.perf_counter() - start}
 
     def open_collective(self, backend: str | None = None) -> str:
         """Switch weight syncs to the collective channel: form the private two-rank group with the server (NCCL

@@ -481,9 +481,93 @@ def test_a_lora_policy_pushes_only_its_adapters_to_an_engine_that_serves_lora(to
         assert log == [("LLM", False, False)] and not eng.serves_lora and eng.adapter is None
     finally:
         eng.close()
-    with pytest.raises(RolloutEngineError, match="lora_sync=adapters needs a colocated engine"):
-        make_engine("vllm", LoRABackend(), state.model, vllm={"mode": "server", "lora_sync": "adapters"})
     plain = NativeEngine(b, state.model)  # an engine without LoRA gets the merged weights
     push_weights(plain, LoRABackend(), state)
     assert sync_metrics(plain) == {"sync/mode": 2.0}
     assert sync_metrics(NativeEngine(b, state.model)) == {}
+
+
+class _ServedLoRANative(_ServedNative):
+    """A native engine with LoRA slots: it serves adapters by merging them into the base it holds (the oracle)."""
+
+    max_lora_rank, serves_lora, adapter = 8, True, None
+
+    def __init__(self, backend, model, **kw):
+        super().__init__(backend, model, **kw)
+        self.base = backend.export(model)
+
+    def sync_weights(self, weights, version):
+        super().sync_weights(weights, version)
+        self.base, self.adapter = self.backend.export(self.model), None
+
+    def sync_adapters(self, adapters, lora, version):
+        from diptych.core.lora import merge_weights
+
+        version = check_version(version, self._version)
+        self.model = self.backend.build(self.spec, merge_weights(self.base, adapters, lora))
+        self._version, self.adapter = version, f"v{version}"
+
+
+def test_server_mode_syncs_only_the_adapters_of_a_lora_policy(torch_backend, tmp_path):
+    """POST /adapters: safetensors bytes and the LoRAConfig as JSON; push_weights sends only them to a server with
+    LoRA slots (the base stays where it is), and a server without slots refuses them in one line."""
+    from diptych.core.lora import LoRAConfig, init_adapters, merge_weights
+    from diptych.core.optim import OptimConfig
+    from diptych.rollout.base import push_weights, sync_metrics
+
+    b = torch_backend
+    w0 = SPEC.init_weights(0)
+    lora = LoRAConfig(r=4, alpha=8, targets=("q_proj", "v_proj"), use_rslora=True)
+    shapes = {k[: -len(".weight")]: v.shape for k, v in w0.items() if k.endswith(("q_proj.weight", "v_proj.weight"))}
+    adapters = init_adapters(shapes, lora, seed=5)
+    adapters = {k: (v + 0.5 if "lora_B" in k else v) for k, v in adapters.items()}  # B != 0: the adapters matter
+    state = b.init_train_state(b.build(SPEC, w0), OptimConfig(lr=1e-2))
+
+    class LoRABackend:
+        def __getattr__(self, name):
+            return getattr(b, name)
+
+        def lora_config(self, model):
+            return lora
+
+        def export_adapters(self, model):
+            return adapters
+
+    port_file = tmp_path / "url"
+    thread = threading.Thread(target=serve, args=(_ServedLoRANative(b, b.build(SPEC, w0)), "127.0.0.1", 0,
+                                                  port_file), kwargs={"log": lambda m: None}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if port_file.is_file():
+            break
+        thread.join(0.05)
+    client = ServerEngine.start(SPEC, w0, config=VLLMConfig(mode="server", url=port_file.read_text().strip()),
+                                lora=lora, adapters=adapters, merged=lambda: merge_weights(w0, adapters, lora))
+    assert client.serves_lora and client.weight_version == 1
+    merged = b.build(SPEC, merge_weights(w0, adapters, lora))
+    ref = b.generate(merged, PROMPTS, GREEDY)
+    assert not (ref.completion_tokens == b.generate(b.build(SPEC, w0), PROMPTS, GREEDY).completion_tokens).all()
+    assert (client.generate(PROMPTS, GREEDY).completion_tokens == ref.completion_tokens).all()
+    assert push_weights(client, LoRABackend(), state) == 2
+    assert sync_metrics(client) == {"sync/mode": 1.0, "sync/bytes": float(sum(a.nbytes for a in adapters.values()))}
+    assert (client.generate(PROMPTS, GREEDY).completion_tokens == ref.completion_tokens).all()
+    with pytest.raises(RolloutEngineError, match="exceed the rollout server's max_lora_rank 8"):
+        client.sync_adapters(adapters, LoRAConfig(r=16), 3)
+    client.shutdown()
+    thread.join(10)
+    (tmp_path / "plain").mkdir()
+    thread, url = _serve_native(b, w0, tmp_path / "plain")  # no LoRA slots: merged weights, and /adapters refused
+    plain = ServerEngine.start(SPEC, w0, config=VLLMConfig(mode="server", url=url), lora=lora, adapters=adapters,
+                               merged=lambda: merge_weights(w0, adapters, lora))
+    assert not plain.serves_lora
+    assert (plain.generate(PROMPTS, GREEDY).completion_tokens == ref.completion_tokens).all()
+    push_weights(plain, LoRABackend(), state)
+    assert sync_metrics(plain)["sync/mode"] == 2.0
+    plain.max_lora_rank = 8
+    with pytest.raises(RolloutEngineError, match=r"HTTP 400.*serves no LoRA adapters"):
+        plain.sync_adapters(adapters, lora, plain.weight_version + 1)
+    with pytest.raises(RolloutEngineError, match=r"too few for lora\.r=4"):
+        ServerEngine.start(SPEC, w0, config=VLLMConfig(mode="server", url=url, lora_sync="adapters"), lora=lora,
+                           adapters=adapters, merged=lambda: merge_weights(w0, adapters, lora))
+    plain.shutdown()
+    thread.join(10)
