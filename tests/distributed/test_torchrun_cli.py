@@ -38,3 +38,15 @@ def test_torchrun_sft_on_two_processes_matches_one_process_and_resumes(tmp_path)
     got, want = _losses(sharded), _losses(single)
     assert len(got) == len(want) == 3
     np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_torchrun_overwrite_is_cleared_by_rank_0_while_the_other_waits(tmp_path):
+    """Two ranks on ``--overwrite``: the earlier run's checkpoints and metrics are cleared once (by rank 0, the
+    other at the barrier), and the new run's rows and checkpoints are all that is left."""
+    out = tmp_path / "run"
+    args = ["train", "sft", "--backend", "torch", "--quiet", *TINY, "--mesh", "fsdp=2", f"out={out}"]
+    run_worker(torchrun(2, "--no-python", DIPTYCH, *args, "sft.steps=3"), timeout=600)
+    assert len(_losses(out)) == 3
+    run_worker(torchrun(2, "--no-python", DIPTYCH, *args, "sft.steps=1", "--overwrite"), timeout=600)
+    assert len(_losses(out)) == 1  # one writer, and the earlier rows gone
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
