@@ -262,7 +262,9 @@ def test_server_mode_on_loopback_with_raw_logprobs():
     torch_b = get_backend("torch")
     w0, w1 = SPEC.init_weights(3), SPEC.init_weights(4)
     topp = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.8, n=2, eos_ids=())
-    server = ServerEngine.start(SPEC, w0, sampling=topp, config=VLLMConfig(mode="server"), max_model_len=MAX_LEN)
+    lora = LoRAConfig(r=4, alpha=16, targets=("q_proj", "down_proj"))
+    server = ServerEngine.start(SPEC, w0, sampling=topp, config=VLLMConfig(mode="server"), max_model_len=MAX_LEN,
+                                lora=lora)  # LoRA slots, no adapter yet
     try:
         health = server.health()
         assert health["logprobs_mode"] == "raw" and health["weight_version"] == 0
@@ -295,6 +297,20 @@ def test_server_mode_on_loopback_with_raw_logprobs():
             coll.sync_weights(w1, 6)
         server._version = 7  # the HTTP client follows: both channels feed one server
         coll.close()
+        # a LoRA policy's adapters alone, over POST /adapters, on the server's shared base (w1 now)
+        from diptych.core.lora import init_adapters, merge_weights
+
+        shapes = {k[: -len(".weight")]: v.shape for k, v in w1.items()
+                  if k.endswith(("q_proj.weight", "down_proj.weight"))}
+        adapters = {k: (v + 0.3 if "lora_B" in k else v) for k, v in init_adapters(shapes, lora, seed=2).items()}
+        assert server.serves_lora and server.max_lora_rank == 8
+        server.sync_adapters(adapters, lora, 8)
+        merged = torch_b.build(SPEC, merge_weights(w1, adapters, lora))
+        got = server.generate(PROMPTS, GREEDY)
+        ref = torch_b.generate(merged, PROMPTS, GREEDY)
+        assert got.extras["weight_version"] == 8 and server.last_sync["mode"] == "adapters"
+        assert np.array_equal(got.completion_tokens, ref.completion_tokens)
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
     finally:
         server.close()
     assert server.process.returncode == 0  # a clean shutdown, not a kill
