@@ -325,9 +325,9 @@ def policy_lora(backend: Any, model: Any) -> Any:
 def push_weights(engine: RolloutEngine, backend: Any, state: Any) -> int:
     """Push a train state's weights as the engine's next version (after every optimizer step).
 
-    A LoRA policy sends only its adapters to an engine that serves LoRA (``engine.serves_lora``: vLLM colocated,
-    the base stays shared), and its merged weights to any other; what moved is in ``engine.last_sync`` (see
-    :func:`sync_metrics`). The trainer does not know which engine it feeds."""
+    A LoRA policy sends only its adapters to an engine that serves LoRA (``engine.serves_lora``: vLLM colocated or
+    a server with LoRA slots; the base stays shared), and its merged weights to any other; what moved is in
+    ``engine.last_sync`` (see :func:`sync_metrics`). The trainer does not know which engine it feeds."""
     version = engine.weight_version + 1
     start = time.perf_counter()
     lora = policy_lora(backend, getattr(state, "model", None))
