@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from safetensors.numpy import load_file, save_file
 
 from diptych.backends.facade import (
     ADAPTER_DIR,
@@ -30,6 +31,9 @@ from diptych.backends.jax import train
 from diptych.core import checkpointing as ckpt
 from diptych.core.hf import load_hf_folder, save_hf_folder
 
+NF4_FILE = "base_nf4.safetensors"
+"""A QLoRA checkpoint's NF4 base as stored (codes, absmax and its double-quantised form, per target module), so a
+resume runs the very same quantised weights (``base/`` holds their dequantised values)."""
 BASE_DIR = "base"
 """A LoRA checkpoint's frozen base weights: a Hugging Face folder (written once per checkpoint, never trained)."""
 
@@ -50,6 +54,8 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
 
             save_hf_folder(tmp / BASE_DIR, spec, base_weights(train.__package__, state.model))
             save_adapter(tmp / ADAPTER_DIR, train.export_adapters(state), lora)
+            if lora.quantize_base == "nf4":  # the packed base itself: re-quantising its dequantised form is not exact
+                save_file(nf4_arrays(state.model), str(tmp / NF4_FILE))
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((tmp / "state").absolute(), {"params": state.params, "opt_state": state.opt_state})
         checkpointer.wait_until_finished()
@@ -82,6 +88,8 @@ def restore(path: str | os.PathLike, *, mesh: Any = None) -> tuple[train.TrainSt
                                        "checkpoint is incomplete.")
         _, base = load_hf_folder(path / BASE_DIR)
         model = train._lora().apply_lora(train._lib(spec).build(spec, base, **options), lora)
+        if lora.quantize_base == "nf4":
+            load_nf4_arrays(model, load_file(str(path / NF4_FILE)))
     state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")), mesh=mesh)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": state.params, "opt_state": state.opt_state})
     checkpointer = ocp.StandardCheckpointer()
@@ -91,3 +99,44 @@ def restore(path: str | os.PathLike, *, mesh: Any = None) -> tuple[train.TrainSt
     state.step = int(meta["step"])
     return state, meta["metadata"]
 
+
+
+def _nf4_slots(model: Any) -> dict[str, tuple[Any, Any, Any]]:
+    """``{module.weight: (owner, key, NF4Array of Frozen leaves)}`` of every NF4 base in a LoRA model."""
+    from diptych.backends.jax import lora as L
+
+    if isinstance(model, L.LoRARecurrentLM):
+        return {k: (model.params, k, v) for k, v in model.params.items() if hasattr(L._thaw(v), "arrays")}
+    return {f"{name}.weight": (layer, "quantized", layer.quantized) for name, layer in L._lora_layers(model).items()
+            if layer.quantized is not None}
+
+
+def nf4_arrays(model: Any) -> dict[str, np.ndarray]:
+    """``{module.weight.field: array}`` of every NF4 base in ``model`` (``codes``, ``absmax``, ...)."""
+    from diptych.backends.jax import lora as L
+
+    return {f"{name}.{field}": np.asarray(a) for name, (_, _, q) in _nf4_slots(model).items()
+            for field, a in L._thaw(q).arrays().items()}
+
+
+def load_nf4_arrays(model: Any, arrays: dict[str, np.ndarray]) -> None:
+    """Replace each NF4 base of ``model`` by the stored one."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from diptych.backends.jax import lora as L
+
+    for name, (owner, key, q) in _nf4_slots(model).items():
+        plain = L._thaw(q)
+        fields = {}
+        for field, a in plain.arrays().items():
+            if f"{name}.{field}" not in arrays:
+                raise ckpt.CheckpointError(f"{NF4_FILE} lacks {name}.{field}; the QLoRA checkpoint is incomplete.")
+            fields[field] = jnp.asarray(arrays[f"{name}.{field}"], a.dtype)
+        frozen = L._freeze_nf4(dataclasses.replace(plain, **fields))
+        if isinstance(owner, dict) or key != "quantized":
+            owner[key] = frozen
+        else:
+            owner.quantized = nnx.data(frozen)

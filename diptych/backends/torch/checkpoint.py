@@ -32,6 +32,10 @@ from diptych.backends.torch import distributed, train
 from diptych.core import checkpointing as ckpt
 from diptych.core.lora import LoRAConfig
 
+NF4_FILE = "base_nf4.safetensors"
+"""A QLoRA checkpoint's NF4 base as stored (codes, absmax and its double-quantised form, per target module), so a
+resume runs the very same quantised weights (``model.safetensors`` holds their dequantised values, for transformers)."""
+
 
 def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
          keep_last: int | None = None) -> Path:
@@ -56,6 +60,8 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
             from diptych.core.lora import save_adapter
 
             save_adapter(tmp / ADAPTER_DIR, train.export_adapters(state), lora)
+            if lora.quantize_base == "nf4":  # the packed base itself: re-quantising its dequantised form is not exact
+                save_file(nf4_tensors(state.model), str(tmp / NF4_FILE))
         head = train.export_value_head(state)
         if head is not None:
             save_file(head, str(tmp / "value_head.safetensors"))
@@ -87,6 +93,8 @@ def restore(path: str | os.PathLike, *, device: str | None = None, mesh: Any = N
     lora = lora_from_metadata(meta)
     if lora is not None:
         model = train._lora().apply_lora(model, lora, adapters=_read_adapters(path, lora))
+        if lora.quantize_base == "nf4":
+            load_nf4_tensors(model, load_file(str(path / NF4_FILE)))
     state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
     if meta.get("value_head"):
         train.load_weights(state, load_file(str(path / "value_head.safetensors")))
@@ -109,3 +117,31 @@ def _read_adapters(path: Path, lora: LoRAConfig) -> dict[str, np.ndarray]:
 
     adapters, _ = load_adapter(folder)
     return adapters
+
+
+def nf4_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """``{module.weight.field: array}`` of every NF4 base in ``model`` (``codes``, ``absmax``, ...)."""
+    out = {}
+    for name, layer in model.named_modules():
+        q = getattr(layer, "quantized", None)
+        if q is not None and hasattr(q, "tensors"):
+            for field, t in q.tensors().items():
+                out[f"{name}.weight.{field}"] = t.detach().cpu().numpy().copy()
+    return out
+
+
+def load_nf4_tensors(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Replace each NF4 base of ``model`` by the stored one (same fields, same device)."""
+    import dataclasses
+
+    for name, layer in model.named_modules():
+        q = getattr(layer, "quantized", None)
+        if q is None or not hasattr(q, "tensors"):
+            continue
+        fields = {}
+        for field, t in q.tensors().items():
+            key = f"{name}.weight.{field}"
+            if key not in arrays:
+                raise ckpt.CheckpointError(f"{NF4_FILE} lacks {key}; the QLoRA checkpoint is incomplete.")
+            fields[field] = torch.as_tensor(arrays[key]).to(device=t.device, dtype=t.dtype)
+        layer.quantized = dataclasses.replace(q, **fields)
