@@ -117,6 +117,20 @@ def mesh_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{args.trainer}.mesh.{axis}={size}" for axis, size in MeshConfig.parse(args.mesh).as_dict().items()]
 
 
+def trainer_overrides(trainer: str, overrides: list[str]) -> list[str]:
+    """A flag naming a field of the trainer's section without the section (``async.enabled=true``,
+    ``lora.r=8``) is that section's field (``grpo.async.enabled=true``): the issue-style spelling, never a
+    guess (only exact field names of the trainer config that no run section shares)."""
+    cls = TRAINERS[trainer].config_cls
+    fields = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "_keys", {}))
+    sections = {f.name for f in dataclasses.fields(RUN_CONFIGS[trainer])}
+    out = []
+    for item in overrides:
+        head = item.split("=", 1)[0].strip().split(".", 1)[0]
+        out.append(f"{trainer}.{item.strip()}" if head in fields and head not in sections else item)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from diptych.core.backend import BackendError, get_backend
     from diptych.core.config import ConfigError, load_config
@@ -127,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", DeprecationWarning)  # old config names: tell the user, once per key
-            cfg = load_config(RUN_CONFIGS[args.trainer], args.config, args.overrides + mesh_overrides(args))
+            overrides = trainer_overrides(args.trainer, args.overrides) + mesh_overrides(args)
+            cfg = load_config(RUN_CONFIGS[args.trainer], args.config, overrides)
         backend = get_backend(args.backend)
         result = train(args.trainer, backend, cfg, resume=bool(args.resume), console=not args.quiet,
                        overwrite=bool(args.overwrite))

@@ -49,10 +49,14 @@ class JsonlSink:
         self._f.close()
 
 
+CONSOLE_KEYS: tuple[str, ...] = ("reward", "loss", "async/generator_tokens_per_s", "async/trainer_tokens_per_s")
+"""What the progress bar shows, where a step has it (an asynchronous run adds both roles' throughput)."""
+
+
 class ConsoleSink:
     """A rich progress bar whose description carries the live reward (or loss)."""
 
-    def __init__(self, total: int, description: str = "train", keys: Iterable[str] = ("reward", "loss")) -> None:
+    def __init__(self, total: int, description: str = "train", keys: Iterable[str] = CONSOLE_KEYS) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.keys = tuple(keys)

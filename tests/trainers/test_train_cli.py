@@ -159,3 +159,18 @@ def test_short_grpo_run_raises_a_dense_reward(backend):
     train_grpo(backend, state, tok, lowercase, [{"prompt": f"{c}>"} for c in "bcdefghijk"], cfg, log)
     rewards = [h["reward"] for h in log.history]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+
+
+def test_trainer_fields_without_the_section_prefix_mean_the_trainers_section():
+    """``diptych train grpo ... async.enabled=true lora.r=8`` (the issues' spelling) sets ``grpo.async_`` and
+    ``grpo.lora``; run sections and unknown heads pass through untouched (an unknown key is still refused)."""
+    from diptych.commands.train import trainer_overrides
+
+    got = trainer_overrides("grpo", ["async.enabled=true", "lora.r=8", "steps=3", "model.hidden_size=32",
+                                     "out=x", "nope.k=1"])
+    assert got == ["grpo.async.enabled=true", "grpo.lora.r=8", "grpo.steps=3", "model.hidden_size=32", "out=x",
+                   "nope.k=1"]
+    cfg = load_config(RUN_CONFIGS["grpo"], None, trainer_overrides("grpo", ["async.enabled=true",
+                                                                            "async.max_staleness=2", "lora.r=8"]))
+    assert cfg.grpo.async_.enabled and cfg.grpo.async_.max_staleness == 2 and cfg.grpo.lora.r == 8
+    assert trainer_overrides("sft", ["async.enabled=true"]) == ["async.enabled=true"]  # SFT has no async

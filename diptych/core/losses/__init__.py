@@ -31,6 +31,7 @@ from diptych.core.losses.common import (
     reduce_loss,
     sum_metrics,
 )
+from diptych.core.losses.offpolicy import OffPolicyLossConfig, offpolicy_loss
 from diptych.core.losses.policy import POLICY_PRESETS, PolicyLossConfig, kl_estimate, policy_loss, policy_preset
 from diptych.core.losses.preference import PREFERENCE_KINDS, PreferenceLossConfig, preference_loss
 from diptych.core.losses.registry import (
@@ -73,6 +74,7 @@ __all__ = [
     "LossFn",
     "LossInputError",
     "LossSpec",
+    "OffPolicyLossConfig",
     "PolicyLossConfig",
     "PreferenceLossConfig",
     "SFTLossConfig",
@@ -85,6 +87,7 @@ __all__ = [
     "kl_estimate",
     "loss_spec",
     "merge_layouts",
+    "offpolicy_loss",
     "policy_loss",
     "policy_preset",
     "preference_loss",
