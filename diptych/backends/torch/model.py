@@ -106,6 +106,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     return torch.matmul(probs, v[:, :, None]).reshape(b, h, tq, d)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """:func:`attention` for one query per row (``q [B, heads, 1, d]``, ``allowed [B, 1, S]``), as ``[B, kv_heads,
+    group, d]`` (the heads in ``repeat_kv`` order). The group's queries share a kv head, so each row is one
+    ``[group, d] x [d, S]`` product over the cache as it is (strided views are fine): the broadcast in
+    :func:`attention` would copy the whole cache once per step."""
+    b, h, _, d = q.shape
+    kvh = k.shape[1]
+    scores = torch.matmul(q.reshape(b, kvh, h // kvh, d), k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+    scores = scores.float().masked_fill(~allowed[:, None], _MASK_VALUE)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: DecoderSpec, fused: bool = False, use_rope: bool = True) -> None:
         super().__init__()
@@ -138,6 +151,9 @@ class Attention(nn.Module):
             k_slots, v_slots, write_index = cache
             k_slots[:, :, write_index : write_index + t] = k
             v_slots[:, :, write_index : write_index + t] = v
+            if t == 1:  # a decode step: one query per row, so no broadcast copy of the cache
+                out = decode_attention(q, k_slots, v_slots, allowed)
+                return self.o_proj(out.view(b, 1, self.num_heads * self.head_dim))
             k, v = k_slots, v_slots
         out = attention(q, k, v, allowed)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -59,30 +59,67 @@ def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig, gumbel: torch.
     return tok, torch.gather(lp, -1, tok[:, None])[:, 0]
 
 
-def _stop_hit(out: torch.Tensor, t: int, stops: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """Rows whose completion ``out[:, :t+1]`` ends with one of ``stops``."""
-    hit = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+def _stop_hit(out: torch.Tensor, t: int, stops: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Rows whose completion ``out[:t+1]`` (steps first: ``[steps, B, 1]``) ends with one of ``stops``."""
+    hit = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
     for s in stops:
         if len(s) <= t + 1:
-            tail = out[:, t + 1 - len(s): t + 1]
-            hit |= (tail == torch.tensor(s, dtype=out.dtype, device=out.device)).all(-1)
-    return hit
+            hit |= (out[t + 1 - len(s): t + 1, :, 0] == s[:, None]).all(0)
+    return hit[:, None]
 
 
-def decode_step(model: M.Decoder, tok: torch.Tensor, pos: torch.Tensor, cache: M.KVCache, write_index: int,
-                key_mask: torch.Tensor) -> torch.Tensor:
-    """:func:`model.forward_cached` for one new token per row, minus its input conversions and checks.
-
-    Attends over the slots filled so far only (``write_index + 1``): a view of the static cache,
-    so the new k/v still land in it. Returns next-token logits ``[B, V]`` float32.
+def decode_step(model: M.Decoder, tok: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
+                cache: M.KVCache, write_index: int) -> torch.Tensor:
+    """One new token per row through the decoder's layers (called as modules: FSDP and tensor-parallel hooks
+    fire, LoRA and NF4 linears run as themselves), minus :func:`model.forward_cached`'s per-call work:
+    ``cos`` / ``sin`` ``[B, 1, head_dim]`` come precomputed and ``allowed`` ``[B, 1, >= write_index + 1]`` is a
+    view of the caller's mask. Attends over the slots filled so far only (``write_index + 1``): views of the
+    static cache, so the new k/v land in it. Returns next-token logits ``[B, V]`` float32.
     """
     span = write_index + 1
-    window = M.KVCache(cache.k[:, :, :, :span], cache.v[:, :, :, :span])
-    allowed = key_mask[:, None, :span]
-    if model.spec.sliding_window is not None:  # Mistral: only the last sliding_window slots
-        allowed = allowed & (torch.arange(span, device=allowed.device) > write_index - model.spec.sliding_window)
-    hidden = model.run(tok, pos, allowed, window, write_index)
+    allowed = allowed[:, :, :span]
+    x = model.model.embed_tokens(tok)
+    for i, layer in enumerate(model.model.layers):
+        x = layer(x, cos, sin, allowed, (cache.k[i, :, :, :span], cache.v[i, :, :, :span], write_index))
+    hidden = model.model.norm(x)
     return torch.nn.functional.linear(hidden[:, -1], M.lm_head_weight(model)).float()
+
+
+GUMBEL_BLOCK_BYTES = 32 << 20
+"""Seeded noise is drawn for several steps at once, up to this many bytes (CPU only: there one draw of
+``[k, B, V]`` equals k successive draws of ``[B, V]``, so the tokens do not depend on the block)."""
+
+
+class _Noise:
+    """Per-step Gumbel noise ``[B, V]``: the parity noise's step ``t``, or ``-log(-log(u))`` of uniforms from
+    ``gen`` in the order a draw of ``[B, V]`` per step would give them."""
+
+    def __init__(self, gumbel: torch.Tensor | None, gen: torch.Generator, shape: tuple[int, int], steps: int,
+                 device: torch.device) -> None:
+        self.gumbel, self.gen, self.shape, self.device = gumbel, gen, shape, device
+        per_step = 4 * shape[0] * shape[1]
+        self.block = 1 if device.type != "cpu" else max(1, min(steps, GUMBEL_BLOCK_BYTES // max(per_step, 1)))
+        self.start, self.buf = 0, None
+
+    def __call__(self, t: int) -> torch.Tensor:
+        if self.gumbel is not None:
+            return self.gumbel[:, t]
+        if self.buf is None or t >= self.start + self.buf.shape[0]:
+            u = torch.rand((self.block, *self.shape), generator=self.gen, device=self.device)
+            self.buf = u.clamp_(UNIFORM_LO, UNIFORM_HI).log_().neg_().log_().neg_()
+            self.start = t
+        return self.buf[t - self.start]
+
+
+def _rope_steps(model: M.Decoder, next_pos: torch.Tensor, steps: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos / sin ``[steps, B, 1, head_dim]`` for every decode position at once; None for dynamic RoPE, whose
+    frequencies follow each step's largest position (computed per step, as transformers does)."""
+    if model.spec.rope().dynamic:
+        return None
+    positions = next_pos + torch.arange(steps, device=next_pos.device)  # [B, steps]
+    cos, sin = M.rope_cos_sin(positions, model.spec, dtype)
+    return cos.transpose(0, 1)[:, :, None].contiguous(), sin.transpose(0, 1)[:, :, None].contiguous()
 
 
 def generate(
@@ -100,6 +137,11 @@ def generate(
     Gumbel noise comes from a ``torch.Generator`` seeded with ``seed`` (random when None).
     ``compile`` (torch only, so not a field of the neutral config) wraps the decode step in
     ``torch.compile``.
+
+    The loop is kept lean because at small models its Python and allocation cost per token is the
+    cost: RoPE tables for every step are built once, the attention mask is one buffer updated in place,
+    tokens and log-probs are written straight into their outputs, and without EOS ids or stop
+    sequences no per-row stop bookkeeping (nor a host read of it) happens at all.
     """
     spec = model.spec
     sampling = sampling.resolve(spec)
@@ -112,7 +154,8 @@ def generate(
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed) if seed is not None else int(torch.seed()))
     step_fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
-    eos = torch.tensor(sampling.eos_ids or (-1,), dtype=torch.long, device=device)
+    track = bool(sampling.eos_ids) or bool(sampling.stop_sequences)  # else no row can stop early
+    window = spec.sliding_window
 
     with torch.inference_mode():
         ptok = torch.from_numpy(ptok_np).to(device=device, dtype=torch.long)
@@ -124,30 +167,53 @@ def generate(
         logits, cache = M.forward_cached(model, ptok, positions, cache, 0, key_mask)
         logits = logits[:, -1]
         next_pos = pmask.long().sum(-1, keepdim=True)
+        dtype = model.model.embed_tokens.weight.dtype
+        rope = _rope_steps(model, next_pos, steps, dtype)
+        draw = None if sampling.greedy else _Noise(gumbel, gen, tuple(logits.shape), steps, device)
+        allowed = key_mask.clone()  # the decode steps' mask: key_mask and, for Mistral, the window
+        if window is not None:
+            allowed[:, : max(0, plen - window + 1)] = False
+        allowed3 = allowed[:, None]
 
-        out = torch.full((rows, steps), pad, dtype=torch.long, device=device)
-        lps = torch.zeros(rows, steps, dtype=torch.float32, device=device)
-        cmask = torch.zeros(rows, steps, dtype=torch.int32, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        # steps first, so each step writes one contiguous [B, 1] slice
+        out = torch.full((steps, rows, 1), pad, dtype=torch.long, device=device)
+        lps = torch.zeros(steps, rows, 1, dtype=torch.float32, device=device)
+        if track:
+            eos = torch.tensor(sampling.eos_ids or (-1,), dtype=torch.long, device=device)
+            stops = tuple(torch.tensor(s, dtype=torch.long, device=device) for s in sampling.stop_sequences)
+            alive = torch.zeros(steps, rows, 1, dtype=torch.bool, device=device)
+            done = torch.zeros(rows, 1, dtype=torch.bool, device=device)
         for t in range(steps):
-            g = None
-            if not sampling.greedy:
-                if gumbel is not None:
-                    g = gumbel[:, t]
-                else:
-                    u = torch.rand(logits.shape, generator=gen, device=device).clamp_(UNIFORM_LO, UNIFORM_HI)
-                    g = -torch.log(-torch.log(u))
-            tok, lp = choose_tokens(logits, sampling, g)
-            tok = torch.where(done, pad, tok)
-            out[:, t] = tok
-            lps[:, t] = torch.where(done, 0.0, lp)
-            cmask[:, t] = (~done).int()
-            done = done | torch.isin(tok, eos) | _stop_hit(out, t, sampling.stop_sequences)
-            if t == steps - 1 or bool(done.all()):
+            tok = out[t]
+            if sampling.greedy:
+                torch.argmax(logits, dim=-1, keepdim=True, out=tok)
+                lp = torch.log_softmax(logits, dim=-1)
+            else:
+                torch.argmax(filter_logits(logits, sampling) + draw(t), dim=-1, keepdim=True, out=tok)
+                lp = torch.log_softmax(logits / sampling.temperature, dim=-1)
+            torch.gather(lp, -1, tok, out=lps[t])
+            if track:
+                tok.masked_fill_(done, pad)
+                lps[t].masked_fill_(done, 0.0)
+                torch.logical_not(done, out=alive[t])
+                done |= torch.isin(tok, eos)
+                if stops:
+                    done |= _stop_hit(out, t, stops)
+                if t == steps - 1 or bool(done.all()):
+                    break
+            elif t == steps - 1:
                 break
-            key_mask[:, plen + t] = True
-            logits = step_fn(model, tok[:, None], next_pos + t, cache, plen + t, key_mask)
+            write = plen + t
+            allowed[:, write] = True
+            if window is not None and write - window >= 0:
+                allowed[:, write - window] = False
+            if rope is None:
+                cos, sin = M.rope_cos_sin(next_pos + t, spec, dtype)
+            else:
+                cos, sin = rope[0][t], rope[1][t]
+            logits = step_fn(model, tok, cos, sin, allowed3, cache, write)
 
-    return finished_rollout(ptok_np, pmask_np, out.cpu().numpy(), cmask.cpu().numpy(), lps.cpu().numpy(),
-                            done.cpu().numpy())
-
+    cmask = alive[:, :, 0].T.int() if track else torch.ones(rows, steps, dtype=torch.int32)
+    finished = done[:, 0] if track else torch.zeros(rows, dtype=torch.bool)
+    return finished_rollout(ptok_np, pmask_np, out[:, :, 0].T.cpu().numpy(), cmask.cpu().numpy(),
+                            lps[:, :, 0].T.cpu().numpy(), finished.cpu().numpy())
