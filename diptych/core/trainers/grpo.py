@@ -54,7 +54,7 @@ from diptych.core.trainers.base import (
     sequence_logprobs,
 )
 from diptych.recurrent.training import DepthPolicy
-from diptych.rollout.base import VLLMConfig, check_rollout_config, push_weights, sample_with
+from diptych.rollout.base import VLLMConfig, check_rollout_config, push_weights, sample_with, sync_metrics
 
 
 @dataclass
@@ -398,6 +398,7 @@ def grpo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[
     if engine is not None:
         with timer.phase("sync"):
             push_weights(engine, backend, state)
+        metrics.update(sync_metrics(engine))
     metrics.update(timer.metrics())
     total_time = sum(timer.seconds.values())
     metrics["tokens_per_s"] = float(batch["attention_mask"].sum()) / max(total_time, 1e-9)
