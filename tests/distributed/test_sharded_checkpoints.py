@@ -117,3 +117,17 @@ def test_torch_sharded_ppo_checkpoint_keeps_the_value_head_and_its_adam_state(tm
     assert cases.rel_err(resumed, straight) <= cases.TOL
     head = {k: v for k, v in resumed.items() if k.startswith("value_head")}
     assert cases.rel_err(head, {k: straight[k] for k in head}) <= cases.TOL  # moments restored, not reset
+
+
+@needs_torch
+@pytest.mark.slow
+def test_torch_sharded_bf16_checkpoint_restores_its_float32_masters_on_any_layout(tmp_path):
+    folder, out, one = tmp_path / "step", tmp_path / "sharded.npz", tmp_path / "one.npz"
+    run_worker(torchrun(2, str(HERE / "torch_bf16_ckpt_worker.py"), "save", str(folder), str(out)), timeout=600)
+    run_worker([sys.executable, str(HERE / "torch_bf16_ckpt_worker.py"), "one", str(folder), str(one)], timeout=600)
+    r, o = load(out), load(one)
+    saved = weights(r, "saved")
+    assert cases.rel_err(weights(r, "restored"), saved) == 0.0  # float32 masters, not their bf16 copies
+    assert cases.rel_err({k[2:]: v for k, v in o.items() if k.startswith("w/")}, saved) == 0.0
+    assert r["mp"][0] == o["mp"][0] == "bf16" and o["dtype"][0] == "torch.bfloat16"  # one process: bf16 model
+    assert abs(float(r["loss"][0]) - float(o["loss"][0])) <= 2e-2 * abs(float(o["loss"][0]))
