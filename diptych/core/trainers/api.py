@@ -401,10 +401,12 @@ def check_lora_resume(checkpointer: Any, lora: Any) -> None:
     except (ckpt.CheckpointError, ValueError, OSError):
         return  # not intact: restore_latest says so and tries the previous one
     now = dataclasses.asdict(lora) if lora is not None else None
+    # the checkpoint records the targets as resolved on the model (a recurrent model's defaults differ); a change of
+    # targets is a config change, which the run-config check reports
     if saved is not None:
-        saved = {**saved, "targets": list(saved.get("targets", ()))}
+        saved = {k: v for k, v in saved.items() if k != "targets"}
     if now is not None:
-        now = {**now, "targets": list(now["targets"])}
+        now = {k: v for k, v in now.items() if k != "targets"}
     if saved == now:
         return
     if saved is None:
