@@ -237,6 +237,7 @@ def train_case(backend: str, shape: str, mode: str, steps: int) -> dict[str, Any
         state.optimizer.step = step_reading_grads
     state, metrics = be.train_step(state, batch, "sft", SFTLossConfig())  # warm-up (and JAX's compile)
     gc.collect()
+    setup_rss = _rss()  # what the model, the train state and the libraries hold between steps
     method = _reset_peak()
     times = []
     for _ in range(steps):
@@ -246,7 +247,8 @@ def train_case(backend: str, shape: str, mode: str, steps: int) -> dict[str, Any
     peak = _peak(method)
     out: dict[str, Any] = dict(backend=backend, mode=mode, seconds=float(np.mean(times)), loss=float(metrics["loss"]),
                                train_peak_bytes=int(peak - baseline), peak_rss_bytes=int(peak),
-                               baseline_rss_bytes=int(baseline), memory_method=method)
+                               baseline_rss_bytes=int(baseline), setup_rss_bytes=int(setup_rss),
+                               memory_method=method)
     if backend == "torch":
         out.update(_torch_tensor_bytes(state), grad_bytes=int(grad_bytes[0]))
     else:

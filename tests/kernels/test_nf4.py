@@ -358,6 +358,28 @@ def test_jax_linear_nf4_equals_the_dequantised_matmul_and_its_gradient():
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), g @ dense, rtol=1e-6, atol=1e-6)
 
 
+def test_jax_gradient_keeps_no_dense_weight_between_forward_and_backward():
+    """XLA would keep each layer's dequantised weight from the forward for the backward (one dense weight per
+    layer, what a dense base costs); linear_nf4 dequantises again in the backward, so the compiled gradient's
+    scratch memory stays near one weight plus activations, not one weight per layer."""
+    nf4 = _jax_nf4()
+    import jax
+    import jax.numpy as jnp
+
+    layers, h = 12, 512
+    rng = np.random.default_rng(0)
+    qs = [nf4.quantize((rng.normal(size=(h, h)) * 0.02).astype(np.float32)) for _ in range(layers)]
+    x = jnp.asarray(rng.normal(size=(64, h)).astype(np.float32))
+
+    def loss(x_, qs_):
+        for q in qs_:
+            x_ = jnp.tanh(nf4.linear_nf4(x_, q))
+        return x_.sum()
+
+    temp = jax.jit(jax.grad(loss)).lower(x, qs).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 0.6 * layers * (h * h * 4), temp / (h * h * 4)
+
+
 def test_jax_nbytes_and_errors():
     nf4 = _jax_nf4()
     import jax.numpy as jnp

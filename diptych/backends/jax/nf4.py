@@ -3,8 +3,9 @@
 One text with ``backends/torch/nf4.py`` and the numpy oracle ``kernels/reference.nf4_quantize``: the
 same codes, the same scales, the same float32 rounding. ``NF4Array`` is a pytree (the arrays are
 leaves, shape and block size are static), so it can sit in a module's state and pass through
-``jit``. ``linear_nf4`` dequantises inside the matmul under ``jax.checkpoint``, so the backward pass
-rebuilds the weight from the 4-bit codes instead of keeping the dequantised weight alive.
+``jit``. ``linear_nf4`` dequantises inside the matmul with a custom VJP that keeps only the 4-bit codes
+and dequantises again in the backward pass, each time when the layer's input (or cotangent) is there,
+so one layer's dense weight is alive at a time.
 
 XLA on CPU flushes subnormal floats to zero, and bitsandbytes floors an all-zero block's absmax at
 the subnormal 1e-38; the zero blocks are therefore handled with selects, not arithmetic, so they
@@ -153,20 +154,55 @@ def block_absmax(q: NF4Array) -> jax.Array:
 
 def dequantize(q: NF4Array) -> jax.Array:
     """The float32 weight of shape ``q.shape``; equals ``kernels.reference.nf4_dequantize``."""
+    return _dequantize(q)
+
+
+def _dequantize(q: NF4Array, zero: jax.Array | None = None) -> jax.Array:
     n = prod(q.shape)
-    idx = jnp.stack((q.codes >> 4, q.codes & 0x0F), axis=-1).reshape(-1)
+    idx = jnp.stack((q.codes >> 4, q.codes & 0x0F), axis=-1).reshape(-1)[:n].astype(jnp.int32)
+    if zero is not None:
+        idx = idx + zero
     blocks = -(-n // q.block_size)
-    values = jnp.asarray(NF4_CODE)[idx[:n].astype(jnp.int32)]
+    values = jnp.asarray(NF4_CODE)[idx]
     if blocks * q.block_size != n:
         values = jnp.zeros(blocks * q.block_size, jnp.float32).at[:n].set(values)
     out = values.reshape(blocks, q.block_size) * block_absmax(q)[:, None]
     return out.reshape(-1)[:n].reshape(q.shape)
 
 
-@jax.checkpoint
+def _zero_after(a: jax.Array) -> jax.Array:
+    # The integer 0, computed from ``a``, added to the code indices: XLA can then neither hoist a
+    # dequantisation ahead of the layer's input (every layer's dense weight alive at once) nor merge the
+    # backward's with the forward's (the dense weight kept from forward to backward, as a dense base
+    # would be). Barriers do not do it: XLA on CPU drops them before common-subexpression elimination,
+    # and it cannot fold ``0 * a`` (a may be inf). Where ``a`` is not finite, neither is the gradient,
+    # and the step is skipped.
+    return (0.0 * a.reshape(-1)[0].astype(jnp.float32)).astype(jnp.int32)
+
+
+@jax.custom_vjp
 def _linear(x: jax.Array, q: NF4Array, bias: jax.Array | None) -> jax.Array:
-    y = x @ dequantize(q).astype(x.dtype).T
+    y = x @ _dequantize(q, _zero_after(x)).astype(x.dtype).T
     return y if bias is None else y + bias
+
+
+def _linear_fwd(x: jax.Array, q: NF4Array, bias: jax.Array | None):
+    return _linear(x, q, bias), (q, bias)
+
+
+def _linear_bwd(res, g: jax.Array):
+    # Only the 4-bit codes were kept: the weight is dequantised again here, for this layer only.
+    q, bias = res
+    grad_x = g @ _dequantize(q, _zero_after(g)).astype(g.dtype)
+    grad_q = jax.tree.map(
+        lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating) else np.zeros(a.shape, jax.dtypes.float0),
+        q,
+    )
+    grad_bias = None if bias is None else g.reshape(-1, g.shape[-1]).sum(axis=0).astype(bias.dtype)
+    return grad_x, grad_q, grad_bias
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def linear_nf4(x: jax.Array, q: NF4Array, bias: jax.Array | None = None) -> jax.Array:
