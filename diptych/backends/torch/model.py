@@ -108,15 +108,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """:func:`attention` for one query per row (``q [B, heads, 1, d]``, ``allowed [B, 1, S]``), as ``[B, kv_heads,
-    group, d]`` (the heads in ``repeat_kv`` order). The group's queries share a kv head, so each row is one
-    ``[group, d] x [d, S]`` product over the cache as it is (strided views are fine): the broadcast in
-    :func:`attention` would copy the whole cache once per step."""
+    group, d]`` (the heads in ``repeat_kv`` order). The group's queries share a kv head, so each (row, kv head)
+    is one ``[group, d] x [d, S]`` product over the cache as it is (a view of the slots: rows and kv heads
+    collapse into one batch dimension without a copy), where the broadcast in :func:`attention` would copy
+    the whole cache once per step. Same values as :func:`attention`."""
     b, h, _, d = q.shape
-    kvh = k.shape[1]
-    scores = torch.matmul(q.reshape(b, kvh, h // kvh, d), k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
-    scores = scores.float().masked_fill(~allowed[:, None], _MASK_VALUE)
+    kvh, s = k.shape[1], k.shape[2]
+    g = h // kvh
+    scores = torch.bmm(q.reshape(b * kvh, g, d), k.reshape(b * kvh, s, d).transpose(1, 2)) * (1.0 / math.sqrt(d))
+    scores = torch.where(allowed[:, None], scores.view(b, kvh, g, s).float(), _MASK_VALUE)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    return torch.bmm(probs.view(b * kvh, g, s), v.reshape(b * kvh, s, d)).view(b, kvh, g, d)
 
 
 class Attention(nn.Module):
@@ -137,8 +139,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
-        """``cache = (k_slots, v_slots, write_index)``: write the new k/v there and attend over all slots."""
+        """``cache = (k_slots, v_slots, write_index)``: write the new k/v there and attend over all slots (one new
+        token per row takes :meth:`_decode`)."""
         b, t, _ = x.shape
+        if cache is not None and t == 1:
+            return self._decode(x, cos, sin, allowed, cache)
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -151,12 +156,30 @@ class Attention(nn.Module):
             k_slots, v_slots, write_index = cache
             k_slots[:, :, write_index : write_index + t] = k
             v_slots[:, :, write_index : write_index + t] = v
-            if t == 1:  # a decode step: one query per row, so no broadcast copy of the cache
-                out = decode_attention(q, k_slots, v_slots, allowed)
-                return self.o_proj(out.view(b, 1, self.num_heads * self.head_dim))
             k, v = k_slots, v_slots
         out = attention(q, k, v, allowed)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+        """The cache branch for one new token per row: the same arithmetic in fewer tensor ops, since at decode
+        sizes each op's dispatch costs more than its math. With one time step ``[B, 1, heads * d]`` already is
+        ``[B, heads, 1, d]`` in memory (a view, no transposes), and q and k are rotated as one tensor."""
+        b = x.shape[0]
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(b, h, 1, d)
+        k = self.k_proj(x).view(b, kvh, 1, d)
+        v = self.v_proj(x).view(b, kvh, 1, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            qk = apply_rope(torch.cat((q, k), 1), cos, sin)
+            q, k = qk[:, :h], qk[:, h:]
+        k_slots, v_slots, write_index = cache
+        k_slots[:, :, write_index : write_index + 1] = k
+        v_slots[:, :, write_index : write_index + 1] = v
+        out = decode_attention(q, k_slots, v_slots, allowed)
+        return self.o_proj(out.view(b, 1, h * d))
 
 
 class MLP(nn.Module):

@@ -16,6 +16,7 @@ import torch
 
 from diptych.backends.torch import model as M
 from diptych.core.sampling import (
+    NEG_INF,
     UNIFORM_HI,
     UNIFORM_LO,
     Rollout,
@@ -28,21 +29,24 @@ from diptych.core.sampling import (
 
 def filter_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Temperature, then top-k, top-p, min-p on float32 ``[B, V]``; removed tokens become -inf."""
-    x = logits.float() / sampling.temperature
-    neg = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+    return _filter_scaled(logits.float() / sampling.temperature, sampling)
+
+
+def _filter_scaled(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """:func:`filter_logits` after the temperature (the decode loop divides once for the filters and the log-probs)."""
     if sampling.top_k and sampling.top_k < x.shape[-1]:
         kth = torch.topk(x, sampling.top_k, dim=-1).values[..., -1:]
-        x = torch.where(x < kth, neg, x)
+        x = x.masked_fill(x < kth, NEG_INF)
     if sampling.top_p < 1.0:
         p = torch.softmax(x, dim=-1)
         ps = torch.sort(p, dim=-1, descending=True).values
         before = torch.cumsum(ps, dim=-1) - ps
         keep_n = (before < sampling.top_p).sum(-1, keepdim=True)
         cutoff = torch.gather(ps, -1, keep_n - 1)
-        x = torch.where(p < cutoff, neg, x)
+        x = x.masked_fill(p < cutoff, NEG_INF)
     if sampling.min_p > 0.0:
         p = torch.softmax(x, dim=-1)
-        x = torch.where(p < sampling.min_p * p.amax(-1, keepdim=True), neg, x)
+        x = x.masked_fill(p < sampling.min_p * p.amax(-1, keepdim=True), NEG_INF)
     return x
 
 
@@ -79,8 +83,8 @@ def decode_step(model: M.Decoder, tok: torch.Tensor, cos: torch.Tensor, sin: tor
     span = write_index + 1
     allowed = allowed[:, :, :span]
     x = model.model.embed_tokens(tok)
-    for i, layer in enumerate(model.model.layers):
-        x = layer(x, cos, sin, allowed, (cache.k[i, :, :, :span], cache.v[i, :, :, :span], write_index))
+    for layer, k, v in zip(model.model.layers, cache.k, cache.v, strict=True):
+        x = layer(x, cos, sin, allowed, (k[:, :, :span], v[:, :, :span], write_index))
     hidden = model.model.norm(x)
     return torch.nn.functional.linear(hidden[:, -1], M.lm_head_weight(model)).float()
 
@@ -189,8 +193,9 @@ def generate(
                 torch.argmax(logits, dim=-1, keepdim=True, out=tok)
                 lp = torch.log_softmax(logits, dim=-1)
             else:
-                torch.argmax(filter_logits(logits, sampling) + draw(t), dim=-1, keepdim=True, out=tok)
-                lp = torch.log_softmax(logits / sampling.temperature, dim=-1)
+                scaled = logits / sampling.temperature
+                torch.argmax(_filter_scaled(scaled, sampling) + draw(t), dim=-1, keepdim=True, out=tok)
+                lp = torch.log_softmax(scaled, dim=-1)
             torch.gather(lp, -1, tok, out=lps[t])
             if track:
                 tok.masked_fill_(done, pad)
