@@ -74,12 +74,14 @@ def hf_runner(spec, weights, prompts, cfg: SamplingConfig, tmp: Path) -> Callabl
     return run
 
 
-def diptych_runner(name: str, spec, weights, prompts, cfg: SamplingConfig) -> Callable[[], object]:
+def diptych_runner(name: str, spec, weights, prompts, cfg: SamplingConfig, torch_compile: bool = False
+                   ) -> Callable[[], object]:
     from diptych.core.backend import get_backend
 
     backend = get_backend(name)
     model = backend.build(spec, weights)
-    return lambda: backend.generate(model, prompts, cfg, seed=0)
+    kw = {"compile": True} if torch_compile and name == "torch" else {}
+    return lambda: backend.generate(model, prompts, cfg, seed=0, **kw)
 
 
 def contender(fn: Callable[[], object], new_tokens: int, flops: float) -> tuple[float, Callable[[], dict]]:
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample")
     p.add_argument("--engines", default="transformers,jax,torch")
     p.add_argument("--roofline-n", type=int, default=2048, help="side of the fp32 matmul that measures the roofline")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="diptych-torch decodes through torch.compile (its compile time is the warm-up: on CPU about a "
+                        "minute for about 15%% at the tiny shape, so off by default)")
     discipline.add_arguments(p)
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = tiny_spec(args.model_type, **shape["spec"])
     config = dict(shape=args.shape, model=args.model_type, spec=dict(shape["spec"]), params=spec.num_params(),
                   matmul_params=discipline.matmul_params(spec), batch=batch, prompt_len=prompt_len,
-                  max_new_tokens=new, engines=engines, roofline_n=args.roofline_n)
+                  max_new_tokens=new, engines=engines, roofline_n=args.roofline_n, torch_compile=args.torch_compile)
     bench = discipline.Bench("decode_throughput", args, config)
     weights = spec.init_weights(0)
     prompts = make_prompts(batch, prompt_len, spec.vocab_size, seed=0)
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             warm, runs = {}, {}
             for engine in engines:
                 fn = (hf_runner(spec, weights, prompts, cfg, Path(tmp) / mode) if engine == "transformers"
-                      else diptych_runner(engine, spec, weights, prompts, cfg))
+                      else diptych_runner(engine, spec, weights, prompts, cfg, args.torch_compile))
                 warm[engine], runs[engine] = contender(fn, batch * new, flops)
             res = bench.run(runs, "tokens_per_s", tag=mode)
             base = res.get("transformers", {}).get("tokens_per_s")

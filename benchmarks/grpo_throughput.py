@@ -2,15 +2,17 @@
 
 Every contender trains the same Llama (same numpy-initialised weights, char vocabulary)
 with the same prompts, batch (prompts x group size), completion length, temperature,
-loss (GRPO, beta 0, one optimizer pass per batch) and a trivial reward, so the figure
+loss (GRPO, the preset's beta (``--beta``), one optimizer pass per batch) and a trivial reward, so the figure
 measured is the framework's generate + score + train loop. Throughput is
 ``(generated tokens + trained tokens) / seconds`` over the measured steps (the first
 ``--warmup`` steps, which include compilation, are excluded for everyone). The shared
 discipline (``benchmarks/discipline.py``) applies: one thread count for everyone, contenders
 alternating round by round, the median round reported, refusal on a loaded machine.
 
-Shapes: ``--shape tiny`` (hidden 64, 2 layers, 8 prompts x 4, 16 new tokens: overhead-bound)
-and ``--shape compute`` (hidden 512, 8 layers, 8 prompts x 8, 128 new tokens: matmul-bound).
+Shapes: ``--shape tiny`` (hidden 64, 2 layers, 8 prompts x 4, 16 new tokens: overhead-bound),
+``--shape target`` (hidden 128, 4 layers, 4 prompts x 8, 32 new tokens, beta 0.04: issue 15's 3x target, the
+reference model's log-probs in every step) and ``--shape compute`` (hidden 512, 8 layers, 8 prompts x 8,
+128 new tokens: matmul-bound).
 Both report FLOP utilisation: model FLOP/s over the fp32 matmul FLOP/s measured in the same run
 on the contender's backend (jax for diptych-jax, torch for diptych-torch and TRL). Model FLOPs
 per step are ``discipline.grpo_step_flops``: for every sequence a causal forward over
@@ -50,11 +52,15 @@ THREADS = discipline.pin_threads_early()  # before numpy, torch and jax load
 
 PRESETS = {
     "tiny": {"prompts_per_step": 8, "group_size": 4, "max_prompt_len": 12, "max_new_tokens": 16, "temperature": 1.0,
-             "lr": 1e-5, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "lr": 1e-5, "beta": 0.0, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "intermediate_size": 128},
+    # issue 15's target shape: the reference model is in the loop (beta > 0), as in most GRPO recipes
+    "target": {"prompts_per_step": 4, "group_size": 8, "max_prompt_len": 12, "max_new_tokens": 32, "temperature": 1.0,
+               "lr": 1e-5, "beta": 0.04, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "intermediate_size": 256},
     "compute": {"prompts_per_step": 8, "group_size": 8, "max_prompt_len": 12, "max_new_tokens": 128,
-                "temperature": 1.0, "lr": 1e-5, "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
-                "num_key_value_heads": 4, "intermediate_size": 1536},
+                "temperature": 1.0, "lr": 1e-5, "beta": 0.0, "hidden_size": 512, "num_hidden_layers": 8,
+                "num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 1536},
 }
 SHAPES = dict(PRESETS["tiny"])
 """The shapes in force (``--shape`` and the overrides replace them before any contender runs)."""
@@ -99,10 +105,11 @@ def bench_diptych(name: str, steps: int, warmup: int) -> dict[str, Any]:
     values = {"num_generations": s["group_size"], "max_prompt_length": s["max_prompt_len"],
               "max_completion_length": s["max_new_tokens"], "loss_type": "grpo"}
     cfg = GRPOConfig(steps=steps + warmup, prompts_per_step=s["prompts_per_step"], temperature=s["temperature"],
-                     beta=0.0, optim=OptimConfig(lr=s["lr"]),
+                     beta=s["beta"], optim=OptimConfig(lr=s["lr"]),
                      **{(k if k in fields else names[k]): v for k, v in values.items()})
     group, max_prompt = s["group_size"], s["max_prompt_len"]
     state = backend.init_train_state(backend.build(spec, spec.init_weights(0)), cfg.optim)
+    ref_model = backend.build(spec, spec.init_weights(0)) if s["beta"] > 0 else None
     batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed)
     generated = trained = flops = 0.0
     phases: dict[str, float] = {}
@@ -111,7 +118,7 @@ def bench_diptych(name: str, steps: int, warmup: int) -> dict[str, Any]:
         if step == warmup:
             t0 = time.perf_counter()
         _, chunk = next(batches)
-        state, m = grpo_step(backend, state, tok, reward_len, chunk, cfg, step)
+        state, m = grpo_step(backend, state, tok, reward_len, chunk, cfg, step, ref_model=ref_model)
         if step >= warmup:
             n = cfg.prompts_per_step * group
             generated += m["completion_length"] * n
@@ -196,7 +203,7 @@ def bench_trl(steps: int, warmup: int) -> dict[str, Any]:
             args = trl.GRPOConfig(
                 output_dir=str(Path(tmp) / "out"), per_device_train_batch_size=n, num_generations=s["group_size"],
                 max_completion_length=s["max_new_tokens"], temperature=s["temperature"], learning_rate=s["lr"],
-                beta=0.0, num_iterations=1, loss_type="grpo", max_steps=steps + warmup, use_cpu=True,
+                beta=s["beta"], num_iterations=1, loss_type="grpo", max_steps=steps + warmup, use_cpu=True,
                 report_to=[], logging_steps=1, save_strategy="no", dataloader_num_workers=0, seed=0,
                 disable_tqdm=True)
             clock = Clock()
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts-per-step", type=int, help="override the preset")
     p.add_argument("--group-size", type=int, help="override the preset")
     p.add_argument("--max-new-tokens", type=int, help="override the preset")
+    p.add_argument("--beta", type=float, help="KL coefficient, override the preset (> 0 puts a reference model in)")
     p.add_argument("--steps", type=int, default=5, help="measured GRPO steps per contender and round")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps (compilation, caches)")
     p.add_argument("--backends", nargs="*", help="default: every installed backend")
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     SHAPES.clear()
     SHAPES.update(PRESETS[args.shape])
-    for key in ("prompts_per_step", "group_size", "max_new_tokens"):
+    for key in ("prompts_per_step", "group_size", "max_new_tokens", "beta"):
         if getattr(args, key) is not None:
             SHAPES[key] = getattr(args, key)
     if args.trl_path:
@@ -261,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     trl_tps = res.get("trl", {}).get("tokens_per_s")
     table = [f"{args.shape}: hidden {SHAPES['hidden_size']}, {SHAPES['num_hidden_layers']} layers, "
              f"{SHAPES['prompts_per_step']} prompts x {SHAPES['group_size']}, {SHAPES['max_new_tokens']} new tokens, "
+             f"beta {SHAPES['beta']}, "
              f"{args.steps} measured steps; matmul roofline GFLOP/s: "
              + ", ".join(f"{b} {roof[b]['flops_per_s'] / 1e9:.1f}" for b in roof_backends)]
     for r in results:
