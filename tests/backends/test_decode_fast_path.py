@@ -95,3 +95,21 @@ def test_stop_bookkeeping_changes_nothing_when_nothing_stops():
     for name in ("completion_tokens", "completion_mask", "logprobs", "lengths", "truncated"):
         np.testing.assert_array_equal(getattr(tracked, name), getattr(plain, name), err_msg=name)
     assert plain.completion_mask.all() and plain.truncated.all()
+
+
+@pytest.mark.parametrize("every", [3, 64])
+def test_late_stop_checks_give_the_same_rollout(monkeypatch, every):
+    """On an accelerator the loop asks "has every row stopped?" only every few steps (a host sync); decoding
+    rows that already stopped must leave tokens, masks, log-probs, lengths and flags as the per-step check does."""
+    from diptych.backends.torch import sampler
+
+    _, model = _model("llama")
+    greedy = sampler.generate(model, PROMPTS, S.SamplingConfig(temperature=0, max_new_tokens=NEW, eos_ids=()))
+    eos = tuple(int(greedy.completion_tokens[r, c]) for r, c in ((0, 3), (1, 6), (2, 2), (3, 9)))
+    cfg = S.SamplingConfig(temperature=0, max_new_tokens=NEW, eos_ids=eos, pad_id=0)
+    want = sampler.generate(model, PROMPTS, cfg, seed=1)
+    assert (want.lengths < NEW).all()  # every row stops early, so the loop can exit before the last step
+    monkeypatch.setattr(sampler, "_stop_check_every", lambda device: every)
+    got = sampler.generate(model, PROMPTS, cfg, seed=1)
+    for name in ("completion_tokens", "completion_mask", "logprobs", "lengths", "truncated"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)

@@ -89,6 +89,14 @@ def decode_step(model: M.Decoder, tok: torch.Tensor, cos: torch.Tensor, sin: tor
     return torch.nn.functional.linear(hidden[:, -1], M.lm_head_weight(model)).float()
 
 
+STOP_CHECK_EVERY = 8
+"""Decode steps between host reads of "has every row stopped?" on an accelerator (every step on CPU)."""
+
+
+def _stop_check_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else STOP_CHECK_EVERY
+
+
 GUMBEL_BLOCK_BYTES = 32 << 20
 """Seeded noise is drawn for several steps at once, up to this many bytes (CPU only: there one draw of
 ``[k, B, V]`` equals k successive draws of ``[B, V]``, so the tokens do not depend on the block)."""
@@ -159,6 +167,9 @@ def generate(
     gen.manual_seed(int(seed) if seed is not None else int(torch.seed()))
     step_fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
     track = bool(sampling.eos_ids) or bool(sampling.stop_sequences)  # else no row can stop early
+    # reading ``done`` on the host is free on CPU and a device sync elsewhere; a late exit only decodes rows that
+    # are already finished (pad tokens, zero mask and log-probs, as the buffers hold), so the result is the same
+    stop_check = _stop_check_every(device)
     window = spec.sliding_window
 
     with torch.inference_mode():
@@ -204,7 +215,7 @@ def generate(
                 done |= torch.isin(tok, eos)
                 if stops:
                     done |= _stop_hit(out, t, stops)
-                if t == steps - 1 or bool(done.all()):
+                if t == steps - 1 or (t % stop_check == stop_check - 1 and bool(done.all())):
                     break
             elif t == steps - 1:
                 break
