@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
             overrides = trainer_overrides(args.trainer, args.overrides) + mesh_overrides(args)
             cfg = load_config(RUN_CONFIGS[args.trainer], args.config, overrides)
         backend = get_backend(args.backend)
+        if backend.name == "jax":  # a multi-host job (DIPTYCH_COORDINATOR, ...) must join before any JAX call
+            from diptych.backends.jax import sharding
+
+            sharding.initialize()
         result = train(args.trainer, backend, cfg, resume=bool(args.resume), console=not args.quiet,
                        overwrite=bool(args.overwrite))
     except DivergenceError as e:  # the run itself failed (not its input): exit 1

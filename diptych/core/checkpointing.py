@@ -148,6 +148,44 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     fsync_dir(Path(path).parent)
 
 
+@contextlib.contextmanager
+def job_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`atomic_dir` for a job of several processes that each write their part (a multi-host Orbax save):
+    process 0 makes the temporary folder (a name every process derives alike) and renames it into place once
+    every process has written, so a killed save never replaces the last good checkpoint. One process: the
+    plain :func:`atomic_dir`."""
+    from diptych.core.mesh import barrier, is_main_process, process_count
+
+    if process_count() <= 1:
+        with atomic_dir(path) as tmp:
+            yield tmp
+        return
+    dest = Path(path)
+    tmp = dest.with_name(f".{dest.name}.tmp-job")
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier save of this step
+        tmp.mkdir(parents=True)
+    barrier()
+    ok = False
+    try:
+        yield tmp
+        ok = True
+    finally:
+        barrier()
+        if is_main_process():
+            if ok:
+                fsync_tree(tmp)
+                old = dest.with_name(f".{dest.name}.old-job")
+                if dest.exists():
+                    dest.rename(old)
+                tmp.rename(dest)
+                shutil.rmtree(old, ignore_errors=True)
+                fsync_dir(dest.parent)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+
+
 def to_jsonable(obj: Any) -> Any:
     """Make dataclasses, numpy scalars/arrays and tuples JSON-friendly (RNG states included)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

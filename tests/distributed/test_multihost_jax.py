@@ -65,3 +65,34 @@ def test_a_half_described_job_is_refused_before_jax_starts(env, message):
 
     with pytest.raises(MeshError, match=message):
         S.initialize(env)
+
+
+@pytest.mark.slow
+def test_diptych_train_joins_a_multihost_job_from_the_environment(tmp_path):
+    """``diptych train --backend jax`` on two processes described by DIPTYCH_* variables is one job over 4 devices:
+    one metrics writer, and the losses of the one-process run."""
+    import json
+    from pathlib import Path
+
+    diptych = str(Path(sys.executable).parent / "diptych")
+    tiny = ["train", "sft", "--backend", "jax", "--quiet", "model.hidden_size=32", "model.intermediate_size=64",
+            "model.num_hidden_layers=1", "data.n_train=16", "data.n_test=4", "sft.batch_size=4", "sft.steps=2"]
+    port, procs = free_port(), []
+    for i in range(2):
+        env = worker_env()
+        env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", DIPTYCH_COORDINATOR=f"127.0.0.1:{port}",
+                   DIPTYCH_NUM_PROCESSES="2", DIPTYCH_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([diptych, *tiny, "--mesh", "fsdp=4", f"out={tmp_path / 'mh'}"], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    single = subprocess.run([diptych, *tiny, f"out={tmp_path / 'one'}"], cwd=ROOT, env=worker_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def losses(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]  # one writer
+        return [r["loss"] for r in rows]
+
+    np.testing.assert_allclose(losses(tmp_path / "mh"), losses(tmp_path / "one"), rtol=1e-4)

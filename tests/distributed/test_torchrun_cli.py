@@ -50,3 +50,16 @@ def test_torchrun_overwrite_is_cleared_by_rank_0_while_the_other_waits(tmp_path)
     run_worker(torchrun(2, "--no-python", DIPTYCH, *args, "sft.steps=1", "--overwrite"), timeout=600)
     assert len(_losses(out)) == 1  # one writer, and the earlier rows gone
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
+
+
+def test_torchrun_grpo_with_a_reference_model_matches_one_process(tmp_path):
+    """beta > 0 builds the reference from the sharded policy (gathered by export_weights; rank 0 writes it)."""
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    args = ["train", "grpo", "--backend", "torch", "--quiet", "model.hidden_size=32", "model.intermediate_size=64",
+            "model.num_hidden_layers=1", "data.n_train=16", "data.n_test=4", "grpo.prompts_per_step=2",
+            "grpo.num_generations=2", "grpo.max_completion_length=4", "grpo.beta=0.04", "grpo.parity=true",
+            "grpo.steps=2"]
+    run_worker(torchrun(2, "--no-python", DIPTYCH, *args, "--mesh", "fsdp=2", f"out={sharded}"), timeout=600)
+    assert (sharded / "checkpoints" / "reference" / "config.json").is_file()
+    run_worker([DIPTYCH, *args, f"out={single}"], timeout=600)
+    np.testing.assert_allclose(_losses(sharded), _losses(single), rtol=1e-4, atol=1e-6)

@@ -30,6 +30,7 @@ from diptych.backends.facade import (
 from diptych.backends.jax import train
 from diptych.core import checkpointing as ckpt
 from diptych.core.hf import load_hf_folder, save_hf_folder
+from diptych.core.mesh import is_main_process
 
 NF4_FILE = "base_nf4.safetensors"
 """A QLoRA checkpoint's NF4 base as stored (codes, absmax and its double-quantised form, per target module), so a
@@ -48,7 +49,7 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
     path = Path(path)
     spec = state.spec
     lora = lora_config("diptych.backends.jax", state.model)
-    with ckpt.atomic_dir(path) as tmp:
+    with ckpt.job_atomic_dir(path) as tmp:  # multi-host: every process writes its shards, process 0 renames
         if lora is not None:  # the frozen base once, as an HF folder (the Orbax tree holds the adapters only)
             from diptych.core.lora import save_adapter
 
@@ -60,10 +61,11 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
         checkpointer.save((tmp / "state").absolute(), {"params": state.params, "opt_state": state.opt_state})
         checkpointer.wait_until_finished()
         checkpointer.close()
-        ckpt.write_metadata(tmp, backend="jax", step=state.step, spec=spec, optim=state.optim,
-                            extra=checkpoint_extra(state.model, state.params["value_head"] is not None, lora),
-                            user=metadata)
-    if keep_last is not None:
+        if is_main_process():
+            ckpt.write_metadata(tmp, backend="jax", step=state.step, spec=spec, optim=state.optim,
+                                extra=checkpoint_extra(state.model, state.params["value_head"] is not None, lora),
+                                user=metadata)
+    if keep_last is not None and is_main_process():
         ckpt.prune(path.parent, keep_last)
     return path
 

@@ -329,13 +329,17 @@ def from_named(template: Any, named: Mapping[str, np.ndarray]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _host(x: Any) -> np.ndarray:
+    """A float32 numpy copy of a (possibly multi-host sharded) leaf: every process gets the whole array."""
+    return np.array(sharding_lib.to_host(x), dtype=np.float32)
+
+
 def export_weights(state: TrainState) -> dict[str, np.ndarray]:
     """Canonical float32 HF-named weights of the policy (the master copy; no value head). A LoRA state's are its
     base with the (float32 master) adapters merged: what an HF export or a rollout engine's weight sync needs."""
     lora = lora_config(__package__, state.model)
     if lora is None:
-        return {n: np.array(v, dtype=np.float32) for n, v in named_leaves(state.params).items()
-                if n not in VALUE_HEAD}
+        return {n: _host(v) for n, v in named_leaves(state.params).items() if n not in VALUE_HEAD}
     from diptych.core.lora import merge_weights
 
     return merge_weights(base_weights(__package__, state.model), export_adapters(state), lora)
@@ -350,7 +354,7 @@ def export_adapters(state: TrainState) -> dict[str, np.ndarray]:
 def export_value_head(state: TrainState) -> dict[str, np.ndarray] | None:
     if state.params["value_head"] is None:
         return None
-    return {n: np.array(v, dtype=np.float32) for n, v in named_leaves(state.params).items() if n in VALUE_HEAD}
+    return {n: _host(v) for n, v in named_leaves(state.params).items() if n in VALUE_HEAD}
 
 
 def _adam_state(opt_state: Any) -> Any:
@@ -360,7 +364,7 @@ def _adam_state(opt_state: Any) -> Any:
 def export_optimizer(state: TrainState) -> dict[str, Any]:
     """AdamW moments by canonical name, backend-neutral: ``{"count", "mu": {...}, "nu": {...}}``."""
     adam = _adam_state(state.opt_state)
-    as_np = lambda tree: {n: np.array(v, dtype=np.float32) for n, v in named_leaves(tree).items()}
+    as_np = lambda tree: {n: _host(v) for n, v in named_leaves(tree).items()}
     return {"count": int(adam.count), "mu": as_np(adam.mu), "nu": as_np(adam.nu)}
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from diptych.core.backend import ADAPTER_DIR, AdaptersOff
-from diptych.core.mesh import is_main_process
+from diptych.core.mesh import is_main_process, on_main_process
 from diptych.core.trainers.base import DivergenceError, DivergenceGuard, TrainerError, evaluate, validate_rows
 from diptych.core.trainers.dpo import DPOConfig, ReferenceCache, train_dpo
 from diptych.core.trainers.grpo import GRPOConfig, check_columns, train_grpo
@@ -273,8 +273,8 @@ class Trainer:
         if self.lora is not None:
             return AdaptersOff(state.model)
         root = self.checkpoint_root
-        if root is None:
-            return self.backend.build(state.model.spec, self.backend.export(state.model))
+        if root is None:  # export_weights: a sharded policy is gathered first
+            return self.backend.build(state.model.spec, self.backend.export_weights(state))
         from diptych.core.hf import load_hf_folder, save_hf_folder
 
         folder = root / "reference"
@@ -283,8 +283,8 @@ class Trainer:
         elif start > 0:
             raise TrainerError(f"Cannot resume: the reference model {folder} is missing.")
         else:
-            spec, weights = state.model.spec, self.backend.export(state.model)
-            save_hf_folder(folder, spec, weights)
+            spec, weights = state.model.spec, self.backend.export_weights(state)
+            on_main_process(lambda: save_hf_folder(folder, spec, weights))  # one writer; the others wait
         return self.backend.build(spec, weights)
 
 
@@ -322,7 +322,7 @@ class DPOTrainer(Trainer):
             ref = AdaptersOff(state.model) if self.lora is not None else state.model
             self.ref_cache = ReferenceCache.compute(self.backend, ref, self.tokenizer, self.train_dataset, self.args)
             if path is not None:
-                self.ref_cache.save(path)
+                on_main_process(lambda: self.ref_cache.save(path))
 
     def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
         return train_dpo(self.backend, state, self.tokenizer, self.train_dataset, with_steps(self.args, end), logger,

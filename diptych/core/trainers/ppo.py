@@ -50,7 +50,7 @@ from diptych.core.trainers.base import (
     sequence_logprobs,
 )
 from diptych.core.trainers.grpo import check_columns, score
-from diptych.rollout.base import VLLMConfig, check_rollout_config, push_weights, sample_with
+from diptych.rollout.base import VLLMConfig, check_rollout_config, push_weights, sample_with, sync_metrics
 
 
 @with_renamed_fields
@@ -212,6 +212,7 @@ def ppo_step(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: list[d
     if engine is not None:
         with timer.phase("sync"):
             push_weights(engine, backend, state)
+        metrics.update(sync_metrics(engine))
     metrics.update(timer.metrics())
     metrics["tokens_per_s"] = float(batch["attention_mask"].sum()) / max(sum(timer.seconds.values()), 1e-9)
     return state, metrics
