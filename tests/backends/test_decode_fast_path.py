@@ -113,3 +113,17 @@ def test_late_stop_checks_give_the_same_rollout(monkeypatch, every):
     got = sampler.generate(model, PROMPTS, cfg, seed=1)
     for name in ("completion_tokens", "completion_mask", "logprobs", "lengths", "truncated"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_decode_tables_rotate_as_apply_rope(dtype):
+    """The decode step's sign-folded tables and one roll give apply_rope's values exactly."""
+    from diptych.backends.torch import model as M
+
+    spec = tiny_spec("llama")
+    positions = torch.tensor([[3], [40], [0]])
+    cos, sin = M.rope_cos_sin(positions, spec, dtype)  # [B, 1, d]
+    x = torch.randn(3, 6, 1, spec.head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cos4, sin4 = M.rope_decode(cos, sin)
+    got = x * cos4 + x.roll(spec.head_dim // 2, -1) * sin4
+    torch.testing.assert_close(got, M.apply_rope(x, cos, sin), rtol=0, atol=0)

@@ -83,6 +83,14 @@ def rope_cos_sin(positions: torch.Tensor, spec: DecoderSpec, dtype: torch.dtype)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
+def rope_decode(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_cos_sin`'s ``[..., B, 1, d]`` tables as one decode step's attention takes them: ``[..., B, 1, 1, d]``
+    and ``sin`` with the first half negated, so that ``x * cos + x.roll(d // 2, -1) * sin`` is :func:`apply_rope`
+    value for value (negation is exact) in one op instead of four."""
+    half = sin.shape[-1] // 2
+    return cos.unsqueeze(-2), torch.cat((-sin[..., :half], sin[..., half:]), -1).unsqueeze(-2)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -173,7 +181,11 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            qk = apply_rope(torch.cat((q, k), 1), cos, sin)
+            qk = torch.cat((q, k), 1)
+            if cos.ndim == 4:  # decode tables [B, 1, 1, d] with rotate_half's signs folded into sin (see rope_decode)
+                qk = qk * cos + qk.roll(d // 2, -1) * sin
+            else:
+                qk = apply_rope(qk, cos, sin)
             q, k = qk[:, :h], qk[:, h:]
         k_slots, v_slots, write_index = cache
         k_slots[:, :, write_index : write_index + 1] = k

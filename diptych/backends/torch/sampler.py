@@ -76,9 +76,10 @@ def decode_step(model: M.Decoder, tok: torch.Tensor, cos: torch.Tensor, sin: tor
                 cache: M.KVCache, write_index: int) -> torch.Tensor:
     """One new token per row through the decoder's layers (called as modules: FSDP and tensor-parallel hooks
     fire, LoRA and NF4 linears run as themselves), minus :func:`model.forward_cached`'s per-call work:
-    ``cos`` / ``sin`` ``[B, 1, head_dim]`` come precomputed and ``allowed`` ``[B, 1, >= write_index + 1]`` is a
-    view of the caller's mask. Attends over the slots filled so far only (``write_index + 1``): views of the
-    static cache, so the new k/v land in it. Returns next-token logits ``[B, V]`` float32.
+    ``cos`` / ``sin`` come precomputed (``[B, 1, 1, head_dim]``, :func:`model.rope_decode`) and ``allowed``
+    ``[B, 1, >= write_index + 1]`` is a view of the caller's mask. Attends over the slots filled so far only
+    (``write_index + 1``): views of the static cache, so the new k/v land in it. Returns next-token logits
+    ``[B, V]`` float32.
     """
     span = write_index + 1
     allowed = allowed[:, :, :span]
@@ -125,13 +126,15 @@ class _Noise:
 
 def _rope_steps(model: M.Decoder, next_pos: torch.Tensor, steps: int, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """cos / sin ``[steps, B, 1, head_dim]`` for every decode position at once; None for dynamic RoPE, whose
-    frequencies follow each step's largest position (computed per step, as transformers does)."""
+    """cos / sin ``[steps, B, 1, 1, head_dim]`` (:func:`model.rope_decode`'s form) for every decode position at once;
+    None for dynamic RoPE, whose frequencies follow each step's largest position (computed per step, as
+    transformers does)."""
     if model.spec.rope().dynamic:
         return None
     positions = next_pos + torch.arange(steps, device=next_pos.device)  # [B, steps]
     cos, sin = M.rope_cos_sin(positions, model.spec, dtype)
-    return cos.transpose(0, 1)[:, :, None].contiguous(), sin.transpose(0, 1)[:, :, None].contiguous()
+    cos, sin = M.rope_decode(cos.transpose(0, 1)[:, :, None], sin.transpose(0, 1)[:, :, None])
+    return cos.contiguous(), sin.contiguous()
 
 
 def generate(
@@ -224,7 +227,7 @@ def generate(
             if window is not None and write - window >= 0:
                 allowed[:, write - window] = False
             if rope is None:
-                cos, sin = M.rope_cos_sin(next_pos + t, spec, dtype)
+                cos, sin = M.rope_decode(*M.rope_cos_sin(next_pos + t, spec, dtype))
             else:
                 cos, sin = rope[0][t], rope[1][t]
             logits = step_fn(model, tok, cos, sin, allowed3, cache, write)
