@@ -7,12 +7,13 @@ linear layers (``diptych.backends.{jax,torch}.lora``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -261,3 +262,18 @@ def load_adapter(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], LoRA
         adapters[name] = np.asarray(v, np.float32)
     adapter_modules(adapters)
     return adapters, cfg
+
+
+@contextlib.contextmanager
+def switched(objects: Iterable[object], attr: str, value: object) -> Iterator[None]:
+    """Set ``attr`` to ``value`` on every object for the block, then restore each one's own earlier value: how both
+    backends switch their LoRA layers (or a recurrent model's flag) off for the reference, nesting included."""
+    objs = list(objects)
+    before = [getattr(o, attr) for o in objs]
+    for o in objs:
+        setattr(o, attr, value)
+    try:
+        yield
+    finally:
+        for o, was in zip(objs, before):
+            setattr(o, attr, was)

@@ -35,6 +35,7 @@ from diptych.core.lora import (
     init_adapters,
     merge_weights,
     resolve_targets,
+    switched,
 )
 from diptych.core.model_types import is_recurrent
 
@@ -323,23 +324,12 @@ def load_adapters(model: nnx.Module, adapters: Mapping[str, np.ndarray]) -> nnx.
 def adapters_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
     """Inside, every forward / log-prob / generate on ``model`` is the base model's, bit for bit."""
     _require(model)
-    if is_recurrent(model):
-        before = model.lora_disabled
-        model.lora_disabled = True
-        try:
-            yield model
-        finally:
-            model.lora_disabled = before
-        return
-    layers = list(_lora_layers(model).values())
-    states = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
+    if is_recurrent(model):  # one model-wide flag (its adapted weights are a view)
+        targets, attr = [model], "lora_disabled"
+    else:
+        targets, attr = list(_lora_layers(model).values()), "disabled"
+    with switched(targets, attr, True):
         yield model
-    finally:
-        for layer, was in zip(layers, states):
-            layer.disabled = was
 
 
 def base_weights(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ from diptych.core.lora import (
     init_adapters,
     merge_weights,
     resolve_targets,
+    switched,
 )
 from diptych.core.model_types import is_recurrent
 
@@ -212,15 +213,8 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, np.ndarray]) -> nn.Mo
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside, every forward / log-prob / generate on ``model`` is the base model's, bit for bit."""
-    layers = list(_lora_layers(model).values())
-    before = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
+    with switched(_lora_layers(model).values(), "disabled", True):
         yield model
-    finally:
-        for layer, was in zip(layers, before):
-            layer.disabled = was
 
 
 def base_weights(model: nn.Module) -> dict[str, np.ndarray]:
