@@ -146,7 +146,24 @@ class _Loop:
             out.put(Failure(f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
 
 
-class ThreadGenerator:
+class _Queued:
+    """What both local placements share: weights published through ``self.weights``, jobs in, results out."""
+
+    weights: Any
+    jobs: Any
+    out: Any
+
+    def publish(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        self.weights.publish(weights, version)
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def results(self, timeout: float) -> Any:
+        return self.out.get(timeout=timeout)
+
+
+class ThreadGenerator(_Queued):
     """The generator in a thread of the trainer's process (weights by reference)."""
 
     placement = "thread"
@@ -164,15 +181,6 @@ class ThreadGenerator:
         self.thread = threading.Thread(target=_Loop.run, args=(gen, self.jobs, self.out, self.weights.poll,
                                                                self._stop.is_set), daemon=True, name="diptych-gen")
         self.thread.start()
-
-    def publish(self, weights: Mapping[str, np.ndarray], version: int) -> None:
-        self.weights.publish(weights, version)
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def results(self, timeout: float) -> Any:
-        return self.out.get(timeout=timeout)
 
     def alive(self) -> bool:
         return self.thread.is_alive()
@@ -205,7 +213,7 @@ def _process_main(gspec: GeneratorSpec, jobs: Any, out: Any, reader: SharedWeigh
     reader.close()
 
 
-class ProcessGenerator:
+class ProcessGenerator(_Queued):
     """The generator in its own process (``spawn``), weights through shared memory, optionally pinned."""
 
     placement = "process"
@@ -228,15 +236,6 @@ class ProcessGenerator:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
-
-    def publish(self, weights: Mapping[str, np.ndarray], version: int) -> None:
-        self.weights.publish(weights, version)
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def results(self, timeout: float) -> Any:
-        return self.out.get(timeout=timeout)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
