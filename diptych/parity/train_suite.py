@@ -152,14 +152,21 @@ def _master(be: Any, state: Any) -> dict[str, np.ndarray]:
     return train.export_weights(state)
 
 
+def _runs(ctx: Context, suite: str, what: str) -> bool:
+    """Whether a cross-backend training suite applies (two backends, a decoder); if not, say why in the report."""
+    if len(ctx.backends) < 2:
+        ctx.skipped.append(f"{suite}: needs two backends")
+        return False
+    if getattr(ctx.spec, "model_type", None) not in DECODERS:
+        ctx.skipped.append(f"{suite}: no {what} for model_type {getattr(ctx.spec, 'model_type', '?')}")
+        return False
+    return True
+
+
 @register_suite("train")
 def train_suite(ctx: Context) -> list[Case]:
     """SFT-, GRPO- and DPO-step parity between every pair of installed backends."""
-    if len(ctx.backends) < 2:
-        ctx.skipped.append("train: needs two backends")
-        return []
-    if getattr(ctx.spec, "model_type", None) not in DECODERS:
-        ctx.skipped.append(f"train: no trainer parity case for model_type {getattr(ctx.spec, 'model_type', '?')}")
+    if not _runs(ctx, "train", "trainer parity case"):
         return []
     cases: list[Case] = []
     for name in CASES:
@@ -234,11 +241,7 @@ def _exact_flags(result: dict[str, Any]) -> np.ndarray:
 def lora_suite(ctx: Context) -> list[Case]:
     """LoRA SFT- and GRPO-step parity (loss every step, adapters after the last) between every pair of installed
     backends, plus, per backend, the frozen base untouched and the adapters-off reference exact (as a 0/1 case)."""
-    if len(ctx.backends) < 2:
-        ctx.skipped.append("lora: needs two backends")
-        return []
-    if getattr(ctx.spec, "model_type", None) not in DECODERS:
-        ctx.skipped.append(f"lora: no LoRA training case for model_type {getattr(ctx.spec, 'model_type', '?')}")
+    if not _runs(ctx, "lora", "LoRA training case"):
         return []
     cases: list[Case] = []
     for name in LORA_CASES:
