@@ -466,34 +466,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast(obj: Any) -> Any:
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-@contextmanager
-def _atomic_dir_all_ranks(path: Path) -> Iterator[Path]:
-    """Rank 0 makes the temporary sibling and renames it into place once every rank has written its part, so a
-    killed save never replaces the last good checkpoint; every rank gets the temporary path."""
-    from diptych.core.fsio import atomic_dir
-
-    cm = atomic_dir(path) if is_rank0() else None
-    tmp = _broadcast(str(cm.__enter__()) if cm is not None else None)
-    try:
-        yield Path(tmp)
-        _barrier()
-    except BaseException as e:
-        if cm is not None:
-            cm.__exit__(type(e), e, e.__traceback__)
-        raise
-    if cm is not None:
-        cm.__exit__(None, None, None)
-    _barrier()
-
-
 def _modules(state: T.TrainState) -> nn.Module:
     """What the checkpoint holds: the model, or with PPO's value head a container of both (keys ``model.*`` and
     ``value_head.*``), so its weights and AdamW state travel in the same sharded checkpoint."""
@@ -518,7 +490,7 @@ def save(state: T.TrainState, path: str | os.PathLike, *, metadata: dict[str, An
 
     path = Path(path)
     cfg = getattr(state.model, "diptych_mesh", (MeshConfig(), None))[0]
-    with _atomic_dir_all_ranks(path) as tmp:
+    with ckpt.job_atomic_dir(path) as tmp:  # rank 0 renames once every rank has written its shards
         dcp.save(_state_dicts(state), checkpoint_id=str(tmp / DCP_DIR))
         gather_root(state.model)  # taking the state dict resharded the root
         if is_rank0():
