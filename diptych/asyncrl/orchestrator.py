@@ -324,6 +324,8 @@ class AsyncGRPO:
             t.start()
         try:
             for s in range(self.start, end):
+                if not self.generator.alive():  # it may die while every group this step needs is already queued
+                    self._generator_died()
                 metrics = self.step(s)
                 log(s + 1, self.trainer.state if self.a.placement != "ray" else None, metrics)
             return self.trainer.state
