@@ -33,7 +33,7 @@ import numpy as np
 from diptych.asyncrl.groups import GeneratedBatch, Group, assemble
 from diptych.asyncrl.placement import Failure, GeneratorSpec, ProcessGenerator, ThreadGenerator
 from diptych.asyncrl.queues import Scored, Slots
-from diptych.asyncrl.roles import Job, group_lag
+from diptych.asyncrl.roles import Job, check_generator, group_lag
 from diptych.core.trainers.base import StepTimer, TrainerError, batch_iterator, columns_of
 
 
@@ -58,9 +58,7 @@ class Phases:
 def check_async(cfg: Any, engine: Any = None) -> None:
     """Refuse what the asynchronous loop cannot run, before anything starts."""
     a = cfg.async_
-    if engine is not None or getattr(cfg, "rollout", "native") != "native":
-        raise TrainerError("async.enabled needs rollout: native for now (the generator role builds its own native "
-                           "sampler); set rollout=native or async.enabled=false.")
+    check_generator(cfg, engine)  # what the chosen generator kind can serve (diptych.asyncrl.roles)
     if cfg.trajectory is not None and a.correction != "none":
         raise TrainerError("trajectory credit (RLTT) trains on-policy per iteration; with async.enabled keep "
                            "async.correction=none or drop trajectory.")

@@ -161,6 +161,15 @@ class ContinuousGenerator:
                 idle, busy, done = 0.0, 0.0, []
 
 
+def check_generator(cfg: Any, engine: Any = None) -> None:
+    """Refuse, before anything starts, a generator kind that cannot serve this config (one line, what to change)."""
+    from diptych.core.trainers.base import TrainerError
+
+    if engine is not None or getattr(cfg, "rollout", "native") != "native":
+        raise TrainerError("async.enabled needs rollout: native for now (the generator role builds its own native "
+                           "sampler); set rollout=native or async.enabled=false.")
+
+
 def make_generator(kind: str, backend: Any, spec: Any, tokenizer: Any, cfg: Any, sample: Callable[..., Any],
                    slots: int | None = None, recompute_kv: bool = False, step_delay_s: float = 0.0
                    ) -> BatchGenerator | ContinuousGenerator:
