@@ -171,9 +171,13 @@ def _torch_live_bytes() -> int:
         warnings.simplefilter("ignore")
         tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
     for t in tensors:
-        st = t.untyped_storage()
-        if st.data_ptr() and st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
+        try:
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+        except (RuntimeError, NotImplementedError):  # fake / functional tensors left by torch.compile hold no bytes
+            continue
+        if ptr and ptr not in seen:
+            seen.add(ptr)
             total += st.nbytes()
     return total
 

@@ -54,8 +54,10 @@ def test_torch_cases_read_the_gradient_optimizer_and_base_bytes(bench):
     assert dq["base_bytes"] < qlora["base_bytes"] < lora["base_bytes"] == 2 * lora["bf16_bytes"]
     assert qlora["model_bytes"] < lora["model_bytes"]
     for rec in (full, lora, qlora, dq):
-        # at the tiny shape the train steps may fit in pages the process already holds: growth can be 0
-        assert rec["seconds"] > 0 and rec["train_peak_bytes"] >= 0 and rec["memory_method"]
+        # In this (shared, long-lived) test process the resident set can even shrink below the baseline, so
+        # train_peak_bytes is only meaningful in the benchmark's fresh subprocess: check the readings exist.
+        assert rec["seconds"] > 0 and rec["peak_rss_bytes"] > 0 and rec["memory_method"]
+        assert isinstance(rec["train_peak_bytes"], int)
 
 
 def test_torch_grpo_reference_is_a_copy_only_without_lora(bench):
@@ -91,3 +93,14 @@ def test_summary_applies_the_targets(bench):
 def test_unknown_mode_is_a_clear_error(bench):
     with pytest.raises(SystemExit, match="--modes bogus unknown"):
         bench.main(["--modes", "full,bogus", "--shape", "tiny"])
+
+
+def test_torch_live_bytes_skips_fake_tensors_left_by_compile(bench):
+    torch = pytest.importorskip("torch")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(4096)  # noqa: F841 (held alive: gc.get_objects must see it)
+    before = bench._torch_live_bytes()
+    real = torch.zeros(1 << 20)
+    assert bench._torch_live_bytes() - before == real.untyped_storage().nbytes()
