@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import importlib.util
+from contextlib import contextmanager
 
 import pytest
 
@@ -50,3 +51,23 @@ def pytest_configure(config):
         import jax
 
         jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@contextmanager
+def count_compiles():
+    """Every XLA compilation in the block (jit traces and eager primitives alike), as ``len(counter)``: the
+    tests that prove a program compiles once per shape count with it."""
+    import jax
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    seen: list[str] = []
+
+    def listener(event: str, duration: float, **kw) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -3,38 +3,17 @@ another width in the same bucket) runs on the executables the first call built."
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 
 from diptych.core.sampling import SamplingConfig
-from tests.conftest import needs_jax
+from tests.conftest import count_compiles, needs_jax
 from tests.recurrent.helpers import spec_and_weights
 
 pytestmark = needs_jax
 
 GREEDY = SamplingConfig(max_new_tokens=3, temperature=0, eos_ids=())
 PROMPTS = [[5, 6, 7], [9, 10]]
-
-
-@contextmanager
-def count_compiles():
-    """Every XLA compilation in the block (jit traces and eager primitives alike), as ``len(counter)``."""
-    import jax
-    from jax._src.dispatch import BACKEND_COMPILE_EVENT
-
-    seen: list[str] = []
-
-    def listener(event: str, duration: float, **kw) -> None:
-        if event == BACKEND_COMPILE_EVENT:
-            seen.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ One shape everywhere (SLOTS rows, prompts up to P tokens, N new tokens), so JAX 
 from __future__ import annotations
 
 import importlib
-from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +17,7 @@ from diptych.core.backend import get_backend
 from diptych.core.sampling import SamplingConfig, SamplingError, log_softmax, reference_generate
 from diptych.core.spec import tiny_spec
 from diptych.rollout.continuous import ContinuousSampler, Finished
-from tests.conftest import needs_jax, needs_torch
+from tests.conftest import count_compiles, needs_jax, needs_torch
 
 SLOTS, P, N = 3, 8, 8
 PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23], [30], [40, 41, 42, 43, 44, 45, 46, 47]]
@@ -74,25 +73,6 @@ def kept_kv_logprobs(backend, m_old, m_new, f: Finished, split: int, temperature
     logits = np.concatenate([backend.to_numpy(a), backend.to_numpy(b)], 1)[0, len(f.prompt_ids) - 1:]
     lp = log_softmax(logits / np.float32(temperature))
     return np.take_along_axis(lp, f.tokens[:, None], -1)[:, 0]
-
-
-@contextmanager
-def count_compiles():
-    """Every XLA compilation in the block, as ``len(counter)`` (see tests/recurrent/test_recurrent_compiles.py)."""
-    import jax
-    from jax._src.dispatch import BACKEND_COMPILE_EVENT
-
-    seen: list[str] = []
-
-    def listener(event: str, duration: float, **kw) -> None:
-        if event == BACKEND_COMPILE_EVENT:
-            seen.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # -- no swap: the synchronous sampler's output ---------------------------------------------------------------------
