@@ -30,6 +30,7 @@ import numpy as np
 
 from diptych.core.backend import backend_names
 from diptych.core.hf import save_hf_folder
+from diptych.core.optim import OptimConfig, lr_at
 from diptych.core.recurrent_spec import RecurrentSpec, initial_state_noise, tiny_recurrent_spec
 from diptych.core.tasks import get_task
 from diptych.recurrent.schedule import DepthSchedule
@@ -84,7 +85,11 @@ class RecipeConfig:
     backend: str = "torch"
     steps: int = 1500
     batch: int = 64
-    lr: float = 2e-3
+    lr: float = 2e-3  # peak learning rate (after warmup)
+    lr_schedule: str = "constant"  # "constant", "linear" or "cosine" decay after warmup (core.optim.lr_at)
+    warmup: int = 0  # linear warmup steps from lr / warmup to lr
+    min_lr_ratio: float = 0.0  # decay floor, as a fraction of lr
+    clip: float = 1.0  # global gradient-norm clip
     mean_recurrence: int = 8
     backprop_depth: int = 4
     length: tuple[int, int] = (2, 24)
@@ -155,11 +160,48 @@ def _encode(codec: CharCodec, rows: list[dict[str, Any]], dense: bool = False):
     return tokens, mask, targets, weights, answers
 
 
+def optim_config(cfg: RecipeConfig) -> OptimConfig:
+    """The recipe's learning-rate schedule as core's :class:`OptimConfig` (one schedule for both backends)."""
+    return OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup, total_steps=cfg.steps, schedule=cfg.lr_schedule,
+                       min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.clip)
+
+
+def lr_table(cfg: RecipeConfig) -> np.ndarray:
+    """``lr_at(step)`` for every training step, computed once in plain Python."""
+    ocfg = optim_config(cfg)
+    return np.array([lr_at(step, ocfg) for step in range(cfg.steps)], np.float32)
+
+
+def make_trainer(cfg: RecipeConfig, rb: Any, model: Any) -> tuple[Any, Any]:
+    """The backend's truncated-backprop trainer driven by :func:`lr_table`.
+
+    Returns ``(trainer, set_lr)``; call ``set_lr(step)`` before each ``trainer.step``. Torch takes
+    the step's number through the optimizer's param groups; JAX compiles its step once, so optax
+    reads the same table by its update count (a schedule callable), and ``set_lr`` is a no-op.
+    """
+    table = lr_table(cfg)
+    if cfg.backend == "jax":
+        import jax.numpy as jnp  # lazy: only the JAX backend needs it
+
+        lrs = jnp.asarray(table)
+        trainer = rb.TruncatedTrainer(model, lr=lambda count: lrs[jnp.minimum(count, len(table) - 1)],
+                                      clip=cfg.clip)
+        return trainer, lambda step: None
+    trainer = rb.TruncatedTrainer(model, lr=float(table[0]), clip=cfg.clip)
+
+    def set_lr(step: int) -> None:
+        for group in trainer.opt.param_groups:
+            group["lr"] = float(table[min(step, len(table) - 1)])
+
+    return trainer, set_lr
+
+
 def train_model(cfg: RecipeConfig, spec: RecurrentSpec, schedule: DepthSchedule, codec: CharCodec, log=print):
     """Train from the numpy init with the given depth schedule; returns the backend model."""
     rb = importlib.import_module(f"diptych.backends.{cfg.backend}.recurrent")
     model = rb.build(spec, spec.init_weights(cfg.seed))
-    trainer = rb.TruncatedTrainer(model, lr=cfg.lr)
+    trainer, set_lr = make_trainer(cfg, rb, model)
+    ocfg = optim_config(cfg)
     task = _task(cfg)
     rows = task.generate("train", cfg.steps * cfg.batch, seed=cfg.seed)
     state_rng = np.random.default_rng(cfg.seed + 1)
@@ -169,11 +211,12 @@ def train_model(cfg: RecipeConfig, spec: RecurrentSpec, schedule: DepthSchedule,
         tokens, mask, targets, weights, _ = _encode(codec, batch_rows, dense=cfg.dense)
         draw = schedule.sample(step)
         s0 = initial_state_noise(spec, (*tokens.shape, spec.n_embd), state_rng)
+        set_lr(step)
         losses.append(trainer.step(tokens, mask, targets, weights, num_steps=draw.num_steps,
                                    num_grad_steps=draw.n_grad, init_state=s0))
         if step % 100 == 0 or step == cfg.steps - 1:
-            log(f"step {step:5d}  r={draw.num_steps:3d}  loss {np.mean(losses[-100:]):.3f}  "
-                f"{time.perf_counter() - t0:.0f}s")
+            log(f"step {step:5d}  r={draw.num_steps:3d}  lr {lr_at(step, ocfg):.2e}  "
+                f"loss {np.mean(losses[-100:]):.3f}  {time.perf_counter() - t0:.0f}s")
     return model, rb, losses
 
 
@@ -202,6 +245,9 @@ def _set_threads(cfg: RecipeConfig) -> None:
 
 
 def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
+    if not cfg.clip > 0:
+        raise ValueError(f"clip must be > 0 (the global gradient-norm bound), got {cfg.clip}.")
+    optim_config(cfg)  # a bad schedule fails here, before any training
     _set_threads(cfg)
     task = _task(cfg)
     codec = CharCodec(TASKS[cfg.task]["chars"])
@@ -277,14 +323,20 @@ def _pair(text: str) -> tuple[int, int]:
     return lo_hi  # type: ignore[return-value]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_config(argv: list[str] | None = None) -> RecipeConfig:
+    """The command line as a :class:`RecipeConfig` (defaults from the dataclass)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = RecipeConfig()
     p.add_argument("--task", default=d.task, choices=sorted(TASKS))
     p.add_argument("--backend", default=d.backend, choices=backend_names())
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (after warmup)")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=("constant", "linear", "cosine"),
+                   help="learning-rate decay after warmup, to --min-lr-ratio * lr at the last step")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear learning-rate warmup steps")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="decay floor as a fraction of lr")
+    p.add_argument("--clip", type=float, default=d.clip, help="global gradient-norm clip")
     p.add_argument("--eval-size", type=int, default=d.eval_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-baseline", action="store_true")
@@ -300,12 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", default=d.out)
     a = p.parse_args(argv)
-    cfg = RecipeConfig(task=a.task, backend=a.backend, steps=a.steps, batch=a.batch, lr=a.lr, eval_size=a.eval_size,
-                       seed=a.seed, baseline=not a.no_baseline, out=a.out, dense=not a.answer_only,
-                       mean_recurrence=a.mean_recurrence, backprop_depth=a.backprop_depth, length=a.length,
-                       long_length=a.long_length, eval_depths=a.eval_depths, sigma=a.sigma, threads=a.threads,
-                       width=a.width, core_layers=a.core_layers)
-    run(cfg)
+    return RecipeConfig(task=a.task, backend=a.backend, steps=a.steps, batch=a.batch, lr=a.lr,
+                        lr_schedule=a.lr_schedule, warmup=a.warmup, min_lr_ratio=a.min_lr_ratio, clip=a.clip,
+                        eval_size=a.eval_size, seed=a.seed, baseline=not a.no_baseline, out=a.out,
+                        dense=not a.answer_only, mean_recurrence=a.mean_recurrence,
+                        backprop_depth=a.backprop_depth, length=a.length, long_length=a.long_length,
+                        eval_depths=a.eval_depths, sigma=a.sigma, threads=a.threads, width=a.width,
+                        core_layers=a.core_layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_config(argv))
     return 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from diptych.recipes.recurrent_pretrain import CharCodec, RecipeConfig, _encode, run
-from tests.conftest import needs_torch
+from tests.conftest import BACKENDS, needs_torch
 
 
 def test_dense_targets_are_running_sums_and_the_answer():
@@ -70,3 +70,64 @@ def test_perm_chain_targets_sit_where_each_table_ends():
     inv = {v: k for k, v in codec.index.items()}
     assert [(inv[int(tokens[0, i])], inv[int(targets[0, i])]) for i in np.flatnonzero(weights[0])] == [
         (",", "4"), ("=", "0")]
+
+
+def test_lr_schedule_flags_parse_into_the_config():
+    from diptych.recipes.recurrent_pretrain import parse_config
+
+    cfg = parse_config(["--lr", "3e-3", "--lr-schedule", "cosine", "--warmup", "50", "--min-lr-ratio", "0.1",
+                        "--clip", "0.5", "--steps", "200"])
+    assert (cfg.lr, cfg.lr_schedule, cfg.warmup, cfg.min_lr_ratio, cfg.clip, cfg.steps) == (3e-3, "cosine", 50, 0.1,
+                                                                                          0.5, 200)
+    with pytest.raises(SystemExit):
+        parse_config(["--lr-schedule", "step"])
+
+
+def test_lr_table_is_warmup_then_cosine_by_hand():
+    from diptych.recipes.recurrent_pretrain import lr_table
+
+    cfg = RecipeConfig(lr=1e-2, warmup=4, lr_schedule="cosine", min_lr_ratio=0.1, steps=10)
+    table = lr_table(cfg)
+    # warmup: lr * (step + 1) / 4; then cosine over steps 4..10 from 1e-2 to 1e-3
+    cosine = [1e-3 + 9e-3 * 0.5 * (1 + np.cos(np.pi * k / 6)) for k in (1, 2, 3, 4, 5)]
+    hand = [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, *cosine]
+    np.testing.assert_allclose(table, hand, rtol=1e-6)
+    assert table[4] == pytest.approx(1e-2) and table[7] == pytest.approx(5.5e-3)  # the cosine's midpoint
+    np.testing.assert_allclose(lr_table(RecipeConfig(lr=2e-3, steps=5)), [2e-3] * 5)  # the default stays constant
+
+
+def test_bad_schedule_fails_before_training(tmp_path):
+    from diptych.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="total_steps > warmup_steps"):
+        run(RecipeConfig(steps=10, warmup=10, lr_schedule="linear", out=str(tmp_path)), log=lambda *_: None)
+    with pytest.raises(ValueError, match="clip must be > 0"):
+        run(RecipeConfig(clip=0.0, out=str(tmp_path)), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_trainer_steps_with_the_scheduled_lr(backend):
+    """Adam's oracle: with zero gradient for the first steps, one real step at update t moves each weight
+    by exactly lr_t * (0.1 / (1 - 0.9^t)) / sqrt(0.05 / (1 - 0.95^t)) (betas 0.9, 0.95; the largest
+    gradients reach that bound), so the step's displacement reads back the learning rate it used."""
+    import importlib
+
+    from diptych.core.recurrent_spec import tiny_recurrent_spec
+    from diptych.recipes.recurrent_pretrain import make_trainer
+
+    spec = tiny_recurrent_spec(vocab_size=16, n_embd=16, intermediate_size=32, n_heads=2, block_size=16)
+    rb = importlib.import_module(f"diptych.backends.{backend}.recurrent")
+    cfg = RecipeConfig(backend=backend, lr=1e-2, warmup=4, lr_schedule="linear", steps=8)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 16, (2, 6)).astype(np.int32)
+    mask, targets = np.ones_like(tokens), rng.integers(1, 16, (2, 6)).astype(np.int32)
+    for t, lr in ((1, 2.5e-3), (4, 1e-2)):  # update 0 (lr / 4) and the last warmup update (the peak)
+        model = rb.build(spec, spec.init_weights(0))
+        trainer, set_lr = make_trainer(cfg, rb, model)
+        for step in range(t):
+            w = np.ones(tokens.shape, np.float32) if step == t - 1 else np.zeros(tokens.shape, np.float32)
+            before = rb.export(model)
+            set_lr(step)
+            trainer.step(tokens, mask, targets, w, num_steps=2, num_grad_steps=2)
+        moved = max(float(np.abs(rb.export(model)[k] - before[k]).max()) for k in before)
+        assert moved == pytest.approx(lr * (0.1 / (1 - 0.9**t)) / np.sqrt(0.05 / (1 - 0.95**t)), rel=1e-3)
