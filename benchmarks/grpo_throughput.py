@@ -64,7 +64,7 @@ PRESETS = {
 }
 SHAPES = dict(PRESETS["tiny"])
 """The shapes in force (``--shape`` and the overrides replace them before any contender runs)."""
-ROOFLINE_OF = {"diptych-jax": "jax", "diptych-torch": "torch", "trl": "torch"}
+ROOFLINE_OF = {"diptych-jax": "jax", "diptych-torch": "torch", "trl": "torch", "matmul-floor": "torch"}
 
 
 def reward_len(prompts: list[str], completions: list[Any], **kw: Any) -> list[float]:
@@ -133,6 +133,50 @@ def bench_diptych(name: str, steps: int, warmup: int) -> dict[str, Any]:
     return {"name": f"diptych-{name}", "seconds": seconds, "generated_tokens": generated, "trained_tokens": trained,
             "tokens_per_s": (generated + trained) / seconds, "model_flops": flops, "flops_per_s": flops / seconds,
             "phases_s": phases}
+
+
+def step_matmuls(spec: Any, rows: int, prompt_len: int, new_tokens: int, reference: bool
+                 ) -> list[tuple[int, int, int]]:
+    """The ``(m, k, n)`` products of the linears (and the head) in one GRPO step at full padded width: prefill,
+    ``new_tokens - 1`` decode steps of ``rows`` tokens, the policy's forward and backward (``dX`` and ``dW``) over
+    ``prompt + completion``, and the reference forward when ``beta > 0``. Attention, norms, the optimizer and
+    sampling are left out, so timing these products alone is a lower bound on any framework's fp32 step."""
+    h, q, kv, inter = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
+    linears = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)] * spec.num_hidden_layers
+    linears.append((h, spec.vocab_size))
+
+    def fwd(m: int) -> list[tuple[int, int, int]]:
+        return [(m, k, n) for k, n in linears]
+
+    seq = rows * (prompt_len + new_tokens)
+    out = fwd(rows * prompt_len) + fwd(rows) * (new_tokens - 1) + fwd(seq)
+    out += [(seq, n, k) for k, n in linears] + [(k, seq, n) for k, n in linears]  # dX = dY W^T, dW = X^T dY
+    return out + (fwd(seq) if reference else [])
+
+
+def bench_matmul_floor(steps: int) -> dict[str, Any]:
+    """``steps`` GRPO steps' linear products alone in torch fp32 (:func:`step_matmuls`), inputs preallocated."""
+    import torch
+
+    spec, _, _ = make_spec_and_rows()
+    s = SHAPES
+    shapes = step_matmuls(spec, s["prompts_per_step"] * s["group_size"], s["max_prompt_len"], s["max_new_tokens"],
+                          s["beta"] > 0)
+    gen = torch.Generator().manual_seed(0)
+    cache = {shape: (torch.randn(shape[0], shape[1], generator=gen), torch.randn(shape[1], shape[2], generator=gen),
+                     torch.empty(shape[0], shape[2])) for shape in set(shapes)}
+    with torch.inference_mode():
+        for a, b, o in cache.values():  # warm
+            torch.mm(a, b, out=o)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for shape in shapes:
+                a, b, o = cache[shape]
+                torch.mm(a, b, out=o)
+        seconds = time.perf_counter() - t0
+    flops = sum(2.0 * m * k * n for m, k, n in shapes) * steps
+    return {"name": "matmul-floor", "seconds": seconds, "step_s": seconds / steps, "products_per_step": len(shapes),
+            "flops_per_step": flops / steps, "flops_per_s": flops / seconds}
 
 
 def _hf_char_tokenizer(tok: Any, folder: Path) -> Any:
@@ -254,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                   for n in args.backends or available_backends()}
     if not args.no_trl:
         contenders["trl"] = lambda: bench_trl(args.steps, args.warmup)
+    contenders["matmul-floor"] = lambda: bench_matmul_floor(args.steps)
     roof_backends = ["numpy", *sorted({ROOFLINE_OF[c] for c in contenders})]
     roof = bench.run({b: discipline.matmul_contender(b, args.roofline_n) for b in roof_backends}, "flops_per_s",
                      tag="roofline")
@@ -272,7 +317,17 @@ def main(argv: list[str] | None = None) -> int:
              f"beta {SHAPES['beta']}, "
              f"{args.steps} measured steps; matmul roofline GFLOP/s: "
              + ", ".join(f"{b} {roof[b]['flops_per_s'] / 1e9:.1f}" for b in roof_backends)]
+    floor = res.get("matmul-floor", {})
+    trl_s = res.get("trl", {}).get("seconds")
+    if "step_s" in floor:
+        line = (f"  matmul floor: {floor['step_s'] * 1e3:.1f} ms a step ({floor['products_per_step']} linear products "
+                f"at {floor['flops_per_s'] / 1e9:.1f} GFLOP/s; attention, norms, optimizer and sampling excluded)")
+        if trl_s:
+            line += f"; TRL's step / 3 = {trl_s / args.steps / 3 * 1e3:.1f} ms"
+        table.append(line)
     for r in results:
+        if r.get("name") == "matmul-floor":
+            continue
         if trl_tps and "tokens_per_s" in r:
             r["speedup_vs_trl"] = r["tokens_per_s"] / trl_tps
         line = f"{r['name']:>14}: " + (f"{r['tokens_per_s']:8.0f} tok/s  ({r['seconds']:.1f} s, "

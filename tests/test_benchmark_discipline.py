@@ -176,3 +176,15 @@ def test_old_repeats_option_still_sets_rounds():
     D.add_arguments(p)
     assert p.parse_args(["--repeats", "5"]).rounds == 5
     assert p.parse_args([]).threads == 1 and p.parse_args([]).allow_noisy is False
+
+
+def test_grpo_matmul_floor_counts_the_steps_linear_products():
+    from benchmarks import grpo_throughput as G
+
+    # 3 rows, prompt 2, 2 new tokens: prefill of 6 tokens, 1 decode step of 3, train over 12 tokens (forward,
+    # dX, dW: 3x), reference forward over 12; each token's linears are matmul_params multiply-adds
+    shapes = G.step_matmuls(SPEC, rows=3, prompt_len=2, new_tokens=2, reference=True)
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    assert flops == 2 * D.matmul_params(SPEC) * (6 + 3 + 3 * 12 + 12)
+    without = G.step_matmuls(SPEC, rows=3, prompt_len=2, new_tokens=2, reference=False)
+    assert len(shapes) - len(without) == 7 * SPEC.num_hidden_layers + 1  # reference: 7 linears a layer + head
