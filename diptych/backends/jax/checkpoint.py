@@ -63,7 +63,8 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
         checkpointer.close()
         if is_main_process():
             ckpt.write_metadata(tmp, backend="jax", step=state.step, spec=spec, optim=state.optim,
-                                extra=checkpoint_extra(state.model, state.params["value_head"] is not None, lora),
+                                extra={**checkpoint_extra(state.model, state.params["value_head"] is not None, lora),
+                                       "seed": state.seed},  # LoRA dropout's masks continue from it
                                 user=metadata)
     if keep_last is not None and is_main_process():
         ckpt.prune(path.parent, keep_last)
@@ -92,7 +93,8 @@ def restore(path: str | os.PathLike, *, mesh: Any = None) -> tuple[train.TrainSt
         model = train._lora().apply_lora(train._lib(spec).build(spec, base, **options), lora)
         if lora.quantize_base == "nf4":
             load_nf4_arrays(model, load_file(str(path / NF4_FILE)))
-    state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")), mesh=mesh)
+    state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")), mesh=mesh,
+                                   seed=int(meta.get("seed", 0)))  # a checkpoint older than the seed: 0
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": state.params, "opt_state": state.opt_state})
     checkpointer = ocp.StandardCheckpointer()
     restored = checkpointer.restore((path / "state").absolute(), target)

@@ -8,7 +8,11 @@ start from :func:`diptych.core.lora.init_adapters` (numpy), so JAX and torch sta
 
 ``adapters_disabled(model)`` sets a static flag (part of the graphdef, so the jitted base and adapted programs
 are two compilations, each exact): inside it the model computes its base's float ops, bit for bit.
-Mirrors ``diptych.backends.torch.lora``.
+
+Dropout (``lora.dropout > 0``) acts on the adapter's input only while a key is installed with
+:func:`set_dropout_rng`, which the train step does on the model it traces (one key per micro-batch, from
+``(seed, step, micro-batch)``); sampling, log-prob scoring, the reference and evaluation never install one, so
+they never drop. Mirrors ``diptych.backends.torch.lora``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -42,6 +47,23 @@ from diptych.core.model_types import is_recurrent
 
 class Frozen(nnx.Variable):
     """A base weight under LoRA: state like any variable, but not an ``nnx.Param``, so never trained."""
+
+
+class DropoutRng(nnx.Variable):
+    """The dropout key of one train-step trace (a raw ``uint32[2]`` key): state, so it passes through
+    ``nnx.remat`` and ``nnx.jit`` as a traced value, but never an ``nnx.Param`` and never on a stored model."""
+
+
+def _module_key(key: jax.Array, name: str) -> jax.Array:
+    """Each adapted module draws its own mask: the step's key folded with ``crc32(module name)``."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout (``torch.nn.functional.dropout``'s): each element zeroed with probability ``rate``, the
+    kept ones scaled by ``1 / (1 - rate)``, so the branch's expectation is unchanged."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def _nf4() -> Any:
@@ -74,10 +96,11 @@ class LoRALinear(nnx.Module):
     torch ``LoRALinear``. ``quantized`` holds an NF4 base (``diptych.backends.jax.nf4``) instead of ``weight``."""
 
     def __init__(self, base: Linear, a: jax.Array, b: jax.Array, scaling: float, quantize: bool = False,
-                 double_quant: bool = False) -> None:
+                 double_quant: bool = False, dropout: float = 0.0) -> None:
         w = base.weight[...]
         self.out_features, self.in_features = w.shape
         self.scaling, self.disabled = float(scaling), False
+        self.dropout = float(dropout)  # its key (``dropout_rng``) is set only inside a train-step trace
         self.dtype_name = str(w.dtype)
         if quantize:
             self.weight = None
@@ -104,7 +127,11 @@ class LoRALinear(nnx.Module):
             y = _nf4().linear_nf4(x, _thaw(self.quantized), None if self.bias is None else self.bias[...])
         if self.disabled:
             return y
-        return y + ((x @ self.lora_A.weight[...].T) @ self.lora_B.weight[...].T) * self.scaling
+        h = x
+        rng = getattr(self, "dropout_rng", None)
+        if self.dropout and rng is not None:
+            h = dropout(rng[...], x, self.dropout)
+        return y + ((h @ self.lora_A.weight[...].T) @ self.lora_B.weight[...].T) * self.scaling
 
 
 # -- recurrent-depth models: the adapter folded into the weight as the math reads it ------------
@@ -115,12 +142,35 @@ class LoRAParams(dict):
     weight returns ``W + scaling * B @ A``, so every function of ``P`` (prelude, core loop, coda, KV-cached
     decode) runs the adapted model without knowing about LoRA, and gradients reach A and B through the
     merge. A pytree, so it passes through ``jax.jit``, ``stop_gradient`` and ``grad``.
+
+    With a dropout key (``rng``, only inside a train step) the merged weight cannot express
+    ``B A dropout(x)``, so :meth:`linear` computes the adapter branch on its own input instead, and
+    :meth:`iteration` gives each recurrence its own masks.
     """
 
     def __init__(self, base: Mapping[str, jax.Array], factors: Mapping[str, tuple[jax.Array, jax.Array]],
-                 scaling: float) -> None:
+                 scaling: float, rng: jax.Array | None = None, dropout: float = 0.0) -> None:
         super().__init__(base)
         self.factors, self.scaling = dict(factors), float(scaling)
+        self.rng, self.dropout = rng, float(dropout)
+
+    def linear(self, name: str, x: jax.Array) -> jax.Array:
+        """``x @ P[name].T``; under dropout, ``x @ W.T + scaling * (dropout(x) @ A.T) @ B.T`` (PEFT's order)."""
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if self.rng is None or not self.dropout or module not in self.factors:
+            return x @ self[name].T
+        w = dict.__getitem__(self, name)
+        a, b = self.factors[module]
+        h = dropout(_module_key(self.rng, module), x, self.dropout)
+        return x @ w.T + (((h @ a.T) @ b.T) * self.scaling).astype(w.dtype)
+
+    def iteration(self, i: Any) -> LoRAParams:
+        """The same weights with the dropout key folded with recurrence ``i`` (a fresh mask per iteration, as
+        torch's module drawing anew on every call); itself when there is no key."""
+        if self.rng is None:
+            return self
+        return LoRAParams(dict(dict.items(self)), self.factors, self.scaling, jax.random.fold_in(self.rng, i),
+                          self.dropout)
 
     def __getitem__(self, name: str) -> jax.Array:
         w = dict.__getitem__(self, name)
@@ -131,17 +181,17 @@ class LoRAParams(dict):
         return w + ((b @ a) * self.scaling).astype(w.dtype)
 
 
-def _flatten(p: LoRAParams) -> tuple[tuple[Any, Any], Any]:
+def _flatten(p: LoRAParams) -> tuple[tuple[Any, Any, Any], Any]:
     keys = tuple(dict.keys(p))
     fkeys = tuple(p.factors)
-    return ((tuple(dict.__getitem__(p, k) for k in keys), tuple(p.factors[k] for k in fkeys)),
-            (keys, fkeys, p.scaling))
+    return ((tuple(dict.__getitem__(p, k) for k in keys), tuple(p.factors[k] for k in fkeys), p.rng),
+            (keys, fkeys, p.scaling, p.dropout))
 
 
 def _unflatten(aux: Any, children: Any) -> LoRAParams:
-    keys, fkeys, scaling = aux
-    base, factors = children
-    return LoRAParams(dict(zip(keys, base)), dict(zip(fkeys, factors)), scaling)
+    keys, fkeys, scaling, rate = aux
+    base, factors, rng = children
+    return LoRAParams(dict(zip(keys, base)), dict(zip(fkeys, factors)), scaling, rng, rate)
 
 
 jax.tree_util.register_pytree_node(LoRAParams, _flatten, _unflatten)
@@ -163,7 +213,9 @@ class LoRARecurrentLM(RecurrentLM):
         for module in self.lora_modules:
             a_name, b_name = adapter_names(module)
             factors[module] = (self.params[a_name][...], self.params[b_name][...])
-        return LoRAParams(base, factors, cfg.scaling)
+        rng = getattr(self, "lora_rng", None)
+        return LoRAParams(base, factors, cfg.scaling, None if rng is None or not cfg.dropout else rng[...],
+                          cfg.dropout)
 
 
 # -- the module-level API (the facade calls these) ---------------------------------------------
@@ -195,16 +247,14 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, adapters: Mapping[str, np.
 
     ``adapters`` (canonical names, e.g. from :func:`diptych.core.lora.load_adapter`) replaces the fresh numpy
     init from ``seed``. Targets that match nothing, a rank above a layer's ``min(in, out)``, a second
-    application, NF4 without its module, dropout on JAX: each a :class:`LoRAError` saying what to change.
+    application, NF4 without its module: each a :class:`LoRAError` saying what to change. ``cfg.dropout``
+    acts only in a train step (:func:`set_dropout_rng`).
     """
     if not isinstance(cfg, LoRAConfig):
         raise TypeError(f"cfg must be a LoRAConfig, got {type(cfg).__name__}.")
     if lora_config(model) is not None:
         raise LoRAError("This model already has LoRA adapters; apply_lora once per model (load_adapters replaces "
                         "their values).")
-    if cfg.dropout > 0:
-        raise LoRAError(f"lora.dropout={cfg.dropout} is not supported on the JAX backend yet (its train step "
-                        "feeds no dropout rng); use lora.dropout=0 or --backend torch.")
     if cfg.quantize_base == "nf4":
         _nf4()
     recurrent = is_recurrent(model)
@@ -223,7 +273,7 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, adapters: Mapping[str, np.
             parent, attr, base = linears[name]
             a_name, b_name = adapter_names(name)
             a, b = (jnp.asarray(np.asarray(values[k], np.float32), dtype) for k in (a_name, b_name))
-            layer = LoRALinear(base, a, b, cfg.scaling, cfg.quantize_base == "nf4", cfg.double_quant)
+            layer = LoRALinear(base, a, b, cfg.scaling, cfg.quantize_base == "nf4", cfg.double_quant, cfg.dropout)
             if isinstance(attr, int):
                 parent[attr] = layer
             else:
@@ -330,6 +380,26 @@ def adapters_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
         targets, attr = list(_lora_layers(model).values()), "disabled"
     with switched(targets, attr, True):
         yield model
+
+
+def set_dropout_rng(model: nnx.Module, key: jax.Array | None) -> nnx.Module:
+    """Install (``key``, a raw ``uint32[2]`` key) or remove (None) the dropout key on ``model``, in place.
+
+    The train step calls this on the module it merges inside its jitted function, so the key is a traced
+    argument (one compilation for every step) and the stored model never holds one. A model whose config
+    has ``dropout == 0`` is left as it is, so its program is exactly the one without dropout.
+    """
+    cfg = _require(model)
+    if not cfg.dropout:
+        return model
+    holders = {"": model} if is_recurrent(model) else _lora_layers(model)
+    attr = "lora_rng" if is_recurrent(model) else "dropout_rng"
+    for name, holder in holders.items():
+        if key is not None:
+            setattr(holder, attr, DropoutRng(_module_key(key, name) if name else key))
+        elif hasattr(holder, attr):
+            delattr(holder, attr)  # never a static None: nnx would refuse a key there later
+    return model
 
 
 def base_weights(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -28,7 +28,9 @@ from diptych.backends.jax.recurrent_layers import (  # noqa: F401  (re-exported:
     _block_out,
     _core_step,
     _final_hidden,
+    _has_rng,
     _head,
+    _iteration,
     _loop,
     _prelude,
     _qkv,
@@ -177,13 +179,14 @@ def iteration_logprobs_params(P: Params, spec: RecurrentSpec, tokens: jax.Array,
     ctx = _prelude(P, spec, tokens, mask)
     x = _loop(P, spec, ctx, _initial_state(ctx, init_state), n_no_grad, 0, False)
 
-    def body(s, _):
-        s = _core_step(P, spec, ctx, s, ctx.e)
+    def body(s, i):
+        s = _core_step(_iteration(P, i), spec, ctx, s, ctx.e)
         lp, _ = kernels_mod.selective_logprobs(_final_hidden(P, spec, ctx, s), _head(P, spec), targets, temperature,
                                                chunk_size=LOGPROB_CHUNK_TOKENS)
         return s, lp
 
-    _, lps = jax.lax.scan(jax.checkpoint(body), x, None, length=n_grad)
+    xs = jnp.arange(n_grad) + jnp.asarray(n_no_grad) if _has_rng(P) else None  # LoRA dropout: numbered iterations
+    _, lps = jax.lax.scan(jax.checkpoint(body), x, xs, length=n_grad)
     return jnp.moveaxis(lps, 0, 1)
 
 

@@ -34,6 +34,24 @@ class RecurrentLM(nnx.Module):
 
 
 # -- math shared by every entry point ------------------------------------------------------
+def _linear(P: Params, name: str, x: jax.Array) -> jax.Array:
+    """``x @ P[name].T``, or the LoRA view's own product (``diptych.backends.jax.lora.LoRAParams.linear``), which
+    applies the adapter to ``dropout(x)`` in a train step: a merged weight cannot drop the adapter's input."""
+    linear = getattr(P, "linear", None)
+    return x @ P[name].T if linear is None else linear(name, x)
+
+
+def _iteration(P: Params, i: Any) -> Params:
+    """``P`` for recurrence ``i``: a LoRA view with a dropout key folds ``i`` into it (a fresh mask per
+    iteration); anything else is ``P`` itself."""
+    fold = getattr(P, "iteration", None)
+    return P if fold is None else fold(i)
+
+
+def _has_rng(P: Params) -> bool:
+    return getattr(P, "rng", None) is not None
+
+
 def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)).astype(x.dtype) * w
@@ -68,7 +86,7 @@ def _qkv(P: Params, p: str, spec: RecurrentSpec, x: jax.Array, rope) -> tuple[ja
     """Rotated q, k and v of a sandwich block's attention: what a KV cache stores (k, v)."""
     nh, nkv, hd = spec.n_heads, spec.num_key_value_heads, spec.head_dim
     B, S, _ = x.shape
-    qkv = _rms_norm(x, P[p + "norm_1.weight"], spec.norm_eps) @ P[p + "attn.Wqkv.weight"].T
+    qkv = _linear(P, p + "attn.Wqkv.weight", _rms_norm(x, P[p + "norm_1.weight"], spec.norm_eps))
     q = qkv[..., : nh * hd].reshape(B, S, nh, hd)
     k = qkv[..., nh * hd: (nh + nkv) * hd].reshape(B, S, nkv, hd)
     v = qkv[..., (nh + nkv) * hd:].reshape(B, S, nkv, hd)
@@ -80,10 +98,10 @@ def _qkv(P: Params, p: str, spec: RecurrentSpec, x: jax.Array, rope) -> tuple[ja
 def _block_out(P: Params, p: str, spec: RecurrentSpec, x: jax.Array, y: jax.Array) -> jax.Array:
     """The rest of a sandwich block after attention produced ``y`` [B, S, heads, head_dim]."""
     eps = spec.norm_eps
-    a = y.reshape(*x.shape[:2], -1) @ P[p + "attn.proj.weight"].T
+    a = _linear(P, p + "attn.proj.weight", y.reshape(*x.shape[:2], -1))
     x = _rms_norm(a + x, P[p + "norm_2.weight"], eps)
-    gate, up = jnp.split(_rms_norm(x, P[p + "norm_3.weight"], eps) @ P[p + "mlp.fc.weight"].T, 2, axis=-1)
-    m = (jax.nn.silu(gate) * up) @ P[p + "mlp.proj.weight"].T
+    gate, up = jnp.split(_linear(P, p + "mlp.fc.weight", _rms_norm(x, P[p + "norm_3.weight"], eps)), 2, axis=-1)
+    m = _linear(P, p + "mlp.proj.weight", jax.nn.silu(gate) * up)
     return _rms_norm(m + x, P[p + "norm_4.weight"], eps)
 
 
@@ -112,7 +130,7 @@ def _prelude(P: Params, spec: RecurrentSpec, tokens: jax.Array, mask: jax.Array)
 
 def _core_step(P: Params, spec: RecurrentSpec, ctx: Context, x: jax.Array, e: jax.Array) -> jax.Array:
     """One recurrence: s <- core_block(adapter(concat[s, e]))."""
-    x = jnp.concatenate([x, e], axis=-1) @ P["transformer.adapter.weight"].T
+    x = _linear(P, "transformer.adapter.weight", jnp.concatenate([x, e], axis=-1))
     if "transformer.adapter.bias" in P:
         x = x + P["transformer.adapter.bias"]
     for i in range(spec.n_layers_in_recurrent_block):
@@ -143,13 +161,15 @@ def _loop(P: Params, spec: RecurrentSpec, ctx: Context, x: jax.Array, n_no_grad:
     Pc = jax.lax.stop_gradient(P)
     cc = Context(jax.lax.stop_gradient(ctx.e), ctx.rope, ctx.allowed)
     x0 = jax.lax.stop_gradient(x)
-    x_ng = jax.lax.fori_loop(0, n_no_grad, lambda _, s: _core_step(Pc, spec, cc, s, cc.e), x0)
+    x_ng = jax.lax.fori_loop(0, n_no_grad, lambda i, s: _core_step(_iteration(Pc, i), spec, cc, s, cc.e), x0)
     x = jnp.where(jnp.asarray(n_no_grad) > 0, jax.lax.stop_gradient(x_ng), x)
 
-    def body(s, _):
-        return _core_step(P, spec, ctx, s, ctx.e), None
+    def body(s, i):
+        return _core_step(_iteration(P, i), spec, ctx, s, ctx.e), None
 
     if n_grad:
         body = jax.checkpoint(body) if remat else body
-        x, _ = jax.lax.scan(body, x, None, length=n_grad)
+        # under LoRA dropout each iteration is numbered (its masks fold it in); else the scan is unchanged
+        xs = jnp.arange(n_grad) + jnp.asarray(n_no_grad) if _has_rng(P) else None
+        x, _ = jax.lax.scan(body, x, xs, length=n_grad)
     return x

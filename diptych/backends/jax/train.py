@@ -49,7 +49,9 @@ class TrainState:
     next :func:`train_step` trains with (it travels in the graphdef to the returned state).
     ``mesh`` (a ``jax.sharding.Mesh``, set by :func:`diptych.backends.jax.sharding.shard_state`) is where
     params and optimizer state live by the core's partition rules; each step splits its micro-batches over
-    ``data x fsdp`` on it. None: one device.
+    ``data x fsdp`` on it. None: one device. ``seed`` (the run's, from :func:`init_train_state`) seeds LoRA
+    dropout: micro-batch ``i`` of step ``step`` drops with the key of :func:`dropout_key`, so a run is the same
+    for the same seed and a resumed one continues it exactly.
     """
 
     graphdef: Any
@@ -60,6 +62,7 @@ class TrainState:
     compute_dtype: str = "float32"
     step: int = 0
     mesh: Any = None
+    seed: int = 0
     _merged: tuple[Any, nnx.Module] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -92,7 +95,8 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
     weights become the master copy. The value head (``[H] -> 1``, float32, for PPO) is
     initialised in numpy from ``seed`` exactly as on torch. ``mesh`` (a ``MeshConfig``, a mapping or a
     ``Mesh``) shards the state over the devices (:func:`diptych.core.mesh.resolve`: ``None`` keeps one
-    device); ``remat`` (``none`` | ``layer``) sets activation checkpointing on the model first.
+    device); ``remat`` (``none`` | ``layer``) sets activation checkpointing on the model first. ``seed`` also
+    seeds LoRA dropout (``TrainState.seed``).
     """
     if not isinstance(optim, OptimConfig):
         raise TypeError(f"optim must be an OptimConfig, got {type(optim).__name__}.")
@@ -122,7 +126,7 @@ def init_train_state(model: nnx.Module, optim: OptimConfig, *, value_head: bool 
     tree = {"model": master, "value_head": head}
     opt_state = make_optimizer(optim).init(tree)
     state = TrainState(graphdef=graphdef, rest=rest, params=tree, opt_state=opt_state, optim=optim,
-                       compute_dtype=compute)
+                       compute_dtype=compute, seed=int(seed))
     mesh = sharding_lib.resolve_mesh(mesh)
     if mesh is not None and lora is not None:
         raise ValueError("LoRA training runs on one device for now; give the run mesh: {fsdp: 1} (or one device).")
@@ -187,7 +191,7 @@ def train_step(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray
     if metrics["skipped"]:
         return state, metrics
     return TrainState(graphdef=graphdef, rest=state.rest, params=params, opt_state=opt_state, optim=state.optim,
-                      compute_dtype=state.compute_dtype, step=state.step + 1, mesh=state.mesh), metrics
+                      compute_dtype=state.compute_dtype, step=state.step + 1, mesh=state.mesh, seed=state.seed), metrics
 
 
 def gradients(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarray]], loss: str | Mapping[str, float],
@@ -214,10 +218,25 @@ def _accumulate(state: TrainState, graphdef: Any, microbatches: Sequence[Mapping
         micro = _micro_fn(*key)
     acc = tuple(jax.tree.map(jnp.zeros_like, state.params) for _ in names)
     totals = TS.StepTotals(plan)
-    for mb in microbatches:
-        s, d, m, extra, acc = micro(state.params, state.rest, acc, _device_batch(TS.host_batch(mb, plan), state.mesh))
+    lora = lora_config(__package__, state.model)
+    drops = lora is not None and lora.dropout > 0
+    for i, mb in enumerate(microbatches):
+        rng = dropout_key(state.seed, state.step, i) if drops else _NO_KEY
+        s, d, m, extra, acc = micro(state.params, state.rest, acc, _device_batch(TS.host_batch(mb, plan), state.mesh),
+                                    rng)
         totals.add(mb, list(np.asarray(s, np.float64)), list(np.asarray(d, np.float64)), m, extra)
     return acc, totals.close()
+
+
+_NO_KEY = np.zeros(2, np.uint32)
+"""The key argument of a step without LoRA dropout (unused by its program; the same shape keeps one signature)."""
+
+
+def dropout_key(seed: int, step: int, micro: int) -> jax.Array:
+    """The LoRA dropout key of micro-batch ``micro`` of optimizer step ``step`` in the run seeded ``seed``: a pure
+    function of the three, so a run repeats per seed and a resumed run draws the masks the uninterrupted one drew.
+    A raw ``uint32[2]`` key, a traced argument of the jitted step (no recompilation per step)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(int(seed)), int(step)), int(micro))
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
@@ -230,16 +249,20 @@ def _device_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, jax.A
 @functools.lru_cache(maxsize=64)
 def _micro_fn(graphdef: Any, names: tuple[str, ...], configs: tuple[Any, ...], temperature: float,
               compute_dtype: str, depth: tuple[Any, Any] | None = None) -> Any:
-    """Compiled ``(params, rest, acc, batch) -> (sums, dens, metrics, extra, acc + grads)`` for one micro-batch.
+    """Compiled ``(params, rest, acc, batch, rng) -> (sums, dens, metrics, extra, acc + grads)`` for one micro-batch.
 
-    ``depth`` is a recurrent model's (r, k), read from ``graphdef`` when traced; it is named in
-    the cache key so that a new depth compiles a new step instead of reusing the old one. The batch's
-    keys are part of the traced structure, so a micro-batch without ``old_logprobs`` compiles its own step.
+    ``rng`` is the micro-batch's LoRA dropout key (:func:`dropout_key`), installed on the traced model only, so
+    every other forward (sampling, scoring, the reference) runs without dropout; it defaults to an unused key.
+    ``depth`` is a recurrent model's (r, k), read from ``graphdef`` when traced; it is named in the cache key
+    so that a new depth compiles a new step instead of reusing the old one. The batch's keys are part of the
+    traced structure, so a micro-batch without ``old_logprobs`` compiles its own step.
     """
     cfg = dict(zip(names, configs))
 
-    def losses(params: Any, rest: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    def losses(params: Any, rest: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Any]:
         model = nnx.merge(graphdef, _cast(params["model"], compute_dtype), rest)
+        if _lora().lora_config(model) is not None:
+            _lora().set_dropout_rng(model, rng)  # a no-op at dropout 0: the program is the one without dropout
         outputs = needed_outputs(names, cfg, batch.keys())
         quantities = _model_quantities(model, params["value_head"], batch, outputs, temperature)
         inputs = TS.loss_inputs(batch, quantities, names, jax.lax.stop_gradient, outputs)
@@ -248,8 +271,9 @@ def _micro_fn(graphdef: Any, names: tuple[str, ...], configs: tuple[Any, ...], t
         dens = jnp.stack([jnp.asarray(o[1], jnp.float32) for o in outs])
         return sums, (dens, [o[2] for o in outs], TS.extra_metrics(inputs))
 
-    def step(params: Any, rest: Any, acc: tuple[Any, ...], batch: Mapping[str, jax.Array]) -> Any:
-        sums, vjp, (dens, metrics, extra) = jax.vjp(lambda p: losses(p, rest, batch), params, has_aux=True)
+    def step(params: Any, rest: Any, acc: tuple[Any, ...], batch: Mapping[str, jax.Array],
+             rng: jax.Array = _NO_KEY) -> Any:
+        sums, vjp, (dens, metrics, extra) = jax.vjp(lambda p: losses(p, rest, batch, rng), params, has_aux=True)
         new_acc = []
         for i, a in enumerate(acc):
             (g,) = vjp(jnp.zeros_like(sums).at[i].set(1.0))

@@ -8,7 +8,13 @@ built on it are unchanged; :func:`export_adapters` gives the adapters. Adapters 
 
 ``adapters_disabled(model)`` flips a flag each :class:`LoRALinear` reads: inside it the model *is* its base
 (the same float ops, bit for bit), which is how GRPO / DPO / PPO score the reference without a second copy.
-Mirrors ``diptych.backends.jax.lora``.
+
+Dropout (``lora.dropout > 0``) acts only inside :func:`training_dropout`, which the train step opens around each
+micro-batch's forward and backward with torch's RNG forked and seeded from ``(seed, step, micro-batch)``: a run
+repeats per seed and a resumed run draws the masks the uninterrupted one drew (torch's global RNG is not in a
+checkpoint). Sampling, log-prob scoring, the reference and evaluation never drop, whatever ``module.training``
+says. Mirrors ``diptych.backends.jax.lora`` (whose masks come from JAX's RNG, so the two backends agree at
+dropout 0, not mask for mask).
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ class LoRALinear(nn.Module):
     """``base(x) + scaling * B A dropout(x)`` with the base frozen (PEFT's order of operations).
 
     ``quantized`` holds the NF4 base (``diptych.backends.torch.nf4``) instead of ``weight``; the matmul then
-    dequantises inside ``linear_nf4``. ``disabled`` (set by :func:`adapters_disabled`) skips the adapter.
+    dequantises inside ``linear_nf4``. ``disabled`` (set by :func:`adapters_disabled`) skips the adapter;
+    ``dropout_on`` (set by :func:`training_dropout`, the train step only) drops the adapter's input.
     """
 
     def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float,
@@ -65,6 +72,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scaling, self.dropout, self.disabled = float(scaling), float(dropout), False
+        self.dropout_on = False
         self.quantized: Any = None
         if quantize:
             self.quantized = _nf4().quantize(base.weight.detach().float(), block_size=64, double_quant=double_quant)
@@ -99,7 +107,7 @@ class LoRALinear(nn.Module):
             y = _nf4().linear_nf4(x, self.quantized, self.bias)
         if self.disabled:
             return y
-        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        h = F.dropout(x, self.dropout, True) if self.dropout and self.dropout_on else x
         return y + F.linear(F.linear(h, self.lora_A.weight), self.lora_B.weight) * self.scaling
 
     def extra_repr(self) -> str:
@@ -214,6 +222,34 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, np.ndarray]) -> nn.Mo
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside, every forward / log-prob / generate on ``model`` is the base model's, bit for bit."""
     with switched(_lora_layers(model).values(), "disabled", True):
+        yield model
+
+
+def dropout_seed(seed: int, step: int, micro: int) -> int:
+    """The torch RNG seed of micro-batch ``micro`` of optimizer step ``step`` in the run seeded ``seed``: a pure
+    function of the three (numpy's ``SeedSequence``), so masks do not depend on what else drew from torch's RNG."""
+    words = np.random.SeedSequence([int(seed) % 2**63, int(step), int(micro)]).generate_state(2, np.uint32)
+    return (int(words[0]) << 32 | int(words[1])) % 2**63
+
+
+@contextlib.contextmanager
+def training_dropout(model: nn.Module, seed: int) -> Iterator[nn.Module]:
+    """Inside, LoRA dropout acts, drawing from torch's RNG seeded ``seed`` (:func:`dropout_seed`); the global RNG
+    is forked, so nothing outside sees the draws. Open it around a micro-batch's forward *and* backward: the
+    backward's recomputation of a checkpointed layer (``remat``) replays the forward's masks from the RNG state
+    ``torch.utils.checkpoint`` stashed, and must run with dropout on. A model without dropout is left alone."""
+    cfg = lora_config(model)
+    if cfg is None or not cfg.dropout:
+        yield model
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.dropout]
+    device = layers[0].lora_A.weight.device if layers else torch.device("cpu")
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), switched(layers, "dropout_on", True):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         yield model
 
 

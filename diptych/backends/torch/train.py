@@ -8,6 +8,7 @@ global-norm clipping and ``torch.optim.AdamW`` at the rate of :func:`diptych.cor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +40,8 @@ class TrainState:
     bfloat16 weights and ``master`` the float32 weights AdamW updates; otherwise
     ``master`` is the model's own parameters. ``step`` counts applied updates (skipped
     steps do not count) and indexes the learning-rate schedule. torch mutates the state in
-    place, but callers should use the state ``train_step`` returns, as on JAX.
+    place, but callers should use the state ``train_step`` returns, as on JAX. ``seed`` (the run's) seeds LoRA
+    dropout per ``(seed, step, micro-batch)`` (``diptych.backends.torch.lora.dropout_seed``).
     """
 
     model: nn.Module
@@ -49,6 +51,7 @@ class TrainState:
     master: list[torch.Tensor]
     value_head: nn.Linear | None = None
     step: int = 0
+    seed: int = 0
 
     @property
     def spec(self) -> Any:
@@ -96,7 +99,7 @@ def init_train_state(model: nn.Module, optim: OptimConfig, *, value_head: bool =
         names += list(VALUE_HEAD)
         master += [head.weight, head.bias]
     state = TrainState(model=model, optim=optim, optimizer=_adamw(master, optim), names=names, master=master,
-                       value_head=head)
+                       value_head=head, seed=int(seed))
     if _sharded(state):
         _distributed(state).gather_root(model)  # so the sampler runs on it before the first step
     return state
@@ -240,17 +243,21 @@ def _accumulate(state: TrainState, microbatches: Sequence[Mapping[str, np.ndarra
     acc = [[torch.zeros_like(m, dtype=torch.float32) for m in state.master] for _ in names]
     totals = TS.StepTotals(plan)
     device = state.master[0].device
-    for mb, outputs in zip(microbatches, plan.outputs):
-        quantities = _model_quantities(state, mb, outputs, temperature)
-        constants = {k: torch.as_tensor(v, device=device) for k, v in TS.host_batch(mb, plan).items()
-                     if k not in plan.int_keys}
-        inputs = TS.loss_inputs(constants, quantities, names, torch.Tensor.detach, outputs)
-        outs = TS.run_losses(inputs, names, plan.configs)
-        for i, (s, _, _) in enumerate(outs):
-            grads = torch.autograd.grad(s, params, retain_graph=i + 1 < len(names), allow_unused=True)
-            for a, g in zip(acc[i], grads):
-                if g is not None:
-                    a.add_(g.float())
+    drops = lora_config(__package__, state.model) is not None
+    for j, (mb, outputs) in enumerate(zip(microbatches, plan.outputs)):
+        dropout = (_lora().training_dropout(state.model, _lora().dropout_seed(state.seed, state.step, j)) if drops
+                   else contextlib.nullcontext())
+        with dropout:  # forward and backward: a remat layer's recomputation must draw the same masks
+            quantities = _model_quantities(state, mb, outputs, temperature)
+            constants = {k: torch.as_tensor(v, device=device) for k, v in TS.host_batch(mb, plan).items()
+                         if k not in plan.int_keys}
+            inputs = TS.loss_inputs(constants, quantities, names, torch.Tensor.detach, outputs)
+            outs = TS.run_losses(inputs, names, plan.configs)
+            for i, (s, _, _) in enumerate(outs):
+                grads = torch.autograd.grad(s, params, retain_graph=i + 1 < len(names), allow_unused=True)
+                for a, g in zip(acc[i], grads):
+                    if g is not None:
+                        a.add_(g.float())
         totals.add(mb, [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs], TS.extra_metrics(inputs),
                    _f)
     return params, acc, totals.close()
