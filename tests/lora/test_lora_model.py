@@ -229,9 +229,9 @@ def test_adapter_gradients_agree_across_backends(decoder):
 
 
 @needs_torch
-def test_torch_dropout_acts_only_in_training_mode(decoder):
-    import torch
-
+def test_torch_dropout_acts_only_in_the_train_steps_context(decoder):
+    """Not by ``module.training``: a torch module is in training mode by default, and sampling or scoring with it
+    must not drop (tests/lora/test_lora_dropout.py covers the train step itself)."""
     spec, weights = decoder
     tokens, mask = batch(spec.vocab_size)
     lora = lora_module("torch")
@@ -241,14 +241,17 @@ def test_torch_dropout_acts_only_in_training_mode(decoder):
     dropped = lora.apply_lora(build("torch", spec, weights), LoRAConfig(r=4, alpha=8.0, dropout=0.5),
                               adapters=adapters)
     forward = get_backend("torch").forward
-    dropped.eval()
-    np.testing.assert_array_equal(to_np(forward(dropped, tokens, mask)), to_np(forward(plain, tokens, mask)))
-    dropped.train()
-    torch.manual_seed(0)
-    first = to_np(forward(dropped, tokens, mask))
-    second = to_np(forward(dropped, tokens, mask))
-    assert np.abs(first - second).max() > 1e-4 and np.abs(first - to_np(forward(plain, tokens, mask))).max() > 1e-4
-    with lora.adapters_disabled(dropped):  # dropout only ever touches the adapter's input
+    want = to_np(forward(plain, tokens, mask))
+    for mode in (dropped.eval, dropped.train):
+        mode()
+        np.testing.assert_array_equal(to_np(forward(dropped, tokens, mask)), want)
+    with lora.training_dropout(dropped, 0):
+        first = to_np(forward(dropped, tokens, mask))
+        second = to_np(forward(dropped, tokens, mask))
+    assert np.abs(first - second).max() > 1e-4 and np.abs(first - want).max() > 1e-4
+    with lora.training_dropout(dropped, 0):
+        np.testing.assert_array_equal(to_np(forward(dropped, tokens, mask)), first)  # the seed fixes the masks
+    with lora.training_dropout(dropped, 0), lora.adapters_disabled(dropped):  # dropout only touches the adapter
         base = to_np(forward(build("torch", spec, weights), tokens, mask))
         np.testing.assert_array_equal(to_np(forward(dropped, tokens, mask)), base)
 
@@ -332,10 +335,17 @@ def test_errors_are_one_clear_line(name, decoder, monkeypatch):
 
 
 @needs_jax
-def test_jax_refuses_dropout_with_what_to_do(decoder):
+def test_jax_dropout_acts_only_with_a_train_steps_key(decoder):
+    """``apply_lora`` takes ``dropout > 0`` on JAX (it used to refuse it); without a key the model is exact."""
     spec, weights = decoder
-    with pytest.raises(LoRAError, match=r"dropout=0.1 is not supported on the JAX backend.*lora.dropout=0"):
-        lora_module("jax").apply_lora(build("jax", spec, weights), LoRAConfig(dropout=0.1))
+    tokens, mask = batch(spec.vocab_size)
+    lora = lora_module("jax")
+    adapters = random_adapters(init_adapters({k[:-7]: weights[k].shape for k in weights if k.endswith("_proj.weight")},
+                                             SMALL))
+    plain = lora.apply_lora(build("jax", spec, weights), SMALL, adapters=adapters)
+    dropped = lora.apply_lora(build("jax", spec, weights), LoRAConfig(r=4, alpha=8.0, dropout=0.5), adapters=adapters)
+    forward = get_backend("jax").forward
+    np.testing.assert_array_equal(to_np(forward(dropped, tokens, mask)), to_np(forward(plain, tokens, mask)))
 
 
 # -- QLoRA: an NF4 base ----------------------------------------------------------------------------
