@@ -8,7 +8,7 @@ from typing import Literal
 STALE_POLICIES = ("drop", "reweight")
 CORRECTIONS = ("none", "tis", "decoupled")
 PLACEMENTS = ("thread", "process", "ray")
-GENERATORS = ("batch", "continuous")
+GENERATORS = ("batch", "continuous", "vllm")
 ON_DEATH = ("fail", "restart")
 
 
@@ -41,14 +41,18 @@ class AsyncConfig:
     importance sampling against the behaviour log-probs) or decoupled (AReaL's proximal policy)."""
     correction_cap: float = 2.0
     """tis: the cap of the importance weight; decoupled: tokens whose weight exceeds it are left out."""
-    generator: Literal["batch", "continuous"] = "batch"
+    generator: Literal["batch", "continuous", "vllm"] = "batch"
     """``batch``: one ``backend.generate`` per step's prompts (its tokens carry the version at its start; the
     synchronous loop's exact draws); ``continuous``: the continuous-batching sampler, new weights between decode
-    steps, so one completion may span several versions (``diptych.rollout.continuous``)."""
+    steps, so one completion may span several versions (``diptych.rollout.continuous``); ``vllm``: a vLLM engine
+    the generator starts itself (needs ``rollout: vllm``; its ``vllm:`` block), continuous batching, new weights
+    between engine steps (``diptych.asyncrl.vllm_generator``)."""
     slots: int | None = None
-    """continuous: rows decoding at once; None: prompts_per_step x num_generations."""
+    """continuous: rows decoding at once (None: prompts_per_step x num_generations); vllm: vLLM's ``max_num_seqs``
+    (None: vLLM's default)."""
     recompute_kv: bool = False
-    """continuous: rewrite the KV cache of rows in flight when new weights arrive (default: keep it, as Magistral)."""
+    """continuous, vllm: rewrite the KV cache of rows in flight when new weights arrive (default: keep it, as
+    Magistral)."""
     placement: Literal["thread", "process", "ray"] = "thread"
     """Where the generator runs: a thread of the trainer's process, its own process (weights through shared
     memory), or a Ray actor (weights through the object store; the ``ray`` extra)."""

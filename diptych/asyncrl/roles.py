@@ -2,7 +2,8 @@
 
 A generator owns its own copy of the policy (built from canonical weights), takes *jobs* (one step's prompts),
 and returns whole groups stamped with the weight version of every token and its behaviour log-prob. Before
-each job (batch generator) or between decode steps (continuous generator) it asks its weight source for
+each job (batch generator) or between decode steps (continuous generator; the vLLM generator between engine
+steps, ``diptych.asyncrl.vllm_generator``) it asks its weight source for
 anything newer than what it holds: that poll is the whole weight protocol, so the same loop reads weights from
 a dict in memory, from shared memory or from Ray's object store.
 
@@ -162,19 +163,35 @@ class ContinuousGenerator:
 
 
 def check_generator(cfg: Any, engine: Any = None) -> None:
-    """Refuse, before anything starts, a generator kind that cannot serve this config (one line, what to change)."""
+    """Refuse, before anything starts, a generator kind that cannot serve this config (one line, what to change).
+
+    ``batch`` and ``continuous`` build the backend's native sampler, so they need ``rollout: native``; ``vllm``
+    starts its own vLLM engine from the run's ``vllm:`` block, so it needs ``rollout: vllm``
+    (``diptych.asyncrl.vllm_generator.check_vllm_generator``). A trainer's own engine (``engine``) is not used by
+    the asynchronous loop: the generator role holds its own copy of the policy."""
     from diptych.core.trainers.base import TrainerError
 
+    kind = cfg.async_.generator
+    if kind == "vllm":
+        from diptych.asyncrl.vllm_generator import check_vllm_generator
+
+        check_vllm_generator(cfg)
+        return
     if engine is not None or getattr(cfg, "rollout", "native") != "native":
-        raise TrainerError("async.enabled needs rollout: native for now (the generator role builds its own native "
-                           "sampler); set rollout=native or async.enabled=false.")
+        raise TrainerError(f"async.generator={kind} builds the native sampler, so it needs rollout: native; set "
+                           "async.generator=vllm to generate with vLLM, or rollout=native.")
 
 
 def make_generator(kind: str, backend: Any, spec: Any, tokenizer: Any, cfg: Any, sample: Callable[..., Any],
-                   slots: int | None = None, recompute_kv: bool = False, step_delay_s: float = 0.0
-                   ) -> BatchGenerator | ContinuousGenerator:
+                   slots: int | None = None, recompute_kv: bool = False, step_delay_s: float = 0.0) -> Any:
+    """The generator role of kind ``batch``, ``continuous`` or ``vllm`` (``async.generator``)."""
     if kind == "batch":
         return BatchGenerator(backend, spec, tokenizer, cfg, sample)
+    if kind == "vllm":
+        from diptych.asyncrl.vllm_generator import VLLMGenerator
+
+        return VLLMGenerator(backend, spec, tokenizer, cfg, slots=slots, recompute_kv=recompute_kv,
+                             step_delay_s=step_delay_s)
     return ContinuousGenerator(backend, spec, tokenizer, cfg,
                                slots or cfg.prompts_per_step * cfg.num_generations, recompute_kv, step_delay_s)
 

@@ -37,7 +37,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,35 @@ def _tokens_so_far(llm: Any, request_id: str) -> int:
     return 0 if state is None else int(state.detokenizer.num_output_tokens())
 
 
+def _completion(out: Any, multi: Sequence[Sequence[int]], row: int) -> tuple[list[int], list[float], bool]:
+    """A finished vLLM request's completion ids, their log-probs, and whether it stopped (EOS or a stop sequence:
+    multi-token ones are cut here, which gives the tokens and log-probs of stopping there)."""
+    comp = out.outputs[0]
+    ids = [int(t) for t in comp.token_ids]
+    lp = [float(step[t].logprob) for t, step in zip(ids, comp.logprobs or [])]
+    if len(lp) != len(ids):
+        raise RolloutEngineError(f"vLLM returned {len(lp)} log-probs for {len(ids)} tokens in row {row}.")
+    cut = _stop_cut(ids, multi) if multi else None
+    finished = comp.finish_reason == "stop"
+    if cut is not None:
+        ids, lp, finished = ids[:cut], lp[:cut], True
+    return ids, lp, finished
+
+
+@dataclass
+class _Streamed:
+    """A request of a stream (:meth:`VLLMEngine.submit`) while it runs."""
+
+    key: tuple[Hashable, int]
+    internal_id: str
+    prompt: list[int]
+    multi: list[Any]
+    version: int
+    """The engine's weight version when it was submitted."""
+    swaps: list[tuple[int, int]] = field(default_factory=list)
+    """``(version, tokens it had produced before that version came in)`` for every swap while it ran."""
+
+
 def _tensor_items(weights: WeightsLike) -> Iterator[tuple[str, Any]]:
     """``(name, float32 torch tensor)`` pairs: numpy arrays checked by weight_items, torch tensors kept in place."""
     import torch
@@ -237,6 +267,9 @@ class VLLMEngine:
         self._gate = threading.Lock()
         self._generating = False
         self._pending: list[tuple[Any, int, threading.Event, dict[str, Any]]] = []
+        self._stream: dict[str, _Streamed] = {}  # a stream's running requests, by vLLM's external request id
+        self._step_lock = threading.Lock()  # held by a stream's step: a weight swap from another thread waits for it
+        self._stale_prefix = False  # a swap while a stream ran could not reset the prefix cache yet
         self.last_sync: dict[str, Any] = {}
         """What the last sync moved: ``mode`` (full | adapters), ``channel`` (inprocess), ``bytes``, ``seconds``."""
         vllm = require_vllm()
@@ -299,6 +332,42 @@ class VLLMEngine:
         """Rows ``i * n + j``, as the native sampler lays them out; sample ``j`` of prompt ``i`` is seeded
         ``seed + i * n + j`` so a seeded call is reproducible whatever the batch composition."""
         llm = self._live()
+        if self._stream:
+            raise RolloutEngineError("this vLLM engine is streaming (submit / step, the asynchronous generator); "
+                                     "generate on another engine, or step until it has finished.")
+        ptok, pmask, requests, params, multi = self._requests(prompts, sampling, seed)
+        start_version = self._version
+        try:
+            outs, swaps = self._run(llm, requests, params)
+        except RolloutEngineError:
+            raise
+        except Exception as e:
+            raise RolloutEngineError(f"vLLM generate failed ({type(e).__name__}: {e}).") from e
+        sampling = sampling.resolve(self.spec)
+        rows, steps, pad = ptok.shape[0], sampling.max_new_tokens, int(sampling.pad_id)
+        tokens = np.full((rows, steps), pad, np.int32)
+        lps = np.zeros((rows, steps), np.float32)
+        cmask = np.zeros((rows, steps), np.int32)
+        done = np.zeros(rows, bool)
+        for r, out in enumerate(outs):
+            ids, lp, finished = _completion(out, multi, r)
+            n = len(ids)
+            tokens[r, :n], lps[r, :n], cmask[r, :n] = ids, lp, 1
+            done[r] = finished
+        rollout = finished_rollout(ptok, pmask, tokens, cmask, lps, done)
+        if swaps:  # new weights arrived mid-generation (update_weights_in_flight): every token's version
+            versions = np.full((rows, steps), start_version, np.int32)
+            for version, counts in swaps:
+                for r, n in enumerate(counts):
+                    versions[r, n:] = version
+            rollout.extras["token_versions"] = np.where(cmask > 0, versions, -1)
+        return with_version(rollout, self.name, start_version, logprob_basis(self.mode, sampling))
+
+    def _requests(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int | None,
+                  salt: str | None = None) -> tuple[np.ndarray, np.ndarray, list[Any], list[Any], list[Any]]:
+        """vLLM requests for rows ``i * n + j`` (row ``r`` seeded ``seed + r``), the prompts laid out as the native
+        sampler lays them out, and the multi-token stop sequences (cut after the fact). ``generate`` and ``submit``
+        build them here, so a streamed job draws exactly what one generate call draws."""
         check_sampling(sampling, self.mode)
         sampling = sampling.resolve(self.spec)
         ptok, pmask = prepare_prompts(prompts, sampling, self.spec)
@@ -316,45 +385,16 @@ class VLLMEngine:
         stop_ids = list(dict.fromkeys([*(sampling.eos_ids or ()), *single]))
         requests, params = [], []
         for r, (toks, mask) in enumerate(zip(ptok, pmask)):
-            requests.append(TokensPrompt(prompt_token_ids=[int(t) for t in toks[mask == 1]]))
+            request = TokensPrompt(prompt_token_ids=[int(t) for t in toks[mask == 1]])
+            if salt is not None:
+                request["cache_salt"] = salt
+            requests.append(request)
             params.append(SamplingParams(
                 n=1, temperature=float(sampling.temperature), top_k=int(sampling.top_k),
                 top_p=float(sampling.top_p), min_p=float(sampling.min_p), max_tokens=int(sampling.max_new_tokens),
                 stop_token_ids=stop_ids, ignore_eos=True, logprobs=0, detokenize=False,
                 seed=None if seed is None else int(seed) + r))
-        start_version = self._version
-        try:
-            outs, swaps = self._run(llm, requests, params)
-        except RolloutEngineError:
-            raise
-        except Exception as e:
-            raise RolloutEngineError(f"vLLM generate failed ({type(e).__name__}: {e}).") from e
-        rows, steps, pad = ptok.shape[0], sampling.max_new_tokens, int(sampling.pad_id)
-        tokens = np.full((rows, steps), pad, np.int32)
-        lps = np.zeros((rows, steps), np.float32)
-        cmask = np.zeros((rows, steps), np.int32)
-        done = np.zeros(rows, bool)
-        for r, out in enumerate(outs):
-            comp = out.outputs[0]
-            ids = [int(t) for t in comp.token_ids]
-            lp = [float(step[t].logprob) for t, step in zip(ids, comp.logprobs or [])]
-            if len(lp) != len(ids):
-                raise RolloutEngineError(f"vLLM returned {len(lp)} log-probs for {len(ids)} tokens in row {r}.")
-            cut = _stop_cut(ids, multi) if multi else None
-            finished = comp.finish_reason == "stop"
-            if cut is not None:
-                ids, lp, finished = ids[:cut], lp[:cut], True
-            n = len(ids)
-            tokens[r, :n], lps[r, :n], cmask[r, :n] = ids, lp, 1
-            done[r] = finished
-        rollout = finished_rollout(ptok, pmask, tokens, cmask, lps, done)
-        if swaps:  # new weights arrived mid-generation (update_weights_in_flight): every token's version
-            versions = np.full((rows, steps), start_version, np.int32)
-            for version, counts in swaps:
-                for r, n in enumerate(counts):
-                    versions[r, n:] = version
-            rollout.extras["token_versions"] = np.where(cmask > 0, versions, -1)
-        return with_version(rollout, self.name, start_version, logprob_basis(self.mode, sampling))
+        return ptok, pmask, requests, params, multi
 
     def _run(self, llm: Any, requests: list[Any], params: list[Any]) -> tuple[list[Any], list[tuple[int, list[int]]]]:
         """vLLM's own offline loop (``enqueue``, then ``llm_engine.step()`` until done), with the weight updates
@@ -409,6 +449,86 @@ class VLLMEngine:
             finally:
                 done.set()
 
+    # -- streaming (the asynchronous generator, diptych.asyncrl.vllm_generator) -------------------
+    @property
+    def streaming(self) -> bool:
+        """Whether requests submitted with :meth:`submit` are still running."""
+        return bool(self._stream)
+
+    def submit(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed: int | None = None,
+               tag: Hashable = 0) -> None:
+        """Add rows ``i * n + j`` of these prompts to the running batch (continuous batching: they join the rows
+        already decoding at the next step); each comes back from :meth:`step` as a ``Finished`` record with
+        ``request_id = (tag, row)``. The requests are built as :meth:`generate` builds them, with the same per-row
+        seeds, so a job streamed alone draws what one generate call draws. Their prefix-cache entries are salted
+        with the current weight version, so a later prompt never reuses K/V that older weights wrote."""
+        llm = self._live()
+        if self._generating:
+            raise RolloutEngineError("this vLLM engine is inside generate; submit from the thread that owns it once "
+                                     "generate has returned.")
+        ptok, pmask, requests, params, multi = self._requests(prompts, sampling, seed, salt=f"w{self._version}")
+        try:
+            ids = [str(i) for i in llm.enqueue(requests, params, use_tqdm=False, lora_request=self._lora_request)]
+        except Exception as e:
+            raise RolloutEngineError(f"vLLM enqueue failed ({type(e).__name__}: {e}).") from e
+        states = getattr(getattr(llm.llm_engine, "output_processor", None), "request_states", {})
+        for r, rid in enumerate(ids):
+            external = str(getattr(states.get(rid), "external_req_id", rid))
+            self._stream[external] = _Streamed(key=(tag, r), internal_id=rid,
+                                               prompt=[int(t) for t in ptok[r][pmask[r] == 1]], multi=multi,
+                                               version=self._version)
+
+    def step(self) -> list[Any]:
+        """One engine step of the stream: every running row gets a token; returns the requests that finished in it
+        (``diptych.rollout.continuous.Finished``: completion, behaviour log-probs, the weight version of every
+        token)."""
+        from diptych.rollout.continuous import Finished
+
+        llm = self._live()
+        with self._step_lock:
+            try:
+                outs = llm.llm_engine.step()
+            except Exception as e:
+                raise RolloutEngineError(f"vLLM step failed ({type(e).__name__}: {e}).") from e
+        done = []
+        for out in outs:
+            if not out.finished:
+                continue
+            req = self._stream.pop(str(out.request_id), None)
+            if req is None:
+                continue
+            ids, lp, stopped = _completion(out, req.multi, req.key[1])
+            versions = np.full(len(ids), req.version, np.int64)
+            for version, count in req.swaps:
+                versions[count:] = version
+            done.append(Finished(request_id=req.key, prompt_ids=req.prompt, tokens=np.asarray(ids, np.int64),
+                                 logprobs=np.asarray(lp, np.float32), versions=versions, truncated=not stopped))
+        if self._stale_prefix and not self._stream:
+            llm.reset_prefix_cache()  # nothing runs now: the blocks older weights wrote can go
+            self._stale_prefix = False
+        return done
+
+    def _swap_streaming(self, weights: WeightsLike, version: int, recompute_kv: bool) -> None:
+        """New weights between two steps of a stream (the caller holds the step lock)."""
+        llm = self._live()
+        version = check_version(version, self._version)
+        counts = {rid: _tokens_so_far(llm, req.internal_id) for rid, req in self._stream.items()}
+        items = list(_tensor_items(weights))
+        start = time.perf_counter()
+        try:
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+            if recompute_kv:  # preempt the running rows, so vLLM rebuilds their K/V with the new weights
+                llm.reset_prefix_cache(reset_running_requests=True)
+            else:  # their K/V stays (Magistral); the cache is reset once nothing runs (new prompts are salted)
+                self._stale_prefix = True
+        except Exception as e:
+            raise RolloutEngineError(f"vLLM in-flight weight update failed ({type(e).__name__}: {e}).") from e
+        for rid, req in self._stream.items():
+            req.swaps.append((version, counts[rid]))
+        self._version = version
+        self.last_sync = {"mode": "full", "channel": "inprocess", "seconds": time.perf_counter() - start,
+                          "bytes": int(sum(t.numel() * t.element_size() for _, t in items))}
+
     def update_weights_in_flight(self, weights: WeightsLike, version: int, *, recompute_kv: bool = False,
                                  timeout_s: float | None = None) -> None:
         """New weights while a ``generate`` runs in another thread (asynchronous RL): vLLM's pause / update /
@@ -419,10 +539,17 @@ class VLLMEngine:
         recomputes it with the new weights (then every later token is exactly the new weights' choice). Blocks
         until the weights are in. Without a generate running it is :meth:`sync_weights`.
 
+        A stream (:meth:`submit` / :meth:`step`) takes the weights between two of its steps, whichever thread
+        calls; its rows' tokens then carry their versions in the ``Finished`` records.
+
         In-process engines only: the sync ``vllm.LLM`` has no pause API of its own across threads (vLLM 0.32's
         ``pause_generation`` / ``resume_generation`` belong to ``AsyncLLM``), so the step loop does it. Full
         weights only (an adapter sync waits for the rollout)."""
         self._live()
+        with self._step_lock:  # a stream (submit / step): between two of its steps, from this thread or another
+            if self._stream:
+                self._swap_streaming(weights, version, recompute_kv)
+                return
         done, box = threading.Event(), {"recompute_kv": recompute_kv}
         with self._gate:
             generating = self._generating
@@ -520,6 +647,7 @@ class VLLMEngine:
         kept (memory and all) and torn down with the last."""
         llm = getattr(self, "llm", None)
         self.llm = None
+        self._stream = {}
         if llm is not None:
             _LIVE.discard(id(self))
             _RETIRED.append(llm)
