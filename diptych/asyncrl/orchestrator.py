@@ -34,7 +34,7 @@ from diptych.asyncrl.groups import GeneratedBatch, Group, assemble
 from diptych.asyncrl.placement import Failure, GeneratorSpec, ProcessGenerator, ThreadGenerator
 from diptych.asyncrl.queues import Scored, Slots
 from diptych.asyncrl.roles import Job, check_generator, group_lag
-from diptych.core.trainers.base import StepTimer, TrainerError, batch_iterator, columns_of
+from diptych.core.trainers.base import DivergenceError, StepTimer, TrainerError, batch_iterator, columns_of
 
 
 class AsyncRLError(RuntimeError):
@@ -125,6 +125,11 @@ class AsyncGRPO:
         self._gen_busy = self._gen_idle = 0.0
         self._gen_tokens = 0
         self.restarts = 0
+        self.end = int(cfg.steps)
+        self._dropped_total = 0  # groups dropped as stale: the feeder hands out as many prompts beyond the end
+        self._closed = False
+        self._died: str | None = None
+        t0 = time.perf_counter()
         if self.a.placement == "ray":
             from diptych.asyncrl.ray_placement import RayTrainer
 
@@ -134,6 +139,7 @@ class AsyncGRPO:
         weights = self.trainer.weights()
         self.generator = generator if generator is not None else self._make_generator(weights, step_delay_s)
         self._publish(weights)
+        self.startup_s = time.perf_counter() - t0  # the generator's own start-up overlaps the first steps
 
     # -- roles ----------------------------------------------------------------------------------
     def _make_generator(self, weights: dict[str, np.ndarray], step_delay_s: float) -> Any:
@@ -155,17 +161,25 @@ class AsyncGRPO:
             self.on_publish(self.version, weights if isinstance(weights, dict) else weights.fetch())
 
     def _feed(self) -> None:
-        """Hand the generator one step's prompts whenever the slots allow (the data order of the sync loop)."""
+        """Hand the generator one step's prompts whenever the slots allow (the data order of the sync loop).
+
+        It stops once the generator holds every prompt the run will train on: the steps up to ``end`` and one
+        more prompt per group dropped as stale. No prompt is sampled for nothing after the last step (a kill
+        landing in such work would go unnoticed)."""
         try:
             for k, chunk in batch_iterator(self.rows, self.P, self.cfg.seed, start=self.start):
                 ok, _ = self.slots.take(self.P)
                 if not ok or self._stop.is_set():
                     return
-                job = Job(step=k, rows=chunk, first_index=k * self.P)
                 with self._lock:
+                    needed = (self.end - self.start) * self.P + self._dropped_total
+                if (k - self.start) * self.P >= needed:
+                    return
+                job = Job(step=k, rows=chunk, first_index=k * self.P)
+                with self._lock:  # not during a restart: the old generator's queues are closing
                     self._pending[k] = job
                     self._arrived[k] = 0
-                self.generator.submit(job)
+                    self.generator.submit(job)
         except BaseException as e:
             self._errors.append(e)
 
@@ -177,7 +191,8 @@ class AsyncGRPO:
                     item = self.generator.results(timeout=0.2)
                 except queue.Empty:
                     continue
-                except (EOFError, OSError):  # the process died mid-put; the trainer notices and decides
+                except (EOFError, OSError, ValueError):  # died mid-put, or a restart closed the queue: the trainer
+                    # notices and decides
                     time.sleep(0.2)
                     continue
                 if isinstance(item, Failure):
@@ -235,12 +250,12 @@ class AsyncGRPO:
                                "intact: resume with --resume, or set async.on_generator_death=restart to start a new "
                                "generator on the trainer's latest weights.")
         self.restarts += 1
-        self.generator.restart()
-        self.generator.publish(self.trainer.weights(), self.version)
-        with self._lock:
-            redo = sorted(self._pending.values(), key=lambda j: j.step)
-        for job in redo:
-            self.generator.submit(job)
+        weights = self.trainer.weights()
+        with self._lock:  # the feeder waits: no job goes to the old generator's closed queue meanwhile
+            self.generator.restart()
+            self.generator.publish(weights, self.version)
+            for job in sorted(self._pending.values(), key=lambda j: j.step):
+                self.generator.submit(job)
 
     def _take_batch_for_step(self) -> tuple[list[Group], dict[str, float]]:
         groups: list[Group] = []
@@ -252,6 +267,8 @@ class AsyncGRPO:
             lag = self.version - gr.oldest
             if lag > k and self.a.stale_policy == "drop":
                 dropped += 1
+                with self._lock:
+                    self._dropped_total += 1  # before the slot is freed: the feeder wakes on it and counts
                 self.slots.give(1)
                 continue
             groups.append(gr)
@@ -295,7 +312,7 @@ class AsyncGRPO:
         metrics.update(self.trainer.train(batch, s, timer))
         if "offpolicy_clipfrac" in metrics:
             metrics["async/correction_clipfrac"] = metrics["offpolicy_clipfrac"]
-        with timer.phase("sync"):
+        with timer.phase("sync"):  # export + publish (shared memory, object store): the trainer's cost of a swap
             self.version = s + 1
             self._publish(self.trainer.weights())
         self.slots.give(len(groups))
@@ -311,11 +328,19 @@ class AsyncGRPO:
             "async/restarts": float(self.restarts),
             **timer.metrics(),
         })
+        if s == self.start:
+            metrics["async/startup_s"] = self.startup_s
         total = sum(timer.seconds.values()) + metrics["async/trainer_idle_s"]
         metrics["tokens_per_s"] = float(batch["attention_mask"].sum()) / max(total, 1e-9)
         return metrics
 
-    def run(self, end: int, log: Callable[[int, Any, dict[str, float]], None]) -> Any:
+    def run(self, end: int, log: Callable[[int, Callable[[], Any], dict[str, float]], None],
+            save: Any = None) -> Any:
+        """Train steps ``start .. end - 1`` in this one pipeline; ``log(step, state_fn, metrics)`` after each
+        (``state_fn()`` is the trainer's state, fetched only when called: a Ray trainer holds it in its actor),
+        ``save(step, state)`` at the save points (``diptych.core.trainers.runner.SavePoints``) while the
+        generator keeps working on the next steps."""
+        self.end = int(end)
         threads = [threading.Thread(target=f, daemon=True, name=n)
                    for f, n in ((self._feed, "diptych-feeder"), (self._collect, "diptych-collector"))]
         for t in threads:
@@ -325,19 +350,35 @@ class AsyncGRPO:
                 if not self.generator.alive():  # it may die while every group this step needs is already queued
                     self._generator_died()
                 metrics = self.step(s)
-                log(s + 1, self.trainer.state if self.a.placement != "ray" else None, metrics)
-            return self.trainer.state
+                log(s + 1, lambda: self.trainer.state, metrics)
+                if save is not None and save.due(s + 1):
+                    save(s + 1, self.trainer.state)  # between two steps: the state of step s + 1, written atomically
+            final = self.trainer.state
+            died = self.close(threads)
+            if died is not None and self.a.on_generator_death == "fail":
+                # it died in the last step (after the trainer had every group it needed): still an error, and
+                # the run's final checkpoint is not written
+                raise AsyncRLError(f"{died} during the last step ({end}). The checkpoints already written are "
+                                   "intact: resume with --resume.")
+            return final
         finally:
             self.close(threads)
 
-    def close(self, threads: Sequence[threading.Thread] = ()) -> None:
+    def close(self, threads: Sequence[threading.Thread] = ()) -> str | None:
+        """Stop every role; returns how the generator died if it did so on its own before it was stopped."""
+        if self._closed:
+            return self._died
+        self._closed = True
         self._stop.set()
         self.slots.close()
         for t in threads:
             t.join(timeout=10)
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.generator.close()
-        self.trainer.close()
+        try:
+            self._died = self.generator.close()
+        finally:
+            self.trainer.close()
+        return self._died
 
     @property
     def state(self) -> Any:
@@ -347,16 +388,21 @@ class AsyncGRPO:
 def train_grpo_async(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]], cfg: Any,
                      phases: Phases, logger: Any = None, ref_model: Any = None, start_step: int = 0,
                      on_step: Callable[[int, Any, dict[str, float]], None] | None = None, guard: Any = None,
-                     **hooks: Any) -> Any:
+                     save: Any = None, **hooks: Any) -> Any:
     """``train_grpo`` with ``async.enabled``: the same steps, rollouts from a generator that runs ahead."""
     run = AsyncGRPO(backend, state, tokenizer, reward, rows, cfg, phases, ref_model, start_step, **hooks)
 
-    def log(step: int, st: Any, metrics: dict[str, float]) -> None:
+    def log(step: int, state_fn: Callable[[], Any], metrics: dict[str, float]) -> None:
         if logger is not None:
             logger.log(step, metrics)
         if guard is not None:
-            guard.check(step, metrics, st)
+            try:
+                guard.check(step, metrics)  # metrics only: it needs the state only when it stops the run
+            except DivergenceError as e:
+                if e.state is None:
+                    e.state = state_fn()
+                raise
         if on_step is not None:
-            on_step(step, st, metrics)
+            on_step(step, state_fn(), metrics)  # with placement ray: the actor's state, fetched for this call
 
-    return run.run(cfg.steps, log)
+    return run.run(cfg.steps, log, save)

@@ -192,10 +192,13 @@ class ThreadGenerator(_Queued):
         self.close()
         self._start()
 
-    def close(self) -> None:
+    def close(self) -> str | None:
+        """Stop the loop; says how it died if it had stopped on its own before."""
+        died = None if self.thread.is_alive() else self.death()
         self._stop.set()
         self.jobs.put(STOP)
         self.thread.join(timeout=30)
+        return died
 
 
 def _process_main(gspec: GeneratorSpec, jobs: Any, out: Any, reader: SharedWeightsReader,
@@ -249,21 +252,30 @@ class ProcessGenerator(_Queued):
         self._stop_process()
         self._start()
 
-    def _stop_process(self) -> None:
+    def _stop_process(self) -> str | None:
+        """Stop the process (STOP, then terminate if it does not exit); says how it died if it exited other than
+        by that STOP: its exit code is the one sure sign, where ``is_alive`` can lag a kill by a moment."""
         if self.proc is None:
-            return
+            return None
+        stuck = False
         if self.proc.is_alive():
             with contextlib.suppress(OSError, ValueError):
                 self.jobs.put(STOP)
             self.proc.join(timeout=10)
             if self.proc.is_alive():
+                stuck = True
                 self.proc.terminate()
                 self.proc.join(timeout=5)
+        died = None if stuck or self.proc.exitcode == 0 else self.death()
         for q in (self.jobs, self.out):
             q.cancel_join_thread()
             q.close()
         self.proc = None
+        return died
 
-    def close(self) -> None:
-        self._stop_process()
-        self.weights.close()
+    def close(self) -> str | None:
+        """Stop the generator and free the shared block; says how the process died if it died on its own."""
+        try:
+            return self._stop_process()
+        finally:
+            self.weights.close()

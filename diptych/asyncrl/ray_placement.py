@@ -153,10 +153,16 @@ class RayGenerator:
         self.ray.kill(self.actor)
         self._start()
 
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # already dead: nothing to stop
+    def close(self) -> str | None:
+        """Stop the actor; says so if it had died (an actor that died answers ``close`` with RayActorError)."""
+        died = None
+        try:
             self.ray.get(self.actor.close.remote(), timeout=30)
-        self.ray.kill(self.actor)
+        except Exception:
+            died = self.death()
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.actor)
+        return died
 
 
 class RayTrainer:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -69,27 +70,41 @@ def test_a_generator_process_pinned_to_its_core_gives_the_synchronous_run():
 
 
 class KillAt:
-    """A reward that kills the generator process at its ``n``-th call (the verifier runs in the trainer's process)."""
+    """A reward that kills the generator process at its ``n``-th call (the verifier runs in the trainer's process)
+    and records the generator pids it saw (one pipeline for the whole run: one pid unless it was restarted)."""
 
     def __init__(self, n: int):
-        self.n, self.calls = n, 0
+        self.n, self.calls, self.pids = n, 0, set()
+        self.lock = threading.Lock()  # the verifier pool calls it from several threads
 
     def __call__(self, prompts, completions, **kw):
-        self.calls += 1
-        if self.calls == self.n:
-            for p in _generators():
+        with self.lock:  # count and compare at once (two verifiers could both pass n, and nothing be killed)
+            self.calls += 1
+            call = self.calls
+        gens = _generators()
+        self.pids.update(p.pid for p in gens)
+        if call == self.n:
+            for p in gens:
                 os.kill(p.pid, signal.SIGKILL)
         return variety(prompts, completions)
 
 
+def _trainer(tmp_path, cfg, reward, every=2):
+    backend = get_backend("torch")
+    return GRPOTrainer(backend.build(SPEC, SPEC.init_weights(0)), reward_funcs=reward, args=cfg, train_dataset=ROWS,
+                       backend=backend, tokenizer=TOK, out_dir=tmp_path, checkpoint=CheckpointConfig(every=every,
+                                                                                                  keep_last=3))
+
+
+# 4 steps of 2 groups, one reward call per group: call 5 is the first group of step 3 (a save point, step 2, lies
+# before it), call 7 the first group of the last step.
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["fail", "restart"])
 def test_a_killed_generator_fails_clearly_or_restarts_and_checkpoints_stay_intact(tmp_path, policy):
     cfg = config(steps=4, enabled=True, max_staleness=0, placement="process", on_generator_death=policy)
     backend = get_backend("torch")
-    trainer = GRPOTrainer(backend.build(SPEC, SPEC.init_weights(0)), reward_funcs=KillAt(5), args=cfg,
-                          train_dataset=ROWS, backend=backend, tokenizer=TOK, out_dir=tmp_path,
-                          checkpoint=CheckpointConfig(every=2, keep_last=3))
+    kill = KillAt(5)
+    trainer = _trainer(tmp_path, cfg, kill)
     if policy == "fail":
         with pytest.raises(AsyncRLError, match=r"generator process \(pid \d+\) was killed by signal 9.*--resume"):
             trainer.train()
@@ -97,9 +112,42 @@ def test_a_killed_generator_fails_clearly_or_restarts_and_checkpoints_stay_intac
         out = trainer.train()
         assert out["steps"] == 4.0
         assert trainer.history[-1]["async/restarts"] == 1.0
+    assert len(kill.pids) == (1 if policy == "fail" else 2)  # one generator start per run (plus the restart)
     restored = Checkpointer(backend, tmp_path / "checkpoints", {"grpo": cfg}).restore_latest()
     assert restored is not None
     state, meta = restored
     assert meta["step"] == (2 if policy == "fail" else 4)
     assert set(backend.export_weights(state)) == set(SPEC.init_weights(0))
     assert not _generators()
+
+
+@pytest.mark.slow
+def test_a_generator_killed_in_the_last_step_still_fails_and_leaves_the_previous_checkpoint(tmp_path):
+    cfg = config(steps=4, enabled=True, max_staleness=0, placement="process", on_generator_death="fail")
+    trainer = _trainer(tmp_path, cfg, KillAt(7))  # every group of the last step is already generated
+    with pytest.raises(AsyncRLError, match=r"killed by signal 9 during the last step"):
+        trainer.train()
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert steps == ["step_00000002"]
+    assert not _generators()
+
+
+@pytest.mark.slow
+def test_one_pipeline_saves_the_trainer_state_of_each_save_point(tmp_path):
+    """Checkpoints written from inside the running pipeline hold the synchronous run's state at that step
+    (max_staleness 0: the oracle is the synchronous loop), and the generator started once."""
+    backend = get_backend("torch")
+    sync2, _, _ = run(backend, config(steps=2))
+    sync4, _, _ = run(backend, config(steps=4))
+    cfg = config(steps=4, enabled=True, max_staleness=0, placement="process")
+    kill = KillAt(0)  # kills nothing, records the generator pids
+    _trainer(tmp_path, cfg, kill).train()
+    assert len(kill.pids) == 1
+    ck = Checkpointer(backend, tmp_path / "checkpoints", {"grpo": cfg})
+    for step, want in ((2, sync2), (4, sync4)):
+        state, meta = backend.restore(tmp_path / "checkpoints" / f"step_{step:08d}")
+        assert meta["step"] == step
+        got = backend.export_weights(state)
+        for k in want:
+            np.testing.assert_array_equal(want[k], got[k], err_msg=f"step {step}: {k}")
+    assert ck.latest().name == "step_00000004"

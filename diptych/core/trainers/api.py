@@ -146,6 +146,13 @@ class Trainer:
     def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
         raise NotImplementedError
 
+    @property
+    def saves_inside(self) -> bool:
+        """Whether :meth:`run` runs once for the whole run and saves the checkpoints itself (it then takes
+        ``save=``, a :class:`diptych.core.trainers.runner.SavePoints`); otherwise it runs once per segment
+        between save points."""
+        return False
+
     # -- the run --------------------------------------------------------------------------------
     @property
     def checkpoint_root(self) -> Path | None:
@@ -226,8 +233,14 @@ class Trainer:
         logger.history[:0] = earlier
         self.guard = DivergenceGuard(self.args.max_consecutive_skips)
         try:
-            state = run_segments(lambda st, a, b: self.run(st, a, b, logger), state, start, self.args.steps, ckpt,
-                                 self.args.seed)
+            if self.saves_inside:
+                def loop(st: Any, a: int, b: int, save: Any) -> Any:
+                    return self.run(st, a, b, logger, save=save)  # type: ignore[call-arg]
+            else:
+                def loop(st: Any, a: int, b: int) -> Any:  # type: ignore[misc]
+                    return self.run(st, a, b, logger)
+            state = run_segments(loop, state, start, self.args.steps, ckpt, self.args.seed,
+                                 saves_inside=self.saves_inside)
         except DivergenceError as e:
             self.state, self.history = e.state if e.state is not None else state, logger.history
             raise
@@ -360,10 +373,15 @@ class GRPOTrainer(_EngineOwner, Trainer):
         self.ref_model = self.reference_model(state, start) if self.args.needs_reference else None
         self.open_engine(state)
 
-    def run(self, state: Any, start: int, end: int, logger: Any) -> Any:
+    @property
+    def saves_inside(self) -> bool:
+        """An asynchronous run keeps one pipeline (one generator start) for the whole run and saves from inside."""
+        return bool(self.args.async_.enabled)
+
+    def run(self, state: Any, start: int, end: int, logger: Any, save: Any = None) -> Any:
         return train_grpo(self.backend, state, self.tokenizer, self.reward, self.train_dataset,
                           with_steps(self.args, end), logger, ref_model=self.ref_model, start_step=start,
-                          guard=self.guard, engine=self.engine)
+                          guard=self.guard, engine=self.engine, save=save)
 
 
 @register_trainer("ppo")

@@ -412,16 +412,19 @@ def state_vocab(state: Any) -> int:
 def train_grpo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]],
                cfg: GRPOConfig, logger: MetricsLogger | None = None, ref_model: Any = None,
                start_step: int = 0, on_step: Callable[[int, Any, dict[str, float]], None] | None = None,
-               guard: DivergenceGuard | None = None, engine: Any = None) -> Any:
+               guard: DivergenceGuard | None = None, engine: Any = None,
+               save: Callable[[int, Any], None] | None = None) -> Any:
     """Run GRPO from ``start_step`` to ``cfg.steps``; ``on_step`` may checkpoint or evaluate.
 
     ``engine``: a rollout engine (``diptych.rollout``) that samples instead of the backend; it is first synced to
-    ``state`` so it never samples with other weights."""
+    ``state`` so it never samples with other weights. ``save``: called ``save(step, state)`` after every step
+    (``diptych.core.trainers.runner.SavePoints``: it writes the checkpoints of the save points), so an
+    asynchronous run saves from inside its one pipeline instead of being split at every checkpoint."""
     check_columns(reward, rows)
     guard = loop_guard(guard, cfg)
     if cfg.async_.enabled:
         return _train_async(backend, state, tokenizer, reward, rows, cfg, logger, ref_model, start_step, on_step,
-                            guard, engine)
+                            guard, engine, save)
     batches = batch_iterator(rows, cfg.prompts_per_step, cfg.seed, start=start_step)
     if engine is not None and start_step < cfg.steps:
         push_weights(engine, backend, state)
@@ -433,19 +436,19 @@ def train_grpo(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequ
         guard.check(step + 1, metrics, state)
         if on_step is not None:
             on_step(step + 1, state, metrics)
+        if save is not None:
+            save(step + 1, state)
     return state
-
-
 
 
 def _train_async(backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]],
                  cfg: GRPOConfig, logger: MetricsLogger | None, ref_model: Any, start_step: int,
-                 on_step: Callable[[int, Any, dict[str, float]], None] | None, guard: DivergenceGuard, engine: Any
-                 ) -> Any:
+                 on_step: Callable[[int, Any, dict[str, float]], None] | None, guard: DivergenceGuard, engine: Any,
+                 save: Callable[[int, Any], None] | None = None) -> Any:
     """``async.enabled``: the same phases, run by a generator, verifiers and a trainer (``diptych.asyncrl``)."""
     from diptych.asyncrl.orchestrator import Phases, check_async, train_grpo_async
 
     check_async(cfg, engine)
     phases = Phases(sample=sample_rollout, score=score, advantages=advantage_batch, train=train_on_batch)
     return train_grpo_async(backend, state, tokenizer, reward, rows, cfg, phases, logger, ref_model, start_step,
-                            on_step, guard)
+                            on_step, guard, save=save)

@@ -9,7 +9,8 @@ by ``(seed, epoch)``; GRPO/PPO sample with seed ``seed * 100003 + step``), so th
 step *is* the data position and the RNG state: resuming at step k replays exactly the
 batches and samples an uninterrupted run would have drawn from step k on. Loops run in
 segments between save points (``run_segments``), so the loops themselves need no
-checkpoint code.
+checkpoint code; a loop that must not stop between save points (the asynchronous GRPO
+pipeline) runs once and is handed a ``save`` callback instead (:class:`SavePoints`).
 """
 
 from __future__ import annotations
@@ -282,16 +283,46 @@ def _strip(section: Any) -> Any:
     return section
 
 
-def run_segments(loop: Callable[[Any, int, int], Any], state: Any, start: int, total: int,
-                 checkpointer: Checkpointer | None, seed: int, extra: dict[str, Any] | None = None) -> Any:
+class SavePoints:
+    """The save points of a run for a loop that saves from inside itself (``run_segments(..., saves_inside=True)``).
+
+    An asynchronous pipeline must not drain and restart at every checkpoint (its generator would start again
+    and a dead one could go unnoticed between segments), so it runs once for the whole run and calls
+    ``save(step, state)`` after every step; :meth:`due` says whether ``step`` is a save point, so a loop whose
+    state is costly to reach (a Ray actor's) fetches it only there. The last step is saved by ``run_segments``
+    after the loop returns, as for segmented loops, so a loop that ends with an error leaves the previous one.
+    """
+
+    def __init__(self, checkpointer: Checkpointer | None, points: list[int], seed: int,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.checkpointer, self.points, self.seed, self.extra = checkpointer, frozenset(points), seed, extra
+
+    def due(self, step: int) -> bool:
+        return self.checkpointer is not None and step in self.points
+
+    def __call__(self, step: int, state: Any) -> None:
+        if self.due(step):
+            self.checkpointer.save(step, state, self.seed, self.extra)  # type: ignore[union-attr]
+
+
+def run_segments(loop: Callable[..., Any], state: Any, start: int, total: int,
+                 checkpointer: Checkpointer | None, seed: int, extra: dict[str, Any] | None = None,
+                 saves_inside: bool = False) -> Any:
     """Run ``loop(state, from_step, to_step)`` between save points, saving after each segment.
 
     ``loop`` must run trainer steps ``from_step .. to_step - 1`` (every diptych ``train_*``
-    does, given ``start_step=from_step`` and ``steps=to_step``).
+    does, given ``start_step=from_step`` and ``steps=to_step``). With ``saves_inside`` the loop runs once,
+    ``loop(state, start, total, save)``, and saves the intermediate points itself through ``save``
+    (:class:`SavePoints`); the final checkpoint is written here either way.
     """
     if start >= total:
         return state
     points = checkpointer.save_points(start, total) if checkpointer else [total]
+    if saves_inside:
+        state = loop(state, start, total, SavePoints(checkpointer, points[:-1], seed, extra))
+        if checkpointer is not None:
+            checkpointer.save(total, state, seed, extra)
+        return state
     for end in points:
         state = loop(state, start, end)
         if checkpointer is not None:
