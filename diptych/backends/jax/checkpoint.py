@@ -104,43 +104,16 @@ def restore(path: str | os.PathLike, *, mesh: Any = None) -> tuple[train.TrainSt
     return state, meta["metadata"]
 
 
-
-def _nf4_slots(model: Any) -> dict[str, tuple[Any, Any, Any]]:
-    """``{module.weight: (owner, key, NF4Array of Frozen leaves)}`` of every NF4 base in a LoRA model."""
-    from diptych.backends.jax import lora as L
-
-    if isinstance(model, L.LoRARecurrentLM):
-        return {k: (model.params, k, v) for k, v in model.params.items() if hasattr(L._thaw(v), "arrays")}
-    return {f"{name}.weight": (layer, "quantized", layer.quantized) for name, layer in L._lora_layers(model).items()
-            if layer.quantized is not None}
-
-
 def nf4_arrays(model: Any) -> dict[str, np.ndarray]:
     """``{module.weight.field: array}`` of every NF4 base in ``model`` (``codes``, ``absmax``, ...)."""
-    from diptych.backends.jax import lora as L
-
-    return {f"{name}.{field}": np.asarray(a) for name, (_, _, q) in _nf4_slots(model).items()
-            for field, a in L._thaw(q).arrays().items()}
+    return train._lora().export_quantized(model)
 
 
 def load_nf4_arrays(model: Any, arrays: dict[str, np.ndarray]) -> None:
     """Replace each NF4 base of ``model`` by the stored one."""
-    import dataclasses
+    from diptych.core.lora import LoRAError
 
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from diptych.backends.jax import lora as L
-
-    for name, (owner, key, q) in _nf4_slots(model).items():
-        plain = L._thaw(q)
-        fields = {}
-        for field, a in plain.arrays().items():
-            if f"{name}.{field}" not in arrays:
-                raise ckpt.CheckpointError(f"{NF4_FILE} lacks {name}.{field}; the QLoRA checkpoint is incomplete.")
-            fields[field] = jnp.asarray(arrays[f"{name}.{field}"], a.dtype)
-        frozen = L._freeze_nf4(dataclasses.replace(plain, **fields))
-        if isinstance(owner, dict) or key != "quantized":
-            owner[key] = frozen
-        else:
-            owner.quantized = nnx.data(frozen)
+    try:
+        train._lora().load_quantized(model, arrays)
+    except LoRAError as e:
+        raise ckpt.CheckpointError(f"{NF4_FILE}: {e}") from None

@@ -54,7 +54,7 @@ class DropoutRng(nnx.Variable):
     ``nnx.remat`` and ``nnx.jit`` as a traced value, but never an ``nnx.Param`` and never on a stored model."""
 
 
-def _module_key(key: jax.Array, name: str) -> jax.Array:
+def module_key(key: jax.Array, name: str) -> jax.Array:
     """Each adapted module draws its own mask: the step's key folded with ``crc32(module name)``."""
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
@@ -161,7 +161,7 @@ class LoRAParams(dict):
             return x @ self[name].T
         w = dict.__getitem__(self, name)
         a, b = self.factors[module]
-        h = dropout(_module_key(self.rng, module), x, self.dropout)
+        h = dropout(module_key(self.rng, module), x, self.dropout)
         return x @ w.T + (((h @ a.T) @ b.T) * self.scaling).astype(w.dtype)
 
     def iteration(self, i: Any) -> LoRAParams:
@@ -396,7 +396,7 @@ def set_dropout_rng(model: nnx.Module, key: jax.Array | None) -> nnx.Module:
     attr = "lora_rng" if is_recurrent(model) else "dropout_rng"
     for name, holder in holders.items():
         if key is not None:
-            setattr(holder, attr, DropoutRng(_module_key(key, name) if name else key))
+            setattr(holder, attr, DropoutRng(module_key(key, name) if name else key))
         elif hasattr(holder, attr):
             delattr(holder, attr)  # never a static None: nnx would refuse a key there later
     return model
@@ -433,6 +433,43 @@ def _under_lora(model: nnx.Module, path: tuple[Any, ...]) -> bool:
 def merged_weights(model: nnx.Module) -> dict[str, np.ndarray]:
     """Canonical weights with the adapters merged in (``W + scaling * B @ A``): an HF export's tensors."""
     return merge_weights(base_weights(model), export_adapters(model), _require(model))
+
+
+def _nf4_slots(model: nnx.Module) -> dict[str, tuple[Any, Any, Any]]:
+    """``{module.weight: (owner, key, NF4 container of Frozen leaves)}`` of every NF4 base in a LoRA model."""
+    if isinstance(model, LoRARecurrentLM):
+        return {k: (model.params, k, v) for k, v in model.params.items() if hasattr(_thaw(v), "arrays")}
+    return {f"{name}.weight": (layer, "quantized", layer.quantized) for name, layer in _lora_layers(model).items()
+            if layer.quantized is not None}
+
+
+def export_quantized(model: nnx.Module) -> dict[str, np.ndarray]:
+    """``{module.weight.field: array}`` of every NF4 base as stored (``codes``, ``absmax`` and, double-quantised,
+    its scale and offset): what a QLoRA checkpoint writes, since re-quantising the dequantised base is not exact
+    for a double-quantised one. Empty for a model without an NF4 base."""
+    _require(model)
+    return {f"{name}.{field}": np.asarray(a) for name, (_, _, q) in _nf4_slots(model).items()
+            for field, a in _thaw(q).arrays().items()}
+
+
+def load_quantized(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> nnx.Module:
+    """Replace every NF4 base of ``model`` by the stored one (:func:`export_quantized`'s form), in place."""
+    _require(model)
+    slots = _nf4_slots(model)
+    missing = [f"{name}.{field}" for name, (_, _, q) in slots.items() for field in _thaw(q).arrays()
+               if f"{name}.{field}" not in arrays]
+    if missing:
+        raise LoRAError(f"The stored NF4 base lacks {', '.join(missing[:3])}; pass every array export_quantized "
+                        "gave (the QLoRA checkpoint is incomplete).")
+    for name, (owner, key, q) in slots.items():
+        plain = _thaw(q)
+        fields = {f: jnp.asarray(arrays[f"{name}.{f}"], a.dtype) for f, a in plain.arrays().items()}
+        frozen = _freeze_nf4(dataclasses.replace(plain, **fields))
+        if isinstance(owner, dict) or key != "quantized":
+            owner[key] = frozen
+        else:
+            owner.quantized = nnx.data(frozen)
+    return model
 
 
 def nbytes(model: nnx.Module) -> int:
