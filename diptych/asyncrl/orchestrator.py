@@ -31,10 +31,14 @@ from typing import Any
 import numpy as np
 
 from diptych.asyncrl.groups import GeneratedBatch, Group, assemble
-from diptych.asyncrl.placement import Failure, GeneratorSpec, ProcessGenerator, ThreadGenerator
+from diptych.asyncrl.placement import Failure, GeneratorSpec, ProcessGenerator, ThreadGenerator, WarmStartGenerator
 from diptych.asyncrl.queues import Scored, Slots
 from diptych.asyncrl.roles import Job, check_generator, group_lag
 from diptych.core.trainers.base import DivergenceError, StepTimer, TrainerError, batch_iterator, columns_of
+
+WARM_START = True
+"""Placement ``process`` with the batch generator: the trainer's process samples the first jobs while the generator
+process starts (:class:`diptych.asyncrl.placement.WarmStartGenerator`); the draws are the same either way."""
 
 
 class AsyncRLError(RuntimeError):
@@ -104,7 +108,7 @@ class AsyncGRPO:
     def __init__(self, backend: Any, state: Any, tokenizer: Any, reward: Any, rows: Sequence[dict[str, Any]],
                  cfg: Any, phases: Phases, ref_model: Any = None, start_step: int = 0,
                  generator: Any = None, on_publish: Callable[[int, dict[str, np.ndarray]], None] | None = None,
-                 train_delay_s: float = 0.0, step_delay_s: float = 0.0) -> None:
+                 train_delay_s: float = 0.0, step_delay_s: float = 0.0, warm_start: bool | None = None) -> None:
         self.backend, self.tokenizer, self.reward = backend, tokenizer, reward
         self.spec = state.model.spec
         self.rows, self.cfg, self.phases, self.ref_model = list(rows), cfg, phases, ref_model
@@ -116,6 +120,7 @@ class AsyncGRPO:
         self.pool = ThreadPoolExecutor(self.a.verifier_workers, thread_name_prefix="diptych-verifier")
         self.loss = train_loss(cfg)
         self.on_publish, self.train_delay_s = on_publish, float(train_delay_s)
+        self.warm_start = WARM_START if warm_start is None else bool(warm_start)
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._pending: dict[int, Job] = {}  # jobs handed to the generator whose groups have not all come back
@@ -149,7 +154,10 @@ class AsyncGRPO:
         if self.a.placement == "thread":
             return ThreadGenerator(gspec, self.backend)
         if self.a.placement == "process":
-            return ProcessGenerator(gspec, weights, self.a.generator_cores)
+            proc = ProcessGenerator(gspec, weights, self.a.generator_cores)
+            if self.warm_start and self.a.generator == "batch":  # the trainer samples while the process starts
+                return WarmStartGenerator(proc, ThreadGenerator(gspec, self.backend))
+            return proc
         from diptych.asyncrl.ray_placement import RayGenerator
 
         return RayGenerator(gspec)
@@ -326,6 +334,7 @@ class AsyncGRPO:
             "async/generator_tokens_per_s": tokens / busy if busy > 0 else 0.0,
             "async/trainer_tokens_per_s": float(batch["mask"].sum()) / train_s if train_s > 0 else 0.0,
             "async/restarts": float(self.restarts),
+            "async/warm_start_jobs": float(getattr(self.generator, "thread_jobs", 0)),
             **timer.metrics(),
         })
         if s == self.start:

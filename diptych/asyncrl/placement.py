@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -202,13 +203,23 @@ class ThreadGenerator(_Queued):
 
 
 def _process_main(gspec: GeneratorSpec, jobs: Any, out: Any, reader: SharedWeightsReader,
-                  cores: tuple[int, ...] | None) -> None:
-    """The generator process: pin it, then run the same loop as a thread would, reading shared weights."""
+                  cores: tuple[int, ...] | None, ready: Any = None) -> None:
+    """The generator process: pin it, then run the same loop as a thread would, reading shared weights.
+
+    ``ready`` (an event) is set once the process can sample at once: its framework imported and its model built
+    on the first published weights (a batch generator's; its loop then finds nothing newer to load)."""
     if cores:
         os.sched_setaffinity(0, set(cores))
         os.environ["OMP_NUM_THREADS"] = str(len(cores))  # read when the backend imports its framework
     try:
         gen = gspec.build()
+        if ready is not None:
+            deadline = time.monotonic() + 600
+            while (newer := reader.poll(-1)) is None and time.monotonic() < deadline:
+                time.sleep(0.01)  # the trainer publishes right after the start
+            if newer is not None:
+                gen.update_weights(newer[1], newer[0])
+            ready.set()
     except BaseException as e:
         out.put(Failure(f"{type(e).__name__}: {e}"))
         return
@@ -232,9 +243,15 @@ class ProcessGenerator(_Queued):
     def _start(self) -> None:
         self.jobs = self.ctx.Queue()
         self.out = self.ctx.Queue()
+        self._ready = self.ctx.Event() if self.gspec.kind == "batch" else None
         self.proc = self.ctx.Process(target=_process_main, name="diptych-generator", daemon=True,
-                                     args=(self.gspec, self.jobs, self.out, self.weights.reader(), self.cores))
+                                     args=(self.gspec, self.jobs, self.out, self.weights.reader(), self.cores,
+                                           self._ready))
         self.proc.start()
+
+    def ready(self) -> bool:
+        """Whether the process has started up (imports, model built) and samples a job at once."""
+        return self._ready is None or self._ready.is_set()
 
     @property
     def pid(self) -> int | None:
@@ -279,3 +296,81 @@ class ProcessGenerator(_Queued):
             return self._stop_process()
         finally:
             self.weights.close()
+
+
+class WarmStartGenerator:
+    """A generator process whose start-up (a new interpreter, the framework's import, the model) overlaps the
+    first steps: until the process is ready, jobs go to a thread generator in the trainer's process, which
+    samples them with the same call, seed and weights (the trainer would only wait meanwhile). Once the process
+    is ready and the thread has handed back every job it took, the thread stops and the process serves alone.
+    Batch generators only (one result per job); every other call is the process generator's."""
+
+    placement = "process"
+
+    def __init__(self, proc: ProcessGenerator, thread: ThreadGenerator) -> None:
+        self.proc, self.thread = proc, thread
+        self._lock = threading.Lock()
+        self._outstanding = 0  # jobs the thread took and has not answered
+        self.thread_jobs = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def publish(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        self.proc.publish(weights, version)
+        with self._lock:
+            if self.thread is not None:
+                self.thread.publish(weights, version)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.thread is not None and not self.proc.ready():
+                self._outstanding += 1
+                self.thread_jobs += 1
+                self.thread.submit(job)
+                return
+        self.proc.submit(job)
+
+    def results(self, timeout: float) -> Any:
+        with self._lock:
+            thread = self.thread
+        if thread is not None:
+            try:
+                item = thread.out.get_nowait()
+            except queue.Empty:
+                item = None
+            if item is not None:
+                with self._lock:
+                    self._outstanding -= 1
+                return item
+            self._retire_thread()
+            timeout = min(timeout, 0.02)  # come back for the thread's results soon
+        return self.proc.results(timeout=timeout)
+
+    def _retire_thread(self) -> None:
+        with self._lock:
+            if self.thread is None or self._outstanding > 0 or not self.proc.ready():
+                return
+            thread, self.thread = self.thread, None
+        thread.close()
+
+    def alive(self) -> bool:
+        return self.proc.alive()
+
+    def death(self) -> str:
+        return self.proc.death()
+
+    def restart(self) -> None:
+        with self._lock:
+            thread, self.thread = self.thread, None  # the jobs it held are resubmitted with the others
+        if thread is not None:
+            thread.close()
+        self.proc.restart()
+
+    def close(self) -> str | None:
+        with self._lock:
+            thread, self.thread = self.thread, None
+        if thread is not None:
+            thread.close()
+        return self.proc.close()

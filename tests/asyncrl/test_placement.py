@@ -44,7 +44,10 @@ def test_shared_weights_round_trip_without_pickle():
         board.close()
 
 
-def test_a_generator_process_pinned_to_its_core_gives_the_synchronous_run():
+def test_a_generator_process_pinned_to_its_core_gives_the_synchronous_run(monkeypatch):
+    from diptych.asyncrl import orchestrator
+
+    monkeypatch.setattr(orchestrator, "WARM_START", False)  # every step from the process (a warm start could do all 3)
     backend = get_backend("torch")
     cores = (max(os.sched_getaffinity(0)),)
     seen: list[set[int]] = []
@@ -63,6 +66,7 @@ def test_a_generator_process_pinned_to_its_core_gives_the_synchronous_run():
     state = train_grpo(backend, fresh_state(backend, cfg), TOK, reward, ROWS, cfg, rec)
     w_async = backend.export_weights(state)
     assert seen and all(s == set(cores) for s in seen)
+    assert rec.rows[3]["async/warm_start_jobs"] == 0
     assert [m_sync[s]["reward"] for s in (1, 2, 3)] == [rec.rows[s]["reward"] for s in (1, 2, 3)]
     for k in w_sync:
         np.testing.assert_array_equal(w_sync[k], w_async[k], err_msg=k)
@@ -135,14 +139,19 @@ def test_a_generator_killed_in_the_last_step_still_fails_and_leaves_the_previous
 @pytest.mark.slow
 def test_one_pipeline_saves_the_trainer_state_of_each_save_point(tmp_path):
     """Checkpoints written from inside the running pipeline hold the synchronous run's state at that step
-    (max_staleness 0: the oracle is the synchronous loop), and the generator started once."""
+    (max_staleness 0: the oracle is the synchronous loop), the generator started once, and its warm start (the
+    first jobs sampled in the trainer's process) changes no draw."""
     backend = get_backend("torch")
     sync2, _, _ = run(backend, config(steps=2))
     sync4, _, _ = run(backend, config(steps=4))
     cfg = config(steps=4, enabled=True, max_staleness=0, placement="process")
     kill = KillAt(0)  # kills nothing, records the generator pids
-    _trainer(tmp_path, cfg, kill).train()
+    trainer = _trainer(tmp_path, cfg, kill)
+    trainer.train()
     assert len(kill.pids) == 1
+    # the first step(s) came from the warm start (the trainer's process sampled while the generator process
+    # started), and the checkpoints still hold the synchronous run's weights
+    assert trainer.history[-1]["async/warm_start_jobs"] >= 1
     ck = Checkpointer(backend, tmp_path / "checkpoints", {"grpo": cfg})
     for step, want in ((2, sync2), (4, sync4)):
         state, meta = backend.restore(tmp_path / "checkpoints" / f"step_{step:08d}")
