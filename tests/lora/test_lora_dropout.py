@@ -100,6 +100,25 @@ def test_dropout_changes_the_step_but_not_scoring_or_sampling(name):
     np.testing.assert_array_equal(a.logprobs, b.logprobs)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_remat_recomputes_the_forwards_masks(name):
+    """With activation checkpointing the backward recomputes each layer: it must redraw the very masks the forward
+    drew (JAX: the same key; torch: the RNG state ``torch.utils.checkpoint`` stashed), or the gradient is wrong."""
+    be = get_backend(name)
+    spec, w = _spec()
+    adapters = _acting_adapters(name)
+    batch = [_sft_batch(spec.vocab_size)]
+    grads = {}
+    for remat in ("none", "layer"):
+        model = be.apply_lora(be.build(spec, w, **({"device": "cpu"} if name == "torch" else {})), DROP,
+                              adapters=adapters)
+        grads[remat] = be.gradients(be.init_train_state(model, OPTIM, seed=5, remat=remat), batch, "sft",
+                                    SFTLossConfig())
+    (g0, l0), (g1, l1) = grads["none"], grads["layer"]
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    np.testing.assert_allclose(_flat(g1), _flat(g0), rtol=1e-5, atol=1e-6 * np.abs(_flat(g0)).max())
+
+
 # -- the mask itself: an identity adapter on a zero base ---------------------------------------------------
 def _mask_oracle(out: np.ndarray, p: float) -> None:
     """``out`` is ``dropout(ones)``: a ``p`` fraction zeroed (4 binomial sigmas), the rest exactly 1 / (1 - p)."""
