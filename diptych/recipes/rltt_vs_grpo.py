@@ -134,8 +134,11 @@ def _codec() -> TokenizerCodec:
 
 
 def _pretrain_config(cfg: RLTTRecipeConfig) -> RecipeConfig:
+    # The schedule is pinned (constant AdamW, no warmup) so a change of recurrent_pretrain's defaults does not
+    # silently change this recipe's start (and its cache key).
     return RecipeConfig(task=TASK, backend=cfg.backend, steps=cfg.pretrain_steps, batch=cfg.pretrain_batch,
-                        lr=cfg.pretrain_lr, mean_recurrence=cfg.depth, backprop_depth=min(4, cfg.depth),
+                        lr=cfg.pretrain_lr, lr_schedule="constant", warmup=0, min_lr_ratio=0.0, clip=1.0,
+                        mean_recurrence=cfg.depth, backprop_depth=min(4, cfg.depth),
                         length=cfg.length, seed=cfg.pretrain_seed, baseline=False, width=cfg.width,
                         threads=cfg.threads, out=str(Path(cfg.out) / PRETRAINED))
 
