@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     discipline.add_arguments(p, rounds=1)
     p.add_argument("--backend", default="torch", choices=("torch", "jax"))
-    p.add_argument("--steps", type=int, default=60, help="GRPO steps per run (the quickstart's 60)")
+    p.add_argument("--steps", type=int, default=100,
+                   help="GRPO steps per run (enough that the generator start-up is a small part; quickstart: 60)")
     p.add_argument("--completion-length", type=int, default=32,
                    help="grpo.max_completion_length (the quickstart ships 6: training-bound, ceiling < 1.6x)")
     p.add_argument("--shape", default="balanced", choices=("balanced", "quickstart"),

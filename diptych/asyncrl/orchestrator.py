@@ -127,8 +127,10 @@ class AsyncGRPO:
         self._arrived: dict[int, int] = {}  # job step -> groups come back
         self._seen: set[int] = set()
         self._lock = threading.Lock()
+        self._needed = threading.Condition(self._lock)  # the feeder waits on it once every needed prompt is out
         self._gen_busy = self._gen_idle = 0.0
         self._gen_tokens = 0
+        self._gen_totals = [0.0, 0]  # busy seconds and tokens since the start: the generator's running throughput
         self.restarts = 0
         self.end = int(cfg.steps)
         self._dropped_total = 0  # groups dropped as stale: the feeder hands out as many prompts beyond the end
@@ -176,12 +178,13 @@ class AsyncGRPO:
         landing in such work would go unnoticed)."""
         try:
             for k, chunk in batch_iterator(self.rows, self.P, self.cfg.seed, start=self.start):
+                with self._needed:  # wait until the run needs this step's prompts (a stale drop may ask for more)
+                    while (k - self.start) * self.P >= (self.end - self.start) * self.P + self._dropped_total:
+                        if self._stop.is_set():
+                            return
+                        self._needed.wait(1.0)
                 ok, _ = self.slots.take(self.P)
                 if not ok or self._stop.is_set():
-                    return
-                with self._lock:
-                    needed = (self.end - self.start) * self.P + self._dropped_total
-                if (k - self.start) * self.P >= needed:
                     return
                 job = Job(step=k, rows=chunk, first_index=k * self.P)
                 with self._lock:  # not during a restart: the old generator's queues are closing
@@ -275,8 +278,9 @@ class AsyncGRPO:
             lag = self.version - gr.oldest
             if lag > k and self.a.stale_policy == "drop":
                 dropped += 1
-                with self._lock:
-                    self._dropped_total += 1  # before the slot is freed: the feeder wakes on it and counts
+                with self._needed:
+                    self._dropped_total += 1  # one more prompt needed: the feeder wakes and hands it out
+                    self._needed.notify_all()
                 self.slots.give(1)
                 continue
             groups.append(gr)
@@ -328,10 +332,14 @@ class AsyncGRPO:
             busy, idle, tokens = self._gen_busy, self._gen_idle, self._gen_tokens
             self._gen_busy = self._gen_idle = 0.0
             self._gen_tokens = 0
+            self._gen_totals[0] += busy
+            self._gen_totals[1] += tokens
+            total_busy, total_tokens = self._gen_totals
         train_s = timer.seconds.get("train", 0.0)
         metrics.update({
             "async/generator_idle_s": idle, "async/generator_busy_s": busy,
-            "async/generator_tokens_per_s": tokens / busy if busy > 0 else 0.0,
+            # since the start: a generator running ahead may hand in nothing during a step (the last ones)
+            "async/generator_tokens_per_s": total_tokens / total_busy if total_busy > 0 else 0.0,
             "async/trainer_tokens_per_s": float(batch["mask"].sum()) / train_s if train_s > 0 else 0.0,
             "async/restarts": float(self.restarts),
             "async/warm_start_jobs": float(getattr(self.generator, "thread_jobs", 0)),
@@ -379,6 +387,8 @@ class AsyncGRPO:
             return self._died
         self._closed = True
         self._stop.set()
+        with self._needed:
+            self._needed.notify_all()
         self.slots.close()
         for t in threads:
             t.join(timeout=10)

@@ -278,7 +278,13 @@ class ProcessGenerator(_Queued):
         if self.proc.is_alive():
             with contextlib.suppress(OSError, ValueError):
                 self.jobs.put(STOP)
-            self.proc.join(timeout=10)
+            deadline = time.monotonic() + 10
+            while self.proc.is_alive() and time.monotonic() < deadline:
+                # drain results nobody will read: a process exits only once its queue has flushed into the pipe
+                with contextlib.suppress(Exception):
+                    while True:
+                        self.out.get_nowait()
+                self.proc.join(timeout=0.05)
             if self.proc.is_alive():
                 stuck = True
                 self.proc.terminate()
