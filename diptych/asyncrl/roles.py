@@ -129,6 +129,11 @@ class ContinuousGenerator:
             if job is STOP:
                 return
             if isinstance(job, Job):
+                # Weights published before this job was handed over go in first (the trainer publishes before it
+                # frees the slots): else at max_staleness 0 every job after the first started stale and was dropped.
+                newer = poll(self.version)
+                if newer is not None:
+                    self.update_weights(newer[1], newer[0])
                 while self.sampler is None:  # the first weights are published before any job; wait for them
                     newer = poll(self.version)
                     if newer is not None:

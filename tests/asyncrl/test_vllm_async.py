@@ -208,3 +208,17 @@ def test_refusals_are_one_line_and_say_what_to_change(monkeypatch):
     with pytest.raises(RolloutEngineError, match=r"recurrent-depth.*rollout: native") as e:
         VLLMGenerator(get_backend("torch"), tiny_recurrent_spec(), TOK, cfg)
     assert "\n" not in str(e.value)
+
+
+def test_the_continuous_generator_at_max_staleness_0_drops_no_group():
+    """Both streaming generators (vLLM's and the native continuous one) poll for weights after a job arrives, not
+    only before: the trainer publishes before it frees the slots, so a job handed over after a step must start
+    on that step's weights. Polling only before the wait let every job after the first start one version stale, and
+    at max_staleness 0 all its groups were dropped (2 per step here). Native sampler: runs without vLLM."""
+    from helpers import config as native_config
+    from helpers import run as native_run
+
+    _, metrics, _ = native_run(get_backend("torch"), native_config(steps=3, enabled=True, max_staleness=0,
+                                                                   generator="continuous"))
+    assert [metrics[s]["async/groups_dropped"] for s in (1, 2, 3)] == [0.0, 0.0, 0.0]
+    assert [metrics[s]["async/staleness_max"] for s in (1, 2, 3)] == [0.0, 0.0, 0.0]
