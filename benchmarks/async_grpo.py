@@ -24,9 +24,12 @@ config with 32 completion tokens (longer completions, as in real RL, where sampl
 model narrowed to 64, where the two roles take about as long. Every run reports ``phases`` (the sync run's
 ``generate_s``, ``score_s``, ``train_s`` and the ``ceiling`` they allow; the async runs' generator busy / idle
 time, trainer idle time, weight publication, the first step's wait for the generator) so a figure can be
-judged against its ceiling. ``--shape quickstart --completion-length 6`` is the quickstart as shipped. The
-generator process's start-up (a new interpreter, torch, the model) overlaps the first steps: until it is
-ready the trainer's process samples them (``async/warm_start_jobs``).
+judged against its ceiling. ``--shape quickstart --completion-length 6`` is the quickstart as shipped.
+The generator process's start-up (a new interpreter, torch, the model) overlaps the first steps: until it is
+ready the trainer's process samples them (``async/warm_start_jobs``). Two roles gain only if the machine
+really runs two processes at once: the run first measures that (``core_parallelism``: two pinned processes'
+matmuls against one alone; about 0.5 on a busy machine or on two vCPUs sharing one core, where no
+asynchronous speed-up is possible).
 
     python benchmarks/async_grpo.py --seeds 0 1 2 --json benchmarks/results/async_grpo.json   # <= 10 min quiet
     python benchmarks/async_grpo.py --tiny --steps 4 --seeds 0 --rounds 1 --allow-noisy   # smoke run
@@ -107,6 +110,46 @@ def contender(args: argparse.Namespace, name: str, seed: int) -> Any:
     return run
 
 
+def _spin(core: int, seconds: float, out: Any) -> None:
+    """Matmuls on one core for ``seconds``; puts how many it did (the core-parallelism check's worker)."""
+    os.sched_setaffinity(0, {core})
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a = torch.tanh(a @ a)
+        n += 1
+    out.put(n)
+
+
+def core_parallelism(seconds: float = 2.0) -> dict[str, float]:
+    """How much work two pinned processes do together, relative to one alone (1.0: two real cores; about 0.5:
+    the two vCPUs share one core, or the machine is busy). The async speed-up cannot exceed
+    ``1 + efficiency x min/max`` of the roles' times, whatever the code does, so the figure goes with the result."""
+    import multiprocessing as mp
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return {"efficiency": float("nan")}
+    ctx = mp.get_context("spawn")
+
+    def run(which: list[int]) -> list[int]:
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_spin, args=(c, seconds, q)) for c in which]
+        for p in procs:
+            p.start()
+        got = [q.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join()
+        return got
+
+    alone = run([cores[0]])[0]
+    both = run([cores[0], cores[-1]])
+    return {"alone_ops": float(alone), "together_ops": float(sum(both)), "efficiency": sum(both) / (2 * alone)}
+
+
 @contextlib.contextmanager
 def timed_steps() -> Iterator[list[float]]:
     """The wall-clock of the training steps alone (``run_segments``: every step, the generator's start-up and the
@@ -159,12 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--staleness", type=int, nargs="+", default=[1, 2])
     p.add_argument("--correction", default="none", choices=("none", "tis", "decoupled"))
     p.add_argument("--tiny", action="store_true", help="a smoke-sized model and batch (not for the README)")
+    p.add_argument("--skip-core-check", action="store_true", help="skip the two-core parallelism check")
     args = p.parse_args(argv)
     names = ["sync", *(f"async-k{k}" for k in args.staleness)]
+    cores = {} if args.skip_core_check else core_parallelism()
     bench = discipline.Bench("async_grpo", args, config={"steps": args.steps, "seeds": args.seeds,
                                                          "backend": args.backend, "tiny": args.tiny,
                                                          "completion_length": args.completion_length,
-                                                         "shape": args.shape,
+                                                         "shape": args.shape, "core_parallelism": cores,
                                                          "correction": args.correction, "contenders": names})
     results: dict[str, Any] = {}
     for seed in args.seeds:
@@ -179,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         shown = " ".join(f"{k.removesuffix('_s')}={v:.2f}" for k, v in ph.items())
         table.append(f"{n:<10} {walls[n]:>27.2f} {walls['sync'] / walls[n]:>7.2f}x {reward:>12.3f}  {shown}")
     results["summary"] = {n: {"wall_s_median": walls[n], "speedup_vs_sync": walls["sync"] / walls[n]} for n in names}
+    if cores:
+        table.append(f"two-core parallelism: {cores['efficiency']:.2f} (two pinned processes together do that fraction "
+                     "of twice one alone's work; 1.0 on two free cores)")
     return bench.finish(results, table, args.json)
 
 

@@ -14,6 +14,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -275,6 +276,10 @@ class ProcessGenerator(_Queued):
         if self.proc is None:
             return None
         stuck = False
+        if self.proc.is_alive() and not self.ready():  # still starting up (a warm start served every job): it
+            stuck = True                               # holds no work, so do not wait for its imports to stop it
+            self.proc.terminate()
+            self.proc.join(timeout=5)
         if self.proc.is_alive():
             with contextlib.suppress(OSError, ValueError):
                 self.jobs.put(STOP)
@@ -289,7 +294,8 @@ class ProcessGenerator(_Queued):
                 stuck = True
                 self.proc.terminate()
                 self.proc.join(timeout=5)
-        died = None if stuck or self.proc.exitcode == 0 else self.death()
+        # 0: it took the STOP; -SIGTERM: this terminate; anything else (a kill, an error) it did on its own
+        died = None if self.proc.exitcode in (0, -signal.SIGTERM if stuck else 0) else self.death()
         for q in (self.jobs, self.out):
             q.cancel_join_thread()
             q.close()

@@ -123,6 +123,15 @@ def test_a_killed_generator_fails_clearly_or_restarts_and_checkpoints_stay_intac
     assert meta["step"] == (2 if policy == "fail" else 4)
     assert set(backend.export_weights(state)) == set(SPEC.init_weights(0))
     assert not _generators()
+    if policy == "fail":  # resumed from step 2, one new pipeline runs steps 3-4: the uninterrupted sync run's weights
+        resumed = GRPOTrainer(None, reward_funcs=variety, args=cfg, train_dataset=ROWS, backend=backend, tokenizer=TOK,
+                              out_dir=tmp_path, checkpoint=CheckpointConfig(every=2, keep_last=3),
+                              resume_from_checkpoint=True)
+        resumed.train()
+        want, _, _ = run(backend, config(steps=4))
+        got = backend.export_weights(resumed.state)
+        for k in want:
+            np.testing.assert_array_equal(want[k], got[k], err_msg=k)
 
 
 @pytest.mark.slow
