@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import needs_jax
 from helpers import ROWS, TOK, Recorder, variety
 
 from diptych.asyncrl.config import AsyncConfig
@@ -75,10 +76,14 @@ def engine():
     eng.close()
 
 
-@pytest.fixture(scope="module")
-def sync_run(engine):
-    """The oracle: synchronous GRPO with ``rollout: vllm`` on the shared engine (torch), 3 steps."""
-    return run(get_backend("torch"), config(steps=3), engine=engine)
+_SYNC: dict[tuple[str, int], tuple] = {}
+
+
+def sync_run(engine, name: str = "torch", steps: int = 3):
+    """The oracle: synchronous GRPO with ``rollout: vllm`` on the shared engine (computed once per backend)."""
+    if (name, steps) not in _SYNC:
+        _SYNC[name, steps] = run(get_backend(name), config(steps=steps), engine=engine)
+    return _SYNC[name, steps]
 
 
 def assert_same_run(sync, other, steps: int) -> None:
@@ -94,28 +99,29 @@ def assert_same_run(sync, other, steps: int) -> None:
 
 
 @needs_vllm
-@pytest.mark.slow  # two engine starts and 6 GRPO steps: 20-60 s on a loaded 2-core machine
-def test_max_staleness_0_with_the_vllm_generator_equals_the_synchronous_vllm_run(sync_run):
+@pytest.mark.parametrize("name", ["torch", pytest.param("jax", marks=[needs_jax, pytest.mark.slow])])  # jax: 15-40 s
+def test_max_staleness_0_with_the_vllm_generator_equals_the_synchronous_vllm_run(engine, name):
     """Same rollouts (every trained token array, sampled at temperature 1), same rewards, same weights after 3
     steps, exactly. The generator thread starts its own engine on the published weights and streams each job as
     one generate call of the synchronous loop would build it (same rows, same per-row seeds), and at staleness 0 a
     job runs alone on the weights the synchronous loop has; vLLM's seeded sampling is per request, so a second
     engine draws the same tokens."""
-    w_s = sync_run[0]
+    oracle = sync_run(engine, name)
+    w_s = oracle[0]
     assert max(float(np.abs(w_s[k] - SPEC.init_weights(0)[k]).max()) for k in w_s) > 1e-4  # the weights moved
-    other = run(get_backend("torch"), config(steps=3, enabled=True, max_staleness=0, generator="vllm"))
-    assert_same_run(sync_run, other, 3)
+    other = run(get_backend(name), config(steps=3, enabled=True, max_staleness=0, generator="vllm"))
+    assert_same_run(oracle, other, 3)
     for m in other[1].values():
         assert m["async/staleness_max"] == 0.0 and m["async/generator_tokens_per_s"] > 0
 
 
 @needs_vllm
 @pytest.mark.slow  # a spawned generator process imports vLLM and starts its engine: 30-90 s on a loaded machine
-def test_the_vllm_generator_in_its_own_process_equals_the_synchronous_run(sync_run):
+def test_the_vllm_generator_in_its_own_process_equals_the_synchronous_run(engine):
     """placement: process: the generator process builds its own engine from the weights in shared memory."""
     other = run(get_backend("torch"), config(steps=2, enabled=True, max_staleness=0, generator="vllm",
                                              placement="process"))
-    assert_same_run(sync_run, other, 2)
+    assert_same_run(sync_run(engine), other, 2)
 
 
 class _SharedEngineSpec:
@@ -246,7 +252,6 @@ def _kept_kv_logprobs(weights: dict[int, dict[str, np.ndarray]], prompt: list[in
 
 
 @needs_vllm
-@pytest.mark.slow  # a second 4-step swap run: 20-40 s on a loaded 2-core machine
 def test_weights_swapped_mid_generation_keep_the_kv_cache_by_default(engine):
     """Magistral's choice (``recompute_kv`` off): the rows keep the K/V their earlier tokens were computed with.
     Oracle: a numpy transcription of the model that scores each token with its version's weights attending to K/V
