@@ -21,7 +21,7 @@ in scoring + training (its ``time/*`` metrics): 2x when they are equal, 1.25x wh
 The quickstart as shipped (6 completion tokens, 96 wide) spends most of a step training, so its ceiling is
 about 1.25x, below the 1.6x target. The default here (``--shape balanced``) is the quickstart task and
 config with 32 completion tokens (longer completions, as in real RL, where sampling is the larger part) on the
-model narrowed to 64, where the two roles take about as long. Every run reports ``phases`` (the sync run's
+model narrowed to 48, where the two roles take about as long. Every run reports ``phases`` (the sync run's
 ``generate_s``, ``score_s``, ``train_s`` and the ``ceiling`` they allow; the async runs' generator busy / idle
 time, trainer idle time, weight publication, the first step's wait for the generator) so a figure can be
 judged against its ceiling. ``--shape quickstart --completion-length 6`` is the quickstart as shipped.
@@ -58,10 +58,11 @@ from benchmarks import discipline  # noqa: E402 (after the sys.path line)
 
 THREADS = discipline.pin_threads_early()  # before numpy, torch and jax load
 
-SHAPE = ["model.hidden_size=64", "model.intermediate_size=128"]
-"""The default shape: the quickstart's 2-layer model narrowed (96 -> 64 wide) so that with 32 completion tokens
-sampling and training take about as long (measured 0.23 s vs 0.29 s a step on one core; the quickstart as shipped
-is 0.11 vs 0.45 s, a ceiling of 1.25x). ``--shape quickstart`` keeps the shipped model."""
+SHAPE = ["model.hidden_size=48", "model.intermediate_size=96"]
+"""The default shape: the quickstart's 2-layer model narrowed (96 -> 48 wide, 4 heads of 12) so that with 32
+completion tokens sampling and training take about as long (measured 0.18-0.19 s vs 0.22-0.23 s a step on one
+core, load 8: a ceiling near 1.8x; the quickstart as shipped measured 0.11 vs 0.45 s, a ceiling of 1.25x).
+``--shape quickstart`` keeps the shipped model."""
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1", "data.n_train=64",
         "data.n_test=8", "grpo.prompts_per_step=4", "grpo.num_generations=4"]
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--completion-length", type=int, default=32,
                    help="grpo.max_completion_length (the quickstart ships 6: training-bound, ceiling < 1.6x)")
     p.add_argument("--shape", default="balanced", choices=("balanced", "quickstart"),
-                   help="balanced: the quickstart model 64 wide (sampling ~ training); quickstart: as shipped")
+                   help="balanced: the quickstart model 48 wide (sampling ~ training); quickstart: as shipped")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--staleness", type=int, nargs="+", default=[1, 2])
     p.add_argument("--correction", default="none", choices=("none", "tis", "decoupled"))
