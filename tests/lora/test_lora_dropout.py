@@ -23,8 +23,8 @@ BACKENDS = [pytest.param("jax", marks=pytest.mark.skipif(not HAS_JAX, reason="ja
             pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="torch not installed"))]
 needs_jax = pytest.mark.skipif(not HAS_JAX, reason="jax extra not installed")
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
-SUITE_SPEC = dict(vocab_size=64, hidden_size=32, intermediate_size=64)
-"""The train suite's shape (as tests/lora/test_lora_train.py), so JAX reuses compiled programs."""
+SUITE_SPEC = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+"""One small layer: JAX compiles a step per (config, remat), so the layer count is most of this file's time."""
 P = 0.3
 DROP = LoRAConfig(r=4, alpha=8.0, dropout=P)
 PLAIN = LoRAConfig(r=4, alpha=8.0)
@@ -185,12 +185,12 @@ def test_same_seed_same_weights_other_seed_other_weights(name, monkeypatch):
         L = lora_module("jax")
         install = L.set_dropout_rng
         monkeypatch.setattr(L, "set_dropout_rng", lambda model, key: (traces.append(1), install(model, key))[1])
-    a = _train(be, a, 3)
-    assert len(traces) <= 1, len(traces)  # 3 steps x 2 micro-batches: a retrace per key would count 6
+    a = _train(be, a, 2)
+    assert len(traces) <= 1, len(traces)  # 2 steps x 2 micro-batches: a retrace per key would count 4
     _, b = _state(name, DROP, seed=11)
-    b = _train(be, b, 3)
+    b = _train(be, b, 2)
     _, c = _state(name, DROP, seed=12)
-    c = _train(be, c, 3)
+    c = _train(be, c, 2)
     wa, wb, wc = (_flat(be.export_adapters(s.model)) for s in (a, b, c))
     assert np.array_equal(wa, wb)
     assert np.abs(wa - wc).max() > 1e-6
@@ -223,13 +223,12 @@ def test_saved_at_step_2_and_resumed_to_4_equals_the_straight_run(name, tmp_path
     resumed = _train(be, resumed, 4, start=2)
     a, b = be.export_adapters(straight.model), be.export_adapters(resumed.model)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    _, other = _state(name, DROP, seed=8)  # the check can fail: another seed's masks give other weights
-    assert not np.array_equal(_flat(be.export_adapters(_train(be, other, 4).model)), _flat(a))
+    # (that the masks act, and differ per seed, is test_same_seed_same_weights_other_seed_other_weights's)
 
 
 # -- recurrent-depth models on JAX ---------------------------------------------------------------------------
 @needs_jax
-def test_recurrent_model_trains_with_dropout_and_scores_without_it():
+def test_recurrent_model_trains_with_dropout():
     from diptych.core.recurrent_spec import tiny_recurrent_spec
 
     be = get_backend("jax")
@@ -255,17 +254,15 @@ def test_recurrent_model_trains_with_dropout_and_scores_without_it():
     g1b, l1b = be.gradients(state(lora), [batch], "sft", SFTLossConfig())
     assert l1b == l1 and np.array_equal(_flat(g1b), _flat(g1))
     st = state(lora)
-    losses = []
-    for _ in range(3):
+    for _ in range(2):
         st, m = be.train_step(st, [batch], "sft", SFTLossConfig())
-        losses.append(m["loss"])
-    assert all(np.isfinite(losses)) and m["skipped"] == 0.0
+        assert np.isfinite(m["loss"]) and m["skipped"] == 0.0
     base = be.export(st.model)
     assert all(np.array_equal(base[k], w[k]) for k in w)  # the base stays frozen
-    twin = be.apply_lora(be.build(spec, w), plain, adapters=be.export_adapters(st.model))
-    be.set_depth(twin, 3, 2)
-    lp = to_np(be.logprobs(st.model, tokens[:, :-1], None, tokens[:, 1:]))
-    np.testing.assert_array_equal(lp, to_np(be.logprobs(twin, tokens[:, :-1], None, tokens[:, 1:])))
+    assert _flat(be.export_adapters(st.model)).tolist() != _flat(adapters).tolist()  # the adapters trained
+    # outside the step the stored model carries no key, so its view is the merged (dropout-free) weights
+    view = st.model.param_dict()
+    assert view.rng is None and view.dropout == 0.5
 
 
 @needs_jax
