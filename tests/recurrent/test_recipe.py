@@ -27,7 +27,7 @@ def test_dense_targets_are_running_sums_and_the_answer():
 @pytest.mark.slow
 @needs_torch
 def test_recipe_runs_end_to_end_and_writes_results(tmp_path):
-    cfg = RecipeConfig(steps=4, batch=8, eval_size=8, eval_depths=(1, 2), out=str(tmp_path / "run"))
+    cfg = RecipeConfig(steps=4, warmup=1, batch=8, eval_size=8, eval_depths=(1, 2), out=str(tmp_path / "run"))
     results = run(cfg, log=lambda *_: None)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["params"] == results["params"] and {"sweep", "sweep_long", "baseline"} <= set(saved)
@@ -93,14 +93,17 @@ def test_lr_table_is_warmup_then_cosine_by_hand():
     hand = [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, *cosine]
     np.testing.assert_allclose(table, hand, rtol=1e-6)
     assert table[4] == pytest.approx(1e-2) and table[7] == pytest.approx(5.5e-3)  # the cosine's midpoint
-    np.testing.assert_allclose(lr_table(RecipeConfig(lr=2e-3, steps=5)), [2e-3] * 5)  # the default stays constant
+    np.testing.assert_allclose(lr_table(RecipeConfig(lr=2e-3, steps=5, warmup=0, lr_schedule="constant")), [2e-3] * 5)
 
 
 def test_bad_schedule_fails_before_training(tmp_path):
     from diptych.core.config import ConfigError
 
-    with pytest.raises(ConfigError, match="total_steps > warmup_steps"):
+    with pytest.raises(ValueError, match=r"--warmup \(10\) must be below --steps \(10\)"):
         run(RecipeConfig(steps=10, warmup=10, lr_schedule="linear", out=str(tmp_path)), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        run(RecipeConfig(steps=10, warmup=2, lr_schedule="linear", min_lr_ratio=2.0, out=str(tmp_path)),
+            log=lambda *_: None)
     with pytest.raises(ValueError, match="clip must be > 0"):
         run(RecipeConfig(clip=0.0, out=str(tmp_path)), log=lambda *_: None)
 
