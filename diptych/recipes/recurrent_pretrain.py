@@ -8,8 +8,9 @@ plateaued at r = 4-8. ``--task running_sum`` still runs it.) The model (prelude 
 coda 1, width 64) trains with Huginn's recipe scaled down: depth r drawn per step from the
 log-normal Poisson schedule with mean 8, backprop through the last k = 4 iterations, random
 initial state, AdamW at a constant 2e-3 (``--warmup`` and ``--lr-schedule`` add a warmup and a
-decay; which seeds learn depends on both, see the README). A baseline with the same parameters trains at a fixed r = 1 (a plain 4-layer
-transformer). Then held-out accuracy is measured at r = 1 ... 32, adaptively, and per length.
+decay; which seeds learn depends on both, see the README). A baseline with the same parameters
+trains at a fixed r = 1 (a plain 4-layer transformer). Then held-out accuracy is measured at
+r = 1 ... 32, adaptively, and per length.
 
     python -m diptych.recipes.recurrent_pretrain --out runs/recurrent_recipe
 
