@@ -8,7 +8,7 @@
 # are removed after the install.
 #
 # Usage: scripts/vllm_env.sh [VENV_DIR]   (default: .venv-vllm at the repo root)
-# Then:  .venv-vllm/bin/python -m pytest -q tests/rollout
+# Then:  .venv-vllm/bin/python -m pytest -q tests/rollout tests/asyncrl/test_vllm_async.py
 # On a GPU machine use `pip install -e '.[dev,jax,vllm]'` in the main venv instead (see docs/vllm.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -57,5 +57,8 @@ def trainer_engine(cfg: Any, backend: Any, model: Any, sampling: SamplingConfig)
     (the loops then call ``backend.generate`` on the live model, exactly as before the seam existed)."""
     if getattr(cfg, "rollout", "native") == "native":
         return None
+    a = getattr(cfg, "async_", None)
+    if a is not None and a.enabled and a.generator == "vllm":
+        return None  # the asynchronous generator starts its own engine (diptych.asyncrl.vllm_generator)
     return make_engine(cfg.rollout, backend, model, sampling=sampling, vllm=cfg.vllm,
                        max_model_len=int(cfg.max_prompt_length) + int(cfg.max_completion_length))

@@ -571,3 +571,19 @@ def test_server_mode_syncs_only_the_adapters_of_a_lora_policy(torch_backend, tmp
                            adapters=adapters, merged=lambda: merge_weights(w0, adapters, lora))
     plain.shutdown()
     thread.join(10)
+
+
+def test_async_vllm_generator_leaves_the_trainer_without_an_engine_of_its_own(monkeypatch):
+    """With async.generator=vllm the generator role starts the engine; a second, unused one would hold memory."""
+    from types import SimpleNamespace
+
+    from diptych.asyncrl.config import AsyncConfig
+    from diptych.rollout import engines
+
+    started = []
+    monkeypatch.setattr(engines, "make_engine", lambda *a, **k: started.append(a) or "engine")
+    base = dict(rollout="vllm", vllm=VLLMConfig(), max_prompt_length=8, max_completion_length=8)
+    sync = SimpleNamespace(**base, async_=AsyncConfig())
+    assert engines.trainer_engine(sync, None, None, SamplingConfig()) == "engine" and len(started) == 1
+    cfg = SimpleNamespace(**base, async_=AsyncConfig(enabled=True, generator="vllm"))
+    assert engines.trainer_engine(cfg, None, None, SamplingConfig()) is None and len(started) == 1
