@@ -56,6 +56,9 @@ class AsyncConfig:
     placement: Literal["thread", "process", "ray"] = "thread"
     """Where the generator runs: a thread of the trainer's process, its own process (weights through shared
     memory), or a Ray actor (weights through the object store; the ``ray`` extra)."""
+    warm_start: bool = True
+    """process placement, batch generator: the trainer's process samples the first jobs while the generator process
+    starts (its start-up is seconds), then hands over; the draws are the same either way."""
     generator_cores: tuple[int, ...] | None = None
     """process placement: pin the generator process to these CPU cores (``os.sched_setaffinity``)."""
     verifier_workers: int = 2

@@ -36,10 +36,6 @@ from diptych.asyncrl.queues import Scored, Slots
 from diptych.asyncrl.roles import Job, check_generator, group_lag
 from diptych.core.trainers.base import DivergenceError, StepTimer, TrainerError, batch_iterator, columns_of
 
-WARM_START = True
-"""Placement ``process`` with the batch generator: the trainer's process samples the first jobs while the generator
-process starts (:class:`diptych.asyncrl.placement.WarmStartGenerator`); the draws are the same either way."""
-
 
 class AsyncRLError(RuntimeError):
     """The asynchronous run cannot go on (a generator died or got stuck); says what happened and what to do."""
@@ -120,7 +116,7 @@ class AsyncGRPO:
         self.pool = ThreadPoolExecutor(self.a.verifier_workers, thread_name_prefix="diptych-verifier")
         self.loss = train_loss(cfg)
         self.on_publish, self.train_delay_s = on_publish, float(train_delay_s)
-        self.warm_start = WARM_START if warm_start is None else bool(warm_start)
+        self.warm_start = self.a.warm_start if warm_start is None else bool(warm_start)
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._pending: dict[int, Job] = {}  # jobs handed to the generator whose groups have not all come back

@@ -44,10 +44,7 @@ def test_shared_weights_round_trip_without_pickle():
         board.close()
 
 
-def test_a_generator_process_pinned_to_its_core_gives_the_synchronous_run(monkeypatch):
-    from diptych.asyncrl import orchestrator
-
-    monkeypatch.setattr(orchestrator, "WARM_START", False)  # every step from the process (a warm start could do all 3)
+def test_a_generator_process_pinned_to_its_core_gives_the_synchronous_run():
     backend = get_backend("torch")
     cores = (max(os.sched_getaffinity(0)),)
     seen: list[set[int]] = []
@@ -57,7 +54,9 @@ def test_a_generator_process_pinned_to_its_core_gives_the_synchronous_run(monkey
         return variety(prompts, completions)
 
     w_sync, m_sync, _ = run(backend, config(steps=3))
-    cfg = config(steps=3, enabled=True, max_staleness=0, placement="process", generator_cores=cores)
+    # warm_start off: every step from the process (a warm start could do all 3)
+    cfg = config(steps=3, enabled=True, max_staleness=0, placement="process", generator_cores=cores,
+                 warm_start=False)
     from helpers import Recorder, fresh_state
 
     from diptych.core.trainers.grpo import train_grpo
