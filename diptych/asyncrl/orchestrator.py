@@ -33,7 +33,8 @@ import numpy as np
 from diptych.asyncrl.groups import GeneratedBatch, Group, assemble
 from diptych.asyncrl.placement import Failure, GeneratorSpec, ProcessGenerator, ThreadGenerator, WarmStartGenerator
 from diptych.asyncrl.queues import Scored, Slots
-from diptych.asyncrl.roles import Job, check_generator, group_lag
+from diptych.asyncrl.roles import check_generator, group_lag
+from diptych.asyncrl.stream import Job
 from diptych.core.trainers.base import DivergenceError, StepTimer, TrainerError, batch_iterator, columns_of
 
 

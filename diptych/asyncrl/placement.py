@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from diptych.asyncrl.roles import STOP, Job, make_generator
+from diptych.asyncrl.roles import make_generator
+from diptych.asyncrl.stream import STOP, Job
 
 
 class GeneratorDied(RuntimeError):

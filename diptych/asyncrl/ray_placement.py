@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from diptych.asyncrl.placement import GeneratorSpec, LocalWeights, _Loop
-from diptych.asyncrl.roles import STOP, Job
+from diptych.asyncrl.stream import STOP, Job
 
 
 def _ray() -> Any:

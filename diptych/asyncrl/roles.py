@@ -16,36 +16,14 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
-from diptych.asyncrl.groups import GeneratedBatch, Group, group_from_finished, groups_from_rollout
-
-WeightPoll = Callable[[int], "tuple[int, Mapping[str, np.ndarray]] | None"]
-"""``poll(current_version) -> (version, weights)`` when newer weights exist, else None."""
-
-STOP = None
-"""The job that ends a generator loop."""
-
-
-@dataclass
-class Job:
-    """One step's prompts; group ``i`` of it has index ``first_index + i``."""
-
-    step: int
-    rows: list[dict[str, Any]]
-    first_index: int
-
-
-class Source(Protocol):
-    def get(self, timeout: float | None = None) -> Job | None: ...
-
-
-class Sink(Protocol):
-    def put(self, item: Any) -> None: ...
+from diptych.asyncrl.groups import GeneratedBatch, Group, groups_from_rollout
+from diptych.asyncrl.stream import STOP, Job, Sink, Source, StreamingGenerator, WeightPoll
 
 
 class BatchGenerator:
@@ -83,10 +61,8 @@ class BatchGenerator:
             idle = 0.0
 
 
-class ContinuousGenerator:
-    """Continuous batching (``diptych.rollout.continuous.ContinuousSampler``): new prompts enter free rows as
-    soon as they come, finished groups leave as soon as their last completion ends, and new weights are taken
-    between two decode steps without restarting the rows in flight."""
+class ContinuousGenerator(StreamingGenerator):
+    """Continuous batching on the native sampler (``diptych.rollout.continuous.ContinuousSampler``)."""
 
     def __init__(self, backend: Any, spec: Any, tokenizer: Any, cfg: Any, slots: int, recompute_kv: bool = False,
                  step_delay_s: float = 0.0) -> None:
@@ -109,62 +85,21 @@ class ContinuousGenerator:
             self.sampler.update_weights(dict(weights), int(version))
         self.version = int(version)
 
-    def run(self, source: Source, sink: Sink, poll: WeightPoll, should_stop: Callable[[], bool]) -> None:
-        from diptych.core.trainers.base import encode_prompts
+    def _ready(self) -> bool:
+        return self.sampler is not None
 
-        g, cfg = self.cfg.num_generations, self.cfg
-        pad = int(self.tokenizer.pad_id)
-        open_groups: dict[int, tuple[Job, int, dict[int, Any]]] = {}  # index -> (job, position, finished by j)
-        idle, busy, done = 0.0, 0.0, []
-        while not should_stop():
-            t0 = time.perf_counter()
-            newer = poll(self.version)
-            if newer is not None:
-                self.update_weights(newer[1], newer[0])
-            inflight = self.sampler is not None and (self.sampler.busy or self.sampler.waiting)
-            try:
-                job = source.get(timeout=0.0 if inflight else 0.1)
-            except queue.Empty:
-                job = -1  # nothing new
-            if job is STOP:
-                return
-            if isinstance(job, Job):
-                # Weights published before this job was handed over go in first (the trainer publishes before it
-                # frees the slots): else at max_staleness 0 every job after the first started stale and was dropped.
-                newer = poll(self.version)
-                if newer is not None:
-                    self.update_weights(newer[1], newer[0])
-                while self.sampler is None:  # the first weights are published before any job; wait for them
-                    newer = poll(self.version)
-                    if newer is not None:
-                        self.update_weights(newer[1], newer[0])
-                    elif should_stop():
-                        return
-                    else:
-                        time.sleep(0.01)
-                ids = encode_prompts(self.tokenizer, [r["prompt"] for r in job.rows], cfg.max_prompt_length)
-                for i, p in enumerate(ids):
-                    open_groups[job.first_index + i] = (job, i, {})
-                    for j in range(g):
-                        self.sampler.submit((job.first_index + i, j), p)
-                inflight = True
-            if not inflight:
-                idle += time.perf_counter() - t0
-                continue
-            t1 = time.perf_counter()
-            for f in self.sampler.step():
-                index, j = f.request_id
-                open_groups[index][2][j] = f
-                if len(open_groups[index][2]) == g:
-                    job_, i, fin = open_groups.pop(index)
-                    done.append(group_from_finished([fin[k] for k in range(g)], job_.rows[i], index, job_.step,
-                                                    cfg.max_prompt_length, cfg.max_completion_length, pad))
-            if self.step_delay_s:
-                time.sleep(self.step_delay_s)  # a scripted slow generator (tests): weights land mid-generation
-            busy += time.perf_counter() - t1
-            if done:
-                sink.put(GeneratedBatch(done, busy_s=busy, idle_s=idle))
-                idle, busy, done = 0.0, 0.0, []
+    def _inflight(self) -> bool:
+        return bool(self.sampler.busy or self.sampler.waiting)
+
+    def _submit(self, job: Job, ids: list[list[int]]) -> None:
+        for i, p in enumerate(ids):
+            for j in range(self.cfg.num_generations):
+                self.sampler.submit((job.first_index + i, j), p)
+
+    def _finished(self) -> Iterator[tuple[int, int, Any]]:
+        for f in self.sampler.step():
+            index, j = f.request_id
+            yield index, j, f
 
 
 def check_generator(cfg: Any, engine: Any = None) -> None:

@@ -19,15 +19,12 @@ vLLM is imported only when an engine starts; this module imports without it.
 
 from __future__ import annotations
 
-import queue
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from diptych.asyncrl.groups import GeneratedBatch, group_from_finished
-from diptych.asyncrl.roles import STOP, Job, Sink, Source, WeightPoll
+from diptych.asyncrl.stream import Job, Sink, Source, StreamingGenerator, WeightPoll
 
 
 def check_vllm_generator(cfg: Any) -> None:
@@ -56,7 +53,7 @@ def check_vllm_generator(cfg: Any) -> None:
         raise TrainerError(f"async.generator=vllm needs vLLM, which is not installed; {INSTALL_HINT}.")
 
 
-class VLLMGenerator:
+class VLLMGenerator(StreamingGenerator):
     """The generator role on a vLLM engine; see the module docstring.
 
     ``engine``: an engine to drive instead of starting one (tests share one across runs); it is left open.
@@ -97,68 +94,28 @@ class VLLMGenerator:
 
     def run(self, source: Source, sink: Sink, poll: WeightPoll, should_stop: Callable[[], bool]) -> None:
         try:
-            self._loop(source, sink, poll, should_stop)
+            super().run(source, sink, poll, should_stop)
         finally:
             self.close()
 
-    def _loop(self, source: Source, sink: Sink, poll: WeightPoll, should_stop: Callable[[], bool]) -> None:
-        from diptych.core.trainers.base import encode_prompts
+    def _ready(self) -> bool:
+        return self.engine is not None and self.version >= 0
 
-        cfg, g = self.cfg, int(self.cfg.num_generations)
-        sampling = cfg.sampling(self.tokenizer)
-        pad = int(self.tokenizer.pad_id)
-        open_groups: dict[int, tuple[Job, int, dict[int, Any]]] = {}  # index -> (job, position, finished by j)
-        idle, busy, done = 0.0, 0.0, []
-        while not should_stop():
-            t0 = time.perf_counter()
-            newer = poll(self.version)
-            if newer is not None:
-                self.update_weights(newer[1], newer[0])
-            inflight = self.engine is not None and self.engine.streaming
-            try:
-                job = source.get(timeout=0.0 if inflight else 0.1)
-            except queue.Empty:
-                job = -1  # nothing new
-            if job is STOP:
-                return
-            if isinstance(job, Job):
-                # Weights published before this job was handed over go in first: the trainer publishes before it
-                # frees the slots, so at max_staleness 0 every job is sampled with the synchronous loop's weights.
-                newer = poll(self.version)
-                if newer is not None:
-                    self.update_weights(newer[1], newer[0])
-                while self.version < 0:  # the first weights are published before any job; wait for them
-                    newer = poll(self.version)
-                    if newer is not None:
-                        self.update_weights(newer[1], newer[0])
-                    elif should_stop():
-                        return
-                    else:
-                        time.sleep(0.01)
-                ids = encode_prompts(self.tokenizer, [r["prompt"] for r in job.rows], cfg.max_prompt_length)
-                self.engine.submit(ids, sampling, seed=int(cfg.seed) * 100003 + job.step, tag=job.first_index)
-                for i in range(len(ids)):
-                    open_groups[job.first_index + i] = (job, i, {})
-                inflight = True
-            if not inflight:
-                idle += time.perf_counter() - t0
-                continue
-            t1 = time.perf_counter()
-            for f in self.engine.step():
-                first, r = f.request_id
-                i, j = divmod(int(r), g)
-                f.versions = self._trainer_versions(f.versions)
-                open_groups[first + i][2][j] = f
-                if len(open_groups[first + i][2]) == g:
-                    job_, pos, fin = open_groups.pop(first + i)
-                    done.append(group_from_finished([fin[k] for k in range(g)], job_.rows[pos], first + i, job_.step,
-                                                    cfg.max_prompt_length, cfg.max_completion_length, pad))
-            if self.step_delay_s:
-                time.sleep(self.step_delay_s)  # a scripted slow engine step (tests): weights land mid-generation
-            busy += time.perf_counter() - t1
-            if done:
-                sink.put(GeneratedBatch(done, busy_s=busy, idle_s=idle))
-                idle, busy, done = 0.0, 0.0, []
+    def _inflight(self) -> bool:
+        return bool(self.engine.streaming)
+
+    def _submit(self, job: Job, ids: list[list[int]]) -> None:
+        cfg = self.cfg
+        self.engine.submit(ids, cfg.sampling(self.tokenizer), seed=int(cfg.seed) * 100003 + job.step,
+                           tag=job.first_index)
+
+    def _finished(self) -> Iterator[tuple[int, int, Any]]:
+        g = int(self.cfg.num_generations)
+        for f in self.engine.step():
+            first, r = f.request_id
+            i, j = divmod(int(r), g)
+            f.versions = self._trainer_versions(f.versions)
+            yield first + i, j, f
 
     def close(self) -> None:
         """Stop the engine this generator started (an engine handed in stays open, drained of this run's rows)."""
