@@ -196,13 +196,7 @@ def test_same_seed_same_weights_other_seed_other_weights(name, monkeypatch):
     assert np.abs(wa - wc).max() > 1e-6
 
 
-TORCH_SEED_GAP = ("diptych/backends/torch/checkpoint.py does not store TrainState.seed yet (the lead's file: save "
-                  "'seed' with the metadata and pass it to init_train_state on restore, as jax/checkpoint.py does)")
-CARRY = [BACKENDS[0], pytest.param("torch", marks=[BACKENDS[1].marks[0], pytest.mark.xfail(strict=True,
-                                                                                            reason=TORCH_SEED_GAP)])]
-
-
-@pytest.mark.parametrize("name", CARRY)
+@pytest.mark.parametrize("name", BACKENDS)
 def test_a_checkpoint_keeps_the_seed(name, tmp_path):
     be, state = _state(name, DROP, seed=7)
     be.save(state, tmp_path / "step_0")
@@ -218,8 +212,6 @@ def test_saved_at_step_2_and_resumed_to_4_equals_the_straight_run(name, tmp_path
     be.save(cut, tmp_path / "step_2")
     resumed, _ = be.restore(tmp_path / "step_2")
     assert resumed.step == 2
-    if name == "torch":  # TORCH_SEED_GAP (test_a_checkpoint_keeps_the_seed): the run's seed, as its config has it
-        resumed.seed = 7
     resumed = _train(be, resumed, 4, start=2)
     a, b = be.export_adapters(straight.model), be.export_adapters(resumed.model)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -285,10 +277,10 @@ def test_recurrent_iterations_draw_their_own_masks():
 
 # -- through the trainer: a killed GRPO run with dropout resumes exactly --------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CARRY)
+@pytest.mark.parametrize("name", BACKENDS)
 def test_killed_and_resumed_grpo_run_with_dropout_equals_the_uninterrupted_run(name, tmp_path, monkeypatch):
     """The trainers' own checkpoint path (seed 3, a KL term, two micro-batches): the masks after the resume are
-    the uninterrupted run's, so losses and adapters agree bit for bit (torch: TORCH_SEED_GAP)."""
+    the uninterrupted run's, so losses and adapters agree bit for bit."""
     from diptych.core.trainers.base import DivergenceGuard
     from tests.lora.test_lora_checkpoint import LORA, STEPS, Killed, grpo_trainer
 

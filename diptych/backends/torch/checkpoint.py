@@ -67,7 +67,9 @@ def save(state: train.TrainState, path: str | os.PathLike, *, metadata: dict[str
             save_file(head, str(tmp / "value_head.safetensors"))
         torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
         ckpt.write_metadata(tmp, backend="torch", step=state.step, spec=spec, optim=state.optim,
-                            extra=checkpoint_extra(state.model, head is not None, lora), user=metadata)
+                            extra={**checkpoint_extra(state.model, head is not None, lora),
+                                   "seed": state.seed},  # LoRA dropout's masks continue from it
+                            user=metadata)
     if keep_last is not None:
         ckpt.prune(path.parent, keep_last)
     return path
@@ -95,7 +97,8 @@ def restore(path: str | os.PathLike, *, device: str | None = None, mesh: Any = N
         model = train._lora().apply_lora(model, lora, adapters=_read_adapters(path, lora))
         if lora.quantize_base == "nf4":
             load_nf4_tensors(model, load_file(str(path / NF4_FILE)))
-    state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")))
+    state = train.init_train_state(model, optim, value_head=bool(meta.get("value_head")),
+                                   seed=int(meta.get("seed", 0)))  # a checkpoint older than the seed: 0
     if meta.get("value_head"):
         train.load_weights(state, load_file(str(path / "value_head.safetensors")))
     opt_file = path / "optimizer.pt"

@@ -497,7 +497,7 @@ def save(state: T.TrainState, path: str | os.PathLike, *, metadata: dict[str, An
             ckpt.write_metadata(tmp, backend="torch", step=state.step, spec=state.model.spec, optim=state.optim,
                                 extra={"value_head": state.value_head is not None,
                                        "kernels": getattr(state.model, "kernels", None),
-                                       "sharded": True, "mesh": cfg.as_dict()},
+                                       "sharded": True, "mesh": cfg.as_dict(), "seed": state.seed},
                                 user=metadata)
     return path
 
@@ -534,7 +534,8 @@ def restore(path: str | os.PathLike, mesh: MeshConfig | None = None) -> tuple[T.
         model = shard_model(model, cfg, mixed_precision=optim.mixed_precision)
     head = bool(meta.get("value_head"))
     # the checkpoint holds float32 weights and moments: load them into a float32 state first
-    state = T.init_train_state(model, dataclasses.replace(optim, mixed_precision="none"), value_head=head)
+    seed = int(meta.get("seed", 0))
+    state = T.init_train_state(model, dataclasses.replace(optim, mixed_precision="none"), value_head=head, seed=seed)
     sd = _state_dicts(state)
     dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
     modules = _modules(state)
@@ -544,7 +545,7 @@ def restore(path: str | os.PathLike, mesh: MeshConfig | None = None) -> tuple[T.
     state.optim = optim
     if cfg.is_single and optim.mixed_precision == "bf16":  # one process: bf16 model, float32 master copy
         moments, value_head = T.export_optimizer(state), T.export_value_head(state)
-        state = T.init_train_state(state.model, optim, value_head=head)
+        state = T.init_train_state(state.model, optim, value_head=head, seed=seed)
         T.load_optimizer(state, moments)
         if value_head is not None:
             T.load_weights(state, value_head)
