@@ -39,7 +39,7 @@ from diptych.commands.retrofit import retrofit_folder
 from diptych.core.hf import load_hf_folder, save_hf_folder
 from diptych.core.recurrent_spec import RecurrentSpec
 from diptych.core.spec import tiny_spec
-from diptych.recipes.recurrent_pretrain import TASKS, CharCodec, RecipeConfig, _encode, _task
+from diptych.recipes.recurrent_pretrain import TASKS, CharCodec, RecipeConfig, _encode, _ints, _task
 from diptych.recurrent.schedule import DepthDraw, DepthSchedule, ScheduleError
 from diptych.recurrent.sweep import score
 
@@ -317,13 +317,6 @@ def run(cfg: RetrofitRecipeConfig, log: Any = print) -> dict[str, Any]:
     results["wall_seconds"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

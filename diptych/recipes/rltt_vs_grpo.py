@@ -45,7 +45,7 @@ from diptych.core.optim import OptimConfig
 from diptych.core.recurrent_spec import RecurrentSpec, tiny_recurrent_spec
 from diptych.core.tokenizer import CharTokenizer
 from diptych.core.trainers.grpo import GRPOConfig, train_grpo
-from diptych.recipes.recurrent_pretrain import TASKS, CharCodec, RecipeConfig, _encode, _task, train_model
+from diptych.recipes.recurrent_pretrain import TASKS, CharCodec, RecipeConfig, _encode, _ints, _task, train_model
 from diptych.recurrent.schedule import DepthSchedule
 from diptych.recurrent.sweep import score
 from diptych.recurrent.training import DepthPolicy
@@ -293,13 +293,6 @@ def run(cfg: RLTTRecipeConfig, log: Any = print) -> dict[str, Any]:
                "summary": _summary(cfg, before, runs), "wall_seconds": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
 
 
 def _words(text: str) -> tuple[str, ...]:
