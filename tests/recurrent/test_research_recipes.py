@@ -12,6 +12,7 @@ import pytest
 
 from diptych.recurrent.schedule import DepthSchedule, ScheduleError
 from tests.conftest import needs_torch
+from tests.recurrent.helpers import bypass_sandwich_norms
 
 pytestmark = needs_torch
 
@@ -122,7 +123,6 @@ def test_retrofit_recipe_carries_the_trained_llama_over_exactly(tmp_path, monkey
     gives them to float32 rounding; with the real norms the gap is what the recipe reports (``logit_gap``)."""
     import torch
 
-    import diptych.backends.torch.recurrent_layers as L
     from diptych.backends.torch import model as tm
     from diptych.backends.torch import recurrent as rb
     from diptych.commands.retrofit import retrofit_folder
@@ -141,17 +141,7 @@ def test_retrofit_recipe_carries_the_trained_llama_over_exactly(tmp_path, monkey
     gap = C.logit_gap(source, retro, tokens, mask)
     assert gap["mean_kl_nats"] > 1e-4  # the sandwich norms change the function (so the bypass below matters)
 
-    def llama_block(self, x, rope, allowed):
-        x = self.attn(self.norm_1(x), rope, allowed) + x
-        return self.mlp(self.norm_3(x)) + x
-
-    def coda_then_ln_f(model, ctx, x):
-        for block in model.transformer.coda:
-            x = block(x, ctx.rope, ctx.allowed)
-        return model.transformer.ln_f(x)
-
-    monkeypatch.setattr(L.SandwichBlock, "forward", llama_block)
-    monkeypatch.setattr(L, "final_hidden", coda_then_ln_f)
+    bypass_sandwich_norms(monkeypatch)
     with torch.no_grad():
         want = tm.forward(source, tokens, mask).numpy()
         got = rb.forward(retro, tokens, mask, num_steps=1).numpy()

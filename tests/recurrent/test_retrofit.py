@@ -19,6 +19,7 @@ from diptych.core.hf import load_hf_folder, save_hf_folder
 from diptych.core.retrofit import RetrofitError, core_layers, retrofit
 from diptych.core.spec import tiny_spec
 from tests.conftest import needs_jax, needs_torch, needs_transformers
+from tests.recurrent.helpers import bypass_sandwich_norms
 
 pytestmark = [needs_torch, needs_transformers]
 
@@ -52,21 +53,10 @@ def _logits(name: str, folder, tokens, num_steps: int) -> np.ndarray:
 
 
 def test_every_carried_over_weight_is_exact_once_the_sandwich_norms_are_bypassed(folders, monkeypatch):
-    import diptych.backends.torch.recurrent_layers as L
 
     root, tokens, ref = folders
 
-    def llama_block(self, x, rope, allowed):
-        x = self.attn(self.norm_1(x), rope, allowed) + x
-        return self.mlp(self.norm_3(x)) + x
-
-    def coda_then_ln_f(model, ctx, x):
-        for block in model.transformer.coda:
-            x = block(x, ctx.rope, ctx.allowed)
-        return model.transformer.ln_f(x)
-
-    monkeypatch.setattr(L.SandwichBlock, "forward", llama_block)
-    monkeypatch.setattr(L, "final_hidden", coda_then_ln_f)
+    bypass_sandwich_norms(monkeypatch)
     got = _logits("torch", root / "out", tokens, 1)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert np.abs(ref).max() > 0.1  # non-trivial logits, so the comparison can fail
