@@ -61,3 +61,17 @@ def run(backend, cfg, spy=None, **kw):
 
 def with_async(cfg: GRPOConfig, **kw) -> GRPOConfig:
     return dataclasses.replace(cfg, async_=dataclasses.replace(cfg.async_, **kw))
+
+
+def train_recording_groups(run, rec) -> list:
+    """Run an ``AsyncGRPO`` to its end, logging to ``rec``; returns every group the trainer trained on."""
+    trained, take = [], run._take_batch_for_step
+
+    def spy():
+        groups, m = take()
+        trained.extend(groups)
+        return groups, m
+
+    run._take_batch_for_step = spy
+    run.run(run.cfg.steps, lambda s, st, m: rec.log(s, m))
+    return trained

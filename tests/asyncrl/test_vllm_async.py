@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 from conftest import needs_jax
-from helpers import ROWS, TOK, Recorder, variety
+from helpers import ROWS, TOK, Recorder, train_recording_groups, variety
 
 from diptych.asyncrl.config import AsyncConfig
 from diptych.asyncrl.orchestrator import AsyncGRPO, Phases
@@ -147,17 +147,8 @@ def _swap_run(engine, recompute_kv: bool):
                     train=grpo.train_on_batch)
     run_ = AsyncGRPO(backend, fresh_state(backend), TOK, variety, ROWS, cfg, phases, generator=gen,
                      on_publish=lambda v, w: saved.__setitem__(v, {k: np.array(x) for k, x in w.items()}))
-    trained = []
-    take = run_._take_batch_for_step
-
-    def spy():
-        groups, m = take()
-        trained.extend(groups)
-        return groups, m
-
-    run_._take_batch_for_step = spy
     rec = Recorder()
-    run_.run(cfg.steps, lambda s, st, m: rec.log(s, m))
+    trained = train_recording_groups(run_, rec)
     mixed = [(g, r) for g in trained for r in range(len(g.arrays["mask"]))
              if len(np.unique(g.arrays["versions"][r][g.arrays["mask"][r] > 0])) > 1]
     assert mixed, "no completion spans two weight versions: the swap did not land mid-generation"

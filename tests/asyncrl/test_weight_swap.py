@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 from conftest import needs_jax
-from helpers import ROWS, SPEC, TOK, Recorder, config, fresh_state, variety
+from helpers import ROWS, SPEC, TOK, Recorder, config, fresh_state, train_recording_groups, variety
 
 from diptych.asyncrl.orchestrator import AsyncGRPO, Phases
 from diptych.core.backend import get_backend
@@ -28,17 +28,8 @@ def test_rows_span_two_versions_and_their_versions_and_logprobs_are_right(name):
     saved: dict[int, dict[str, np.ndarray]] = {}
     run = AsyncGRPO(backend, fresh_state(backend, cfg), TOK, variety, ROWS, cfg, phases, step_delay_s=0.2,
                     on_publish=lambda v, w: saved.__setitem__(v, {k: np.array(x) for k, x in w.items()}))
-    trained = []
-    take = run._take_batch_for_step
-
-    def spy():
-        groups, m = take()
-        trained.extend(groups)
-        return groups, m
-
-    run._take_batch_for_step = spy
     rec = Recorder()
-    run.run(cfg.steps, lambda s, st, m: rec.log(s, m))
+    trained = train_recording_groups(run, rec)
 
     mixed = [g for g in trained for r in range(len(g.arrays["mask"]))
              if len(np.unique(g.arrays["versions"][r][g.arrays["mask"][r] > 0])) > 1]
