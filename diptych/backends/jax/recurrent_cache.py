@@ -4,8 +4,11 @@ The cache is a dict of preallocated buffers ``[..., B, T_max, kv_heads, head_dim
 prelude layer, one per (core layer, iteration) and one per coda layer, plus the key-validity
 mask (left padding and finished rows are never attended) and each row's next RoPE position.
 Every write is an index update at a traced column or iteration, so each primitive compiles
-once per rollout shape, not per token. A token that exited at depth d < num_steps gets its
-slots d+1..num_steps filled with its slot d (Huginn's "latest" fallback), row by row.
+once per rollout shape, not per token; the core buffers are written once per token (all its
+iterations' K/V at its column), never inside the loop over iterations, so a token costs what its
+iterations read, not a copy of the whole cache per iteration (``_core``). A token that exited at
+depth d < num_steps gets its slots d+1..num_steps filled with its slot d (Huginn's "latest"
+fallback), row by row.
 Mirrors ``diptych.backends.torch.recurrent_cache``; the loop that drives it is
 ``diptych.recurrent.generate``.
 """
@@ -65,15 +68,50 @@ def _stack(P: Params, spec: RecurrentSpec, name: str, x: jax.Array, rope, ck: ja
 
 def _core(P: Params, spec: RecurrentSpec, x: jax.Array, e: jax.Array, rope, ck: jax.Array, cv: jax.Array, it: Any,
           col: Any, allowed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Iteration ``it`` (0-based) of the core block, reading and writing the (layer, it) slots."""
+    """Iteration ``it`` (0-based) of the core block against the (layer, it) slots, which it reads but never writes.
+
+    Returns the new state and the new positions' K/V ``[core layers, B, S, kv, hd]`` for the caller to write
+    once. Writing into the cache here, inside the loop over iterations (or once per ``_step`` call), made XLA
+    on CPU copy both whole core buffers every iteration (each ``[core, steps, B, T, kv, hd]``), so a token
+    cost O(steps^2 * B * T): 19x batch 1's time at batch 8 and depth 64 (``_fixed`` at batch 8: 2x the
+    core buffer's bytes in temporaries, tests/recurrent/test_jax_recurrent_compiles.py).
+    """
     x = jnp.concatenate([x, e], axis=-1) @ P["transformer.adapter.weight"].T
     if "transformer.adapter.bias" in P:
         x = x + P["transformer.adapter.bias"]
+    ks, vs = [], []
     for layer in range(ck.shape[0]):
-        x, kb, vb = _cached_block(P, f"transformer.core_block.{layer}.", spec, x, rope, ck[layer, it], cv[layer, it],
-                                  col, allowed)
-        ck, cv = ck.at[layer, it].set(kb), cv.at[layer, it].set(vb)
-    return x, ck, cv
+        p = f"transformer.core_block.{layer}."
+        q, k, v = _qkv(P, p, spec, x, rope)
+        kb = jax.lax.dynamic_update_slice(jax.lax.dynamic_index_in_dim(ck[layer], it, keepdims=False),
+                                          k.astype(ck.dtype), (0, col, 0, 0))
+        vb = jax.lax.dynamic_update_slice(jax.lax.dynamic_index_in_dim(cv[layer], it, keepdims=False),
+                                          v.astype(cv.dtype), (0, col, 0, 0))
+        x = _block_out(P, p, spec, x, _attend(q, kb, vb, allowed))
+        ks.append(k.astype(ck.dtype))
+        vs.append(v.astype(cv.dtype))
+    return x, jnp.stack(ks), jnp.stack(vs)
+
+
+def _core_loop(P: Params, spec: RecurrentSpec, x: jax.Array, e: jax.Array, rope, cache: Cache, col: Any,
+               allowed: jax.Array, frozen: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+    """Every iteration of the core block (``frozen`` rows keep their state), then one write of all the new K/V.
+
+    The loop only reads the core buffers; its per-iteration K/V come out stacked (``lax.scan``) and go in
+    with one ``dynamic_update_slice`` at column ``col``, in place on the donated cache.
+    """
+    ck, cv = cache["core_k"], cache["core_v"]
+
+    def body(x, it):
+        new, k, v = _core(P, spec, x, e, rope, ck, cv, it, col, allowed)
+        if frozen is not None:
+            new = jnp.where(frozen[:, None, None], x, new)
+        return new, (k, v)
+
+    x, (ks, vs) = jax.lax.scan(body, x, jnp.arange(ck.shape[1]))  # ks: [steps, core, B, S, kv, hd]
+    start = (0, 0, 0, col, 0, 0)
+    return x, {**cache, "core_k": jax.lax.dynamic_update_slice(ck, jnp.swapaxes(ks, 0, 1), start),
+               "core_v": jax.lax.dynamic_update_slice(cv, jnp.swapaxes(vs, 0, 1), start)}
 
 
 def _readout(P: Params, spec: RecurrentSpec, cache: Cache, x: jax.Array, rope, col: Any,
@@ -98,14 +136,8 @@ def _prefill(P: Params, spec: RecurrentSpec, cache: Cache, tokens: jax.Array, ma
     allowed = (jnp.arange(T)[None, :] <= jnp.arange(S)[:, None])[None] & valid[:, None, :]
     e, pk, pv = _stack(P, spec, "prelude", _embed(P, spec, tokens), rope, cache["pre_k"], cache["pre_v"], 0, allowed)
 
-    def body(it, carry):
-        x, ck, cv = carry
-        return _core(P, spec, x, e, rope, ck, cv, it, 0, allowed)
-
-    x, ck, cv = jax.lax.fori_loop(0, cache["core_k"].shape[1], body,
-                                  (s0.astype(e.dtype), cache["core_k"], cache["core_v"]))
-    cache = {**cache, "pre_k": pk, "pre_v": pv, "core_k": ck, "core_v": cv, "valid": valid,
-             "count": mask.sum(-1).astype(jnp.int32)}
+    x, cache = _core_loop(P, spec, s0.astype(e.dtype), e, rope, cache, 0, allowed)
+    cache = {**cache, "pre_k": pk, "pre_v": pv, "valid": valid, "count": mask.sum(-1).astype(jnp.int32)}
     cache, logits = _readout(P, spec, cache, x, rope, 0, allowed)
     return cache, x[:, -1:], logits
 
@@ -122,11 +154,16 @@ def _feed(P: Params, spec: RecurrentSpec, cache: Cache, tokens: jax.Array, valid
     return cache, (e, rope, allowed)
 
 
-@partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
-def _step(P: Params, spec: RecurrentSpec, cache: Cache, ctx, x: jax.Array, it: jax.Array, col: jax.Array):
+@partial(jax.jit, static_argnames=("spec",), donate_argnames=("cols",))
+def _step(P: Params, spec: RecurrentSpec, cache: Cache, cols: tuple[jax.Array, jax.Array], ctx, x: jax.Array,
+          it: jax.Array, col: jax.Array):
+    """One iteration (adaptive depth): reads the cache, writes its K/V into the token's own small ``cols``
+    buffers ``[core, steps, B, 1, kv, hd]``; ``_commit`` moves them into the cache once the token is done."""
     e, rope, allowed = ctx
-    x, ck, cv = _core(P, spec, x, e, rope, cache["core_k"], cache["core_v"], it, col, allowed)
-    return {**cache, "core_k": ck, "core_v": cv}, x
+    x, k, v = _core(P, spec, x, e, rope, cache["core_k"], cache["core_v"], it, col, allowed)
+    start = (0, it, 0, 0, 0, 0)
+    return (jax.lax.dynamic_update_slice(cols[0], k[:, None], start),
+            jax.lax.dynamic_update_slice(cols[1], v[:, None], start)), x
 
 
 @partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
@@ -139,35 +176,31 @@ def _logits(P: Params, spec: RecurrentSpec, cache: Cache, ctx, x: jax.Array, col
 def _fixed(P: Params, spec: RecurrentSpec, cache: Cache, ctx, x: jax.Array, frozen: jax.Array, col: jax.Array):
     """Every iteration and the readout of one token in one call (fixed depth: no host decision in between)."""
     e, rope, allowed = ctx
-
-    def body(it, carry):
-        x, ck, cv = carry
-        new, ck, cv = _core(P, spec, x, e, rope, ck, cv, it, col, allowed)
-        return jnp.where(frozen[:, None, None], x, new), ck, cv
-
-    x, ck, cv = jax.lax.fori_loop(0, cache["core_k"].shape[1], body, (x, cache["core_k"], cache["core_v"]))
-    cache, logits = _readout(P, spec, {**cache, "core_k": ck, "core_v": cv}, x, rope, col, allowed)
+    x, cache = _core_loop(P, spec, x, e, rope, cache, col, allowed, frozen)
+    cache, logits = _readout(P, spec, cache, x, rope, col, allowed)
     return cache, x, logits
 
 
 @partial(jax.jit, donate_argnames=("cache",))
-def _fill(cache: Cache, used: jax.Array, col: jax.Array) -> Cache:
-    """Slots after each row's exit depth take the entry of its last iteration (the "latest" fallback)."""
+def _commit(cache: Cache, cols: tuple[jax.Array, jax.Array], used: jax.Array, col: jax.Array) -> Cache:
+    """Write an adaptive-depth token's K/V at ``col``: slots after each row's exit depth take the entry of its
+    last iteration (the "latest" fallback); slots no iteration reached stay zero, as they were."""
     steps, rows = cache["core_k"].shape[1], used.shape[0]
     src = jnp.minimum(jnp.arange(steps)[:, None], used[None, :] - 1)  # [steps, B]
     out = dict(cache)
-    for name in ("core_k", "core_v"):
-        slab = jax.lax.dynamic_index_in_dim(cache[name], col, axis=3, keepdims=False)  # [L, steps, B, kv, hd]
-        out[name] = jax.lax.dynamic_update_index_in_dim(cache[name], slab[:, src, jnp.arange(rows)[None, :]], col,
-                                                        axis=3)
+    for name, c in zip(("core_k", "core_v"), cols):
+        out[name] = jax.lax.dynamic_update_slice(cache[name], c[:, src, jnp.arange(rows)[None, :]],
+                                                 (0, 0, 0, col, 0, 0))
     return out
 
 
 class _Token:
-    """One fed position: its arrays, its column, and how many iterations it has run."""
+    """One fed position: its arrays, its column, how many iterations it has run, and (adaptive depth) the
+    K/V of those iterations, not yet in the cache."""
 
     def __init__(self, arrays: Any, col: int) -> None:
         self.arrays, self.col, self.it = arrays, col, 0
+        self.cols: tuple[jax.Array, jax.Array] | None = None
 
 
 def _bucket(n: int, least: int) -> int:
@@ -211,7 +244,12 @@ class Decoder:
         return jnp.asarray(s0, self.dtype)
 
     def step(self, ctx: _Token, x: jax.Array) -> jax.Array:
-        self.cache, x = _step(self.P, self.spec, self.cache, ctx.arrays, x, jnp.int32(ctx.it), jnp.int32(ctx.col))
+        if ctx.cols is None:
+            core = self.cache["core_k"]
+            shape = (core.shape[0], self.steps, self.rows, 1, *core.shape[4:])
+            ctx.cols = (jnp.zeros(shape, core.dtype), jnp.zeros(shape, core.dtype))
+        ctx.cols, x = _step(self.P, self.spec, self.cache, ctx.cols, ctx.arrays, x, jnp.int32(ctx.it),
+                            jnp.int32(ctx.col))
         ctx.it += 1
         return x
 
@@ -233,7 +271,9 @@ class Decoder:
         return jnp.where(jnp.asarray(keep)[:, None, None], old, new)
 
     def finish(self, ctx: _Token, used: np.ndarray) -> None:
-        """Fill the slots a row skipped by exiting early, then move to the next column."""
-        if (np.asarray(used) < self.cache["core_k"].shape[1]).any():
-            self.cache = _fill(self.cache, jnp.asarray(used, jnp.int32), jnp.int32(ctx.col))
+        """Write the token's iterations (``step``) into the cache, with the slots a row skipped by exiting
+        early filled, then move to the next column (``run_fixed`` has written its own)."""
+        if ctx.cols is not None:
+            self.cache = _commit(self.cache, ctx.cols, jnp.asarray(used, jnp.int32), jnp.int32(ctx.col))
+            ctx.cols = None
         self.col = ctx.col + 1
