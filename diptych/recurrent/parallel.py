@@ -2,10 +2,10 @@
 arXiv 2510.14961), written once for both backends.
 
 The sequential sampler gives every new token ``r`` iterations before the next one can start. Here every
-position of the sequence iterates at once: each outer step runs ONE core iteration over the whole buffer
-(prompt and drafted positions), reads every position out, redrafts each drafted token from its left
-neighbour's current state, and drafts one new position, which starts from the initial state with fewer
-iterations done than the positions to its left and is refined as later positions are drafted.
+position of the sequence iterates at once: each outer step runs ONE core iteration over the positions still
+moving (prompt and drafted positions), reads them out, redrafts each drafted token from its left neighbour's
+current state, and drafts one new position, which starts from the initial state with fewer iterations done
+than the positions to its left and is refined as later positions are drafted.
 
 A position *freezes* once its latent state has converged (relative change ``< tol``) or it reached
 ``max_steps`` iterations, and only after every position to its left has frozen (its fixed point depends on
@@ -15,13 +15,24 @@ sequential sampler's run to convergence (``tests/recurrent/test_parallel_sampler
 frontier, iteration counts and stop, and rows never interact (left padding is masked), so a padded batch
 gives every row what it would get alone.
 
-Cost: ~``max_new + convergence depth`` outer steps, each a full-buffer iteration without a KV cache, against
-``max_new x depth`` one-position iterations for the sequential sampler; which wins depends on the hardware
-(``benchmarks/recurrent_parallel.py``).
+Cost: ~``max_new + convergence depth`` outer steps against ``max_new x depth`` one-position iterations for
+the sequential sampler. An outer step only needs a *window* of each row: from its frontier (the first position
+not frozen) to its last drafted position, about the convergence depth wide, rounded up to one of a few widths
+(:func:`window_width`) so that a compiled backend sees few shapes. Left of the frontier everything is final
+(states and tokens), so a backend may keep those positions' keys and values from the step in which they were
+last inside the window instead of recomputing them (the JAX primitive does, torch recomputes the full buffer;
+``benchmarks/recurrent_parallel.py``).
 
-Backend primitives (``ops``): ``prelude(tokens, mask)``, ``init(ctx, None)``, ``step(ctx, x)``,
-``logits_all(ctx, x) -> [B, W, V]`` numpy, ``latents(x) -> [B, W, H]`` numpy and ``keep(frozen, new, old)``
-(``frozen`` a ``[B, W]`` bool numpy array: where it is set the old state stays).
+Backend primitives (``ops``), numpy at the boundary:
+
+- ``begin(rows, width)``: a rollout's state for a ``[rows, width]`` buffer (zero latents, and whatever the
+  backend caches);
+- ``advance(state, tokens, mask, keep, start, width) -> (state, change, logits)``: one core iteration of every
+  position where ``keep`` (``[B, W]`` bool) is False while the others keep their state; ``change``
+  ``[B, width]`` is the relative latent change ``|x' - x| / max(|x|, 1e-30)`` and ``logits``
+  ``[B, width, vocab]`` float32 the readout of the new state, both at positions ``start[r] + i`` of row ``r``.
+  The loop promises that every position left of ``start[r]`` was kept, and inside the window, in an earlier
+  call, with the same token and mask since, and that every position not kept is inside the window.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
                       tol: float = 1e-5, window: int | None = None, noise: np.ndarray | None = None,
                       seed: int | None = None) -> Rollout:
     """Sample completions in parallel across positions; ``extras``: ``depth`` (iterations of the position each
-    token was read from), ``outer_steps`` (full-buffer iterations run) and ``mean_depth``.
+    token was read from), ``outer_steps`` (outer iterations run) and ``mean_depth``.
 
     ``num_steps`` caps each position's iterations (default: the spec's mean recurrence); ``tol`` is the relative
     latent change under which a position has converged; ``window`` caps the drafted-but-not-final positions per
@@ -65,8 +76,8 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
     sampling = sampling.resolve(spec)
     ptok, pmask = prepare_prompts(prompts, sampling, spec)
     rows, P = ptok.shape
-    max_new, pad = sampling.max_new_tokens, sampling.pad_id
-    gumbel = None if noise is None else gumbel_from_uniform(check_noise(noise, rows, sampling, spec.vocab_size))
+    max_new, pad, V = sampling.max_new_tokens, sampling.pad_id, spec.vocab_size
+    gumbel = None if noise is None else gumbel_from_uniform(check_noise(noise, rows, sampling, V))
     rng = np.random.default_rng(seed)
     eos = np.asarray(sampling.eos_ids or (-1,))
     W = P + max_new
@@ -84,48 +95,51 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
     iters = np.zeros((rows, W), np.int64)
     frozen = np.zeros((rows, W), bool)
     frozen[:, :P] = pmask == 0  # left padding never iterates
-    ctx = ops.prelude(tokens, _mask(pmask, drafted, max_new))
-    x = ops.init(ctx, None)
-    prev = ops.latents(x)
+    start = np.zeros(rows, np.int64)  # left of it, every position was kept inside an earlier window
+    state = ops.begin(rows, W)
+    positions = np.arange(W)
     steps = 0
     while not done.all():
         steps += 1
-        live = _live(pmask, drafted, max_new) & ~done[:, None]
-        x = ops.keep(frozen | ~live, ops.step(ctx, x), x)
-        cur = ops.latents(x)
-        moving = live & ~frozen
+        mask = _mask(pmask, drafted, max_new)
+        keep = frozen | ~(mask > 0) | done[:, None]
+        moving = ~keep
+        any_moving = moving.any(1)
+        frontier = np.where(any_moving, moving.argmax(1), W)
+        end = np.where(any_moving, W - moving[:, ::-1].argmax(1), 0)
+        width = window_width(int(np.max(np.where(any_moving, end - start, 0))), W)
+        lo = np.minimum(start, W - width)
+        state, change, logits = ops.advance(state, tokens, mask, keep, lo, width)
+        start = frontier  # every position left of it was kept (and inside this window or an earlier one)
         iters[moving] += 1
-        change = np.linalg.norm(cur - prev, axis=-1) / np.maximum(np.linalg.norm(prev, axis=-1), 1e-30)
-        converged = (change < tol) | (iters >= max_steps)
-        prev = cur
+        inside = positions[None, :] - lo[:, None]
+        converged = (np.take_along_axis(change, np.clip(inside, 0, width - 1), 1) < tol) | (iters >= max_steps)
+        converged |= (inside < 0) | (inside >= width)  # kept positions outside the window: nothing moved
         # freeze left to right: a position freezes once converged, its own token final (a drafted token may still
-        # change its embedding) and every live position to its left frozen
+        # change its embedding) and every moving position to its left frozen
         token_final = np.concatenate([np.ones((rows, P), bool), np.arange(max_new)[None, :] < final[:, None]], 1)
-        ok = np.cumprod(np.where(live, frozen | (converged & token_final), True), axis=1).astype(bool)
-        frozen |= ok & live
-        logits = ops.logits_all(ctx, x)
-        changed = False
-        for r in np.flatnonzero(~done):
-            for t in range(int(final[r]), int(drafted[r])):
-                src = P + t - 1  # the position whose state predicts token t
-                g = None if gumbel is None else gumbel[r: r + 1, t]
-                tok, lp = choose_tokens(logits[r: r + 1, src, : spec.vocab_size], sampling, g, rng)
-                if tokens[r, P + t] != tok[0]:
-                    tokens[r, P + t] = tok[0]
-                    changed = True
-                if frozen[r, src] and t == final[r]:
-                    out[r, t], lps[r, t], cmask[r, t], depth[r, t] = tok[0], lp[0], 1, iters[r, src]
-                    final[r] += 1
-                    if np.isin(tok[0], eos) or stop_matches(out[r: r + 1, : t + 1], t + 1,
-                                                            sampling.stop_sequences)[0]:
-                        done[r] = stopped[r] = True
-                    if final[r] == max_new:
-                        done[r] = True
-            if not done[r] and drafted[r] < max_new and drafted[r] - final[r] < cap:
-                drafted[r] += 1  # a new position, from the initial state, behind its neighbours
-                changed = True
-        if changed and not done.all():
-            ctx = _refresh(ops, ctx, tokens, pmask, drafted, max_new)
+        ok = np.cumprod(np.where(moving, converged & token_final, True), axis=1).astype(bool)
+        frozen |= ok & moving
+        # redraft every token not final (in row order, then position order: the order of the random draws)
+        open_rows = np.flatnonzero(~done)
+        counts = (drafted - final)[open_rows]
+        r_idx = np.repeat(open_rows, counts)
+        t_idx = final[r_idx] + np.arange(len(r_idx)) - np.repeat(np.cumsum(counts) - counts, counts)
+        src = P + t_idx - 1  # the position whose state predicts token t
+        g = None if gumbel is None else gumbel[r_idx, t_idx]
+        tok, lp = choose_tokens(logits[r_idx, src - lo[r_idx], :V], sampling, g, rng)
+        tokens[r_idx, P + t_idx] = tok
+        first = np.flatnonzero(t_idx == final[r_idx])  # each row's first token not final, if it is final now
+        for i in first[frozen[r_idx[first], src[first]]]:
+            r, t = int(r_idx[i]), int(t_idx[i])
+            out[r, t], lps[r, t], cmask[r, t], depth[r, t] = tok[i], lp[i], 1, iters[r, src[i]]
+            final[r] += 1  # the next token's source is this token's position, which cannot be frozen yet
+            if np.isin(tok[i], eos) or stop_matches(out[r: r + 1, : t + 1], t + 1, sampling.stop_sequences)[0]:
+                done[r] = stopped[r] = True
+            if final[r] == max_new:
+                done[r] = True
+        grow = ~done & (drafted < max_new) & (drafted - final < cap)
+        drafted[grow] += 1  # a new position, from the initial state, behind its neighbours
         if steps > (max_new + 1) * max_steps + 1:  # cannot happen: every position freezes by max_steps
             raise RuntimeError("parallel sampler did not finish; this is a bug.")
     roll = Rollout(ptok, pmask, out, cmask, lps, cmask.sum(1).astype(np.int32), ~stopped)
@@ -136,20 +150,20 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
     return roll
 
 
+def window_width(need: int, total: int) -> int:
+    """The window an outer step iterates: ``need`` rounded up to 8, 12, 16, 24, 32, 48, ... (each power of two
+    and 1.5 times it: at most 1.5x the need, and ``2 log2(total / 8)`` shapes per rollout), capped at the buffer."""
+    width = 8
+    while width < need:
+        width = width * 3 // 2 if width & (width - 1) == 0 else width * 4 // 3
+    return int(min(width, total))
+
+
 def _mask(pmask: np.ndarray, drafted: np.ndarray, max_new: int) -> np.ndarray:
+    """The attention mask: real prompt tokens and the drafted positions (the last drafted token's own position
+    only predicts a token beyond the draft, but it iterates so the next draft starts warm)."""
     gen = (np.arange(max_new)[None, :] < drafted[:, None]).astype(np.int32)
     return np.concatenate([pmask.astype(np.int32), gen], axis=1)
-
-
-def _live(pmask: np.ndarray, drafted: np.ndarray, max_new: int) -> np.ndarray:
-    """Positions that iterate: real prompt tokens and the drafted positions (the last drafted token's own
-    position only predicts a token beyond the draft, but it iterates so the next draft starts warm)."""
-    return _mask(pmask, drafted, max_new) > 0
-
-
-def _refresh(ops: Any, ctx: Any, tokens: np.ndarray, pmask: np.ndarray, drafted: np.ndarray, max_new: int) -> Any:
-    """The prelude over the new drafts: the re-injected embedding follows the tokens; states carry on."""
-    return ops.prelude(tokens, _mask(pmask, drafted, max_new))
 
 
 def parallel_ops(ops: Any) -> Any:

@@ -1,5 +1,14 @@
-"""The JAX primitives of the parallel sampler (``diptych.recurrent.parallel``): every position at once, jitted
-(the buffer width is fixed for a whole rollout, so each function compiles once per batch shape)."""
+"""The JAX primitives of the parallel sampler (``diptych.recurrent.parallel``): one jitted call per outer step.
+
+An outer step embeds the window's tokens, runs the prelude, one core iteration and the readout on the window
+only, and returns its relative latent changes and logits. Every layer's keys and values live in a per-rollout
+cache over the whole buffer: the window writes its own, and attends to the cache for the positions left of it,
+which are frozen (their states and tokens final, so their keys and values are those of the step in which they
+were last inside the window). Without it each step paid a full-buffer prelude, iteration and readout in four
+dispatches and three device-to-host copies, and the loop was no faster than the KV-cached sequential sampler.
+The state is donated (updated in place); a jitted step compiles once per batch shape and window width
+(``diptych.recurrent.parallel.window_width``: a handful per rollout shape).
+"""
 
 from __future__ import annotations
 
@@ -10,51 +19,101 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diptych.backends.jax.recurrent_layers import Context, Params, RecurrentLM, _core_step, _prelude, _readout
+from diptych.backends.jax.recurrent_layers import (
+    Params,
+    RecurrentLM,
+    _attend,
+    _block_out,
+    _head,
+    _linear,
+    _qkv,
+    _rms_norm,
+    _rope_tables,
+)
 from diptych.core.recurrent_spec import RecurrentSpec
 from diptych.recurrent.parallel import parallel_generate
 
 
-@partial(jax.jit, static_argnames=("spec",))
-def _prelude_jit(P: Params, spec: RecurrentSpec, tokens: jax.Array, mask: jax.Array):
-    ctx = _prelude(P, spec, tokens, mask)
-    return (ctx.e, ctx.rope, ctx.allowed)
+def _layers(spec: RecurrentSpec) -> tuple[list[str], list[str], list[str]]:
+    return ([f"transformer.prelude.{i}." for i in range(spec.n_layers_in_prelude)],
+            [f"transformer.core_block.{i}." for i in range(spec.n_layers_in_recurrent_block)],
+            [f"transformer.coda.{i}." for i in range(spec.n_layers_in_coda)])
 
 
-@partial(jax.jit, static_argnames=("spec",))
-def _step_jit(P: Params, spec: RecurrentSpec, c, x: jax.Array) -> jax.Array:
-    return _core_step(P, spec, Context(*c), x, c[0])
+def _put(buffer: jax.Array, window: jax.Array, start: jax.Array) -> jax.Array:
+    """Write each row's window into its buffer row at its own start: a gather and a select (a vmapped
+    ``dynamic_update_slice`` lowers to a scatter, which XLA on CPU runs element by element: 10x slower)."""
+    B, W, width = buffer.shape[0], buffer.shape[1], window.shape[1]
+    rel = jnp.arange(W)[None] - start[:, None]
+    lanes = (B, W) + (1,) * (buffer.ndim - 2)
+    full = jnp.take_along_axis(window, jnp.clip(rel, 0, width - 1).reshape(lanes), axis=1)
+    return jnp.where(((rel >= 0) & (rel < width)).reshape(lanes), full, buffer)
 
 
-@partial(jax.jit, static_argnames=("spec",))
-def _logits_jit(P: Params, spec: RecurrentSpec, c, x: jax.Array) -> jax.Array:
-    return _readout(P, spec, Context(*c), x)
+def _take(buffer: jax.Array, start: jax.Array, width: int) -> jax.Array:
+    return jax.vmap(lambda b, s: jax.lax.dynamic_slice_in_dim(b, s, width, axis=0))(buffer, start)
+
+
+@partial(jax.jit, static_argnames=("spec", "width"), donate_argnums=(2,))
+def _advance(P: Params, spec: RecurrentSpec, state, tokens: jax.Array, mask: jax.Array, keep: jax.Array,
+             start: jax.Array, width: int):
+    x, kv = state
+    W = tokens.shape[1]
+    where = start[:, None] + jnp.arange(width)[None]  # [B, width] buffer positions of the window
+    positions = jnp.clip(jnp.cumsum(mask, -1) - 1, 0, None)
+    rope = _rope_tables(_take(positions, start, width), spec.head_dim, spec.rope_base)
+    allowed = (jnp.arange(W)[None, None, :] <= where[:, :, None]) & (mask[:, None, :] > 0)  # [B, width, W]
+    new_kv = []
+
+    def block(p: str, h: jax.Array) -> jax.Array:
+        q, k, v = _qkv(P, p, spec, h, rope)
+        ck, cv = kv[len(new_kv)]
+        ck, cv = _put(ck, k, start), _put(cv, v, start)
+        new_kv.append((ck, cv))
+        return _block_out(P, p, spec, h, _attend(q, ck, cv, allowed))
+
+    prelude, core, coda = _layers(spec)
+    wte = P["transformer.wte.weight"]
+    e = wte[_take(tokens, start, width)] * jnp.asarray(spec.embed_scale, wte.dtype)
+    for p in prelude:
+        e = block(p, e)
+    old = _take(x, start, width)
+    h = _linear(P, "transformer.adapter.weight", jnp.concatenate([old, e], axis=-1))
+    if "transformer.adapter.bias" in P:
+        h = h + P["transformer.adapter.bias"]
+    for p in core:
+        h = block(p, h)
+    new = jnp.where(_take(keep, start, width)[..., None], old, h)
+    diff, ref = (new - old).astype(jnp.float32), old.astype(jnp.float32)
+    change = jnp.linalg.norm(diff, axis=-1) / jnp.maximum(jnp.linalg.norm(ref, axis=-1), 1e-30)
+    h = _rms_norm(new, P["transformer.ln_f.weight"], spec.norm_eps)
+    for p in coda:
+        h = block(p, h)
+    h = _rms_norm(h, P["transformer.ln_f.weight"], spec.norm_eps)
+    logits = (h @ _head(P, spec)[: spec.vocab_size].T).astype(jnp.float32)
+    return (_put(x, new, start), tuple(new_kv)), change, logits
 
 
 class ParallelOps:
-    """Full-buffer prelude, one core iteration, all-position readouts and latents, per-position keep."""
+    """``begin`` and ``advance`` of ``diptych.recurrent.parallel`` on a JAX recurrent model."""
 
     def __init__(self, model: RecurrentLM) -> None:
         self.model, self.spec = model, model.spec
         self.P = model.param_dict()
 
-    def prelude(self, tokens: np.ndarray, mask: np.ndarray):
-        return _prelude_jit(self.P, self.spec, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))
+    def begin(self, rows: int, width: int):
+        spec, dtype = self.spec, self.P["transformer.wte.weight"].dtype
+        shape = (rows, width, spec.num_key_value_heads, spec.head_dim)
+        n = sum(len(names) for names in _layers(spec))
+        kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(n))  # distinct: all donated
+        return jnp.zeros((rows, width, spec.n_embd), dtype), kv
 
-    def init(self, ctx, init_state: np.ndarray | None) -> jax.Array:
-        return jnp.zeros_like(ctx[0]) if init_state is None else jnp.asarray(init_state, ctx[0].dtype)
-
-    def step(self, ctx, x: jax.Array) -> jax.Array:
-        return _step_jit(self.P, self.spec, ctx, x)
-
-    def logits_all(self, ctx, x: jax.Array) -> np.ndarray:
-        return np.asarray(_logits_jit(self.P, self.spec, ctx, x))
-
-    def latents(self, x: jax.Array) -> np.ndarray:
-        return np.asarray(x.astype(jnp.float32))
-
-    def keep(self, frozen: np.ndarray, new: jax.Array, old: jax.Array) -> jax.Array:
-        return jnp.where(jnp.asarray(frozen)[..., None], old, new)
+    def advance(self, state, tokens: np.ndarray, mask: np.ndarray, keep: np.ndarray, start: np.ndarray,
+                width: int) -> tuple[Any, np.ndarray, np.ndarray]:
+        state, change, logits = _advance(self.P, self.spec, state, np.asarray(tokens, np.int32),
+                                         np.asarray(mask, np.int32), np.asarray(keep, bool),
+                                         np.asarray(start, np.int32), int(width))
+        return state, np.asarray(change), np.asarray(logits)
 
 
 def generate(model: RecurrentLM, prompts: Any, sampling: Any, **kw: Any) -> Any:
