@@ -79,7 +79,7 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
     max_new, pad, V = sampling.max_new_tokens, sampling.pad_id, spec.vocab_size
     gumbel = None if noise is None else gumbel_from_uniform(check_noise(noise, rows, sampling, V))
     rng = np.random.default_rng(seed)
-    eos = np.asarray(sampling.eos_ids or (-1,))
+    eos, stops = set(sampling.eos_ids or ()), sampling.stop_sequences
     W = P + max_new
     cap = max_new if window is None else int(window)
 
@@ -92,34 +92,31 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
     stopped = np.zeros(rows, bool)  # by a stop token or sequence (the rest are truncated at max_new)
     final = np.zeros(rows, np.int64)  # tokens of each row that are final
     drafted = np.ones(rows, np.int64)  # generated positions in the buffer (token 0 is read from position P - 1)
+    # the attention mask: real prompt tokens and the drafted positions (the last drafted token's own position only
+    # predicts a token beyond the draft, but it iterates so the next draft starts warm)
+    live = np.concatenate([pmask > 0, np.arange(max_new)[None, :] < drafted[:, None]], axis=1)
+    fixed = np.concatenate([np.ones((rows, P), bool), np.zeros((rows, max_new), bool)], axis=1)  # own token final
     iters = np.zeros((rows, W), np.int64)
     frozen = np.zeros((rows, W), bool)
-    frozen[:, :P] = pmask == 0  # left padding never iterates
     start = np.zeros(rows, np.int64)  # left of it, every position was kept inside an earlier window
     state = ops.begin(rows, W)
-    positions = np.arange(W)
     steps = 0
     while not done.all():
         steps += 1
-        mask = _mask(pmask, drafted, max_new)
-        keep = frozen | ~(mask > 0) | done[:, None]
-        moving = ~keep
+        moving = live & ~frozen & ~done[:, None]
         any_moving = moving.any(1)
         frontier = np.where(any_moving, moving.argmax(1), W)
         end = np.where(any_moving, W - moving[:, ::-1].argmax(1), 0)
         width = window_width(int(np.max(np.where(any_moving, end - start, 0))), W)
         lo = np.minimum(start, W - width)
-        state, change, logits = ops.advance(state, tokens, mask, keep, lo, width)
+        state, change, logits = ops.advance(state, tokens, live.astype(np.int32), ~moving, lo, width)
         start = frontier  # every position left of it was kept (and inside this window or an earlier one)
         iters[moving] += 1
-        inside = positions[None, :] - lo[:, None]
-        converged = (np.take_along_axis(change, np.clip(inside, 0, width - 1), 1) < tol) | (iters >= max_steps)
-        converged |= (inside < 0) | (inside >= width)  # kept positions outside the window: nothing moved
+        converged = iters >= max_steps
+        converged[np.arange(rows)[:, None], lo[:, None] + np.arange(width)] |= change < tol
         # freeze left to right: a position freezes once converged, its own token final (a drafted token may still
         # change its embedding) and every moving position to its left frozen
-        token_final = np.concatenate([np.ones((rows, P), bool), np.arange(max_new)[None, :] < final[:, None]], 1)
-        ok = np.cumprod(np.where(moving, converged & token_final, True), axis=1).astype(bool)
-        frozen |= ok & moving
+        frozen |= np.logical_and.accumulate(~moving | (converged & fixed), axis=1) & moving
         # redraft every token not final (in row order, then position order: the order of the random draws)
         open_rows = np.flatnonzero(~done)
         counts = (drafted - final)[open_rows]
@@ -133,13 +130,15 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
         for i in first[frozen[r_idx[first], src[first]]]:
             r, t = int(r_idx[i]), int(t_idx[i])
             out[r, t], lps[r, t], cmask[r, t], depth[r, t] = tok[i], lp[i], 1, iters[r, src[i]]
+            fixed[r, P + t] = True
             final[r] += 1  # the next token's source is this token's position, which cannot be frozen yet
-            if np.isin(tok[i], eos) or stop_matches(out[r: r + 1, : t + 1], t + 1, sampling.stop_sequences)[0]:
+            if int(tok[i]) in eos or (stops and stop_matches(out[r: r + 1, : t + 1], t + 1, stops)[0]):
                 done[r] = stopped[r] = True
             if final[r] == max_new:
                 done[r] = True
-        grow = ~done & (drafted < max_new) & (drafted - final < cap)
-        drafted[grow] += 1  # a new position, from the initial state, behind its neighbours
+        grow = np.flatnonzero(~done & (drafted < max_new) & (drafted - final < cap))
+        live[grow, P + drafted[grow]] = True  # a new position, from the initial state, behind its neighbours
+        drafted[grow] += 1
         if steps > (max_new + 1) * max_steps + 1:  # cannot happen: every position freezes by max_steps
             raise RuntimeError("parallel sampler did not finish; this is a bug.")
     roll = Rollout(ptok, pmask, out, cmask, lps, cmask.sum(1).astype(np.int32), ~stopped)
@@ -157,13 +156,6 @@ def window_width(need: int, total: int) -> int:
     while width < need:
         width = width * 3 // 2 if width & (width - 1) == 0 else width * 4 // 3
     return int(min(width, total))
-
-
-def _mask(pmask: np.ndarray, drafted: np.ndarray, max_new: int) -> np.ndarray:
-    """The attention mask: real prompt tokens and the drafted positions (the last drafted token's own position
-    only predicts a token beyond the draft, but it iterates so the next draft starts warm)."""
-    gen = (np.arange(max_new)[None, :] < drafted[:, None]).astype(np.int32)
-    return np.concatenate([pmask.astype(np.int32), gen], axis=1)
 
 
 def parallel_ops(ops: Any) -> Any:

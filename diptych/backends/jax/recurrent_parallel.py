@@ -55,10 +55,11 @@ def _take(buffer: jax.Array, start: jax.Array, width: int) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("spec", "width"), donate_argnums=(2,))
-def _advance(P: Params, spec: RecurrentSpec, state, tokens: jax.Array, mask: jax.Array, keep: jax.Array,
-             start: jax.Array, width: int):
+def _advance(P: Params, spec: RecurrentSpec, state, host: jax.Array, width: int):
+    """``host`` = [tokens | mask | keep | start] (one transfer in); returns the state and [logits | change]."""
     x, kv = state
-    W = tokens.shape[1]
+    W = x.shape[1]
+    tokens, mask, keep, start = host[:, :W], host[:, W: 2 * W], host[:, 2 * W: 3 * W] > 0, host[:, 3 * W]
     where = start[:, None] + jnp.arange(width)[None]  # [B, width] buffer positions of the window
     positions = jnp.clip(jnp.cumsum(mask, -1) - 1, 0, None)
     rope = _rope_tables(_take(positions, start, width), spec.head_dim, spec.rope_base)
@@ -91,7 +92,7 @@ def _advance(P: Params, spec: RecurrentSpec, state, tokens: jax.Array, mask: jax
         h = block(p, h)
     h = _rms_norm(h, P["transformer.ln_f.weight"], spec.norm_eps)
     logits = (h @ _head(P, spec)[: spec.vocab_size].T).astype(jnp.float32)
-    return (_put(x, new, start), tuple(new_kv)), change, logits
+    return (_put(x, new, start), tuple(new_kv)), jnp.concatenate([logits, change[..., None]], axis=-1)
 
 
 class ParallelOps:
@@ -110,10 +111,10 @@ class ParallelOps:
 
     def advance(self, state, tokens: np.ndarray, mask: np.ndarray, keep: np.ndarray, start: np.ndarray,
                 width: int) -> tuple[Any, np.ndarray, np.ndarray]:
-        state, change, logits = _advance(self.P, self.spec, state, np.asarray(tokens, np.int32),
-                                         np.asarray(mask, np.int32), np.asarray(keep, bool),
-                                         np.asarray(start, np.int32), int(width))
-        return state, np.asarray(change), np.asarray(logits)
+        host = np.concatenate([tokens, mask, keep, np.asarray(start)[:, None]], axis=1, dtype=np.int32)
+        state, out = _advance(self.P, self.spec, state, host, int(width))
+        out = np.asarray(out)
+        return state, out[..., -1], out[..., :-1]
 
 
 def generate(model: RecurrentLM, prompts: Any, sampling: Any, **kw: Any) -> Any:
