@@ -56,12 +56,13 @@ def _take(buffer: jax.Array, start: jax.Array, width: int) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("spec", "width"), donate_argnums=(2,))
 def _advance(P: Params, spec: RecurrentSpec, state, host: jax.Array, width: int):
-    """``host`` = [tokens | mask | keep | start] (one transfer in); returns the state and [logits | change]."""
+    """``host`` = [tokens | mask | keep | RoPE positions | start] (one transfer in; the positions are a cumulative
+    sum, which XLA on CPU lowers to ~30 kernels); returns the state and [logits | change]."""
     x, kv = state
     W = x.shape[1]
-    tokens, mask, keep, start = host[:, :W], host[:, W: 2 * W], host[:, 2 * W: 3 * W] > 0, host[:, 3 * W]
+    tokens, mask, keep = host[:, :W], host[:, W: 2 * W], host[:, 2 * W: 3 * W] > 0
+    positions, start = host[:, 3 * W: 4 * W], host[:, 4 * W]
     where = start[:, None] + jnp.arange(width)[None]  # [B, width] buffer positions of the window
-    positions = jnp.clip(jnp.cumsum(mask, -1) - 1, 0, None)
     rope = _rope_tables(_take(positions, start, width), spec.head_dim, spec.rope_base)
     allowed = (jnp.arange(W)[None, None, :] <= where[:, :, None]) & (mask[:, None, :] > 0)  # [B, width, W]
     new_kv = []
@@ -111,7 +112,8 @@ class ParallelOps:
 
     def advance(self, state, tokens: np.ndarray, mask: np.ndarray, keep: np.ndarray, start: np.ndarray,
                 width: int) -> tuple[Any, np.ndarray, np.ndarray]:
-        host = np.concatenate([tokens, mask, keep, np.asarray(start)[:, None]], axis=1, dtype=np.int32)
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        host = np.concatenate([tokens, mask, keep, positions, np.asarray(start)[:, None]], axis=1, dtype=np.int32)
         state, out = _advance(self.P, self.spec, state, host, int(width))
         out = np.asarray(out)
         return state, out[..., -1], out[..., :-1]
