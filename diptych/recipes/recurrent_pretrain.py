@@ -95,6 +95,11 @@ class RecipeConfig:
     warmup: int = 0  # linear warmup steps from lr / warmup to lr
     min_lr_ratio: float = 0.0  # decay floor, as a fraction of lr
     clip: float = 1.0  # global gradient-norm clip
+    weight_decay: float = 0.0  # AdamW's decoupled decay (times the learning rate, as in torch and optax)
+    # Length curriculum: the longest training list grows linearly from length_start to length[1]
+    # over the first length_ramp steps (0: off, every step draws from the whole range).
+    length_ramp: int = 0
+    length_start: int = 8
     mean_recurrence: int = 8
     backprop_depth: int = 4
     length: tuple[int, int] = (2, 24)
@@ -190,15 +195,28 @@ def make_trainer(cfg: RecipeConfig, rb: Any, model: Any) -> tuple[Any, Any]:
 
         lrs = jnp.asarray(table)
         trainer = rb.TruncatedTrainer(model, lr=lambda count: lrs[jnp.minimum(count, len(table) - 1)],
-                                      clip=cfg.clip)
+                                      clip=cfg.clip, weight_decay=cfg.weight_decay)
         return trainer, lambda step: None
-    trainer = rb.TruncatedTrainer(model, lr=float(table[0]), clip=cfg.clip)
+    trainer = rb.TruncatedTrainer(model, lr=float(table[0]), clip=cfg.clip, weight_decay=cfg.weight_decay)
 
     def set_lr(step: int) -> None:
         for group in trainer.opt.param_groups:
             group["lr"] = float(table[min(step, len(table) - 1)])
 
     return trainer, set_lr
+
+
+def curriculum_length(cfg: RecipeConfig, step: int) -> tuple[int, int]:
+    """The training lengths at ``step`` under the length curriculum.
+
+    Short lists first: until the model folds a few factors, the long lists' labels past what it
+    can fold are noise that swamps the gradient of the ones it could learn.
+    """
+    lo, hi = cfg.length
+    start = min(max(cfg.length_start, lo), hi)
+    if cfg.length_ramp <= 0 or step >= cfg.length_ramp:
+        return lo, hi
+    return lo, start + int(np.ceil((hi - start) * step / cfg.length_ramp))
 
 
 def train_model(cfg: RecipeConfig, spec: RecurrentSpec, schedule: DepthSchedule, codec: CharCodec, log=print):
@@ -208,11 +226,15 @@ def train_model(cfg: RecipeConfig, spec: RecurrentSpec, schedule: DepthSchedule,
     trainer, set_lr = make_trainer(cfg, rb, model)
     ocfg = optim_config(cfg)
     task = _task(cfg)
-    rows = task.generate("train", cfg.steps * cfg.batch, seed=cfg.seed)
+    rows = task.generate("train", cfg.steps * cfg.batch, seed=cfg.seed) if cfg.length_ramp == 0 else []
     state_rng = np.random.default_rng(cfg.seed + 1)
     t0, losses = time.perf_counter(), []
     for step in range(cfg.steps):
-        batch_rows = rows[step * cfg.batch: (step + 1) * cfg.batch]
+        if cfg.length_ramp:
+            batch_rows = _task(cfg, curriculum_length(cfg, step)).generate("train", cfg.batch,
+                                                                          seed=cfg.seed * 1_000_003 + step)
+        else:
+            batch_rows = rows[step * cfg.batch: (step + 1) * cfg.batch]
         tokens, mask, targets, weights, _ = _encode(codec, batch_rows, dense=cfg.dense)
         draw = schedule.sample(step)
         s0 = initial_state_noise(spec, (*tokens.shape, spec.n_embd), state_rng)
@@ -255,6 +277,8 @@ def run(cfg: RecipeConfig, log=print) -> dict[str, Any]:
     if cfg.lr_schedule != "constant" and cfg.warmup >= cfg.steps:
         raise ValueError(f"--warmup ({cfg.warmup}) must be below --steps ({cfg.steps}) for the {cfg.lr_schedule} "
                          "decay that follows it; pass a smaller --warmup or --lr-schedule constant.")
+    if cfg.weight_decay < 0 or cfg.length_ramp < 0:
+        raise ValueError(f"--weight-decay ({cfg.weight_decay}) and --length-ramp ({cfg.length_ramp}) must be >= 0.")
     optim_config(cfg)  # any other bad schedule setting fails here, before any training
     _set_threads(cfg)
     task = _task(cfg)
@@ -345,6 +369,11 @@ def parse_config(argv: list[str] | None = None) -> RecipeConfig:
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear learning-rate warmup steps")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="decay floor as a fraction of lr")
     p.add_argument("--clip", type=float, default=d.clip, help="global gradient-norm clip")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
+    p.add_argument("--length-ramp", type=int, default=d.length_ramp,
+                   help="length curriculum: steps over which the longest list grows to the --length maximum (0: off)")
+    p.add_argument("--length-start", type=int, default=d.length_start,
+                   help="length curriculum: the longest list at step 0")
     p.add_argument("--eval-size", type=int, default=d.eval_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-baseline", action="store_true")
@@ -362,6 +391,7 @@ def parse_config(argv: list[str] | None = None) -> RecipeConfig:
     a = p.parse_args(argv)
     return RecipeConfig(task=a.task, backend=a.backend, steps=a.steps, batch=a.batch, lr=a.lr,
                         lr_schedule=a.lr_schedule, warmup=a.warmup, min_lr_ratio=a.min_lr_ratio, clip=a.clip,
+                        weight_decay=a.weight_decay, length_ramp=a.length_ramp, length_start=a.length_start,
                         eval_size=a.eval_size, seed=a.seed, baseline=not a.no_baseline, out=a.out,
                         dense=not a.answer_only, mean_recurrence=a.mean_recurrence,
                         backprop_depth=a.backprop_depth, length=a.length, long_length=a.long_length,

@@ -134,3 +134,40 @@ def test_the_trainer_steps_with_the_scheduled_lr(backend):
             trainer.step(tokens, mask, targets, w, num_steps=2, num_grad_steps=2)
         moved = max(float(np.abs(rb.export(model)[k] - before[k]).max()) for k in before)
         assert moved == pytest.approx(lr * (0.1 / (1 - 0.9**t)) / np.sqrt(0.05 / (1 - 0.95**t)), rel=1e-3)
+
+
+def test_length_curriculum_grows_the_longest_list_by_hand():
+    from diptych.recipes.recurrent_pretrain import _task, curriculum_length, parse_config
+
+    cfg = RecipeConfig(length=(2, 24), length_ramp=10, length_start=8)
+    # 8 + ceil(16 * step / 10): 8, 10, 12, ..., 23 at step 9, then the whole range
+    assert [curriculum_length(cfg, s)[1] for s in (0, 1, 5, 9, 10, 500)] == [8, 10, 16, 23, 24, 24]
+    assert curriculum_length(RecipeConfig(length=(2, 24)), 0) == (2, 24)  # off by default
+    rows = _task(cfg, curriculum_length(cfg, 1)).generate("train", 64, seed=3)
+    assert max(r["length"] for r in rows) <= 10 and min(r["length"] for r in rows) >= 2
+    cli = parse_config(["--length-ramp", "300", "--length-start", "4", "--weight-decay", "0.1"])
+    assert (cli.length_ramp, cli.length_start, cli.weight_decay) == (300, 4, 0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_decay_shrinks_weights_by_lr_times_decay(backend):
+    """With zero gradient Adam's update is zero, so one step leaves exactly AdamW's decoupled decay:
+    every weight times (1 - lr * weight_decay), on both backends."""
+    import importlib
+
+    from diptych.core.recurrent_spec import tiny_recurrent_spec
+    from diptych.recipes.recurrent_pretrain import make_trainer
+
+    spec = tiny_recurrent_spec(vocab_size=16, n_embd=16, intermediate_size=32, n_heads=2, block_size=16)
+    rb = importlib.import_module(f"diptych.backends.{backend}.recurrent")
+    cfg = RecipeConfig(backend=backend, lr=1e-2, weight_decay=0.5, steps=2)
+    model = rb.build(spec, spec.init_weights(0))
+    trainer, set_lr = make_trainer(cfg, rb, model)
+    tokens = np.ones((2, 6), np.int32)
+    before = rb.export(model)
+    set_lr(0)
+    trainer.step(tokens, np.ones_like(tokens), tokens, np.zeros(tokens.shape, np.float32), num_steps=2,
+                 num_grad_steps=2)
+    after = rb.export(model)
+    for k in before:
+        np.testing.assert_allclose(after[k], before[k] * (1 - 1e-2 * 0.5), rtol=1e-5, atol=1e-8)
