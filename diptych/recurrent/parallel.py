@@ -99,24 +99,31 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
     iters = np.zeros((rows, W), np.int64)
     frozen = np.zeros((rows, W), bool)
     start = np.zeros(rows, np.int64)  # left of it, every position was kept inside an earlier window
+    mask = live.astype(np.int32)  # the attention mask advance sees, kept equal to live in place
+    cols, row = np.arange(W), np.arange(rows)[:, None]
     state = ops.begin(rows, W)
     steps = 0
     while not done.all():
         steps += 1
-        moving = live & ~frozen & ~done[:, None]
+        moving = live & ~frozen
+        moving[done] = False
         any_moving = moving.any(1)
         frontier = np.where(any_moving, moving.argmax(1), W)
         end = np.where(any_moving, W - moving[:, ::-1].argmax(1), 0)
         width = window_width(int(np.max(np.where(any_moving, end - start, 0))), W)
         lo = np.minimum(start, W - width)
-        state, change, logits = ops.advance(state, tokens, live.astype(np.int32), ~moving, lo, width)
+        state, change, logits = ops.advance(state, tokens, mask, ~moving, lo, width)
         start = frontier  # every position left of it was kept (and inside this window or an earlier one)
-        iters[moving] += 1
-        converged = iters >= max_steps
-        converged[np.arange(rows)[:, None], lo[:, None] + np.arange(width)] |= change < tol
+        # every moving position is inside the window and every position left of it is kept, so the bookkeeping
+        # below runs on the window only
+        win = (row, lo[:, None] + cols[:width])
+        moves = moving[win]
+        it = iters[win] + moves
+        iters[win] = it
         # freeze left to right: a position freezes once converged, its own token final (a drafted token may still
         # change its embedding) and every moving position to its left frozen
-        frozen |= np.logical_and.accumulate(~moving | (converged & fixed), axis=1) & moving
+        converged = ((it >= max_steps) | (change < tol)) & fixed[win]
+        frozen[win] |= np.logical_and.accumulate(~moves | converged, axis=1) & moves
         # redraft every token not final (in row order, then position order: the order of the random draws)
         open_rows = np.flatnonzero(~done)
         counts = (drafted - final)[open_rows]
@@ -138,6 +145,7 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
                 done[r] = True
         grow = np.flatnonzero(~done & (drafted < max_new) & (drafted - final < cap))
         live[grow, P + drafted[grow]] = True  # a new position, from the initial state, behind its neighbours
+        mask[grow, P + drafted[grow]] = 1
         drafted[grow] += 1
         if steps > (max_new + 1) * max_steps + 1:  # cannot happen: every position freezes by max_steps
             raise RuntimeError("parallel sampler did not finish; this is a bug.")

@@ -44,6 +44,8 @@ def _put(buffer: jax.Array, window: jax.Array, start: jax.Array) -> jax.Array:
     """Write each row's window into its buffer row at its own start: a gather and a select (a vmapped
     ``dynamic_update_slice`` lowers to a scatter, which XLA on CPU runs element by element: 10x slower)."""
     B, W, width = buffer.shape[0], buffer.shape[1], window.shape[1]
+    if B == 1:  # one row: an in-place slice update (the buffer is donated), no full-buffer gather and select
+        return jax.lax.dynamic_update_slice_in_dim(buffer, window, start[0], axis=1)
     rel = jnp.arange(W)[None] - start[:, None]
     lanes = (B, W) + (1,) * (buffer.ndim - 2)
     full = jnp.take_along_axis(window, jnp.clip(rel, 0, width - 1).reshape(lanes), axis=1)
@@ -51,6 +53,8 @@ def _put(buffer: jax.Array, window: jax.Array, start: jax.Array) -> jax.Array:
 
 
 def _take(buffer: jax.Array, start: jax.Array, width: int) -> jax.Array:
+    if buffer.shape[0] == 1:
+        return jax.lax.dynamic_slice_in_dim(buffer, start[0], width, axis=1)
     return jax.vmap(lambda b, s: jax.lax.dynamic_slice_in_dim(b, s, width, axis=0))(buffer, start)
 
 
@@ -96,6 +100,16 @@ def _advance(P: Params, spec: RecurrentSpec, state, host: jax.Array, width: int)
     return (_put(x, new, start), tuple(new_kv)), jnp.concatenate([logits, change[..., None]], axis=-1)
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _begin(spec: RecurrentSpec, rows: int, width: int, dtype: Any):
+    """Zero latents and K/V caches in one dispatch (eight separate ``jnp.zeros`` cost more than a short rollout's
+    outer step); the outputs are distinct buffers, as donation needs."""
+    shape = (rows, width, spec.num_key_value_heads, spec.head_dim)
+    n = sum(len(names) for names in _layers(spec))
+    kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(n))
+    return jnp.zeros((rows, width, spec.n_embd), dtype), kv
+
+
 class ParallelOps:
     """``begin`` and ``advance`` of ``diptych.recurrent.parallel`` on a JAX recurrent model."""
 
@@ -104,11 +118,7 @@ class ParallelOps:
         self.P = model.param_dict()
 
     def begin(self, rows: int, width: int):
-        spec, dtype = self.spec, self.P["transformer.wte.weight"].dtype
-        shape = (rows, width, spec.num_key_value_heads, spec.head_dim)
-        n = sum(len(names) for names in _layers(spec))
-        kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(n))  # distinct: all donated
-        return jnp.zeros((rows, width, spec.n_embd), dtype), kv
+        return _begin(self.spec, rows, width, self.P["transformer.wte.weight"].dtype)
 
     def advance(self, state, tokens: np.ndarray, mask: np.ndarray, keep: np.ndarray, start: np.ndarray,
                 width: int) -> tuple[Any, np.ndarray, np.ndarray]:
