@@ -100,7 +100,7 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
     frozen = np.zeros((rows, W), bool)
     start = np.zeros(rows, np.int64)  # left of it, every position was kept inside an earlier window
     mask = live.astype(np.int32)  # the attention mask advance sees, kept equal to live in place
-    cols, row = np.arange(W), np.arange(rows)[:, None]
+    cols, row, gen = np.arange(W), np.arange(rows)[:, None], np.arange(max_new)[None]
     state = ops.begin(rows, W)
     steps = 0
     while not done.all():
@@ -125,10 +125,9 @@ def parallel_generate(ops: Any, prompts: Any, sampling: SamplingConfig, *, num_s
         converged = ((it >= max_steps) | (change < tol)) & fixed[win]
         frozen[win] |= np.logical_and.accumulate(~moves | converged, axis=1) & moves
         # redraft every token not final (in row order, then position order: the order of the random draws)
-        open_rows = np.flatnonzero(~done)
-        counts = (drafted - final)[open_rows]
-        r_idx = np.repeat(open_rows, counts)
-        t_idx = final[r_idx] + np.arange(len(r_idx)) - np.repeat(np.cumsum(counts) - counts, counts)
+        redraft = (gen >= final[:, None]) & (gen < drafted[:, None])
+        redraft[done] = False
+        r_idx, t_idx = np.nonzero(redraft)
         src = P + t_idx - 1  # the position whose state predicts token t
         g = None if gumbel is None else gumbel[r_idx, t_idx]
         tok, lp = choose_tokens(logits[r_idx, src - lo[r_idx], :V], sampling, g, rng)

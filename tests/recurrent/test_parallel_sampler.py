@@ -139,13 +139,15 @@ def full_buffer(name: str, model):
             lambda c, x: readout(model, c, tensor(x)).detach().numpy())
 
 
+@pytest.mark.parametrize("rows", [3, 1])
 @pytest.mark.parametrize("name", BACKENDS)
-def test_advance_equals_the_full_buffer_iteration_at_every_outer_step(name):
-    """Replays every call of a padded-batch rollout on the full-buffer composition: the window's relative changes
-    and logits match, so the keys and values JAX kept for the frozen prefix are the ones a recomputation gives."""
+def test_advance_equals_the_full_buffer_iteration_at_every_outer_step(name, rows):
+    """Replays every call of a rollout (a padded batch, and one row, which JAX updates by slice instead of a
+    gather) on the full-buffer composition: the window's relative changes and logits match, so the keys and values
+    JAX kept for the frozen prefix are the ones a recomputation gives."""
     model = contracting_model(name)[2]
     ops = Recording(importlib.import_module(f"diptych.backends.{name}.recurrent_parallel").ParallelOps(model))
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [10, 11], [12, 13, 14]]
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [10, 11], [12, 13, 14]][:rows]
     parallel_generate(ops, prompts, greedy(10), num_steps=DEPTH)
     prelude, step, readout = full_buffer(name, model)
     V = model.spec.vocab_size
@@ -163,7 +165,8 @@ def test_advance_equals_the_full_buffer_iteration_at_every_outer_step(name):
     widths = [c[4] for c in ops.calls]
     W = x.shape[1]
     # the comparison covers windows that leave a frozen prefix out, at different starts per row
-    assert min(widths) < W and (starts.max(1) > starts.min(1)).any() and starts.max() > 0
+    assert min(widths) < W and starts.max() > 0
+    assert rows == 1 or (starts.max(1) > starts.min(1)).any()
     assert all(w == window_width(w, W) for w in widths)
 
 
