@@ -7,8 +7,9 @@ batch, EOS disabled so every row generates ``--max-new-tokens``, at batch 1 and 
 against ``generate(..., sampler="parallel", num_steps=--steps, tol=--tol)``. Each configuration is
 warmed up once (JAX compilation excluded); tokens/s is the median over alternating rounds under the
 shared discipline (``benchmarks/discipline.py``: one thread count for all, median round, refusal on a
-loaded machine). The script reports whether both produce the same greedy tokens (they must when
-``--steps`` is deep enough to converge) and the parallel sampler's mean exit depth.
+loaded machine); each round times ``--reps`` rollouts after one untimed one and keeps their median. The
+script reports whether both produce the same greedy tokens (they must when ``--steps`` is deep enough to
+converge) and the parallel sampler's mean exit depth.
 
     python benchmarks/recurrent_parallel.py --json benchmarks/results/recurrent_parallel.json
 """
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tol", type=float, default=1e-5, help="parallel sampler: relative latent change to exit")
     p.add_argument("--contraction", type=float, default=0.3, help="scale of the adapter's state half")
     p.add_argument("--backends", default="jax,torch")
+    p.add_argument("--reps", type=int, default=5,
+                   help="timed rollouts per contender and round, after one untimed one (median reported)")
     discipline.add_arguments(p)
     args = p.parse_args(argv)
     backends = args.backends.split(",")
@@ -80,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 new_tokens = b * args.max_new_tokens
 
                 def run(rollout=rollout, n=new_tokens) -> dict:
-                    seconds, _ = discipline.timed(rollout)
+                    # One untimed rollout first: the contender before this one left the caches cold (a
+                    # 0.07 s rollout measured cold varied 2x between rounds), then the median of --reps.
+                    rollout()
+                    seconds = float(np.median([discipline.timed(rollout)[0] for _ in range(args.reps)]))
                     return {"seconds": seconds, "tokens_per_s": n / seconds}
 
                 contenders[key] = run
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             seq, par = res[f"{name}/b={b}/sequential"], res[f"{name}/b={b}/parallel"]
             same = bool(np.array_equal(tokens[f"{name}/b={b}/sequential"], tokens[f"{name}/b={b}/parallel"]))
             speedup = seq["seconds"] / par["seconds"]
-            rows.append(dict(backend=name, batch=b, speedup=speedup, same_tokens=same))
+            per_round = [s_["seconds"] / p_["seconds"] for s_, p_ in zip(seq["rounds"], par["rounds"])]
+            rows.append(dict(backend=name, batch=b, speedup=speedup, speedup_by_round=per_round, same_tokens=same))
             table.append(f"{name:6s} batch {b}: parallel speedup {speedup:.2f}x, same tokens: {same}")
     return bench.finish(rows, table, args.json)
 
