@@ -50,18 +50,21 @@ def init_cache(spec: RecurrentSpec, rows: int, capacity: int, steps: int, dtype:
 
 
 def _cached_block(P: Params, p: str, spec: RecurrentSpec, x: jax.Array, rope, kb: jax.Array, vb: jax.Array,
-                  col: Any, allowed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A sandwich block whose new K/V are written at ``col`` before its queries read the whole buffer."""
+                  col: Any, allowed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A sandwich block whose new K/V are written at ``col`` before its queries read the whole buffer; returns
+    the output, both buffers and the new K/V alone (``_core`` writes those into the cache itself)."""
     q, k, v = _qkv(P, p, spec, x, rope)
-    kb = jax.lax.dynamic_update_slice(kb, k.astype(kb.dtype), (0, col, 0, 0))
-    vb = jax.lax.dynamic_update_slice(vb, v.astype(vb.dtype), (0, col, 0, 0))
-    return _block_out(P, p, spec, x, _attend(q, kb, vb, allowed)), kb, vb
+    k, v = k.astype(kb.dtype), v.astype(vb.dtype)
+    kb = jax.lax.dynamic_update_slice(kb, k, (0, col, 0, 0))
+    vb = jax.lax.dynamic_update_slice(vb, v, (0, col, 0, 0))
+    return _block_out(P, p, spec, x, _attend(q, kb, vb, allowed)), kb, vb, k, v
 
 
 def _stack(P: Params, spec: RecurrentSpec, name: str, x: jax.Array, rope, ck: jax.Array, cv: jax.Array, col: Any,
            allowed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     for layer in range(ck.shape[0]):
-        x, kb, vb = _cached_block(P, f"transformer.{name}.{layer}.", spec, x, rope, ck[layer], cv[layer], col, allowed)
+        x, kb, vb, _, _ = _cached_block(P, f"transformer.{name}.{layer}.", spec, x, rope, ck[layer], cv[layer], col,
+                                        allowed)
         ck, cv = ck.at[layer].set(kb), cv.at[layer].set(vb)
     return x, ck, cv
 
@@ -81,15 +84,10 @@ def _core(P: Params, spec: RecurrentSpec, x: jax.Array, e: jax.Array, rope, ck: 
         x = x + P["transformer.adapter.bias"]
     ks, vs = [], []
     for layer in range(ck.shape[0]):
-        p = f"transformer.core_block.{layer}."
-        q, k, v = _qkv(P, p, spec, x, rope)
-        kb = jax.lax.dynamic_update_slice(jax.lax.dynamic_index_in_dim(ck[layer], it, keepdims=False),
-                                          k.astype(ck.dtype), (0, col, 0, 0))
-        vb = jax.lax.dynamic_update_slice(jax.lax.dynamic_index_in_dim(cv[layer], it, keepdims=False),
-                                          v.astype(cv.dtype), (0, col, 0, 0))
-        x = _block_out(P, p, spec, x, _attend(q, kb, vb, allowed))
-        ks.append(k.astype(ck.dtype))
-        vs.append(v.astype(cv.dtype))
+        kb, vb = (jax.lax.dynamic_index_in_dim(c[layer], it, keepdims=False) for c in (ck, cv))
+        x, _, _, k, v = _cached_block(P, f"transformer.core_block.{layer}.", spec, x, rope, kb, vb, col, allowed)
+        ks.append(k)
+        vs.append(v)
     return x, jnp.stack(ks), jnp.stack(vs)
 
 
