@@ -15,7 +15,10 @@ every other mode keeps the plain, transformers-matching RMSNorm.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,6 +281,35 @@ class KVCache:
 
 
 # -- the module-level API (the facade calls these) ----------------------------------------------
+_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                   "xavier_normal_", "zeros_", "ones_", "constant_")
+_INIT_LOCK = threading.RLock()  # two threads building at once patch and restore in turn
+
+
+@contextlib.contextmanager
+def _no_meta_init() -> Iterator[None]:
+    """``torch.nn.init`` leaves meta tensors alone while modules are built on the meta device.
+
+    A meta tensor holds no data, yet ``normal_`` on one goes through ``torch._refs``, whose first call imports
+    ``torch._dynamo``: two seconds of every process's first build (the CLI's, each test worker's, the asynchronous
+    generator process's), for nothing. Real tensors still get the real init, so another thread initialising
+    weights meanwhile (a LoRA adapter) is unaffected."""
+    def skipping(real: Any) -> Any:
+        def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return tensor if tensor.is_meta else real(tensor, *args, **kwargs)
+        return init
+
+    with _INIT_LOCK:
+        saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+        for name, real in saved.items():
+            setattr(nn.init, name, skipping(real))
+        try:
+            yield
+        finally:
+            for name, real in saved.items():
+                setattr(nn.init, name, real)
+
+
 def build(spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float32", kernels: str = "auto",
           device: str | torch.device | None = None) -> Decoder:
     """A ``Decoder`` holding ``weights`` (validated by name and shape) in ``dtype`` on ``device``.
@@ -292,7 +324,7 @@ def build(spec: DecoderSpec, weights: dict[str, np.ndarray], dtype: str = "float
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     fused = kernels_mod.resolve_kernels(kernels, torch.device(device)) == "fused"
-    with torch.device("meta"):
+    with torch.device("meta"), _no_meta_init():
         model = Decoder(spec, dtype, kernels, fused_norms=fused)
     state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(device=device, dtype=DTYPES[dtype])
              for k, v in weights.items()}
