@@ -40,6 +40,14 @@ def test_loss_override_from_the_command_line_is_typed():
         load_config(RUN_CONFIGS["grpo"], None, ["grpo.loss.epsilon_high=high"])
 
 
+@pytest.mark.parametrize("text", ["partial_credit,format", "[partial_credit,format]", "[partial_credit, format]",
+                                  "['partial_credit', \"format\"]"])
+def test_a_list_override_takes_commas_or_brackets(text):
+    """``data.reward=[partial_credit]`` (YAML / Hydra style) was read as the one name "[partial_credit]"."""
+    cfg = load_config(RUN_CONFIGS["grpo"], None, [f"data.reward={text}"])
+    assert cfg.data.reward == ["partial_credit", "format"]
+
+
 @needs_torch
 def test_old_style_loss_override_on_the_command_line_runs(tmp_path, capsys):
     args = ["train", "grpo", "--backend", "torch", "--quiet", f"out={tmp_path}", "grpo.loss_overrides.eps_high=0.28",
