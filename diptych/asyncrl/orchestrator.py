@@ -155,7 +155,8 @@ class AsyncGRPO:
         if self.a.placement == "process":
             proc = ProcessGenerator(gspec, weights, self.a.generator_cores)
             if self.warm_start and self.a.generator == "batch":  # the trainer samples while the process starts
-                return WarmStartGenerator(proc, ThreadGenerator(gspec, self.backend))
+                # on the generator's cores, so the trainer keeps its own core to itself from the first step
+                return WarmStartGenerator(proc, ThreadGenerator(gspec, self.backend, self.a.generator_cores))
             return proc
         from diptych.asyncrl.ray_placement import RayGenerator
 

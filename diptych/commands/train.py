@@ -132,7 +132,7 @@ def trainer_overrides(trainer: str, overrides: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diptych.core.backend import BackendError, get_backend
+    from diptych.core.backend import BackendError, get_backend, resolve_backend_name
     from diptych.core.config import ConfigError, load_config
     from diptych.core.trainers.base import DivergenceError
 
@@ -143,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
             warnings.simplefilter("always", DeprecationWarning)  # old config names: tell the user, once per key
             overrides = trainer_overrides(args.trainer, args.overrides) + mesh_overrides(args)
             cfg = load_config(RUN_CONFIGS[args.trainer], args.config, overrides)
+        if args.trainer == "grpo":  # a generator process's imports overlap this process's own set-up
+            from diptych.asyncrl.placement import prestart
+
+            prestart(cfg.grpo, resolve_backend_name(args.backend))
         backend = get_backend(args.backend)
         if backend.name == "jax":  # a multi-host job (DIPTYCH_COORDINATOR, ...) must join before any JAX call
             from diptych.backends.jax import sharding

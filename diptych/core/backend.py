@@ -215,6 +215,13 @@ def is_installed(name: str) -> bool:
     return entry is not None and all(importlib.util.find_spec(m) is not None for m in entry.requires)
 
 
+def backend_modules(name: str) -> tuple[str, ...]:
+    """The modules backend ``name`` imports (its frameworks, then its own): what a process that will use it can
+    load ahead of time (the asynchronous generator's fork server)."""
+    entry = _REGISTRY[resolve_backend_name(name)]
+    return (*entry.requires, entry.module)
+
+
 def available_backends() -> list[str]:
     """Registered backends whose frameworks are installed."""
     return [n for n in backend_names() if is_installed(n)]
