@@ -15,11 +15,16 @@ not, so the README promised speedups a quiet machine does not give. Every script
 - alternates contenders round by round (:func:`round_order` rotates the order, so each contender
   runs first as often as any other) and reports the median round (:func:`median_round`), never the
   best, with every round kept in the JSON;
-- records the load average before and after every round, the thread settings in force for every
-  contender, library versions and the machine;
-- refuses to report when any load reading exceeds the machine's core count: exit status
-  :data:`NOISY_EXIT` and a message, or with ``--allow-noisy`` the JSON says ``"noisy": true`` and
-  the printed table says NOISY, so such a figure cannot reach the README unnoticed.
+- records the load average before and after every round, the CPU other processes used meanwhile, the
+  thread settings in force for every contender, library versions and the machine;
+- refuses to report on a loaded machine: when the load average exceeds the machine's core count at the
+  start, or when, between two readings, the processes outside the benchmark's own process tree kept more
+  than :data:`OTHERS_LIMIT` of a core busy (``/proc/stat`` minus the tree's own CPU time). After the first
+  round the load average counts the benchmark's own work (a contender with two busy roles on two cores
+  lifts it to about 2 by itself), so it judges only the start, unless ``/proc`` is missing, where every
+  reading is judged by it as before. A refusal exits with :data:`NOISY_EXIT` and a message; with
+  ``--allow-noisy`` the JSON says ``"noisy": true`` and the printed table says NOISY, so such a figure
+  cannot reach the README unnoticed.
 
 Model FLOPs (for the compute-bound shapes) are counted by :func:`causal_forward_flops` and its
 callers; their docstrings give the formulas.
@@ -147,6 +152,41 @@ def is_noisy(readings: Iterable[Sequence[float]], cores: int) -> bool:
     return any(r[0] > cores for r in readings)
 
 
+OTHERS_LIMIT = 0.25
+"""Cores' worth of CPU other processes may use between two readings before a run is refused."""
+
+
+def cpu_times() -> tuple[float, float] | None:
+    """``(CPU seconds every process has used since boot, CPU seconds of this process and its descendants)``
+    (a descendant reaped by one of them counts through its parent's children times), or None without ``/proc``
+    (a function so tests can fake it)."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+        children: dict[int, list[int]] = {}
+        own: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # it ended meanwhile
+                continue
+            pid = int(entry.name)
+            children.setdefault(int(rest[1]), []).append(pid)
+            own[pid] = sum(int(x) for x in rest[11:15])  # utime, stime, cutime, cstime
+    except (OSError, ValueError, IndexError):
+        return None
+    tree, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        tree += own.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    return (user + nice + system + irq + softirq + steal) / tick, tree / tick
+
+
 # -- rounds -------------------------------------------------------------------------------------
 
 def round_order(names: Sequence[str], round_index: int) -> list[str]:
@@ -185,24 +225,40 @@ class Bench:
         self.cores = core_count()
         self.loads: list[dict[str, Any]] = []
         self.contender_threads: dict[str, dict[str, Any]] = {}
+        self._cpu: tuple[float, float, float] | None = None  # (wall, all CPU, own CPU) at the last reading
         pin_threads(self.threads)
         self.read_load("start")
 
     def read_load(self, when: str, round_index: int | None = None) -> tuple[float, float, float]:
         reading = tuple(load_average())
-        self.loads.append({"when": when, "round": round_index, "load": list(reading)})
-        if not self.allow_noisy and is_noisy([reading], self.cores):
-            raise Refused(self._refusal(reading[0]))
+        entry: dict[str, Any] = {"when": when, "round": round_index, "load": list(reading)}
+        times, now = cpu_times(), time.monotonic()
+        others = None
+        if times is not None:
+            if self._cpu is not None and now > self._cpu[0]:
+                wall, busy, own = self._cpu
+                others = max(0.0, (times[0] - busy) - (times[1] - own)) / (now - wall)
+                entry["others_cores"] = others
+            self._cpu = (now, *times)
+        if when == "start" or times is None:
+            entry["noisy"] = is_noisy([reading], self.cores)
+            why = f"load average {reading[0]:.2f} exceeds the {self.cores} cores of this machine"
+        else:
+            entry["noisy"] = others is not None and others > OTHERS_LIMIT
+            why = (f"other processes kept {others:.2f} cores busy since the last reading (more than {OTHERS_LIMIT})"
+                   if others is not None else "")
+        self.loads.append(entry)
+        if entry["noisy"] and not self.allow_noisy:
+            raise Refused(self._refusal(why))
         return reading
 
-    def _refusal(self, load: float) -> str:
-        return (f"{self.name}: refused: load average {load:.2f} exceeds the {self.cores} cores of this machine, so the "
-                "figures would measure the other jobs. Rerun on a quiet machine, or pass --allow-noisy to write "
-                "them marked noisy (never for the README).")
+    def _refusal(self, why: str) -> str:
+        return (f"{self.name}: refused: {why}, so the figures would measure the other jobs. Rerun on a quiet "
+                "machine, or pass --allow-noisy to write them marked noisy (never for the README).")
 
     @property
     def noisy(self) -> bool:
-        return is_noisy([r["load"] for r in self.loads], self.cores)
+        return any(r.get("noisy", False) for r in self.loads)
 
     def run(self, contenders: dict[str, Callable[[], dict[str, Any]]], metric: str | dict[str, str],
             rounds: int | None = None, tag: str = "") -> dict[str, dict[str, Any]]:
@@ -248,10 +304,12 @@ class Bench:
 
     def header(self) -> str:
         peak = max(r["load"][0] for r in self.loads)
+        others = [r["others_cores"] for r in self.loads if "others_cores" in r]
         head = (f"{self.name}: threads {self.threads} for every contender, median of {self.args.rounds} alternating "
-                f"rounds, load average <= {peak:.2f} on {self.cores} cores")
+                f"rounds, load average <= {peak:.2f} on {self.cores} cores"
+                + (f", other processes <= {max(others):.2f} cores" if others else ""))
         if self.noisy:
-            head = f"NOISY (load average {peak:.2f} > {self.cores} cores; not for the README)\n" + head
+            head = "NOISY (a loaded machine; not for the README)\n" + head
         return head
 
     def finish(self, results: Any, table: Iterable[str] = (), json_path: Path | str | None = None,
@@ -292,7 +350,7 @@ def add_arguments(p: argparse.ArgumentParser, rounds: int = 3) -> None:
                    help=f"alternating rounds; the median round is reported (default {rounds}; --repeats is the old "
                         "name)")
     p.add_argument("--allow-noisy", action="store_true",
-                   help="report even when the load average exceeds the core count (the JSON says noisy: true)")
+                   help="report even on a loaded machine (the JSON says noisy: true)")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the figures here")
 
 

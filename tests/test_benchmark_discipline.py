@@ -32,6 +32,7 @@ def load(monkeypatch):
     box = {"value": 0.5}
     monkeypatch.setattr(D, "load_average", lambda: (box["value"], 0.0, 0.0))
     monkeypatch.setattr(D, "core_count", lambda: 4)
+    monkeypatch.setattr(D, "cpu_times", lambda: None)  # no /proc: every reading is judged by the load average
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PJRT_NPROC"):
         monkeypatch.delenv(var, raising=False)
     torch = sys.modules.get("torch")
@@ -88,6 +89,70 @@ def test_accepted_below_core_count(load, tmp_path, capsys):
     assert [r["when"] for r in report["load_average"]] == ["start", "before", "after", "end"]
     out = capsys.readouterr().out
     assert "NOISY" not in out and "threads 2" in out
+
+
+@pytest.fixture
+def cpu(monkeypatch, load):
+    """Settable fake CPU counters (all processes, this tree) and clock, on top of the fake load."""
+    box = {"all": 0.0, "own": 0.0, "now": 0.0}
+    monkeypatch.setattr(D, "cpu_times", lambda: (box["all"], box["own"]))
+    monkeypatch.setattr(D.time, "monotonic", lambda: box["now"])
+    return box
+
+
+def _spend(cpu, seconds, own_cores, other_cores):
+    cpu["now"] += seconds
+    cpu["own"] += seconds * own_cores
+    cpu["all"] += seconds * (own_cores + other_cores)
+
+
+def test_own_work_above_the_core_count_is_not_noise(load, cpu, tmp_path):
+    # a two-role contender keeps both cores busy: the load average passes the core count by itself
+    bench = D.Bench("b", _args(rounds=2))
+
+    def contender():
+        _spend(cpu, 20.0, own_cores=4.0, other_cores=0.05)
+        load["value"] = 4.6
+        return {"x": 1.0}
+
+    res = bench.run({"a": contender}, "x")
+    assert bench.finish(res, [], tmp_path / "out.json") == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["noisy"] is False
+    others = [r["others_cores"] for r in report["load_average"] if "others_cores" in r]
+    assert len(others) == 2 and max(others) == pytest.approx(0.05, abs=0.01)  # one per round
+
+
+def test_other_processes_cpu_is_refused_though_the_load_is_low(load, cpu, tmp_path):
+    bench = D.Bench("b", _args(rounds=1))
+
+    def contender():
+        _spend(cpu, 10.0, own_cores=1.0, other_cores=0.5)
+        return {"x": 1.0}
+
+    with pytest.raises(D.Refused) as e:
+        bench.run({"a": contender}, "x")
+    assert "0.50 cores" in e.value.message
+
+
+def test_a_loaded_start_is_refused_with_the_cpu_meter_too(load, cpu):
+    load["value"] = 4.5
+    with pytest.raises(D.Refused) as e:
+        D.Bench("b", _args())
+    assert "load average 4.50" in e.value.message
+
+
+def test_the_cpu_meter_reads_this_process_tree():
+    times = D.cpu_times()
+    if times is None:
+        pytest.skip("no /proc")
+    busy, own = times
+    assert 0 < own <= busy
+    t0 = D.cpu_times()[1]
+    x = 0
+    for i in range(3_000_000):
+        x += i * i
+    assert D.cpu_times()[1] > t0  # this process's own work shows up
 
 
 def test_rounds_rotate_the_order(load):
