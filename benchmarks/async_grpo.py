@@ -18,20 +18,29 @@ alternating round by round, the median round, refusal on a loaded machine.
 **The ceiling.** With two roles on two cores the best an asynchronous run can do is
 ``(gen + train) / max(gen, train)``, where ``gen`` and ``train`` are the synchronous run's time in sampling and
 in scoring + training (its ``time/*`` metrics): 2x when they are equal, 1.25x when one is four times the other.
-The quickstart as shipped (6 completion tokens, 96 wide) spends most of a step training, so its ceiling is
-about 1.25x, below the 1.6x target. The default here (``--shape balanced``) is the quickstart task and
-config with 32 completion tokens (longer completions, as in real RL, where sampling is the larger part) on the
-model narrowed to 48, where the two roles take about as long. Every run reports ``phases`` (the sync run's
-``generate_s``, ``score_s``, ``train_s`` and the ``ceiling`` they allow; the async runs' generator busy / idle
-time, trainer idle time, weight publication, the first step's wait for the generator) so a figure can be
-judged against its ceiling. ``--shape quickstart --completion-length 6`` is the quickstart as shipped.
-The generator process's start-up (a new interpreter, torch, the model) overlaps the first steps: until it is
-ready the trainer's process samples them (``async/warm_start_jobs``). Two roles gain only if the machine
-really runs two processes at once: the run first measures that (``core_parallelism``: two pinned processes'
-matmuls against one alone; about 0.5 on a busy machine or on two vCPUs sharing one core, where no
+The quickstart as shipped (16 prompts x 8, 6 completion tokens, 96 wide) spends most of a step training, so its
+ceiling is about 1.25x, below the 1.6x target; training costs grow with the rows of a batch faster than
+sampling's (whose cost at this size is mostly per decode step). The default here (``--shape balanced``) is the
+quickstart task and config with the model narrowed to 48, 4 prompts x 8 a step and up to 64 completion tokens,
+where the two roles take about as long (ceiling about 1.9x; 16 prompts and 32 tokens gave 1.6x). Every run
+reports ``phases`` (the sync run's ``generate_s``, ``score_s``, ``train_s`` and the ``ceiling`` they allow; the
+async runs' generator busy / idle time, trainer idle time, weight publication, the first step's wait for the
+generator) so a figure can be judged against its ceiling. ``--shape quickstart`` is the quickstart as shipped.
+
+**Reward.** From random weights the quickstart's exact-answer verifier pays 0 for hundreds of steps, so every
+advantage is 0 and "reward at equal samples" would compare zeros. The balanced shape scores with
+``data.reward=partial_credit`` (1 at the right number, falling linearly to 0 half its size away): the reward
+climbs from about 0.01 in the first steps, so the runs' ``reward_last`` can be compared.
+
+**Start-up.** The generator process is forked from a fork server that has imported torch or JAX and diptych
+(``diptych.asyncrl.placement.prestart``, started as soon as the CLI has read the config), and until it is ready
+the trainer's process samples the first jobs on the generator's core (``async/warm_start_jobs``). Contenders run
+in one benchmark process, so after the first asynchronous run the server is already up. Two roles gain only if
+the machine really runs two processes at once: the run first measures that (``core_parallelism``: two pinned
+processes' matmuls against one alone; about 0.5 on a busy machine or on two vCPUs sharing one core, where no
 asynchronous speed-up is possible).
 
-    python benchmarks/async_grpo.py --seeds 0 1 2 --json benchmarks/results/async_grpo.json   # <= 10 min quiet
+    python benchmarks/async_grpo.py --seeds 0 1 2 --json benchmarks/results/async_grpo.json   # about 6 min quiet
     python benchmarks/async_grpo.py --tiny --steps 4 --seeds 0 --rounds 1 --allow-noisy   # smoke run
 """
 
@@ -58,11 +67,12 @@ from benchmarks import discipline  # noqa: E402 (after the sys.path line)
 
 THREADS = discipline.pin_threads_early()  # before numpy, torch and jax load
 
-SHAPE = ["model.hidden_size=48", "model.intermediate_size=96"]
-"""The default shape: the quickstart's 2-layer model narrowed (96 -> 48 wide, 4 heads of 12) so that with 32
-completion tokens sampling and training take about as long (measured 0.18-0.19 s vs 0.22-0.23 s a step on one
-core, load 8: a ceiling near 1.8x; the quickstart as shipped measured 0.11 vs 0.45 s, a ceiling of 1.25x).
-``--shape quickstart`` keeps the shipped model."""
+SHAPE = ["model.hidden_size=48", "model.intermediate_size=96", "grpo.prompts_per_step=4", "data.reward=partial_credit"]
+"""The default shape: the quickstart's 2-layer model narrowed (96 -> 48 wide, 4 heads of 12), 4 prompts x 8 a step
+and 64 completion tokens, so that sampling and training take about as long (quiet, one core each, 300 steps:
+15.9 s vs 16.9 s, a ceiling of 1.94x; 16 prompts with 32 tokens measured 17.0 s vs 28.5 s, 1.59x; the quickstart
+as shipped 0.11 vs 0.45 s a step, 1.25x); the partial-credit reward so that the reward moves from random
+weights. ``--shape quickstart`` keeps the shipped model, batch and verifier."""
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1", "data.n_train=64",
         "data.n_test=8", "grpo.prompts_per_step=4", "grpo.num_generations=4"]
@@ -72,9 +82,11 @@ def contender(args: argparse.Namespace, name: str, seed: int) -> Any:
     """One run of the quickstart config under ``name``'s settings; returns its figures."""
     from diptych.cli import main
 
-    flags = [f"grpo.steps={args.steps}", f"grpo.seed={seed}", "checkpoint.every=0",
+    # later flags win: the shape, then the smoke size, then what the command line asked for
+    flags = [*(SHAPE if args.shape == "balanced" else []), *(TINY if args.tiny else []),
+             f"grpo.steps={args.steps}", f"grpo.seed={seed}", "checkpoint.every=0",
              f"grpo.max_completion_length={args.completion_length}", "data.n_test=8",
-             *(SHAPE if args.shape == "balanced" else []), *(TINY if args.tiny else [])]
+             *([f"grpo.prompts_per_step={args.prompts_per_step}"] if args.prompts_per_step else []), *args.set]
     cores = sorted(os.sched_getaffinity(0))
     gen_core, train_core = cores[0], cores[-1]
     if name != "sync":
@@ -193,23 +205,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     discipline.add_arguments(p, rounds=1)
     p.add_argument("--backend", default="torch", choices=("torch", "jax"))
-    p.add_argument("--steps", type=int, default=100,
+    p.add_argument("--steps", type=int, default=300,
                    help="GRPO steps per run (enough that the generator start-up is a small part; quickstart: 60)")
-    p.add_argument("--completion-length", type=int, default=32,
-                   help="grpo.max_completion_length (the quickstart ships 6: training-bound, ceiling < 1.6x)")
+    p.add_argument("--completion-length", type=int, default=None,
+                   help="grpo.max_completion_length (default: 64 for --shape balanced, the quickstart's 6 for "
+                        "--shape quickstart: training-bound, ceiling < 1.6x)")
     p.add_argument("--shape", default="balanced", choices=("balanced", "quickstart"),
-                   help="balanced: the quickstart model 48 wide (sampling ~ training); quickstart: as shipped")
+                   help="balanced: the quickstart model 48 wide, 4 prompts a step, partial-credit reward (sampling ~ "
+                        "training); quickstart: as shipped")
+    p.add_argument("--prompts-per-step", type=int, default=None,
+                   help="grpo.prompts_per_step (default: 4 for --shape balanced, the quickstart's 16 otherwise)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more config overrides for every contender, e.g. model.path=DIR")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--staleness", type=int, nargs="+", default=[1, 2])
     p.add_argument("--correction", default="none", choices=("none", "tis", "decoupled"))
     p.add_argument("--tiny", action="store_true", help="a smoke-sized model and batch (not for the README)")
     p.add_argument("--skip-core-check", action="store_true", help="skip the two-core parallelism check")
     args = p.parse_args(argv)
+    if args.completion_length is None:
+        args.completion_length = 64 if args.shape == "balanced" else 6
     names = ["sync", *(f"async-k{k}" for k in args.staleness)]
     cores = {} if args.skip_core_check else core_parallelism()
     bench = discipline.Bench("async_grpo", args, config={"steps": args.steps, "seeds": args.seeds,
                                                          "backend": args.backend, "tiny": args.tiny,
                                                          "completion_length": args.completion_length,
+                                                         "prompts_per_step": args.prompts_per_step, "set": args.set,
                                                          "shape": args.shape, "core_parallelism": cores,
                                                          "correction": args.correction, "contenders": names})
     results: dict[str, Any] = {}
