@@ -45,9 +45,9 @@ def process_context(backend: str | None = None) -> Any:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     if backend is not None and not _forkserver_started():
-        from diptych.core.backend import backend_modules
+        from diptych.core.backend import BackendError, backend_modules
 
-        with contextlib.suppress(Exception):  # an unknown backend: nothing of it to preload
+        with contextlib.suppress(BackendError):  # an unknown backend: nothing of it to preload
             # "__main__" as by default (and as spawn does): objects of the user's script still unpickle there
             ctx.set_forkserver_preload(["__main__", *backend_modules(backend), *_PRELOAD])
     return ctx

@@ -71,11 +71,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
         return from_dict(tp, value, prefix=where + ".")
     if origin in (list, tuple) and isinstance(value, str):
-        # "a,b" or, as in YAML and Hydra, "[a, b]" / "['a', 'b']"
         text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        value = [v.strip().strip("'\"") for v in text.split(",")]
+        if text.startswith("[") and text.endswith("]"):  # as in YAML and Hydra: "[a, b]" or "['a', 'b']"
+            value = [v.strip().strip("'\"") for v in text[1:-1].split(",")]
+        else:  # "a,b": items kept as written (a stop sequence may start or end with a space)
+            value = value.split(",")
         value = [v for v in value if v]
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (Any,)
