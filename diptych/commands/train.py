@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             warnings.simplefilter("always", DeprecationWarning)  # old config names: tell the user, once per key
             overrides = trainer_overrides(args.trainer, args.overrides) + mesh_overrides(args)
             cfg = load_config(RUN_CONFIGS[args.trainer], args.config, overrides)
-        if args.trainer == "grpo":  # a generator process's imports overlap this process's own set-up
+        if args.trainer == "grpo" and cfg.grpo.async_.enabled:  # a generator process's imports overlap our set-up
             from diptych.asyncrl.placement import prestart
 
             prestart(cfg.grpo, resolve_backend_name(args.backend))

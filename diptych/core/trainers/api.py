@@ -370,9 +370,10 @@ class GRPOTrainer(_EngineOwner, Trainer):
     ref_model: Any = None
 
     def prepare(self, state: Any, start: int) -> None:
-        from diptych.asyncrl.placement import prestart
+        if self.args.async_.enabled:  # a generator process's imports overlap the evaluation before training
+            from diptych.asyncrl.placement import prestart
 
-        prestart(self.args, self.backend.name)  # a generator process's imports overlap the evaluation before training
+            prestart(self.args, self.backend.name)
         self.ref_model = self.reference_model(state, start) if self.args.needs_reference else None
         self.open_engine(state)
 
